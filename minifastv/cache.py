@@ -1,0 +1,54 @@
+"""KV cache. Each layer owns its buffers, so layers may hold sequences of different lengths:
+with FastV, layers >= K cache only the tokens that survived pruning."""
+
+from __future__ import annotations
+
+import torch
+
+
+class LayerCache:
+    """Keys, values and a key-validity mask (False at left padding) for one attention layer.
+
+    Buffers are allocated at the first update (the prefill), sized to that sequence plus `extra` slots
+    for the tokens still to be generated.
+    """
+
+    def __init__(self, extra: int):
+        self.extra = extra
+        self.k = self.v = self.valid = None
+        self.length = 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor):
+        """Append k, v [B, H, T, D] and valid [B, T]; return everything cached so far."""
+        B, H, T, D = k.shape
+        if self.k is None:
+            capacity = T + self.extra
+            self.k = k.new_empty(B, H, capacity, D)
+            self.v = v.new_empty(B, H, capacity, D)
+            self.valid = valid.new_zeros(B, capacity)
+        start, end = self.length, self.length + T
+        if end > self.k.shape[2]:
+            raise RuntimeError(f"KV cache overflow: {end} tokens for a capacity of {self.k.shape[2]}")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        self.valid[:, start:end] = valid
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end], self.valid[:, :end]
+
+
+class KVCache:
+    """One LayerCache per decoder layer."""
+
+    def __init__(self, n_layers: int, extra: int):
+        self.layers = [LayerCache(extra) for _ in range(n_layers)]
+
+    def __getitem__(self, i: int) -> LayerCache:
+        return self.layers[i]
+
+    def lengths(self) -> list[int]:
+        return [layer.length for layer in self.layers]
+
+    def nbytes(self) -> int:
+        """Bytes held by the key and value buffers (allocated capacity, masks excluded)."""
+        return sum(t.numel() * t.element_size() for layer in self.layers if layer.k is not None
+                   for t in (layer.k, layer.v))

@@ -1,0 +1,183 @@
+"""minifastv's checkpoint format: a directory with
+
+    config.json                     LlavaConfig.to_dict()
+    model.safetensors               all weights, or, past max_shard_bytes,
+    model-0000i-of-0000n.safetensors + model.safetensors.index.json  ({"weight_map": {name: file}})
+    tokenizer.json                  a `tokenizers` tokenizer
+
+`load` builds the model on the meta device and assigns the tensors read from the files, so weights are
+never held twice. `save` writes into a temporary sibling directory and renames it into place, so a failed
+or interrupted save leaves no directory that `load` would accept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import ConfigError, LlavaConfig
+from .llava import LlavaModel
+from .tokenizer import Tokenizer
+
+CONFIG, WEIGHTS, INDEX, TOKENIZER = "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, malformed, or does not match the config."""
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def read_json(file: Path) -> dict:
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: file not found")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path) -> LlavaConfig:
+    file = Path(path) / CONFIG
+    try:
+        return LlavaConfig.from_dict(read_json(file))
+    except ConfigError as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+def weight_files(path: Path) -> dict[Path, list[str] | None]:
+    """Weight file -> the tensor names the index assigns to it (None for an unsharded checkpoint)."""
+    if (path / INDEX).is_file():
+        weight_map = read_json(path / INDEX).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{path / INDEX}: no 'weight_map' object")
+        files: dict[Path, list[str]] = {}
+        for name, file in weight_map.items():
+            files.setdefault(path / file, []).append(name)
+        return files
+    if (path / WEIGHTS).is_file():
+        return {path / WEIGHTS: None}
+    raise FileNotFoundError(f"{path}: no {WEIGHTS} or {INDEX} found")
+
+
+def read_tensors(file: Path, names: list[str] | None, device) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: weight file not found")
+    try:
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            keys = list(f.keys())
+            if names is not None and sorted(keys) != sorted(names):
+                raise CheckpointError(f"{file}: holds {sorted(set(keys) ^ set(names))[:5]} contrary to {INDEX}")
+            return {k: f.get_tensor(k) for k in keys}
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def check_state(state: dict, model: torch.nn.Module, where: str):
+    """Exactly the model's tensor names, with the model's shapes."""
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing:
+        raise CheckpointError(f"{where}: missing weight(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        raise CheckpointError(f"{where}: unexpected weight(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(f"{where}: {name} has shape {list(tensor.shape)}, "
+                                  f"the config implies {list(expected[name].shape)}")
+
+
+def from_state_dict(config: LlavaConfig, state: dict, *, dtype=None, where: str = "state dict") -> LlavaModel:
+    """Build on the meta device and adopt the given tensors (no copy unless dtype asks for a cast)."""
+    with torch.device("meta"):
+        model = LlavaModel(config)
+    check_state(state, model, where)
+    dtype = parse_dtype(dtype)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    model.load_state_dict(state, assign=True)
+    return model.eval()
+
+
+def load(path: str | Path, *, dtype=None, device="cpu") -> LlavaModel:
+    """Load a minifastv checkpoint directory; dtype None keeps the stored dtype."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: checkpoint directory not found")
+    dtype = parse_dtype(dtype)
+    config = load_config(path)
+    state = {}
+    for file, names in weight_files(path).items():
+        state.update(read_tensors(file, names, device))
+    model = from_state_dict(config, state, dtype=dtype, where=str(path))
+    if not (path / TOKENIZER).is_file():
+        raise FileNotFoundError(f"{path / TOKENIZER}: file not found")
+    text = config.text
+    model.tokenizer = Tokenizer.from_file(path / TOKENIZER, bos_token_id=text.bos_token_id,
+                                          eos_token_id=text.eos_token_id, image_token_id=config.image_token_id)
+    return model
+
+
+def save(model: LlavaModel, path: str | Path, *, max_shard_bytes: int = 2 << 30, overwrite: bool = False) -> Path:
+    """Write `model` (and its tokenizer) as a checkpoint directory, atomically."""
+    path = Path(path)
+    if model.tokenizer is None:
+        raise ValueError("the model has no tokenizer to save; set model.tokenizer first")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: already exists (pass overwrite=True to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        (tmp / CONFIG).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+        model.tokenizer.tok.save(str(tmp / TOKENIZER))
+        shards, size = [{}], 0
+        for name, tensor in model.state_dict().items():
+            nbytes = tensor.numel() * tensor.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = tensor.detach().contiguous().cpu()
+            size += nbytes
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / WEIGHTS), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / file), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, file))
+            (tmp / INDEX).write_text(json.dumps({"weight_map": weight_map}, indent=2) + "\n")
+        publish(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def publish(tmp: Path, path: Path):
+    """Move a finished directory into place; an existing one is swapped out only after the new one is complete."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)

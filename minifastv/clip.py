@@ -1,0 +1,70 @@
+"""CLIP ViT vision tower, as LLaVA uses it: patch features from an intermediate layer, class token dropped."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .config import VisionConfig
+
+
+def quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.q_proj = nn.Linear(cfg.dim, cfg.dim)
+        self.k_proj = nn.Linear(cfg.dim, cfg.dim)
+        self.v_proj = nn.Linear(cfg.dim, cfg.dim)
+        self.o_proj = nn.Linear(cfg.dim, cfg.dim)
+
+    def forward(self, x):
+        q, k, v = (rearrange(proj(x), "b t (h d) -> b h t d", h=self.n_heads)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v)  # bidirectional: every patch sees every patch
+        return self.o_proj(rearrange(y, "b h t d -> b t (h d)"))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = VisionAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.fc1 = nn.Linear(cfg.dim, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(quick_gelu(self.fc1(self.norm2(x))))
+
+
+class VisionTower(nn.Module):
+    """pixels [N, 3, H, W] -> patch features [N, n_patches, dim] at cfg.feature_layer.
+
+    Only the blocks up to the feature layer exist: LLaVA never uses the rest (nor CLIP's post-LayerNorm).
+    """
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = nn.Conv2d(3, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.zeros(cfg.dim))
+        self.position_embedding = nn.Parameter(torch.zeros(cfg.n_patches + 1, cfg.dim))
+        self.pre_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.n_used_layers))
+
+    def forward(self, pixels):
+        x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype))        # N, C, H/p, W/p
+        x = rearrange(x, "n c h w -> n (h w) c")                              # row-major patch order
+        cls = self.class_embedding.expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.position_embedding               # N, 1 + n_patches, C
+        x = self.pre_norm(x)
+        for block in self.blocks:
+            x = block(x)
+        return x[:, 1:]                                                        # drop the class token

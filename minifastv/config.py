@@ -1,0 +1,163 @@
+"""Model hyperparameters: three small dataclasses, named presets, and strict JSON round trips."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+# CLIP's normalisation constants; LLaVA-1.5 pads images with the mean colour.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
+IMAGE_MODES = ("pad", "crop")
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or inconsistent."""
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """CLIP ViT vision tower."""
+
+    image_size: int = 336
+    patch_size: int = 14
+    dim: int = 1024
+    n_layers: int = 24  # depth of the source tower; only the layers up to feature_layer are built
+    n_heads: int = 16
+    intermediate_size: int = 4096
+    norm_eps: float = 1e-5
+    feature_layer: int = -2  # index into the hidden-state list [embeddings, block 1, ..., block L]
+
+    def __post_init__(self):
+        _check_positive(self, "image_size", "patch_size", "dim", "n_layers", "n_heads", "intermediate_size")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"vision: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.dim % self.n_heads:
+            raise ConfigError(f"vision: dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if not -(self.n_layers + 1) <= self.feature_layer <= self.n_layers:
+            raise ConfigError(f"vision: feature_layer {self.feature_layer} is outside [-{self.n_layers + 1}, {self.n_layers}]")
+
+    @property
+    def n_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def n_used_layers(self) -> int:
+        """Blocks that run: hidden state i is the output of block i, hidden state 0 the embeddings."""
+        return self.feature_layer % (self.n_layers + 1)
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """LLaMA decoder."""
+
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    intermediate_size: int = 11008
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        _check_positive(self, "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "max_seq_len")
+        if self.dim % self.n_heads:
+            raise ConfigError(f"text: dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"text: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ConfigError(f"text: head dim {self.dim // self.n_heads} must be even for rotary embeddings")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ConfigError(f"text: {name} {getattr(self, name)} is outside the vocabulary [0, {self.vocab_size})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+@dataclass(frozen=True)
+class LlavaConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    projector_type: str = "mlp2x_gelu"
+    # The id that marks an image in input_ids. It need not be a vocabulary entry: the original LLaVA uses -200.
+    image_token_id: int = -200
+    image_mode: str = "pad"  # LLaVA-1.5 pads to a square; "crop" is llava-hf's processor default
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+
+    def __post_init__(self):
+        if self.projector_type not in PROJECTOR_TYPES:
+            raise ConfigError(f"projector_type {self.projector_type!r} is not one of {PROJECTOR_TYPES}")
+        if self.image_mode not in IMAGE_MODES:
+            raise ConfigError(f"image_mode {self.image_mode!r} is not one of {IMAGE_MODES}")
+        if self.image_token_id in (self.text.bos_token_id, self.text.eos_token_id, self.text.pad_token_id):
+            raise ConfigError(f"image_token_id {self.image_token_id} collides with a special token id")
+        # JSON gives lists; keep tuples so configs compare and hash the same way after a round trip.
+        for name in ("image_mean", "image_std"):
+            value = tuple(float(v) for v in getattr(self, name))
+            if len(value) != 3:
+                raise ConfigError(f"{name} needs 3 values (RGB), got {len(value)}")
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_name(cls, name: str) -> LlavaConfig:
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+        return PRESETS[name]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LlavaConfig:
+        """Strict inverse of to_dict: unknown keys are errors, missing keys take the defaults."""
+        d = dict(d)
+        vision = _build(VisionConfig, d.pop("vision", {}), "vision")
+        text = _build(TextConfig, d.pop("text", {}), "text")
+        return _build(cls, d, "", vision=vision, text=text)
+
+
+def _build(cls, d, where: str, **extra):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where or 'config'}: expected an object, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown field(s) {unknown}")
+    try:
+        return cls(**d, **extra)
+    except TypeError as e:  # e.g. a string where a number belongs, caught by the comparisons in __post_init__
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+def _check_positive(cfg, *names):
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{type(cfg).__name__}.{name} must be a positive integer, got {value!r}")
+
+
+_LLAVA_VISION = VisionConfig()  # CLIP ViT-L/14 at 336 px: 576 patches
+PRESETS: dict[str, LlavaConfig] = {
+    # Small enough to train on a laptop CPU in minutes; 64 image tokens per image.
+    "tiny": LlavaConfig(
+        vision=VisionConfig(image_size=64, patch_size=8, dim=96, n_layers=4, n_heads=4, intermediate_size=384),
+        text=TextConfig(vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=352,
+                        max_seq_len=512),
+        image_token_id=3,
+    ),
+    "llava-1.5-7b": LlavaConfig(vision=_LLAVA_VISION, text=TextConfig()),
+    "llava-1.5-13b": LlavaConfig(
+        vision=_LLAVA_VISION,
+        text=TextConfig(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, intermediate_size=13824),
+    ),
+}

@@ -1,0 +1,171 @@
+"""From Hugging Face-style LLaVA configs and tensor names to minifastv's.
+
+The weight-name map is data: source prefixes say which part of the model a tensor belongs to, and per-part
+tables (with `{}` for the layer number) give the minifastv name, or None for tensors LLaVA never uses.
+Anything not in the tables is an error, so a layout we do not know fails loudly instead of loading wrong.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .config import LlavaConfig, TextConfig, VisionConfig
+
+
+class ConversionError(ValueError):
+    """A source checkpoint does not fit any known LLaVA layout."""
+
+
+# Source prefix -> part. First match wins, so longer prefixes come first; "model." alone is the original
+# LLaVA's language model and must stay last.
+PREFIXES = [
+    ("model.vision_tower.vision_tower.vision_model.", "vision"),  # original LLaVA with the tower embedded
+    ("model.vision_tower.vision_model.", "vision"),               # transformers >= 4.52, some saves
+    ("model.vision_tower.", "vision"),                            # transformers >= 4.52 / 5.x
+    ("vision_tower.vision_model.", "vision"),                     # llava-hf
+    ("vision_model.", "vision"),                                  # a CLIPModel / CLIPVisionModel checkpoint
+    ("model.multi_modal_projector.", "hf_projector"),
+    ("multi_modal_projector.", "hf_projector"),
+    ("model.mm_projector.", "projector"),
+    ("model.language_model.", "text"),
+    ("language_model.model.", "text"),
+    ("language_model.lm_head.", "lm_head"),
+    ("lm_head.", "lm_head"),
+    ("model.", "text"),
+]
+# CLIP's text half and contrastive heads, present in a full CLIPModel checkpoint.
+IGNORED_PREFIXES = ("text_model.", "visual_projection.", "text_projection.", "logit_scale")
+
+TEXT = {
+    "embed_tokens.weight": "llm.embed_tokens.weight",
+    "layers.{}.self_attn.q_proj.weight": "llm.layers.{}.attn.q_proj.weight",
+    "layers.{}.self_attn.k_proj.weight": "llm.layers.{}.attn.k_proj.weight",
+    "layers.{}.self_attn.v_proj.weight": "llm.layers.{}.attn.v_proj.weight",
+    "layers.{}.self_attn.o_proj.weight": "llm.layers.{}.attn.o_proj.weight",
+    "layers.{}.self_attn.rotary_emb.inv_freq": None,  # recomputed from rope_theta
+    "layers.{}.mlp.gate_proj.weight": "llm.layers.{}.mlp.gate_proj.weight",
+    "layers.{}.mlp.up_proj.weight": "llm.layers.{}.mlp.up_proj.weight",
+    "layers.{}.mlp.down_proj.weight": "llm.layers.{}.mlp.down_proj.weight",
+    "layers.{}.input_layernorm.weight": "llm.layers.{}.attn_norm.weight",
+    "layers.{}.post_attention_layernorm.weight": "llm.layers.{}.mlp_norm.weight",
+    "norm.weight": "llm.norm.weight",
+    "rotary_emb.inv_freq": None,
+}
+LM_HEAD = {"weight": "llm.lm_head.weight"}
+VISION = {
+    "embeddings.class_embedding": "vision.class_embedding",
+    "embeddings.patch_embedding.weight": "vision.patch_embed.weight",
+    "embeddings.position_embedding.weight": "vision.position_embedding",
+    "embeddings.position_ids": None,  # a buffer of 0..N: positions are implicit
+    "pre_layrnorm.weight": "vision.pre_norm.weight",
+    "pre_layrnorm.bias": "vision.pre_norm.bias",
+    "post_layernorm.weight": None,  # LLaVA reads an inner layer; the pooled output is never used
+    "post_layernorm.bias": None,
+    **{f"encoder.layers.{{}}.{src}.{p}": f"vision.blocks.{{}}.{dst}.{p}"
+       for src, dst in [("self_attn.q_proj", "attn.q_proj"), ("self_attn.k_proj", "attn.k_proj"),
+                        ("self_attn.v_proj", "attn.v_proj"), ("self_attn.out_proj", "attn.o_proj"),
+                        ("layer_norm1", "norm1"), ("layer_norm2", "norm2"), ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2")]
+       for p in ("weight", "bias")},
+}
+HF_PROJECTOR = {f"linear_{i}.{p}": f"projector.{j}.{p}" for i, j in ((1, 0), (2, 2)) for p in ("weight", "bias")}
+PROJECTOR = {"{}.weight": "projector.{}.weight", "{}.bias": "projector.{}.bias",  # mlp2x_gelu: a Sequential
+             "weight": "projector.0.weight", "bias": "projector.0.bias"}         # linear: a bare nn.Linear
+TABLES = {"text": TEXT, "lm_head": LM_HEAD, "vision": VISION, "hf_projector": HF_PROJECTOR, "projector": PROJECTOR}
+
+
+def map_key(key: str, config: LlavaConfig) -> str | None:
+    """minifastv name for a source tensor name; None for a tensor to drop. Raises on an unknown name."""
+    if key.startswith(IGNORED_PREFIXES):
+        return None
+    part, rest = next(((part, key[len(p):]) for p, part in PREFIXES if key.startswith(p)), (None, key))
+    # Layer numbers sit between dots ("layers.3."); a leading number is a Sequential index ("0.weight").
+    numbers = re.findall(r"(?:^|\.)(\d+)(?=\.)", rest)
+    template = re.sub(r"(^|\.)\d+(?=\.)", r"\1{}", rest)
+    table = TABLES.get(part, {})
+    if template not in table:
+        raise ConversionError(f"unknown tensor {key!r}: not part of any known LLaVA checkpoint layout")
+    target = table[template]
+    if target is None:
+        return None
+    if part == "vision" and numbers and int(numbers[0]) >= config.vision.n_used_layers:
+        return None  # CLIP blocks past the feature layer never run
+    return target.format(*numbers)
+
+
+# Defaults of transformers' LlamaConfig and CLIPVisionConfig, for fields a sparse config.json leaves out.
+HF_TEXT_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                        num_attention_heads=32, rms_norm_eps=1e-6, max_position_embeddings=2048,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=None, hidden_act="silu")
+HF_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                          image_size=224, patch_size=32, layer_norm_eps=1e-5, hidden_act="quick_gelu")
+# What LlavaConfig itself puts in when text_config / vision_config is absent altogether.
+HF_LLAVA_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=336, patch_size=14, projection_dim=768)
+
+
+def text_config_from_hf(t: dict) -> TextConfig:
+    t = {**HF_TEXT_DEFAULTS, **{k: v for k, v in t.items() if v is not None or k == "pad_token_id"}}
+    if t["hidden_act"] != "silu":
+        raise ConversionError(f"text hidden_act {t['hidden_act']!r} is not supported (LLaMA uses silu)")
+    for flag in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+        if t.get(flag):
+            raise ConversionError(f"text config sets {flag}, which LLaMA-based LLaVA does not use")
+    if (t.get("rope_scaling") or {}).get("rope_type", "default") != "default":
+        raise ConversionError(f"rope scaling {t['rope_scaling']!r} is not supported")
+    rope = t.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ConversionError(f"rope_parameters {rope!r} are not supported (plain RoPE only)")
+    n_heads = t["num_attention_heads"]
+    if t.get("head_dim") not in (None, t["hidden_size"] // n_heads):
+        raise ConversionError(f"head_dim {t['head_dim']} differs from hidden_size / num_attention_heads")
+    eos = t["eos_token_id"][0] if isinstance(t["eos_token_id"], list) else t["eos_token_id"]
+    return TextConfig(
+        vocab_size=t["vocab_size"], dim=t["hidden_size"], n_layers=t["num_hidden_layers"], n_heads=n_heads,
+        n_kv_heads=t.get("num_key_value_heads") or n_heads, intermediate_size=t["intermediate_size"],
+        norm_eps=float(t["rms_norm_eps"]), rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 10000.0))),
+        max_seq_len=t["max_position_embeddings"], bos_token_id=t["bos_token_id"], eos_token_id=eos,
+        pad_token_id=0 if t["pad_token_id"] is None else t["pad_token_id"])
+
+
+def vision_config_from_hf(v: dict, feature_layer: int) -> VisionConfig:
+    v = {**HF_VISION_DEFAULTS, **{k: val for k, val in v.items() if val is not None}}
+    if v["hidden_act"] != "quick_gelu":
+        raise ConversionError(f"vision hidden_act {v['hidden_act']!r} is not supported (CLIP uses quick_gelu)")
+    return VisionConfig(image_size=v["image_size"], patch_size=v["patch_size"], dim=v["hidden_size"],
+                        n_layers=v["num_hidden_layers"], n_heads=v["num_attention_heads"],
+                        intermediate_size=v["intermediate_size"], norm_eps=float(v["layer_norm_eps"]),
+                        feature_layer=feature_layer)
+
+
+def config_from_hf(c: dict) -> LlavaConfig:
+    """LlavaConfig from a transformers LlavaForConditionalGeneration config.json (llava-hf, 4.x or 5.x)."""
+    if c.get("vision_feature_select_strategy", "default") != "default":
+        raise ConversionError(f"vision_feature_select_strategy {c['vision_feature_select_strategy']!r} is not "
+                              "supported: LLaVA-1.5 drops the class token ('default')")
+    layer = c.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise ConversionError(f"vision_feature_layer {layer!r}: only a single layer is supported")
+    if c.get("projector_hidden_act", "gelu") != "gelu":
+        raise ConversionError(f"projector_hidden_act {c['projector_hidden_act']!r} is not supported (exact gelu)")
+    if c.get("multimodal_projector_bias", True) is not True:
+        raise ConversionError("multimodal_projector_bias false is not supported")
+    vision = c.get("vision_config")
+    return LlavaConfig(
+        vision=vision_config_from_hf(HF_LLAVA_VISION if vision is None else vision, layer),
+        text=text_config_from_hf(c.get("text_config") or {}),
+        projector_type="mlp2x_gelu",
+        image_token_id=c.get("image_token_id", c.get("image_token_index", 32000)),
+    )
+
+
+def convert_state_dict(state: dict, config: LlavaConfig) -> dict:
+    """Rename an in-memory state dict. Unknown names raise here; missing ones when the model is built
+    (checkpoint.from_state_dict)."""
+    out = {}
+    for key, tensor in state.items():
+        target = map_key(key, config)
+        if target is not None:
+            if target in out:
+                raise ConversionError(f"two source tensors map to {target!r} (the second is {key!r})")
+            out[target] = tensor
+    return out

@@ -1,0 +1,146 @@
+"""LLaMA decoder: RMSNorm, rotary embeddings at explicit positions, SDPA attention with GQA, SwiGLU.
+
+The decoder takes embeddings rather than token ids, because LLaVA splices image features into the
+sequence before the first layer. Every layer sees `positions` (rotary position of each slot) and `valid`
+(False at padding) explicitly: after FastV pruning the positions are no longer 0..T-1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .cache import KVCache, LayerCache
+from .config import TextConfig
+from .fastv import FastV, last_token_attention, select_tokens
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32: the mean of squares overflows fp16 and loses precision in bf16.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos and sin [B, T, head_dim] for integer positions [B, T], computed in fp32 (bf16 positions past 256
+    are not even exact integers)."""
+    exponent = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (theta ** exponent)                      # head_dim/2
+    freqs = positions.float()[..., None] * inv_freq            # B, T, head_dim/2
+    emb = torch.cat((freqs, freqs), dim=-1)                    # rotate-half layout: both halves share a frequency
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, H, T, D]; cos, sin [B, T, D]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def attention_mask(valid: torch.Tensor, n_queries: int):
+    """Boolean SDPA mask [B, 1, T, S] for the last T of S slots, or None when plain causal attention suffices.
+
+    Slots are in sequence order even after pruning, so causality is a comparison of slot indices. A query
+    always sees its own slot: a padding query would otherwise see nothing and SDPA would return NaN,
+    which leaks into later layers through 0 * NaN.
+    """
+    S, T = valid.shape[1], n_queries
+    if (T == 1 or T == S) and bool(valid.all()):
+        return None
+    q_slot = torch.arange(S - T, S, device=valid.device)[:, None]   # T, 1
+    k_slot = torch.arange(S, device=valid.device)[None, :]          # 1, S
+    return (k_slot <= q_slot) & (valid[:, None, None, :] | (k_slot == q_slot))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, valid, cache: LayerCache | None = None, need_last_row: bool = False):
+        """Returns the output [B, T, C] and, if asked, the last query's head-mean attention over all keys [B, S]."""
+        T = x.shape[1]
+        q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
+        k = rearrange(self.k_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
+        v = rearrange(self.v_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v, valid = cache.update(k, v, valid)                # now S >= T slots
+        mask = attention_mask(valid, T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        row = last_token_attention(q[:, :, -1], k, valid) if need_last_row else None
+        return self.o_proj(rearrange(y, "b h t d -> b t (h d)")), row
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, valid, cache=None, need_last_row=False):
+        h, row = self.attn(self.attn_norm(x), cos, sin, valid, cache, need_last_row)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), row
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    def forward(self, x, positions, valid, cache: KVCache | None = None,
+                fastv: FastV | None = None, image_mask: torch.Tensor | None = None):
+        """Run the decoder on embeddings x [B, T, C] at `positions` [B, T], with `valid` [B, T] False at padding.
+
+        With `fastv` (prefill only), layers >= fastv.k run on the kept slots. Returns the final-norm hidden
+        states [B, T', C] and `keep` [B, T'], the input slot of each output slot (None without pruning).
+        """
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        prune_at = fastv.k if fastv is not None and fastv.k < len(self.layers) else None
+        keep, row = None, None
+        for i, layer in enumerate(self.layers):
+            if i == prune_at:
+                keep, kept_valid = select_tokens(row, image_mask, valid, fastv)
+                x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
+                cos = cos.gather(1, keep[..., None].expand(-1, -1, cos.shape[-1]))
+                sin = sin.gather(1, keep[..., None].expand(-1, -1, sin.shape[-1]))
+                valid = kept_valid
+            need_row = prune_at is not None and i == prune_at - 1
+            x, row_i = layer(x, cos, sin, valid, cache[i] if cache is not None else None, need_row)
+            if need_row:
+                row = row_i
+        return self.norm(x), keep

@@ -1,0 +1,51 @@
+"""Tokenizer: a thin layer over the `tokenizers` library that knows about images and the vicuna_v1 template."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer as _Tokenizer
+
+IMAGE_MARKER = "<image>"
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+
+def chat_prompt(question: str, n_images: int = 1, system: str = VICUNA_SYSTEM) -> str:
+    """LLaVA-1.5's vicuna_v1 single-turn prompt; images go first, each on its own line."""
+    return f"{system} USER: {(IMAGE_MARKER + chr(10)) * n_images}{question} ASSISTANT:"
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: _Tokenizer, *, bos_token_id: int, eos_token_id: int, image_token_id: int):
+        self.tok = tokenizer
+        self.bos_token_id, self.eos_token_id, self.image_token_id = bos_token_id, eos_token_id, image_token_id
+
+    @classmethod
+    def from_file(cls, path: str | Path, **ids) -> Tokenizer:
+        try:
+            tok = _Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises plain Exceptions with terse messages
+            raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
+        return cls(tok, **ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """BOS, then each text chunk between "<image>" markers tokenized on its own, joined by one image id each.
+
+        This is LLaVA's tokenizer_image_token: chunks are tokenized separately (so a chunk after an image
+        starts afresh, e.g. with SentencePiece's leading space), and BOS appears once, at the start.
+        """
+        ids = [self.bos_token_id]
+        for i, chunk in enumerate(prompt.split(IMAGE_MARKER)):
+            if i > 0:
+                ids.append(self.image_token_id)
+            ids.extend(self.tok.encode(chunk, add_special_tokens=False).ids)
+        return ids
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids if int(i) != self.image_token_id]
+        return self.tok.decode(ids, skip_special_tokens=True)

@@ -1,0 +1,85 @@
+"""Shared test helpers: tiny random transformers LLaVA models, their minifastv twins, a tokenizer built here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minifastv.checkpoint import from_state_dict
+from minifastv.convert import config_from_hf, convert_state_dict
+
+IMAGE_TOKEN = 127  # llava-hf style: the image id is a vocabulary entry, so transformers can embed it
+VOCAB = 128
+IMAGE_SIZE, PATCH = 28, 7  # 16 patches per image
+
+
+def randomize(model: torch.nn.Module, seed: int, scale: float = 0.2):
+    """Every parameter random, norms included, so a wrong eps, bias or weight cannot hide behind init values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * scale
+            p.copy_(1 + noise if ("norm" in name and name.endswith("weight")) else noise)
+    return model
+
+
+def hf_llava(*, n_kv_heads=4, rms_eps=1e-5, rope_theta=10000.0, seed=0, feature_layer=-2, text_layers=3):
+    """A small random transformers LlavaForConditionalGeneration in fp32 with eager attention."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    text = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=text_layers,
+                       num_attention_heads=4, num_key_value_heads=n_kv_heads, rms_norm_eps=rms_eps,
+                       max_position_embeddings=512, pad_token_id=0,
+                       rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=IMAGE_SIZE, patch_size=PATCH)
+    cfg = LlavaConfig(text_config=text, vision_config=vision, image_token_index=IMAGE_TOKEN,
+                      vision_feature_layer=feature_layer, image_seq_length=(IMAGE_SIZE // PATCH) ** 2)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="eager")
+    return randomize(model, seed).eval()
+
+
+def to_minifastv(hf_model):
+    """The minifastv twin of a transformers model, through the production conversion code."""
+    config = config_from_hf(hf_model.config.to_dict())
+    state = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}
+    return from_state_dict(config, convert_state_dict(state, config))
+
+
+def expand_images(ids: list[int], n_patches: int) -> list[int]:
+    """transformers' input form: each image placeholder repeated once per patch."""
+    return [t for i in ids for t in ([i] * n_patches if i == IMAGE_TOKEN else [i])]
+
+
+def random_prompt(g: torch.Generator, n_text: int, image_at: list[int]) -> list[int]:
+    """BOS, then n_text random ordinary tokens with image placeholders inserted before the given text indices."""
+    text = torch.randint(4, VOCAB - 1, (n_text,), generator=g).tolist()
+    ids = [1]
+    for i, t in enumerate(text):
+        ids += [IMAGE_TOKEN] * image_at.count(i) + [t]
+    return ids
+
+
+def random_pixels(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_json(tmp_path_factory):
+    """A small BPE tokenizer in the LLaMA style (Metaspace pre-tokenizer, BOS added by a post-processor),
+    trained here with the `tokenizers` library, saved as tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"])
+    corpus = ["A chat between a curious user and an artificial intelligence assistant.",
+              "USER: What colour is the square? ASSISTANT: red", "Is there a circle at the top left? yes",
+              "how many triangles are there\nthree", "The assistant gives helpful, detailed, and polite answers."]
+    tok.train_from_iterator(corpus * 20, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    return path

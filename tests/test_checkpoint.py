@@ -1,0 +1,149 @@
+"""minifastv's own checkpoint format: exact round trips, sharding, and errors that name the file."""
+
+import json
+
+import pytest
+import torch
+from conftest import hf_llava, random_pixels, random_prompt, to_minifastv
+
+import minifastv
+from minifastv.checkpoint import CheckpointError
+from minifastv.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer_json):
+    m = to_minifastv(hf_llava(n_kv_heads=2, seed=9))
+    m.tokenizer = Tokenizer.from_file(tokenizer_json, bos_token_id=1, eos_token_id=2, image_token_id=127)
+    return m
+
+
+@pytest.fixture
+def saved(model, tmp_path):
+    return minifastv.save(model, tmp_path / "ckpt")
+
+
+def assert_same_model(a, b):
+    assert a.config == b.config
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("max_shard_bytes", [2 << 30, 20_000], ids=["single-file", "sharded"])
+def test_round_trip_is_exact(model, tmp_path, max_shard_bytes):
+    path = minifastv.save(model, tmp_path / "ckpt", max_shard_bytes=max_shard_bytes)
+    sharded = (path / "model.safetensors.index.json").exists()
+    assert sharded == (max_shard_bytes == 20_000)
+    assert sharded == (not (path / "model.safetensors").exists())
+    loaded = minifastv.load(path)
+    assert_same_model(model, loaded)
+    prompt = "USER: <image>\nwhat colour is the square"
+    assert loaded.tokenizer.encode_prompt(prompt) == model.tokenizer.encode_prompt(prompt)
+    ids = torch.tensor([random_prompt(torch.Generator().manual_seed(0), 5, [2])])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, random_pixels(1)), model(ids, random_pixels(1)))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directories left behind"
+
+
+def test_load_with_dtype(saved):
+    loaded = minifastv.load(saved, dtype="bfloat16")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert not any(p.is_meta for p in loaded.parameters())
+
+
+def test_save_does_not_clobber(model, saved):
+    with pytest.raises(FileExistsError, match="ckpt: already exists"):
+        minifastv.save(model, saved)
+    minifastv.save(model, saved, overwrite=True)
+    assert_same_model(model, minifastv.load(saved))
+
+
+def test_failed_save_leaves_nothing(model, tmp_path, monkeypatch):
+    import minifastv.checkpoint as ckpt
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        minifastv.save(model, tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def break_config(path):
+    (path / "config.json").write_text("{\"text\": {\"dim\": ")
+
+
+def bad_field(path):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["text"]["n_headz"] = 4
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def wrong_dim(path):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["text"]["intermediate_size"] = 100
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def truncate_weights(path):
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def garbage_header(path):
+    (path / "model.safetensors").write_bytes(b"\xff" * 64)
+
+
+@pytest.mark.parametrize("damage, error, message", [
+    (lambda p: (p / "config.json").unlink(), FileNotFoundError, r"config\.json: file not found"),
+    (break_config, CheckpointError, r"config\.json: not valid JSON"),
+    (bad_field, CheckpointError, r"config\.json: text: unknown field\(s\) \['n_headz'\]"),
+    (wrong_dim, CheckpointError, r"ckpt: llm\.layers\.0\.mlp\.down_proj\.weight has shape \[64, 96\], the config implies \[64, 100\]"),
+    (lambda p: (p / "model.safetensors").unlink(), FileNotFoundError, r"no model\.safetensors"),
+    (truncate_weights, CheckpointError, r"model\.safetensors: not a readable safetensors file"),
+    (garbage_header, CheckpointError, r"model\.safetensors: not a readable safetensors file"),
+    (lambda p: (p / "tokenizer.json").unlink(), FileNotFoundError, r"tokenizer\.json: file not found"),
+    (lambda p: (p / "tokenizer.json").write_text("[]"), ValueError, r"tokenizer\.json: not a valid tokenizer\.json"),
+], ids=["no-config", "config-not-json", "config-unknown-field", "config-vs-tensors", "no-weights",
+        "truncated-weights", "garbage-weights", "no-tokenizer", "bad-tokenizer"])
+def test_damaged_checkpoint_names_the_file(saved, damage, error, message):
+    damage(saved)
+    with pytest.raises(error, match=message):
+        minifastv.load(saved)
+
+
+def test_missing_and_extra_weights(model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = minifastv.save(model, tmp_path / "ckpt")
+    state = load_file(path / "model.safetensors")
+    del state["llm.norm.weight"]
+    save_file(state, path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing weight\(s\) \['llm\.norm\.weight'\]"):
+        minifastv.load(path)
+    state["llm.norm.weight"] = torch.ones(64)
+    state["llm.extra"] = torch.ones(1)
+    save_file(state, path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"unexpected weight\(s\) \['llm\.extra'\]"):
+        minifastv.load(path)
+
+
+def test_missing_shard_is_named(model, tmp_path):
+    path = minifastv.save(model, tmp_path / "ckpt", max_shard_bytes=20_000)
+    shard = sorted(path.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=f"{shard.name}: weight file not found"):
+        minifastv.load(path)
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere: checkpoint directory not found"):
+        minifastv.load(tmp_path / "nowhere")
+
+
+def test_bad_dtype_name(saved):
+    with pytest.raises(ValueError, match="unknown dtype 'float64'; choose one of float32, float16, bfloat16"):
+        minifastv.load(saved, dtype="float64")

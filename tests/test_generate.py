@@ -1,0 +1,106 @@
+"""Generation with the KV cache against recomputing the whole sequence at every step; sampling; EOS."""
+
+import pytest
+import torch
+from conftest import hf_llava, random_pixels, random_prompt, to_minifastv
+
+from minifastv.generate import sample
+from test_parity import left_pad
+
+
+@pytest.fixture(scope="module")
+def model():
+    return to_minifastv(hf_llava(n_kv_heads=2, rms_eps=1e-4, seed=3))
+
+
+def recompute(model, ids, pixels, mask, steps):
+    """Greedy decoding with no cache: a full forward over prompt + generated tokens for every new token."""
+    out, logits = [], []
+    for _ in range(steps):
+        last = model(ids, pixels, attention_mask=mask)[:, -1]
+        token = last.argmax(-1)
+        out.append(token)
+        logits.append(last)
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return torch.stack(out, 1), torch.stack(logits, 1)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("batch", [False, True], ids=["single", "left-padded-batch"])
+def test_cache_equals_recompute(model, batch):
+    g = torch.Generator().manual_seed(2)
+    prompts = [random_prompt(g, 9, [3])] + ([random_prompt(g, 4, [0, 2])] if batch else [])
+    pixels = random_pixels(3 if batch else 1, seed=8)
+    ids, mask = left_pad(prompts)
+    ref_ids, ref_logits = recompute(model, ids, pixels, mask, steps=12)
+    got_ids, got_logits = model.generate(ids, pixels, attention_mask=mask, max_new_tokens=12, return_logits=True)
+    assert got_ids.tolist() == ref_ids.tolist()
+    assert (got_logits - ref_logits).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_eos_stops_and_pads(model):
+    ids = torch.tensor([random_prompt(torch.Generator().manual_seed(4), 6, [2])])
+    px = random_pixels(1)
+    free = model.generate(ids, px, max_new_tokens=8)[0].tolist()
+    eos = free[3]  # pretend the fourth generated token is EOS
+    stopped = model.generate(ids, px, max_new_tokens=8, eos_token_id=eos)[0].tolist()
+    assert stopped == free[:free.index(eos) + 1]
+
+
+@torch.no_grad()
+def test_finished_sample_keeps_emitting_eos(model):
+    g = torch.Generator().manual_seed(5)
+    ids, mask = left_pad([random_prompt(g, 6, [1]), random_prompt(g, 8, [5])])
+    px = random_pixels(2)
+    free = model.generate(ids, px, attention_mask=mask, max_new_tokens=6).tolist()
+    # EOS: the earliest token of sample 0 (past its first) that sample 1 never produces.
+    j = next(j for j in range(1, 5) if free[0][j] not in free[1] and free[0][j] not in free[0][:j])
+    eos = free[0][j]
+    got = model.generate(ids, px, attention_mask=mask, max_new_tokens=6, eos_token_id=eos).tolist()
+    assert got[0] == free[0][:j + 1] + [eos] * (5 - j)
+    assert got[1] == free[1]
+
+
+def test_sample_greedy_and_top_p():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    assert sample(logits).tolist() == [1]
+    probs = torch.softmax(logits, -1)[0]  # 0.032, 0.644, 0.087, 0.237
+    g = torch.Generator().manual_seed(0)
+    # top_p 0.7: token 1 (0.644) alone is short of 0.7, so token 3 joins; tokens 0 and 2 never appear.
+    draws = torch.stack([sample(logits, 1.0, 0.7, g) for _ in range(400)]).flatten()
+    assert set(draws.tolist()) == {1, 3}
+    share = (draws == 1).float().mean().item()
+    assert abs(share - probs[1] / (probs[1] + probs[3])) < 0.07
+    # top_p below the top token's mass keeps exactly that token.
+    assert set(torch.stack([sample(logits, 1.0, 0.5, g) for _ in range(50)]).flatten().tolist()) == {1}
+
+
+def test_sampling_is_reproducible_with_a_generator(model):
+    ids = torch.tensor([random_prompt(torch.Generator().manual_seed(6), 6, [2])])
+    px = random_pixels(1)
+    runs = [model.generate(ids, px, max_new_tokens=10, temperature=1.5, top_p=0.9,
+                           generator=torch.Generator().manual_seed(42)) for _ in range(2)]
+    assert runs[0].tolist() == runs[1].tolist()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
+    (dict(max_new_tokens=-3), "max_new_tokens must be a positive integer"),
+    (dict(max_new_tokens=4, temperature=-1.0), "temperature must be >= 0"),
+    (dict(max_new_tokens=4, top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(max_new_tokens=600), "exceeds the context of 512"),
+])
+def test_bad_generate_arguments(model, kwargs, message):
+    ids = torch.tensor([random_prompt(torch.Generator().manual_seed(6), 6, [2])])
+    with pytest.raises(ValueError, match=message):
+        model.generate(ids, random_pixels(1), **kwargs)
+
+
+def test_right_padding_is_refused(model):
+    ids = torch.tensor([random_prompt(torch.Generator().manual_seed(6), 6, [2]) + [0]])
+    mask = torch.ones_like(ids)
+    mask[0, -1] = 0
+    with pytest.raises(ValueError, match="left padding"):
+        model.generate(ids, random_pixels(1), attention_mask=mask, max_new_tokens=2)
