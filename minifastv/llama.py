@@ -127,7 +127,8 @@ class Llama(nn.Module):
         """Run the decoder on embeddings x [B, T, C] at `positions` [B, T], with `valid` [B, T] False at padding.
 
         With `fastv` (prefill only), layers >= fastv.k run on the kept slots. Returns the final-norm hidden
-        states [B, T', C] and `keep` [B, T'], the input slot of each output slot (None without pruning).
+        states [B, T', C], `keep` [B, T'] (the input slot of each output slot; None without pruning) and the
+        validity of the output slots [B, T'].
         """
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         prune_at = fastv.k if fastv is not None and fastv.k < len(self.layers) else None
@@ -143,4 +144,4 @@ class Llama(nn.Module):
             x, row_i = layer(x, cos, sin, valid, cache[i] if cache is not None else None, need_row)
             if need_row:
                 row = row_i
-        return self.norm(x), keep
+        return self.norm(x), keep, valid

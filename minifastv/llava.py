@@ -33,7 +33,15 @@ class Prefill:
     valid: torch.Tensor             # [B, T] merged sequence, False at padding
     image_mask: torch.Tensor        # [B, T] merged slots that hold image features
     keep: torch.Tensor | None       # [B, T_out] merged slot of each slot after FastV pruning; None without it
+    kept_valid: torch.Tensor        # [B, T_out] False where the pruned sequence is padded
     next_position: torch.Tensor     # [B] rotary position of the first generated token
+
+    def kept_image_slots(self) -> list[list[int]]:
+        """Per sample, the merged-sequence slots of the image tokens that survived (all of them without FastV)."""
+        if self.keep is None:
+            return [row.nonzero()[:, 0].tolist() for row in self.image_mask]
+        kept = self.keep.masked_fill(~self.kept_valid, 0)
+        return [k[v & m.gather(0, k)].tolist() for k, v, m in zip(kept, self.kept_valid, self.image_mask)]
 
 
 class LlavaModel(nn.Module):
@@ -120,10 +128,10 @@ class LlavaModel(nn.Module):
         if fastv is not None and not image_mask.any():
             raise ValueError("FastV prunes image tokens, but the batch has no image")
         positions = (valid.cumsum(1) - 1).clamp(min=0)         # padding does not advance the position
-        h, keep = self.llm(x, positions, valid, cache, fastv, image_mask)
+        h, keep, kept_valid = self.llm(x, positions, valid, cache, fastv, image_mask)
         if last_only:
             h = h[:, -1:]
-        return Prefill(self.llm.lm_head(h), valid, image_mask, keep, next_position=valid.sum(1))
+        return Prefill(self.llm.lm_head(h), valid, image_mask, keep, kept_valid, next_position=valid.sum(1))
 
     def forward(self, input_ids, pixel_values=None, *, attention_mask=None, fastv: FastV | None = None):
         """logits [B, T_out, vocab]; T_out is the merged (and, with FastV, pruned) length."""
@@ -133,7 +141,7 @@ class LlavaModel(nn.Module):
         """One token per sample ([B] ids at rotary positions [B]) through the cached decoder -> logits [B, vocab]."""
         x = self.llm.embed_tokens(tokens[:, None])
         valid = torch.ones_like(tokens, dtype=torch.bool)[:, None]
-        h, _ = self.llm(x, positions[:, None], valid, cache)
+        h, _, _ = self.llm(x, positions[:, None], valid, cache)
         return self.llm.lm_head(h[:, -1])
 
     def generate(self, input_ids, pixel_values=None, **kwargs):
