@@ -135,35 +135,65 @@ def load(path: str | Path, *, dtype=None, device="cpu") -> LlavaModel:
     return model
 
 
+class ShardWriter:
+    """Streams tensors into safetensors shards of at most max_shard_bytes (a lone larger tensor gets its own),
+    so a writer never holds more than one shard. Shards get their final names in `close`, when the count is
+    known: model.safetensors if there is one, model-0000i-of-0000n.safetensors plus an index otherwise."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int = 2 << 30):
+        self.dir, self.max_shard_bytes = Path(directory), max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.written: list[tuple[Path, list[str]]] = []
+
+    def add(self, name: str, tensor: torch.Tensor):
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
+            self.flush()
+        self.pending[name] = tensor.detach().contiguous().cpu()
+        self.pending_bytes += nbytes
+
+    def flush(self):
+        file = self.dir / f"shard-{len(self.written):05d}.partial"
+        save_file(self.pending, str(file), metadata={"format": "pt"})
+        self.written.append((file, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self):
+        if self.pending or not self.written:
+            self.flush()
+        if len(self.written) == 1:
+            os.replace(self.written[0][0], self.dir / WEIGHTS)
+            return
+        weight_map, n = {}, len(self.written)
+        for i, (file, names) in enumerate(self.written, 1):
+            final = f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(file, self.dir / final)
+            weight_map.update(dict.fromkeys(names, final))
+        (self.dir / INDEX).write_text(json.dumps({"weight_map": weight_map}, indent=2) + "\n")
+
+
+def staging_dir(path: Path, overwrite: bool) -> Path:
+    """A fresh hidden sibling of `path` to write into before `publish` renames it into place."""
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: already exists (pass overwrite=True / --force to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+
+
 def save(model: LlavaModel, path: str | Path, *, max_shard_bytes: int = 2 << 30, overwrite: bool = False) -> Path:
     """Write `model` (and its tokenizer) as a checkpoint directory, atomically."""
     path = Path(path)
     if model.tokenizer is None:
         raise ValueError("the model has no tokenizer to save; set model.tokenizer first")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: already exists (pass overwrite=True to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    tmp = staging_dir(path, overwrite)
     try:
         (tmp / CONFIG).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
         model.tokenizer.tok.save(str(tmp / TOKENIZER))
-        shards, size = [{}], 0
+        writer = ShardWriter(tmp, max_shard_bytes)
         for name, tensor in model.state_dict().items():
-            nbytes = tensor.numel() * tensor.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][name] = tensor.detach().contiguous().cpu()
-            size += nbytes
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / WEIGHTS), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / file), metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(shard, file))
-            (tmp / INDEX).write_text(json.dumps({"weight_map": weight_map}, indent=2) + "\n")
+            writer.add(name, tensor)
+        writer.close()
         publish(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

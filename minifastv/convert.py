@@ -7,9 +7,19 @@ Anything not in the tables is an error, so a layout we do not know fails loudly 
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+import sys
+import time
+from pathlib import Path
 
-from .config import LlavaConfig, TextConfig, VisionConfig
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .checkpoint import CONFIG, TOKENIZER, ShardWriter, parse_dtype, publish, read_json, staging_dir
+from .config import ConfigError, LlavaConfig, TextConfig, VisionConfig
+from .llava import LlavaModel
 
 
 class ConversionError(ValueError):
@@ -23,6 +33,7 @@ PREFIXES = [
     ("model.vision_tower.vision_model.", "vision"),               # transformers >= 4.52, some saves
     ("model.vision_tower.", "vision"),                            # transformers >= 4.52 / 5.x
     ("vision_tower.vision_model.", "vision"),                     # llava-hf
+    ("vision_tower.", "vision"),                                  # transformers 5.x save_pretrained
     ("vision_model.", "vision"),                                  # a CLIPModel / CLIPVisionModel checkpoint
     ("model.multi_modal_projector.", "hf_projector"),
     ("multi_modal_projector.", "hf_projector"),
@@ -73,11 +84,12 @@ PROJECTOR = {"{}.weight": "projector.{}.weight", "{}.bias": "projector.{}.bias",
 TABLES = {"text": TEXT, "lm_head": LM_HEAD, "vision": VISION, "hf_projector": HF_PROJECTOR, "projector": PROJECTOR}
 
 
-def map_key(key: str, config: LlavaConfig) -> str | None:
-    """minifastv name for a source tensor name; None for a tensor to drop. Raises on an unknown name."""
+def map_key(key: str, config: LlavaConfig, default_part: str | None = None) -> str | None:
+    """minifastv name for a source tensor name; None for a tensor to drop. Raises on an unknown name.
+    `default_part` is the part a name without a known prefix belongs to (a bare CLIPVisionModel save)."""
     if key.startswith(IGNORED_PREFIXES):
         return None
-    part, rest = next(((part, key[len(p):]) for p, part in PREFIXES if key.startswith(p)), (None, key))
+    part, rest = next(((part, key[len(p):]) for p, part in PREFIXES if key.startswith(p)), (default_part, key))
     # Layer numbers sit between dots ("layers.3."); a leading number is a Sequential index ("0.weight").
     numbers = re.findall(r"(?:^|\.)(\d+)(?=\.)", rest)
     template = re.sub(r"(^|\.)\d+(?=\.)", r"\1{}", rest)
@@ -158,14 +170,158 @@ def config_from_hf(c: dict) -> LlavaConfig:
     )
 
 
-def convert_state_dict(state: dict, config: LlavaConfig) -> dict:
-    """Rename an in-memory state dict. Unknown names raise here; missing ones when the model is built
-    (checkpoint.from_state_dict)."""
-    out = {}
-    for key, tensor in state.items():
-        target = map_key(key, config)
-        if target is not None:
-            if target in out:
-                raise ConversionError(f"two source tensors map to {target!r} (the second is {key!r})")
-            out[target] = tensor
+# ---------------------------------------------------------------------------------------------------------
+# Whole checkpoints on disk.
+
+CLIP_L_336 = "clip-vit-large-patch14-336"
+
+
+def config_from_original(c: dict, vision: VisionConfig | None) -> LlavaConfig:
+    """LlavaConfig from the original LLaVA config.json (LlavaLlamaForCausalLM, with mm_* fields)."""
+    if c.get("mm_vision_select_feature", "patch") != "patch":
+        raise ConversionError(f"mm_vision_select_feature {c['mm_vision_select_feature']!r} is not supported "
+                              "(LLaVA-1.5 uses 'patch': the class token is dropped)")
+    projector = c.get("mm_projector_type", "linear")
+    if projector not in ("mlp2x_gelu", "linear"):
+        raise ConversionError(f"mm_projector_type {projector!r} is not supported (mlp2x_gelu or linear)")
+    if vision is None:
+        raise ConversionError("the checkpoint has no vision tower: pass --vision-tower DIR "
+                              f"(a CLIP checkpoint such as {c.get('mm_vision_tower', 'openai/' + CLIP_L_336)})")
+    if "mm_hidden_size" in c and c["mm_hidden_size"] != vision.dim:
+        raise ConversionError(f"mm_hidden_size {c['mm_hidden_size']} differs from the vision tower's width {vision.dim}")
+    layer = c.get("mm_vision_select_layer", -2)
+    vision = VisionConfig(**{**vision.__dict__, "feature_layer": layer})
+    return LlavaConfig(vision=vision, text=text_config_from_hf(c), projector_type=projector, image_token_id=-200,
+                       image_mode="pad" if c.get("image_aspect_ratio", "pad") == "pad" else "crop")
+
+
+def clip_vision_config(directory: Path) -> VisionConfig:
+    """Vision config from a CLIPModel (nested vision_config) or CLIPVisionModel (flat) config.json."""
+    c = read_json(directory / CONFIG)
+    return vision_config_from_hf(c.get("vision_config", c), feature_layer=-2)
+
+
+def is_hf_layout(c: dict) -> bool:
+    return "text_config" in c or "LlavaForConditionalGeneration" in (c.get("architectures") or [])
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """A checkpoint directory's weight files: from its index if it has one, else the single file."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (directory / index).is_file():
+            weight_map = read_json(directory / index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{directory / index}: no 'weight_map' object")
+            return [directory / f for f in dict.fromkeys(weight_map.values())]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / single).is_file():
+            return [directory / single]
+    raise FileNotFoundError(f"{directory}: no weights found (model.safetensors, pytorch_model.bin, or an index)")
+
+
+def files_or_none(directory: Path) -> list[Path] | None:
+    try:
+        return weight_files(directory)
+    except FileNotFoundError:
+        return None
+
+
+def read_tensors(file: Path):
+    """Yield (name, tensor) from a .safetensors or a pickled .bin file, one tensor at a time.
+
+    .bin files are read with weights_only=True, so a pickle that tries to run code is refused, and with
+    mmap=True, so the shard is paged in as tensors are used rather than read whole.
+    """
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: weight file not found")
+    if file.suffix == ".safetensors":
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except SafetensorError as e:
+            raise ConversionError(f"{file}: not a readable safetensors file ({e})") from None
+        return
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise ConversionError(f"{file}: refused or unreadable, only plain tensor files are loaded "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(state, dict):
+        raise ConversionError(f"{file}: expected a dict of tensors, got {type(state).__name__}")
+    for name in list(state):
+        yield name, state.pop(name)
+
+
+def source_dtype(c: dict) -> torch.dtype:
+    name = c.get("dtype") or c.get("torch_dtype") or (c.get("text_config") or {}).get("dtype") \
+        or (c.get("text_config") or {}).get("torch_dtype") or "float32"
+    return parse_dtype(name)
+
+
+def convert(src, out, *, vision_tower=None, dtype=None, tokenizer=None, force=False,
+            max_shard_bytes: int = 2 << 30, log=lambda msg: print(msg, file=sys.stderr)) -> Path:
+    """Convert a LLaVA checkpoint directory (original, llava-hf, or transformers 5.x names) into a minifastv
+    checkpoint at `out`, streaming tensor by tensor. Nothing appears at `out` unless conversion succeeds."""
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: source checkpoint directory not found")
+    source = read_json(src / CONFIG)
+    tower = Path(vision_tower) if vision_tower is not None else None
+    try:
+        if is_hf_layout(source):
+            config = config_from_hf(source)
+        else:
+            vision = clip_vision_config(tower) if tower is not None else None
+            if vision is None and CLIP_L_336 in str(source.get("mm_vision_tower", "")):
+                vision = VisionConfig()  # CLIP ViT-L/14-336, embedded in the checkpoint or reported missing below
+            config = config_from_original(source, vision)
+    except ConfigError as e:
+        raise ConversionError(f"{src / CONFIG}: {e}") from None
+    dtype = parse_dtype(dtype) or source_dtype(source)
+    tokenizer_file = Path(tokenizer) if tokenizer is not None else src / TOKENIZER
+    if not tokenizer_file.is_file():
+        hint = " (only a SentencePiece tokenizer.model is there)" if (src / "tokenizer.model").is_file() else ""
+        raise FileNotFoundError(f"{tokenizer_file}: no tokenizer.json{hint}. Pass --tokenizer FILE: llava-hf's "
+                                "tokenizer.json (llava-hf/llava-1.5-7b-hf) serves both LLaVA-1.5 families")
+
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in LlavaModel(config).state_dict().items()}
+    files = weight_files(src)
+    tower_files = (files_or_none(tower) or []) if tower is not None else []  # a tower dir may hold only a config
+    files += tower_files
+    tmp = staging_dir(out, force)
+    try:
+        writer, seen = ShardWriter(tmp, max_shard_bytes), {}
+        for i, file in enumerate(files, 1):
+            start, count = time.perf_counter(), 0
+            for key, tensor in read_tensors(file):
+                try:
+                    target = map_key(key, config, "vision" if file in tower_files else None)
+                except ConversionError as e:
+                    raise ConversionError(f"{file}: {e}") from None
+                if target is None:
+                    continue
+                if target in seen:
+                    raise ConversionError(f"{file}: {key!r} and {seen[target]!r} both map to {target!r}")
+                if tensor.shape != expected[target]:
+                    raise ConversionError(f"{file}: {key} has shape {list(tensor.shape)}, but {src / CONFIG} "
+                                          f"implies {list(expected[target])} for {target}")
+                seen[target] = key
+                writer.add(target, tensor.to(dtype))
+                count += 1
+            log(f"[{i}/{len(files)}] {file.name}: {count} tensors in {time.perf_counter() - start:.1f}s")
+        missing = sorted(set(expected) - set(seen))
+        if missing:
+            raise ConversionError(f"{src}: no source tensor for {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+                                  + ("; the vision tower is missing: pass --vision-tower DIR"
+                                     if any(m.startswith("vision.") for m in missing) and tower is None else ""))
+        writer.close()
+        (tmp / CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        shutil.copyfile(tokenizer_file, tmp / TOKENIZER)
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {out} ({len(seen)} tensors, {str(dtype).removeprefix('torch.')})")
     return out

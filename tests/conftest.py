@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from minifastv.checkpoint import from_state_dict
-from minifastv.convert import config_from_hf, convert_state_dict
+from minifastv import load
+from minifastv.convert import convert
 
 IMAGE_TOKEN = 127  # llava-hf style: the image id is a vocabulary entry, so transformers can embed it
 VOCAB = 128
@@ -41,10 +46,16 @@ def hf_llava(*, n_kv_heads=4, rms_eps=1e-5, rope_theta=10000.0, seed=0, feature_
 
 
 def to_minifastv(hf_model):
-    """The minifastv twin of a transformers model, through the production conversion code."""
-    config = config_from_hf(hf_model.config.to_dict())
-    state = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}
-    return from_state_dict(config, convert_state_dict(state, config))
+    """The minifastv twin of a transformers model, through the production path: the model is written to disk
+    with its transformers names and config.json, converted by minifastv.convert, and opened by minifastv.load."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "src"
+        src.mkdir()
+        save_file({k: v.contiguous() for k, v in hf_model.state_dict().items()}, str(src / "model.safetensors"))
+        (src / "config.json").write_text(json.dumps(hf_model.config.to_dict()))
+        build_tokenizer(src / "tokenizer.json")
+        convert(src, Path(tmp) / "out", log=lambda _: None)
+        return load(Path(tmp) / "out")
 
 
 def expand_images(ids: list[int], n_patches: int) -> list[int]:
@@ -67,6 +78,10 @@ def random_pixels(n: int, seed: int = 0) -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def tokenizer_json(tmp_path_factory):
+    return build_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json")
+
+
+def build_tokenizer(path: Path) -> Path:
     """A small BPE tokenizer in the LLaMA style (Metaspace pre-tokenizer, BOS added by a post-processor),
     trained here with the `tokenizers` library, saved as tokenizer.json."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -80,6 +95,5 @@ def tokenizer_json(tmp_path_factory):
               "how many triangles are there\nthree", "The assistant gives helpful, detailed, and polite answers."]
     tok.train_from_iterator(corpus * 20, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     tok.save(str(path))
     return path
