@@ -137,7 +137,7 @@ def write_original(hf, d: Path, tower: Path | None):
 
 @pytest.fixture(scope="module")
 def hf_models():
-    return {"mha": hf_llava(n_kv_heads=4, rms_eps=1e-5, seed=11), "gqa": hf_llava(n_kv_heads=2, rms_eps=1e-3, seed=12)}
+    return {"mha": hf_llava(n_kv_heads=4, rms_eps=1e-5, seed=11), "gqa": hf_llava(n_kv_heads=2, rms_eps=1e-3, rope_theta=500.0, seed=12)}
 
 
 def run_script(*args, subprocess_run=False):
