@@ -62,32 +62,48 @@ def load_config(path: str | Path) -> LlavaConfig:
         raise CheckpointError(f"{file}: {e}") from None
 
 
-def weight_files(path: Path) -> dict[Path, list[str] | None]:
-    """Weight file -> the tensor names the index assigns to it (None for an unsharded checkpoint)."""
-    if (path / INDEX).is_file():
-        weight_map = read_json(path / INDEX).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{path / INDEX}: no 'weight_map' object")
-        files: dict[Path, list[str]] = {}
-        for name, file in weight_map.items():
-            files.setdefault(path / file, []).append(name)
-        return files
-    if (path / WEIGHTS).is_file():
-        return {path / WEIGHTS: None}
-    raise FileNotFoundError(f"{path}: no {WEIGHTS} or {INDEX} found")
+SAFETENSORS = (WEIGHTS, INDEX)
+PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")  # transformers' older format, for conversion
 
 
-def read_tensors(file: Path, names: list[str] | None, device) -> dict[str, torch.Tensor]:
+def weight_files(path: Path, formats=(SAFETENSORS,)) -> list[Path]:
+    """A checkpoint directory's weight files: those its index lists, or its single file."""
+    for single, index in formats:
+        if (path / index).is_file():
+            weight_map = read_json(path / index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{path / index}: no 'weight_map' object")
+            return [path / f for f in dict.fromkeys(weight_map.values())]
+        if (path / single).is_file():
+            return [path / single]
+    raise FileNotFoundError(f"{path}: no {' or '.join(n for fmt in formats for n in fmt)} found")
+
+
+def read_tensors(file: Path, device="cpu"):
+    """Yield (name, tensor) from a .safetensors file or a pickled .bin, one tensor at a time.
+
+    .bin files are read with weights_only=True, so a pickle that tries to run code is refused, and with
+    mmap=True, so a shard is paged in as its tensors are used rather than read whole.
+    """
     if not file.is_file():
         raise FileNotFoundError(f"{file}: weight file not found")
+    if file.suffix != ".bin":
+        try:
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+        return
     try:
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
-            keys = list(f.keys())
-            if names is not None and sorted(keys) != sorted(names):
-                raise CheckpointError(f"{file}: holds {sorted(set(keys) ^ set(names))[:5]} contrary to {INDEX}")
-            return {k: f.get_tensor(k) for k in keys}
-    except SafetensorError as e:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+        state = torch.load(file, map_location=device, weights_only=True, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"{file}: refused or unreadable, only plain tensor files are loaded "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: expected a dict of tensors, got {type(state).__name__}")
+    for name in list(state):
+        yield name, state.pop(name)
 
 
 def check_state(state: dict, model: torch.nn.Module, where: str):
@@ -124,8 +140,8 @@ def load(path: str | Path, *, dtype=None, device="cpu") -> LlavaModel:
     dtype = parse_dtype(dtype)
     config = load_config(path)
     state = {}
-    for file, names in weight_files(path).items():
-        state.update(read_tensors(file, names, device))
+    for file in weight_files(path):
+        state.update(read_tensors(file, device))
     model = from_state_dict(config, state, dtype=dtype, where=str(path))
     if not (path / TOKENIZER).is_file():
         raise FileNotFoundError(f"{path / TOKENIZER}: file not found")

@@ -15,14 +15,14 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from .checkpoint import CONFIG, TOKENIZER, ShardWriter, parse_dtype, publish, read_json, staging_dir
+from .checkpoint import (CONFIG, PICKLED, SAFETENSORS, TOKENIZER, CheckpointError, ShardWriter, parse_dtype,
+                         publish, read_json, read_tensors, staging_dir, weight_files)
 from .config import ConfigError, LlavaConfig, TextConfig, VisionConfig
 from .llava import LlavaModel
 
 
-class ConversionError(ValueError):
+class ConversionError(CheckpointError):
     """A source checkpoint does not fit any known LLaVA layout."""
 
 
@@ -205,52 +205,11 @@ def is_hf_layout(c: dict) -> bool:
     return "text_config" in c or "LlavaForConditionalGeneration" in (c.get("architectures") or [])
 
 
-def weight_files(directory: Path) -> list[Path]:
-    """A checkpoint directory's weight files: from its index if it has one, else the single file."""
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (directory / index).is_file():
-            weight_map = read_json(directory / index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ConversionError(f"{directory / index}: no 'weight_map' object")
-            return [directory / f for f in dict.fromkeys(weight_map.values())]
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (directory / single).is_file():
-            return [directory / single]
-    raise FileNotFoundError(f"{directory}: no weights found (model.safetensors, pytorch_model.bin, or an index)")
-
-
 def files_or_none(directory: Path) -> list[Path] | None:
     try:
-        return weight_files(directory)
+        return weight_files(directory, (SAFETENSORS, PICKLED))
     except FileNotFoundError:
         return None
-
-
-def read_tensors(file: Path):
-    """Yield (name, tensor) from a .safetensors or a pickled .bin file, one tensor at a time.
-
-    .bin files are read with weights_only=True, so a pickle that tries to run code is refused, and with
-    mmap=True, so the shard is paged in as tensors are used rather than read whole.
-    """
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: weight file not found")
-    if file.suffix == ".safetensors":
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        except SafetensorError as e:
-            raise ConversionError(f"{file}: not a readable safetensors file ({e})") from None
-        return
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise ConversionError(f"{file}: refused or unreadable, only plain tensor files are loaded "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(state, dict):
-        raise ConversionError(f"{file}: expected a dict of tensors, got {type(state).__name__}")
-    for name in list(state):
-        yield name, state.pop(name)
 
 
 def source_dtype(c: dict) -> torch.dtype:
@@ -287,7 +246,7 @@ def convert(src, out, *, vision_tower=None, dtype=None, tokenizer=None, force=Fa
 
     with torch.device("meta"):
         expected = {k: v.shape for k, v in LlavaModel(config).state_dict().items()}
-    files = weight_files(src)
+    files = weight_files(src, (SAFETENSORS, PICKLED))
     tower_files = (files_or_none(tower) or []) if tower is not None else []  # a tower dir may hold only a config
     files += tower_files
     tmp = staging_dir(out, force)

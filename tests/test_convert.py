@@ -14,6 +14,7 @@ from conftest import IMAGE_TOKEN, expand_images, hf_llava, random_pixels, random
 from safetensors.torch import save_file
 
 import minifastv
+from minifastv.checkpoint import CheckpointError
 from minifastv.convert import ConversionError, convert
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -306,7 +307,7 @@ def test_pickle_with_code_is_refused(hf_models, tokenizer_json, tmp_path, capfd)
     write_original(hf_models["mha"], src, tower=clip)
     write_clip(hf_models["mha"], clip, "vision-bare")
     torch.save({"model.norm.weight": Exploit()}, src / "pytorch_model-00002-of-00002.bin")
-    with pytest.raises(ConversionError, match=r"pytorch_model-00002-of-00002\.bin: refused or unreadable"):
+    with pytest.raises(CheckpointError, match=r"pytorch_model-00002-of-00002\.bin: refused or unreadable"):
         convert(src, tmp_path / "out", vision_tower=clip, tokenizer=tokenizer_json, log=lambda _: None)
     assert "pickle code ran" not in capfd.readouterr().out
     assert not (tmp_path / "out").exists()
