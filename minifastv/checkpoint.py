@@ -118,6 +118,10 @@ def check_state(state: dict, model: torch.nn.Module, where: str):
         if tensor.shape != expected[name].shape:
             raise CheckpointError(f"{where}: {name} has shape {list(tensor.shape)}, "
                                   f"the config implies {list(expected[name].shape)}")
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{where}: {name} has dtype {tensor.dtype}, expected floating point")
+        if not tensor.isfinite().all():
+            raise CheckpointError(f"{where}: {name} contains NaN or infinite values")
 
 
 def from_state_dict(config: LlavaConfig, state: dict, *, dtype=None, where: str = "state dict") -> LlavaModel:
@@ -193,8 +197,16 @@ def staging_dir(path: Path, overwrite: bool) -> Path:
     """A fresh hidden sibling of `path` to write into before `publish` renames it into place."""
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists (pass overwrite=True / --force to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"{path}: cannot create it, {ancestor} is a file, not a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    except OSError as e:
+        raise type(e)(e.errno, f"{path}: cannot write the output directory here ({e.strerror})") from None
 
 
 def save(model: LlavaModel, path: str | Path, *, max_shard_bytes: int = 2 << 30, overwrite: bool = False) -> Path:

@@ -1,110 +1,211 @@
-"""`python -m minifastv ...`: generate with a checkpoint, or a self-contained demo of FastV's mechanics."""
+"""`python -m minifastv ...`: answer questions about images with a checkpoint, with or without FastV."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "tiny"
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = ROOT / "weights" / "tiny"
+SAMPLES = ROOT / "samples"
+
+
+def answer(model, image_paths, question: str, fastv=None, max_new_tokens: int = 64, temperature: float = 0.0,
+           on_token=None) -> dict:
+    """Answer `question` about the images; returns the text, the kept image-token count, the theoretical
+    prefill FLOPs ratio and the time taken. on_token(text) is called for each token as it is produced."""
+    from .fastv import theoretical_flops
+    from .generate import stream
+    from .image import load_image, preprocess
+    from .tokenizer import chat_prompt
+
+    if not question.strip():
+        raise ValueError("the prompt is empty: pass the question with --prompt")
+    cfg, tok = model.config, model.tokenizer
+    pixels = torch.stack([preprocess(load_image(p), cfg.vision.image_size, cfg.image_mode, cfg.image_mean,
+                                     cfg.image_std) for p in image_paths])
+    ids = torch.tensor([tok.encode_prompt(chat_prompt(question, n_images=len(image_paths)))])
+    start, out, first = time.perf_counter(), [], None
+    for tokens, _ in stream(model, ids, pixels, max_new_tokens=max_new_tokens, fastv=fastv,
+                            temperature=temperature, eos_token_id=cfg.text.eos_token_id):
+        if first is None:  # the prefill produced the first token
+            first, n_steps = time.perf_counter(), 0
+        else:
+            n_steps += 1
+        if int(tokens[0]) == cfg.text.eos_token_id:
+            break
+        out.append(int(tokens[0]))
+        if on_token is not None:
+            on_token(tok.decode(out[-1:]))
+    end = time.perf_counter()
+    n_image = len(image_paths) * cfg.vision.n_patches
+    n_prompt = ids.shape[1] - len(image_paths) + n_image
+    pruned, full = theoretical_flops(cfg.text, n_prompt, n_image, fastv)
+    kept = fastv.n_kept(n_image) if fastv is not None and fastv.k < cfg.text.n_layers else n_image
+    return {"text": tok.decode(out), "n_image": n_image, "kept": kept, "flops": pruned / full,
+            "prefill": first - start, "decode": end - first, "decode_steps": n_steps}
+
+
+def summary(r: dict) -> str:
+    n, t = r["decode_steps"], r["decode"]
+    decode = f", decode {n} steps in {t * 1e3:.0f} ms ({n / t:.1f} tokens/s)" if n else ""
+    return (f"image tokens kept {r['kept']}/{r['n_image']}, theoretical prefill FLOPs {r['flops']:.1%}, "
+            f"prefill {r['prefill'] * 1e3:.0f} ms{decode}")
 
 
 def fastv_from_args(args):
     from .fastv import FastV
 
-    if args.fastv_k is None:
-        return None
-    return FastV(args.fastv_k, args.fastv_ratio)
-
-
-def report(model, pre_fastv_len: int, n_image: int, fastv, kept: int, seconds: float):
-    from .fastv import theoretical_flops
-
-    with_fastv, full = theoretical_flops(model.config.text, pre_fastv_len, n_image, fastv)
-    print(f"tokens: {pre_fastv_len} in the prompt, {n_image} of them image tokens; "
-          f"{kept} image tokens kept after layer {fastv.k if fastv else '-'}")
-    print(f"theoretical prefill FLOPs: {with_fastv / full:.1%} of the unpruned model; time {seconds * 1e3:.1f} ms")
+    return None if args.fastv_k is None else FastV(args.fastv_k, args.fastv_ratio)
 
 
 def cmd_generate(args):
     from .checkpoint import load
-    from .generate import stream
-    from .image import load_image, preprocess
-    from .tokenizer import chat_prompt
 
     model = load(args.model, dtype=args.dtype)
-    cfg = model.config
-    pixels = torch.stack([preprocess(load_image(p), cfg.vision.image_size, cfg.image_mode, cfg.image_mean,
-                                     cfg.image_std) for p in args.image])
-    ids = torch.tensor([model.tokenizer.encode_prompt(chat_prompt(args.prompt, n_images=len(args.image)))])
-    fastv = fastv_from_args(args)
-    start = time.perf_counter()
-    out = []
-    for tokens, _ in stream(model, ids, pixels, max_new_tokens=args.max_new_tokens, fastv=fastv,
-                            temperature=args.temperature, eos_token_id=cfg.text.eos_token_id):
-        if int(tokens[0]) == cfg.text.eos_token_id:
-            break
-        out.append(int(tokens[0]))
-        print(model.tokenizer.decode(out[-1:]), end=" ", flush=True)
+    r = answer(model, args.image, args.prompt, fastv_from_args(args), args.max_new_tokens, args.temperature,
+               on_token=lambda t: print(t, end=" ", flush=True))
     print()
-    n_image = len(args.image) * cfg.vision.n_patches
-    kept = fastv.n_kept(n_image) if fastv else n_image
-    report(model, ids.shape[1] + n_image - len(args.image), n_image, fastv, kept, time.perf_counter() - start)
+    print(summary(r))
 
 
 def cmd_demo(args):
-    """A seeded random model of a preset's shape: shows pruning, FLOPs and timing, not meaningful text."""
-    from .config import LlavaConfig
+    """Each sample image's question answered by the model, with FastV off and on."""
+    from .checkpoint import load
     from .fastv import FastV
-    from .llava import LlavaModel
 
-    torch.manual_seed(0)
-    cfg = LlavaConfig.from_name(args.preset)
-    model = LlavaModel(cfg).eval()
-    n_image = cfg.vision.n_patches
-    ids = torch.randint(4, cfg.text.vocab_size, (1, 40))
-    ids[0, 0], ids[0, 10] = cfg.text.bos_token_id, cfg.image_token_id
-    pixels = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size)
-    print(f"random '{args.preset}' model (trained weights ship with weights/tiny); prompt of 39 text tokens + 1 image")
-    for fastv in (None, FastV(args.fastv_k, args.fastv_ratio)):
-        start = time.perf_counter()
-        with torch.inference_mode():
-            new = model.generate(ids, pixels, max_new_tokens=8, fastv=fastv)
-        print(f"\nFastV {'off' if fastv is None else f'K={fastv.k} R={fastv.ratio}'}: generated ids {new[0].tolist()}")
-        report(model, 39 + n_image, n_image, fastv, fastv.n_kept(n_image) if fastv else n_image,
-               time.perf_counter() - start)
+    model = load(args.model)
+    samples = json.loads((SAMPLES / "questions.json").read_text())
+    fastv = FastV(args.fastv_k, args.fastv_ratio)
+    for s in samples:
+        print(f"\n{s['image']}: {s['question']}  (expected: {s['answer']})")
+        for name, f in (("FastV off", None), (f"FastV K={fastv.k} R={fastv.ratio}", fastv)):
+            r = answer(model, [SAMPLES / s["image"]], s["question"], f, max_new_tokens=4)
+            print(f"  {name:<18} -> {r['text']:<10} {summary(r)}")
+
+
+def cmd_analyze(args):
+    """Attention shares per layer (table + PNG) and the patches FastV keeps (PNG)."""
+    from .analyze import SEGMENTS, attention_shares, kept_patches_picture
+    from .checkpoint import load
+    from .fastv import FastV
+    from .image import load_image, model_view, preprocess
+    from .plot import line_plot
+    from .tokenizer import chat_prompt
+
+    if not args.prompt.strip():
+        raise ValueError("the prompt is empty: pass the question with --prompt")
+    out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out}: --out-dir is a file, not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    model = load(args.model)
+    cfg = model.config
+    image = load_image(args.image)
+    pixels = preprocess(image, cfg.vision.image_size, cfg.image_mode, cfg.image_mean, cfg.image_std)[None]
+    ids = torch.tensor([model.tokenizer.encode_prompt(chat_prompt(args.prompt))])
+    shares = attention_shares(model, ids, pixels)
+    print("share of attention, head-averaged: last prompt token | mean over instruction tokens")
+    print("| layer | " + " | ".join(f"last->{s}" for s in SEGMENTS) + " | " +
+          " | ".join(f"instr->{s}" for s in SEGMENTS) + " |\n|---|" + "---|" * 6)
+    for i, row in enumerate(shares):
+        print(f"| {i} | " + " | ".join(f"{v:.1%}" for v in row["last"] + row["instruction"]) + " |")
+    series = {f"{who} -> {seg}": [(i, row[key][j]) for i, row in enumerate(shares)]
+              for who, key in (("last", "last"), ("instr", "instruction")) for j, seg in enumerate(SEGMENTS)}
+    line_plot(series, out / "attention_shares.png", xlabel="layer", ylabel="share of attention",
+              ylim=(0.0, 1.0), percent_y=True)
+    fastv = FastV(args.fastv_k, args.fastv_ratio)
+    pre = model.prefill(ids, pixels, fastv=fastv)
+    first = int(pre.image_mask[0].nonzero()[0])
+    kept = [s - first for s in pre.kept_image_slots()[0]]
+    view = model_view(image, cfg.vision.image_size, cfg.image_mode, cfg.image_mean)
+    grid = cfg.vision.image_size // cfg.vision.patch_size
+    kept_patches_picture(view, grid, kept, scale=max(1, 384 // cfg.vision.image_size)).save(out / "kept_patches.png")
+    print(f"\nFastV K={fastv.k} R={fastv.ratio} keeps {len(kept)} of {grid * grid} patches")
+    print(f"wrote {out / 'attention_shares.png'} and {out / 'kept_patches.png'}")
+
+
+def add_convert_arguments(p):
+    p.add_argument("src", help="source checkpoint directory (config.json + weights)")
+    p.add_argument("out", help="output directory (must not exist unless --force)")
+    p.add_argument("--vision-tower", help="CLIP checkpoint directory, for original LLaVA checkpoints without one")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="output dtype (default: the source config's dtype, else float32)")
+    p.add_argument("--tokenizer", help="tokenizer.json to ship (default: SRC/tokenizer.json)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--max-shard-gb", type=float, default=2.0, help="output shard size")
+
+
+def cmd_convert(args):
+    from .convert import convert
+
+    convert(args.src, args.out, vision_tower=args.vision_tower, dtype=args.dtype, tokenizer=args.tokenizer,
+            force=args.force, max_shard_bytes=int(args.max_shard_gb * 2**30))
+
+
+def run_bench(bench_args) -> int:
+    """benchmarks/bench.py, which lives in the repository checkout (it compares against transformers)."""
+    import runpy
+
+    script = ROOT / "benchmarks" / "bench.py"
+    if not script.is_file():
+        print(f"error: {script}: the benchmarks come with the repository checkout", file=sys.stderr)
+        return 2
+    sys.argv = [str(script), *bench_args]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        return e.code or 0
+    return 0
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own options, --help included, belong to the script
+        return run_bench(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m minifastv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def fastv_flags(p, k=None):
-        p.add_argument("--fastv-k", type=int, default=k, help="prune after this layer (off when not given)")
+    def common(p, default_k=None):
+        p.add_argument("--model", default=str(DEFAULT_MODEL), help="minifastv checkpoint directory")
+        p.add_argument("--fastv-k", type=int, default=default_k, help="prune after this layer (default: %(default)s)")
         p.add_argument("--fastv-ratio", type=float, default=0.5, help="fraction of image tokens dropped")
 
     g = sub.add_parser("generate", help="answer a question about one or more images")
-    g.add_argument("--model", default=str(DEFAULT_MODEL), help="minifastv checkpoint directory")
+    common(g)
     g.add_argument("--image", action="append", required=True, help="image file (repeat for several)")
     g.add_argument("--prompt", required=True, help="the question")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
-    fastv_flags(g)
     g.set_defaults(run=cmd_generate)
 
-    d = sub.add_parser("demo", help="FastV on a seeded random model: kept tokens, FLOPs, time")
-    d.add_argument("--preset", default="tiny")
-    fastv_flags(d, k=2)
+    d = sub.add_parser("demo", help="the shipped tiny model on the sample images, with and without FastV")
+    common(d, default_k=2)
     d.set_defaults(run=cmd_demo)
+
+    a = sub.add_parser("analyze", help="attention shares per layer and the patches FastV keeps, as tables and PNGs")
+    common(a, default_k=2)
+    a.add_argument("--image", required=True, help="image file")
+    a.add_argument("--prompt", required=True, help="the question")
+    a.add_argument("--out-dir", default="analysis", help="where the PNG files go (default: %(default)s)")
+    a.set_defaults(run=cmd_analyze)
+
+    c = sub.add_parser("convert", help="convert a LLaVA-1.5 checkpoint (same as convert_weights.py)")
+    add_convert_arguments(c)
+    c.set_defaults(run=cmd_convert)
+
+    sub.add_parser("bench", help="FastV and minifastv speed (benchmarks/bench.py; --help for its options)")
 
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # our errors name the file, key or value at fault
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -148,7 +148,7 @@ def _check_positive(cfg, *names):
 
 _LLAVA_VISION = VisionConfig()  # CLIP ViT-L/14 at 336 px: 576 patches
 PRESETS: dict[str, LlavaConfig] = {
-    # Small enough to train on a laptop CPU in minutes; 64 image tokens per image.
+    # Small enough to train on a laptop CPU in minutes; 64 px images in 8 px patches: 64 image tokens.
     "tiny": LlavaConfig(
         vision=VisionConfig(image_size=64, patch_size=8, dim=96, n_layers=4, n_heads=4, intermediate_size=384),
         text=TextConfig(vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=352,

@@ -18,10 +18,16 @@ from .config import TextConfig
 
 @dataclass(frozen=True)
 class FastV:
-    """Prune after layer `k` (layers 0..k-1 see every token), dropping the fraction `ratio` of image tokens."""
+    """Prune after layer `k` (layers 0..k-1 see every token), dropping the fraction `ratio` of image tokens.
+
+    rank="attention" is FastV; rank="random" keeps a random subset of the same size (seeded by `seed`), the
+    baseline that shows whether the attention ranking matters.
+    """
 
     k: int
     ratio: float
+    rank: str = "attention"
+    seed: int = 0
 
     def __post_init__(self):
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
@@ -29,6 +35,8 @@ class FastV:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
             raise ValueError(f"FastV ratio must be a number in [0, 1) (the fraction of image tokens dropped), "
                              f"got {self.ratio!r}")
+        if self.rank not in ("attention", "random"):
+            raise ValueError(f"FastV rank must be 'attention' or 'random', got {self.rank!r}")
 
     def n_kept(self, n_image_tokens: int) -> int:
         return round((1 - self.ratio) * n_image_tokens)
@@ -60,6 +68,8 @@ def select_tokens(row: torch.Tensor, image_mask: torch.Tensor, valid: torch.Tens
     keep_mask = valid & ~image_mask
     k_max = int(n_keep.max())
     if k_max > 0:
+        if fastv.rank == "random":
+            row = torch.rand(row.shape, generator=torch.Generator().manual_seed(fastv.seed)).to(row.device)
         scores = row.masked_fill(~image_mask, float("-inf"))
         top = scores.topk(k_max, dim=1).indices                                   # B, k_max
         chosen = torch.arange(k_max, device=row.device)[None, :] < n_keep[:, None]

@@ -15,9 +15,43 @@ from PIL import Image
 from .config import CLIP_MEAN, CLIP_STD
 
 
+MAX_PADDED_SIDE = 16384  # pad mode builds a max(w, h)-sided square: 0.8 GB of RGB at this side
+
+
+class ImageError(ValueError):
+    """An image that cannot be used: not an image, truncated, an unsupported pixel format, or too large."""
+
+
 def load_image(path: str | Path) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    """Decode an image file fully and return it as 8-bit RGB; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now, so a truncated file fails here and not inside preprocessing
+            return to_rgb(im)
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{path}: {e}") from None
+    except ImageError as e:
+        raise ImageError(f"{path}: {e}") from None
+    except PermissionError:
+        raise PermissionError(f"{path}: permission denied") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's "cannot identify image file", "truncated", ...
+        raise ImageError(f"{path}: not a readable image ({e})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. 16-bit grayscale is scaled down (65535 -> 255), not clipped; alpha is dropped, as LLaVA's
+    `convert("RGB")` does; floating-point images are refused, their range is unknown."""
+    if image.mode.startswith("I"):  # "I;16", "I;16B", "I" (how PIL opens 16-bit grayscale PNG and TIFF)
+        low, high = image.getextrema()
+        if low < 0 or high > 65535:
+            raise ImageError(f"integer image with values in [{low}, {high}], outside the 16-bit range")
+        image = image.convert("I").point(lambda v: v * (1 / 257)).convert("L")
+    elif image.mode == "F":
+        raise ImageError("floating-point images are not supported; save it as 8- or 16-bit")
+    return image.convert("RGB")
 
 
 def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
@@ -44,16 +78,25 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+def model_view(image: Image.Image, size: int, mode: str = "pad", mean=CLIP_MEAN) -> Image.Image:
+    """The size x size RGB picture the vision tower sees, before normalisation."""
+    image = to_rgb(image)
+    if min(image.size) < 1:
+        raise ImageError(f"image has no pixels ({image.size[0]}x{image.size[1]})")
+    if mode == "pad":
+        if max(image.size) > MAX_PADDED_SIDE:
+            raise ImageError(f"image is {image.size[0]}x{image.size[1]}; padding it to a square needs a side of "
+                             f"{max(image.size)} pixels, above the {MAX_PADDED_SIDE} limit: crop or resize it first")
+        # The fill is the mean colour x 255, truncated, as LLaVA computes it.
+        return pad_to_square(image, tuple(int(m * 255) for m in mean)).resize((size, size), Image.Resampling.BICUBIC)
+    if mode == "crop":
+        return center_crop(resize_shortest_edge(image, size), size)
+    raise ValueError(f"image mode must be 'pad' or 'crop', got {mode!r}")
+
+
 def preprocess(image: Image.Image, size: int, mode: str = "pad",
                mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
-    image = image.convert("RGB")
-    if mode == "pad":
-        # The fill is the mean colour x 255, truncated, as LLaVA computes it.
-        image = pad_to_square(image, tuple(int(m * 255) for m in mean)).resize((size, size), Image.Resampling.BICUBIC)
-    elif mode == "crop":
-        image = center_crop(resize_shortest_edge(image, size), size)
-    else:
-        raise ValueError(f"image mode must be 'pad' or 'crop', got {mode!r}")
+    image = model_view(image, size, mode, mean)
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3)
     x = (pixels.permute(2, 0, 1).double() * (1 / 255)).float()       # rescale in fp64, as CLIP's processor
     mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]

@@ -72,13 +72,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, valid, cache: LayerCache | None = None, need_last_row: bool = False):
-        """Returns the output [B, T, C] and, if asked, the last query's head-mean attention over all keys [B, S]."""
-        T = x.shape[1]
+    def project(self, x, cos, sin):
+        """q [B, H, T, D], k and v [B, H_kv, T, D], rotary embeddings applied to q and k."""
         q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
         k = rearrange(self.k_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
         v = rearrange(self.v_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, valid, cache: LayerCache | None = None, need_last_row: bool = False):
+        """Returns the output [B, T, C] and, if asked, the last query's head-mean attention over all keys [B, S]."""
+        T = x.shape[1]
+        q, k, v = self.project(x, cos, sin)
         if cache is not None:
             k, v, valid = cache.update(k, v, valid)                # now S >= T slots
         mask = attention_mask(valid, T)

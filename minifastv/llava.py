@@ -67,6 +67,8 @@ class LlavaModel(nn.Module):
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
             raise ValueError(f"pixel_values must have shape [num_images, 3, {size}, {size}], "
                              f"got {list(pixel_values.shape)}")
+        if not pixel_values.isfinite().all():
+            raise ValueError("pixel_values contains NaN or infinite values")
         return self.projector(self.vision(pixel_values))
 
     def embed(self, input_ids, pixel_values=None, attention_mask=None):
@@ -79,9 +81,13 @@ class LlavaModel(nn.Module):
         if input_ids.ndim != 2 or input_ids.dtype != torch.long:
             raise ValueError(f"input_ids must be a LongTensor [batch, seq], got {input_ids.dtype} {list(input_ids.shape)}")
         B, T = input_ids.shape
+        if B == 0 or T == 0:
+            raise ValueError(f"input_ids is empty (shape {[B, T]}): a prompt needs at least one token")
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         if mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask shape {list(mask.shape)} differs from input_ids shape {list(input_ids.shape)}")
+        if not mask.any(1).all():
+            raise ValueError(f"sample {int((~mask.any(1)).nonzero()[0])} has no tokens (its attention_mask is all 0)")
         is_image = input_ids == cfg.image_token_id
         n_images = int(is_image.sum())
         n_given = 0 if pixel_values is None else pixel_values.shape[0]

@@ -1,0 +1,246 @@
+"""Speed of minifastv and FastV on this machine. Prints tables; never part of the tests.
+
+    python benchmarks/bench.py --model tiny
+    python benchmarks/bench.py --model 7b --layers 32 [--no-hf]
+
+1. FastV: prefill time at K=2 for R in {0, 0.25, 0.5, 0.75} next to the theoretical FLOPs ratio; decode
+   tokens/s and KV-cache bytes with and without pruning.
+2. minifastv against transformers' LlavaForConditionalGeneration holding the SAME weight tensors (shared,
+   not copied), same dtype and thread count: prefill latency and decode tokens/s.
+3. Achieved prefill TFLOP/s against a measured bf16 (or fp32) matmul peak.
+
+Timings are medians over --repeats runs after a warm-up, in one process with a fixed thread count.
+The 7b model is LLaVA-1.5-7B-shaped with random bf16 weights and a 576-token image in a realistic prompt
+(35 system tokens, the image, 20 question tokens); --layers scales the decoder depth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import minifastv  # noqa: E402
+from minifastv import FastV, KVCache, LlavaConfig, LlavaModel, theoretical_flops  # noqa: E402
+from minifastv.convert import map_key  # noqa: E402
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak(dtype, repeats: int, n: int = 2048) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / median_seconds(lambda: a @ b, repeats) / 1e12
+
+
+def random_model(config: LlavaConfig, dtype) -> LlavaModel:
+    """A model with random weights, allocated directly in `dtype` (no fp32 copy on the way)."""
+    with torch.device("meta"):
+        model = LlavaModel(config)
+    model = model.to_empty(device="cpu").to(dtype)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(0.02).to(dtype))
+    return model.eval()
+
+
+def prompt(config: LlavaConfig, n_system: int = 35, n_question: int = 20):
+    """BOS + system tokens, the image placeholder, question tokens: LLaVA-1.5's layout."""
+    g = torch.Generator().manual_seed(1)
+    text = torch.randint(4, min(config.text.vocab_size, 30000), (n_system + n_question,), generator=g).tolist()
+    ids = [config.text.bos_token_id] + text[:n_system] + [config.image_token_id] + text[n_system:]
+    pixels = torch.randn(1, 3, config.vision.image_size, config.vision.image_size, generator=g)
+    return torch.tensor([ids]), pixels
+
+
+def model_flops(config: LlavaConfig, n: int, fastv: FastV | None) -> float:
+    """Matmul FLOPs of one prefill: vision tower + projector + decoder (attention counted in full, GQA-exact)
+    + lm_head on the last token."""
+    v, t = config.vision, config.text
+    N = v.n_patches + 1
+    vision = v.n_used_layers * (2 * N * 4 * v.dim**2 + 4 * N * N * v.dim + 4 * N * v.dim * v.intermediate_size)
+    vision += 2 * N * 3 * v.patch_size**2 * v.dim + 2 * v.n_patches * (v.dim * t.dim + t.dim * t.dim)
+    kv = t.n_kv_heads * t.head_dim
+
+    def layer(m):
+        return 2 * m * t.dim * (2 * t.dim + 2 * kv) + 4 * m * m * t.dim + 6 * m * t.dim * t.intermediate_size
+
+    n_image = v.n_patches
+    if fastv is None or fastv.k >= t.n_layers:
+        decoder = t.n_layers * layer(n)
+    else:
+        kept = n - n_image + fastv.n_kept(n_image)
+        decoder = fastv.k * layer(n) + (t.n_layers - fastv.k) * layer(kept)
+    return vision + decoder + 2 * t.dim * t.vocab_size
+
+
+def bench_fastv(model, ids, pixels, repeats: int, decode_tokens: int):
+    cfg = model.config
+    n_image = cfg.vision.n_patches
+    n = ids.shape[1] - 1 + n_image
+    rows = []
+    for ratio in (0.0, 0.25, 0.5, 0.75):
+        fastv = None if ratio == 0 else FastV(2, ratio)
+
+        def prefill():
+            with torch.inference_mode():
+                cache = KVCache(cfg.text.n_layers, extra=decode_tokens)
+                model.prefill(ids, pixels, fastv=fastv, cache=cache, last_only=True)
+                return cache
+
+        t_prefill = median_seconds(prefill, repeats)
+        cache_bytes = prefill().nbytes()
+        t_gen = median_seconds(lambda: model.generate(ids, pixels, max_new_tokens=decode_tokens, fastv=fastv), repeats)
+        t_one = median_seconds(lambda: model.generate(ids, pixels, max_new_tokens=1, fastv=fastv), repeats)
+        pruned, full = theoretical_flops(cfg.text, n, n_image, fastv)
+        rows.append(dict(ratio=ratio, kept=fastv.n_kept(n_image) if fastv else n_image, theory=pruned / full,
+                         prefill=t_prefill, decode=(decode_tokens - 1) / max(t_gen - t_one, 1e-9),
+                         cache=cache_bytes, flops=model_flops(cfg, n, fastv)))
+    base = rows[0]
+    print(f"\nFastV K=2, prompt of {n} tokens ({n_image} image tokens), decode {decode_tokens} tokens")
+    print("| R | image tokens kept | theoretical FLOPs | prefill ms | measured speedup | theoretical speedup | "
+          "measured/theoretical | decode tok/s | KV cache (allocated) MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        speedup, ideal = base["prefill"] / r["prefill"], 1 / r["theory"]
+        print(f"| {r['ratio']} | {r['kept']} | {r['theory']:.1%} | {r['prefill'] * 1e3:.1f} | {speedup:.2f}x | "
+              f"{ideal:.2f}x | {speedup / ideal:.2f} | {r['decode']:.1f} | {r['cache'] / 2**20:.1f} |")
+    return rows
+
+
+def to_transformers(model: LlavaModel):
+    """transformers' LlavaForConditionalGeneration over the SAME tensors (no copy). Tensors minifastv does
+    not hold (the tower's last block and post-LayerNorm, which transformers computes but LLaVA ignores) get
+    random values."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig as HFLlavaConfig, LlavaForConditionalGeneration
+
+    c = model.config
+    text = LlamaConfig(vocab_size=c.text.vocab_size, hidden_size=c.text.dim, intermediate_size=c.text.intermediate_size,
+                       num_hidden_layers=c.text.n_layers, num_attention_heads=c.text.n_heads,
+                       num_key_value_heads=c.text.n_kv_heads, rms_norm_eps=c.text.norm_eps,
+                       max_position_embeddings=c.text.max_seq_len, pad_token_id=c.text.pad_token_id,
+                       rope_parameters={"rope_type": "default", "rope_theta": c.text.rope_theta})
+    vision = CLIPVisionConfig(hidden_size=c.vision.dim, intermediate_size=c.vision.intermediate_size,
+                              num_hidden_layers=c.vision.n_layers, num_attention_heads=c.vision.n_heads,
+                              image_size=c.vision.image_size, patch_size=c.vision.patch_size,
+                              layer_norm_eps=c.vision.norm_eps)
+    image_token = c.text.vocab_size - 1  # transformers embeds the placeholder, so it must be a vocabulary id
+    cfg = HFLlavaConfig(text_config=text, vision_config=vision, image_token_index=image_token,
+                        vision_feature_layer=c.vision.feature_layer, image_seq_length=c.vision.n_patches)
+    with torch.device("meta"):
+        hf = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=model.dtype)
+    ours = model.state_dict()
+    shared = {k: ours[t] for k in hf.state_dict() if (t := map_key(k, c)) is not None}
+    hf.load_state_dict(shared, assign=True, strict=False)
+    for name, p in list(hf.named_parameters()):
+        if p.is_meta:
+            module, attr = hf.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
+            setattr(module, attr, torch.nn.Parameter(torch.randn(p.shape, dtype=model.dtype) * 0.02))
+    # Non-persistent buffers were created on the meta device too: rebuild them as transformers' __init__ does.
+    for name, module in hf.named_modules():
+        if hasattr(module, "inv_freq"):  # the rotary embedding
+            inv_freq, _ = module.compute_default_rope_parameters(module.config)
+            module.inv_freq, module.original_inv_freq = inv_freq, inv_freq.clone()
+        if hasattr(module, "position_ids") and module.position_ids.is_meta:  # CLIP's patch positions
+            module.position_ids = torch.arange(module.position_ids.shape[-1])[None]
+    leftover = [name for name, b in hf.named_buffers() if b.is_meta]
+    if leftover:
+        raise RuntimeError(f"transformers buffers left unset: {leftover}")
+    return hf.eval(), image_token
+
+
+def bench_transformers(model, ids, pixels, repeats: int, decode_tokens: int):
+    hf, image_token = to_transformers(model)
+    n_image = model.config.vision.n_patches
+    expanded = torch.tensor([[x for t in ids[0].tolist()
+                              for x in ([image_token] * n_image if t == model.config.image_token_id else [t])]])
+
+    def hf_generate(n):
+        with torch.inference_mode():
+            return hf.generate(input_ids=expanded, pixel_values=pixels.to(model.dtype), max_new_tokens=n,
+                               min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    def ours_generate(n):
+        return model.generate(ids, pixels, max_new_tokens=n)
+
+    print(f"\nminifastv vs transformers {__import__('transformers').__version__} (sdpa), same tensors, "
+          f"{str(model.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads")
+    print("| | prefill ms | decode tok/s |\n|---|---|---|")
+    results = {}
+    for name, gen in (("minifastv", ours_generate), ("transformers", hf_generate)):
+        t_one = median_seconds(lambda: gen(1), repeats)  # prefill + first token
+        t_gen = median_seconds(lambda: gen(decode_tokens), repeats)
+        results[name] = (t_one, (decode_tokens - 1) / max(t_gen - t_one, 1e-9))
+        print(f"| {name} | {t_one * 1e3:.1f} | {results[name][1]:.2f} |")
+    (p_ours, d_ours), (p_hf, d_hf) = results["minifastv"], results["transformers"]
+    print(f"| minifastv speedup | {p_hf / p_ours:.2f}x | {d_ours / d_hf:.2f}x |")
+    same = ours_generate(8)[0].tolist() == hf_generate(8)[0, expanded.shape[1]:].tolist()
+    print(f"greedy tokens identical over 8 steps: {same}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="'tiny' (weights/tiny), '7b' (random, LLaVA-1.5-7B-shaped), "
+                                                   "or a checkpoint directory")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers of the 7b model (default 32)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="default: bfloat16 for 7b, the checkpoint's dtype otherwise")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.model == "7b":
+        base = LlavaConfig.from_name("llava-1.5-7b")
+        config = dataclasses.replace(base, text=dataclasses.replace(base.text, n_layers=args.layers or 32))
+        model = random_model(config, getattr(torch, args.dtype or "bfloat16"))
+    else:
+        model = minifastv.load(ROOT / "weights" / "tiny" if args.model == "tiny" else args.model, dtype=args.dtype)
+    ids, pixels = prompt(model.config)
+    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; model: {args.model} ({model.config.text.n_layers} decoder layers, "
+          f"{str(model.dtype).removeprefix('torch.')}, {sum(p.numel() for p in model.parameters()) / 1e6:,.1f}M params)")
+    rows = bench_fastv(model, ids, pixels, args.repeats, args.decode_tokens)
+    peak = matmul_peak(model.dtype, args.repeats)
+    achieved = rows[0]["flops"] / rows[0]["prefill"] / 1e12
+    print(f"\nprefill (no FastV): {achieved:.3f} TFLOP/s achieved; {str(model.dtype).removeprefix('torch.')} "
+          f"matmul peak (2048^3) {peak:.3f} TFLOP/s; {achieved / peak:.0%} of peak")
+    if not args.no_hf:
+        bench_transformers(model, ids, pixels, args.repeats, args.decode_tokens)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Held-out accuracy of the tiny model with FastV off, for a (K, R) grid, and for random dropping at the
+same budgets; prints a markdown table and writes a PNG of accuracy against relative prefill FLOPs.
+
+    python evaluate_tiny.py [--model weights/tiny] [--n 400] [--plot docs/fastv_tiny.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import minifastv
+from minifastv import FastV, theoretical_flops
+from minifastv.plot import line_plot
+from minifastv.shapes import QUESTION_TYPES, evaluate, make_batch, majority_baseline
+
+GRID_K, GRID_R = (1, 2), (0.25, 0.5, 0.75)
+
+
+def relative_flops(model, fastv, n: int) -> float:
+    """Theoretical prefill FLOPs relative to no pruning, averaged over the evaluated prompts."""
+    _, mask, _, _ = make_batch(model, "heldout", range(n))
+    n_image = model.config.vision.n_patches
+    ratios = []
+    for length in (mask.sum(1) + n_image - 1).tolist():  # the placeholder widens into n_image slots
+        pruned, full = theoretical_flops(model.config.text, length, n_image, fastv)
+        ratios.append(pruned / full)
+    return sum(ratios) / len(ratios)
+
+
+def plot(rows, path: str):
+    series = {}
+    for r in rows:
+        series.setdefault(r["method"], []).append((r["flops"], r["acc"]))
+    for name in list(series):  # every curve starts at the unpruned model
+        if name != "full":
+            series[name].append((1.0, next(r["acc"] for r in rows if r["method"] == "full")))
+    lo = min(0.5, min(r["acc"] for r in rows) - 0.05)
+    line_plot(series, path, xlabel="relative prefill FLOPs", ylabel="held-out accuracy", xlim=(0.3, 1.0),
+              ylim=(lo, 1.0), percent_y=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="weights/tiny")
+    p.add_argument("--n", type=int, default=400, help="held-out examples")
+    p.add_argument("--plot", default="docs/fastv_tiny.png")
+    args = p.parse_args(argv)
+    model = minifastv.load(args.model)
+    base = evaluate(model, args.n)
+    blind = evaluate(model, args.n, blank_images=True)
+    majority = majority_baseline(args.n)
+    print(f"held-out accuracy, {args.n} examples, FastV off")
+    print("| | " + " | ".join(QUESTION_TYPES) + " | all |\n|---|" + "---|" * (len(QUESTION_TYPES) + 1))
+    for name, acc in (("model", base), ("model, blank image", blind), ("majority answer", majority)):
+        print(f"| {name} | " + " | ".join(f"{acc[k]:.1%}" for k in (*QUESTION_TYPES, "all")) + " |")
+
+    rows = [{"method": "full", "k": "-", "r": 0.0, "flops": 1.0, "acc": base["all"]}]
+    for k in GRID_K:
+        for r in GRID_R:
+            for rank in ("attention", "random"):
+                fastv = FastV(k, r, rank=rank)
+                rows.append({"method": f"{'FastV' if rank == 'attention' else 'random'} K={k}", "k": k, "r": r,
+                             "flops": relative_flops(model, fastv, args.n),
+                             "acc": evaluate(model, args.n, fastv=fastv)["all"]})
+    print(f"\nFastV grid, {args.n} held-out examples")
+    print("| K | R | relative FLOPs | FastV accuracy | random-drop accuracy |\n|---|---|---|---|---|")
+    print(f"| - | 0 | 100.0% | {base['all']:.1%} | {base['all']:.1%} |")
+    for k in GRID_K:
+        for r in GRID_R:
+            fast, rand = (next(x for x in rows if x["method"] == f"{m} K={k}" and x["r"] == r) for m in ("FastV", "random"))
+            print(f"| {k} | {r} | {fast['flops']:.1%} | {fast['acc']:.1%} | {rand['acc']:.1%} |")
+    plot(rows, args.plot)
+    print(f"\nwrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

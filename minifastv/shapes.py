@@ -1,0 +1,200 @@
+"""A synthetic visual question-answering task that the tiny model learns on a CPU in minutes.
+
+Each image is a 4x4 grid of cells holding 1-5 coloured shapes in distinct cells; with the tiny model's
+64-pixel images and 8-pixel patches a cell is 2x2 patches. Every question needs specific image regions:
+the colour of the shape in a given cell, which shape is in a cell, how many shapes are in a row, whether a
+cell holds a shape. Answers are one word. Everything is generated from a seed: example i of a
+split is the same on every machine, and the training and held-out splits use disjoint seed streams.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+GRID = 4
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
+SHAPES = ("square", "circle", "triangle")
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
+QUESTION_TYPES = ("colour", "shape_at", "count", "exists")
+BACKGROUND = (245, 245, 245)
+SPLIT_SEEDS = {"train": 0, "heldout": 1}
+
+
+@dataclass(frozen=True)
+class Item:
+    shape: str
+    colour: str
+    row: int
+    col: int
+
+
+@dataclass(frozen=True)
+class Example:
+    items: tuple[Item, ...]
+    question: str
+    answer: str
+    kind: str
+
+    def image(self, size: int = 64) -> Image.Image:
+        return draw(self.items, size)
+
+
+def cell_name(it: Item) -> str:
+    return f"row {NUMBERS[it.row + 1]} column {NUMBERS[it.col + 1]}"
+
+
+def draw(items, size: int = 64) -> Image.Image:
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    pen = ImageDraw.Draw(img)
+    cell = size / GRID
+    for it in items:
+        x0, y0 = it.col * cell + cell * 0.12, it.row * cell + cell * 0.12
+        x1, y1 = (it.col + 1) * cell - cell * 0.12, (it.row + 1) * cell - cell * 0.12
+        fill = COLOURS[it.colour]
+        if it.shape == "square":
+            pen.rectangle((x0, y0, x1, y1), fill=fill)
+        elif it.shape == "circle":
+            pen.ellipse((x0, y0, x1, y1), fill=fill)
+        else:
+            pen.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    return img
+
+
+def _rng(split: str, index: int) -> random.Random:
+    return random.Random(f"{SPLIT_SEEDS[split]}:{index}")
+
+
+def sample_items(rng: random.Random) -> tuple[Item, ...]:
+    cells = rng.sample(range(GRID * GRID), rng.randint(1, 5))
+    return tuple(Item(rng.choice(SHAPES), rng.choice(list(COLOURS)), c // GRID, c % GRID) for c in cells)
+
+
+def ask(items, kind: str, rng: random.Random) -> tuple[str, str]:
+    """A question of `kind` about the items, and its one-word answer."""
+    if kind == "colour":
+        it = rng.choice(items)
+        return f"what colour is the {it.shape} in {cell_name(it)}?", it.colour
+    if kind == "shape_at":
+        it = rng.choice(items)
+        return f"which shape is in {cell_name(it)}?", it.shape
+    if kind == "count":  # half the time about a row that holds a shape, so "zero" does not dominate
+        row = rng.choice(items).row if rng.random() < 0.5 else rng.randrange(GRID)
+        return f"how many shapes are in row {NUMBERS[row + 1]}?", NUMBERS[sum(it.row == row for it in items)]
+    # "exists": half the time about a cell that holds a shape
+    if rng.random() < 0.5:
+        it = rng.choice(items)
+        row, col = it.row, it.col
+    else:
+        row, col = rng.randrange(GRID), rng.randrange(GRID)
+    present = any((it.row, it.col) == (row, col) for it in items)
+    return f"is there a shape in row {NUMBERS[row + 1]} column {NUMBERS[col + 1]}?", "yes" if present else "no"
+
+
+def example(split: str, index: int) -> Example:
+    """Example `index` of `split` ("train" or "heldout"), deterministic; question types cycle."""
+    rng = _rng(split, index)
+    items = sample_items(rng)
+    kind = QUESTION_TYPES[index % len(QUESTION_TYPES)]
+    return Example(items, *ask(items, kind, rng), kind)
+
+
+def describe(items) -> str:
+    """Every shape with its colour and cell, in reading order: "red square row one column two , ..."."""
+    ordered = sorted(items, key=lambda it: (it.row, it.col))
+    return " , ".join(f"{it.colour} {it.shape} {cell_name(it)}" for it in ordered)
+
+
+def conversation(split: str, index: int) -> tuple[tuple[Item, ...], list[tuple[str, str]]]:
+    """One image, a description of it and questions of every type about it, in random order: a multi-turn
+    training dialogue. The description ties words to image regions densely, the way LLaVA's
+    detailed-description data does; it is never evaluated."""
+    rng = _rng(split, index)
+    items = sample_items(rng)
+    kinds = rng.sample(QUESTION_TYPES, len(QUESTION_TYPES))
+    turns = [ask(items, kind, rng) for kind in kinds]
+    turns.insert(rng.randrange(len(turns) + 1), ("describe the image.", describe(items)))
+    return items, turns
+
+
+def corpus() -> list[str]:
+    """Every word the task can use, for training the tokenizer."""
+    words = [*COLOURS, *SHAPES, *NUMBERS, "row", "column", "yes", "no"]
+    questions = [example("train", i).question for i in range(400)]
+    return words + questions + ["describe the image.", ","]
+
+
+def make_batch(model, split: str, indices, *, blank_images: bool = False):
+    """Single-turn prompts: left-padded ids [B, T], attention mask [B, T], pixels [B, 3, S, S], the examples.
+    blank_images shows the model an empty canvas instead, to measure what it can answer without looking."""
+    import torch
+
+    from .image import preprocess
+    from .tokenizer import chat_prompt
+
+    cfg, tok = model.config, model.tokenizer
+    examples = [example(split, i) for i in indices]
+    rows = []
+    for ex in examples:
+        rows.append(tok.encode_prompt(chat_prompt(ex.question)))
+    T = max(map(len, rows))
+    ids = torch.tensor([[cfg.text.pad_token_id] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    size = cfg.vision.image_size
+    images = [draw((), size) if blank_images else ex.image(size) for ex in examples]
+    pixels = torch.stack([preprocess(im, size, cfg.image_mode, cfg.image_mean, cfg.image_std) for im in images])
+    return ids, mask, pixels, examples
+
+
+def evaluate(model, n: int = 400, *, fastv=None, split: str = "heldout", batch_size: int = 100,
+             blank_images: bool = False) -> dict[str, float]:
+    """Exact-match accuracy of greedy answers on the first n examples of `split`, per question type and "all"."""
+    import torch
+
+    eos = model.config.text.eos_token_id
+    correct = dict.fromkeys(QUESTION_TYPES, 0)
+    total = dict.fromkeys(QUESTION_TYPES, 0)
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            ids, mask, pixels, examples = make_batch(model, split, range(start, min(n, start + batch_size)),
+                                                     blank_images=blank_images)
+            out = model.generate(ids, pixels, attention_mask=mask, max_new_tokens=3, fastv=fastv, eos_token_id=eos)
+            for ex, row in zip(examples, out.tolist()):
+                answer = model.tokenizer.decode(row[:row.index(eos)] if eos in row else row).strip()
+                correct[ex.kind] += answer == ex.answer
+                total[ex.kind] += 1
+    acc = {kind: correct[kind] / total[kind] for kind in QUESTION_TYPES if total[kind]}
+    acc["all"] = sum(correct.values()) / sum(total.values())
+    return acc
+
+
+def majority_baseline(n: int = 400, split: str = "heldout") -> dict[str, float]:
+    """Accuracy of always giving each question type's most frequent answer: the best a blind guess can do
+    without reading more of the question."""
+    from collections import Counter
+
+    answers = {kind: Counter() for kind in QUESTION_TYPES}
+    for i in range(n):
+        ex = example(split, i)
+        answers[ex.kind][ex.answer] += 1
+    acc = {kind: c.most_common(1)[0][1] / sum(c.values()) for kind, c in answers.items()}
+    acc["all"] = sum(c.most_common(1)[0][1] for c in answers.values()) / n
+    return acc
+
+
+def write_samples(directory, n: int = 4, size: int = 64) -> None:
+    """The first n held-out examples (one per question type) as PNG files plus questions.json, for the demo:
+    python -c "from minifastv.shapes import write_samples; write_samples('samples')"."""
+    import json
+    from pathlib import Path
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i in range(n):
+        ex = example("heldout", i)
+        ex.image(size).save(directory / f"heldout_{i}.png")
+        entries.append({"image": f"heldout_{i}.png", "question": ex.question, "answer": ex.answer})
+    (directory / "questions.json").write_text(json.dumps(entries, indent=2) + "\n")

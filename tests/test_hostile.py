@@ -1,0 +1,441 @@
+"""Hostile and careless input at every entry point (load, save, convert, train_tiny.py, images, prompts,
+generate, the CLI): each failure is an error of the documented type whose message names the problem, and an
+interrupted write leaves nothing that `load` would accept. The README's "Errors" section lists them."""
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tokenizer, hf_llava
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import minifastv
+from minifastv import CheckpointError, FastV, ImageError, chat_prompt, load_image, preprocess
+from minifastv.checkpoint import ShardWriter
+from minifastv.convert import convert
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny preset with seeded random weights and the task's tokenizer."""
+    import train_tiny
+
+    return train_tiny.build_model(train_tiny.build_tokenizer(), seed=0).eval()
+
+
+@pytest.fixture
+def saved(tiny, tmp_path):
+    return minifastv.save(tiny, tmp_path / "ckpt")
+
+
+def edit_config(path, edit):
+    cfg = json.loads((path / "config.json").read_text())
+    edit(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def edit_weights(path, edit):
+    state = load_file(path / "model.safetensors")
+    edit(state)
+    save_file(state, str(path / "model.safetensors"))
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------
+
+
+def test_config_missing_field_is_caught_by_the_tensor_shapes(saved):
+    edit_config(saved, lambda c: c["text"].pop("dim"))  # falls back to the default 4096
+    with pytest.raises(CheckpointError, match=r"llm\.embed_tokens\.weight has shape \[\d+, 128\], "
+                                              r"the config implies \[\d+, 4096\]"):
+        minifastv.load(saved)
+
+
+def test_contradictory_config_is_named(saved):
+    edit_config(saved, lambda c: c["text"].update(n_heads=5))
+    with pytest.raises(CheckpointError, match=r"config\.json: text: dim 128 is not divisible by n_heads 5"):
+        minifastv.load(saved)
+
+
+def test_config_of_wrong_type_is_named(saved):
+    edit_config(saved, lambda c: c["vision"].update(n_layers="four"))
+    with pytest.raises(CheckpointError, match=r"config\.json: .*n_layers"):
+        minifastv.load(saved)
+
+
+def test_non_finite_weights_are_refused(saved):
+    def poison(state):
+        state["llm.norm.weight"][3] = float("nan")
+
+    edit_weights(saved, poison)
+    with pytest.raises(CheckpointError, match=r"llm\.norm\.weight contains NaN or infinite values"):
+        minifastv.load(saved)
+
+
+def test_integer_weights_are_refused(saved):
+    edit_weights(saved, lambda s: s.update({"llm.norm.weight": s["llm.norm.weight"].long()}))
+    with pytest.raises(CheckpointError, match=r"llm\.norm\.weight has dtype torch\.int64, expected floating point"):
+        minifastv.load(saved)
+
+
+def test_pickled_weights_are_not_read_by_load(saved, capfd):
+    """load reads only safetensors: a pickled .bin (here one whose unpickling would run code) is never opened."""
+    class Exploit:
+        def __reduce__(self):
+            return (print, ("pickle code ran",))
+
+    (saved / "model.safetensors").unlink()
+    torch.save({"llm.norm.weight": Exploit()}, saved / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match=r"ckpt: no model\.safetensors"):
+        minifastv.load(saved)
+    assert "pickle code ran" not in capfd.readouterr().out
+
+
+def test_wrong_dtype_names(saved):
+    for bad in ("fp16", "float64", "int8", ""):
+        with pytest.raises(ValueError, match=f"unknown dtype {bad!r}"):
+            minifastv.load(saved, dtype=bad)
+
+
+# --- writing: existing, unwritable or interrupted outputs ---------------------------------------------
+
+
+def interrupt_after(monkeypatch, n_tensors: int):
+    """Ctrl-C arrives while the n-th tensor is being written."""
+    real, calls = ShardWriter.add, []
+
+    def add(self, name, tensor):
+        calls.append(name)
+        if len(calls) == n_tensors:
+            raise KeyboardInterrupt
+        real(self, name, tensor)
+
+    monkeypatch.setattr(ShardWriter, "add", add)
+
+
+def assert_nothing_loadable(parent: Path, out: Path, keep=()):
+    assert sorted(p.name for p in parent.iterdir()) == sorted(keep), "a partial output was left behind"
+    with pytest.raises(FileNotFoundError):
+        minifastv.load(out)
+
+
+def test_interrupted_save_leaves_nothing(tiny, tmp_path, monkeypatch):
+    interrupt_after(monkeypatch, 10)
+    with pytest.raises(KeyboardInterrupt):
+        minifastv.save(tiny, tmp_path / "out", max_shard_bytes=50_000)
+    assert_nothing_loadable(tmp_path, tmp_path / "out")
+
+
+def test_interrupted_overwrite_keeps_the_old_checkpoint(tiny, saved, monkeypatch):
+    before = {f.name: f.read_bytes() for f in saved.iterdir()}
+    interrupt_after(monkeypatch, 10)
+    with pytest.raises(KeyboardInterrupt):
+        minifastv.save(tiny, saved, overwrite=True)
+    assert {f.name: f.read_bytes() for f in saved.iterdir()} == before
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["ckpt"]
+
+
+@pytest.fixture(scope="module")
+def hf_source(tmp_path_factory):
+    """A transformers-layout checkpoint directory to convert."""
+    src = tmp_path_factory.mktemp("hf") / "src"
+    src.mkdir()
+    model = hf_llava()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(src / "model.safetensors"))
+    (src / "config.json").write_text(json.dumps(model.config.to_dict()))
+    build_tokenizer(src / "tokenizer.json")
+    return src
+
+
+def test_interrupted_conversion_leaves_nothing(hf_source, tmp_path, monkeypatch):
+    interrupt_after(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        convert(hf_source, tmp_path / "out", log=lambda _: None)
+    assert_nothing_loadable(tmp_path, tmp_path / "out")
+
+
+def test_truncated_bin_shard_is_named(hf_source, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(hf_source, src)
+    state = load_file(src / "model.safetensors")
+    (src / "model.safetensors").unlink()
+    torch.save(state, src / "pytorch_model.bin")
+    data = (src / "pytorch_model.bin").read_bytes()
+    (src / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: refused or unreadable"):
+        convert(src, tmp_path / "out", log=lambda _: None)
+    assert_nothing_loadable(tmp_path, tmp_path / "out", keep=["src"])
+
+
+@pytest.mark.parametrize("write", ["save", "convert"])
+def test_output_under_a_file_is_named(tiny, hf_source, tmp_path, write):
+    (tmp_path / "afile").write_text("not a directory")
+    out = tmp_path / "afile" / "ckpt"
+    with pytest.raises(NotADirectoryError, match=r"ckpt: cannot create it, .*afile is a file, not a directory"):
+        if write == "save":
+            minifastv.save(tiny, out)
+        else:
+            convert(hf_source, out, log=lambda _: None)
+
+
+def test_existing_output_is_not_replaced_without_force(tiny, saved):
+    with pytest.raises(FileExistsError, match="ckpt: already exists"):
+        minifastv.save(tiny, saved)
+
+
+def test_interrupted_training_writes_nothing(tmp_path, monkeypatch, capsys):
+    import train_tiny
+
+    real, calls = train_tiny.training_batch, []
+
+    def batch(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(train_tiny, "training_batch", batch)
+    with pytest.raises(KeyboardInterrupt):
+        train_tiny.main(["--steps", "5", "--batch-size", "2", "--out", str(tmp_path / "out")])
+    assert_nothing_loadable(tmp_path, tmp_path / "out")
+
+
+def test_training_arguments(tmp_path, capsys):
+    import train_tiny
+
+    (tmp_path / "out").mkdir()
+    assert train_tiny.main(["--steps", "1", "--out", str(tmp_path / "out")]) == 2
+    assert "out: already exists (pass --force to replace it)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_tiny.main(["--steps", "0", "--out", str(tmp_path / "new")])
+    assert "--steps must be >= 1, got 0" in capsys.readouterr().err
+
+
+# --- images --------------------------------------------------------------------------------------------
+
+
+def test_missing_image(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"missing\.png: image file not found"):
+        load_image(tmp_path / "missing.png")
+
+
+def test_not_an_image(tmp_path):
+    (tmp_path / "notes.png").write_text("this is text")
+    with pytest.raises(ImageError, match=r"notes\.png: not a readable image"):
+        load_image(tmp_path / "notes.png")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_truncated_image(tmp_path, fmt):
+    file = tmp_path / f"cut.{fmt.lower()}"
+    noise = Image.frombytes("RGB", (64, 64), torch.randint(0, 256, (64 * 64 * 3,), dtype=torch.uint8).numpy().tobytes())
+    noise.save(file, fmt)
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with pytest.raises(ImageError, match=rf"cut\.{fmt.lower()}: not a readable image"):
+        load_image(file)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "1", "CMYK"])
+def test_other_pixel_formats_become_rgb(tmp_path, mode):
+    rgb = Image.new("RGB", (5, 3), (200, 30, 60))
+    image = rgb.convert(mode)
+    image.save(tmp_path / "x.tiff")
+    loaded = load_image(tmp_path / "x.tiff")
+    assert loaded.mode == "RGB" and loaded.size == (5, 3)
+    assert loaded.getpixel((2, 1)) == image.convert("RGB").getpixel((2, 1))
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    image = Image.new("I;16", (4, 1))
+    for x, v in enumerate((0, 257 * 100, 32768, 65535)):
+        image.putpixel((x, 0), v)
+    image.save(tmp_path / "deep.png")
+    loaded = load_image(tmp_path / "deep.png")
+    assert [loaded.getpixel((x, 0))[0] for x in range(4)] == [0, 100, 127, 255]
+
+
+def test_float_images_are_refused():
+    with pytest.raises(ImageError, match="floating-point images are not supported"):
+        preprocess(Image.new("F", (8, 8)), 32)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (10000, 200), (200, 10000)])
+@pytest.mark.parametrize("mode", ["pad", "crop"])
+def test_extreme_aspect_and_tiny_images(size, mode):
+    pixels = preprocess(Image.new("RGB", size, (10, 200, 30)), 64, mode)
+    assert pixels.shape == (3, 64, 64) and pixels.isfinite().all()
+
+
+def test_too_large_to_pad_is_named():
+    with pytest.raises(ImageError, match=r"image is 20000x10; padding it to a square needs a side of 20000"):
+        preprocess(Image.new("RGB", (20000, 10)), 64, "pad")
+
+
+# --- prompts and generation ----------------------------------------------------------------------------
+
+
+def prompt_ids(model, question="what colour is the circle in row one column two?", n_images=1):
+    return torch.tensor([model.tokenizer.encode_prompt(chat_prompt(question, n_images=n_images))])
+
+
+def pixels(n, size=64):
+    return torch.randn(n, 3, size, size)
+
+
+@pytest.mark.parametrize("markers, images", [(2, 1), (1, 2), (0, 1), (1, 0)])
+def test_markers_must_match_images(tiny, markers, images):
+    with pytest.raises(ValueError, match=rf"the prompt has {markers} image placeholder\(s\) .* but {images} image\(s\)"):
+        tiny.generate(prompt_ids(tiny, n_images=markers), pixels(images) if images else None, max_new_tokens=1)
+
+
+def test_prompt_longer_than_the_context(tiny):
+    ids = prompt_ids(tiny, "red " * 600)
+    with pytest.raises(ValueError, match=r"the merged prompt has \d+ tokens .* more than the context of 512"):
+        tiny.generate(ids, pixels(1), max_new_tokens=1)
+
+
+def test_prompt_plus_new_tokens_longer_than_the_context(tiny):
+    with pytest.raises(ValueError, match=r"\+ max_new_tokens \(500\)"):
+        tiny.generate(prompt_ids(tiny), pixels(1), max_new_tokens=500)
+
+
+def test_empty_prompt(tiny):
+    with pytest.raises(ValueError, match=r"input_ids is empty"):
+        tiny.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=1)
+    with pytest.raises(ValueError, match=r"sample 1 has no tokens"):
+        ids = prompt_ids(tiny, n_images=0).repeat(2, 1)
+        tiny(ids, attention_mask=torch.stack([torch.ones(ids.shape[1]), torch.zeros(ids.shape[1])]).long())
+
+
+@pytest.mark.parametrize("n", [0, -3, 2.5])
+def test_max_new_tokens_must_be_positive(tiny, n):
+    with pytest.raises(ValueError, match=rf"max_new_tokens must be a positive integer, got {n}"):
+        tiny.generate(prompt_ids(tiny), pixels(1), max_new_tokens=n)
+
+
+@pytest.mark.parametrize("k, ratio, message", [
+    (0, 0.5, "FastV k must be"), (-1, 0.5, "FastV k must be"), (2.0, 0.5, "FastV k must be"),
+    (2, 1.0, "FastV ratio must be"), (2, -0.1, "FastV ratio must be"), (2, "half", "FastV ratio must be"),
+])
+def test_invalid_fastv(k, ratio, message):
+    with pytest.raises(ValueError, match=message):
+        FastV(k, ratio)
+
+
+def test_fastv_without_an_image(tiny):
+    with pytest.raises(ValueError, match="FastV prunes image tokens, but the batch has no image"):
+        tiny.generate(prompt_ids(tiny, n_images=0), max_new_tokens=1, fastv=FastV(2, 0.5))
+
+
+def test_batch_items_with_different_image_counts(tiny):
+    """Two images in one sample and one in the other is a valid batch: each sample equals itself run alone.
+    The images must add up, though."""
+    a, b = prompt_ids(tiny, n_images=2)[0], prompt_ids(tiny, n_images=1)[0]
+    ids = torch.stack([a, torch.cat([torch.zeros(len(a) - len(b), dtype=torch.long), b])])
+    mask = (torch.arange(len(a))[None] >= torch.tensor([[0], [len(a) - len(b)]])).long()
+    px = pixels(3)
+    out = tiny.generate(ids, px, attention_mask=mask, max_new_tokens=3, fastv=FastV(2, 0.5))
+    assert out[0].tolist() == tiny.generate(a[None], px[:2], max_new_tokens=3, fastv=FastV(2, 0.5))[0].tolist()
+    assert out[1].tolist() == tiny.generate(b[None], px[2:], max_new_tokens=3, fastv=FastV(2, 0.5))[0].tolist()
+    with pytest.raises(ValueError, match=r"the prompt has 3 image placeholder\(s\) .* but 2 image\(s\)"):
+        tiny.generate(ids, px[:2], attention_mask=mask, max_new_tokens=1)
+
+
+def test_bad_pixels_and_ids(tiny):
+    with pytest.raises(ValueError, match=r"pixel_values must have shape \[num_images, 3, 64, 64\], got \[1, 3, 32, 32\]"):
+        tiny.generate(prompt_ids(tiny), pixels(1, 32), max_new_tokens=1)
+    bad = pixels(1)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="pixel_values contains NaN"):
+        tiny.generate(prompt_ids(tiny), bad, max_new_tokens=1)
+    ids = prompt_ids(tiny)
+    ids[0, 2] = 10**6
+    with pytest.raises(ValueError, match=r"token id 1000000 is outside the vocabulary"):
+        tiny.generate(ids, pixels(1), max_new_tokens=1)
+
+
+# --- the command line ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli(saved, capsys):
+    """Run `python -m minifastv ...` in-process on the random tiny checkpoint; returns (exit code, stderr)."""
+    from minifastv.cli import main
+
+    def run(*args):
+        code = main([str(a) for a in args])
+        return code, capsys.readouterr().err
+
+    image = ROOT / "samples" / "heldout_0.png"
+    return run, saved, image
+
+
+@pytest.mark.parametrize("case, extra, message", [
+    ("empty prompt", ["--prompt", "  "], "the prompt is empty"),
+    ("bad ratio", ["--prompt", "hi", "--fastv-k", "2", "--fastv-ratio", "1.5"], "FastV ratio must be"),
+    ("bad k", ["--prompt", "hi", "--fastv-k", "0"], "FastV k must be"),
+    ("zero tokens", ["--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
+    ("image marker", ["--prompt", "<image> hi"], r"2 image placeholder(s)"),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_cli_generate_errors(cli, case, extra, message):
+    run, model, image = cli
+    code, err = run("generate", "--model", model, "--image", image, *extra)
+    assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_cli_bad_image_and_model(cli, tmp_path):
+    run, model, image = cli
+    (tmp_path / "fake.png").write_text("text")
+    code, err = run("generate", "--model", model, "--image", tmp_path / "fake.png", "--prompt", "hi")
+    assert code == 2 and "fake.png: not a readable image" in err
+    code, err = run("generate", "--model", tmp_path / "nothing", "--image", image, "--prompt", "hi")
+    assert code == 2 and "nothing: checkpoint directory not found" in err
+
+
+def test_cli_analyze_output_under_a_file(cli, tmp_path):
+    run, model, image = cli
+    (tmp_path / "afile").write_text("x")
+    code, err = run("analyze", "--model", model, "--image", image, "--prompt", "hi", "--out-dir", tmp_path / "afile")
+    assert code == 2 and "afile" in err and "Traceback" not in err, err
+
+
+# --- randomized ----------------------------------------------------------------------------------------
+
+DOCUMENTED = ("image placeholder(s)", "more than the context", "+ max_new_tokens", "max_new_tokens must be",
+              "FastV k must be", "FastV ratio must be", "FastV prunes image tokens", "input_ids is empty")
+
+
+def test_random_prompts_and_images_answer_or_raise_documented_errors():
+    """Random prompts (empty, gibberish, overlong, stray <image> markers), images of random size and pixel
+    format, FastV settings and token budgets fed to the shipped tiny model: every trial either answers with
+    1..max_new_tokens vocabulary tokens or raises a ValueError from the documented list."""
+    model = minifastv.load(ROOT / "weights" / "tiny")
+    cfg = model.config
+    words = list(model.tokenizer.tok.get_vocab()) + ["zebra", "<image>", "?", "\n"]
+    rng = random.Random(0)
+    outcomes = {"answered": 0, "refused": 0}
+    for trial in range(60):
+        n_images = rng.choice([0, 1, 1, 1, 2, 3])
+        n_markers = n_images if rng.random() < 0.7 else rng.randint(0, 3)
+        question = " ".join(rng.choices(words, k=rng.choice([0, 1, 5, 20, 300])))
+        images = [Image.new(rng.choice(["RGB", "L", "P", "RGBA", "1"]),
+                            (rng.randint(1, 300), rng.randint(1, 300)), rng.randint(0, 255)) for _ in range(n_images)]
+        max_new = rng.choice([-1, 0, 1, 3, 8, 600])
+        try:
+            fastv = None if rng.random() < 0.3 else FastV(rng.randint(0, 5), rng.choice([0.0, 0.5, 0.9, 1.0]))
+            ids = torch.tensor([model.tokenizer.encode_prompt(chat_prompt(question, n_images=n_markers))])
+            px = torch.stack([preprocess(im, cfg.vision.image_size, cfg.image_mode) for im in images]) if images else None
+            out = model.generate(ids, px, max_new_tokens=max_new, fastv=fastv, eos_token_id=cfg.text.eos_token_id)
+        except ValueError as e:
+            assert any(fragment in str(e) for fragment in DOCUMENTED), f"trial {trial}: undocumented error {e!r}"
+            outcomes["refused"] += 1
+        else:
+            assert out.shape[0] == 1 and 1 <= out.shape[1] <= max_new, f"trial {trial}"
+            assert ((out >= 0) & (out < cfg.text.vocab_size)).all()
+            outcomes["answered"] += 1
+    assert min(outcomes.values()) >= 10, outcomes

@@ -1,0 +1,61 @@
+"""The synthetic task, a short training run, and the shipped weights/tiny model."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import minifastv
+from minifastv import FastV
+from minifastv.shapes import QUESTION_TYPES, evaluate, example, majority_baseline, make_batch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "weights" / "tiny"
+SHIPPED_MIN_ACCURACY = 0.90  # the README states >= 90% held-out exact match with FastV off
+
+
+def test_task_is_deterministic_and_splits_differ():
+    assert example("heldout", 7) == example("heldout", 7)
+    assert example("train", 7) != example("heldout", 7)
+    kinds = [example("train", i).kind for i in range(8)]
+    assert sorted(set(kinds)) == sorted(QUESTION_TYPES)
+    assert list(example("train", 3).image().getdata()) == list(example("train", 3).image().getdata())
+
+
+def test_a_few_training_steps_reduce_the_loss_and_save_a_loadable_checkpoint(tmp_path):
+    import train_tiny
+
+    fresh = train_tiny.build_model(train_tiny.build_tokenizer(), seed=0)
+    batch = train_tiny.training_batch(fresh, range(10**9, 10**9 + 32))  # dialogues the run never sees
+    with torch.no_grad():
+        before = train_tiny.answer_loss(fresh, *batch).item()
+    model = train_tiny.train(steps=40, seed=0, batch_size=16, log=lambda _: None)
+    with torch.no_grad():
+        after = train_tiny.answer_loss(model, *batch).item()
+    assert after < 0.6 * before, (before, after)
+    minifastv.save(model, tmp_path / "tiny")
+    loaded = minifastv.load(tmp_path / "tiny")
+    ids, mask, pixels, _ = make_batch(model, "heldout", range(8))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, pixels, attention_mask=mask), model(ids, pixels, attention_mask=mask))
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return minifastv.load(SHIPPED)
+
+
+def test_shipped_model_reaches_stated_accuracy(shipped):
+    acc = evaluate(shipped, 200)
+    assert acc["all"] >= SHIPPED_MIN_ACCURACY, acc
+    assert acc["all"] > majority_baseline(200)["all"] + 0.3
+    blind = evaluate(shipped, 200, blank_images=True)
+    assert blind["all"] < acc["all"] - 0.3, "the model must need the image"
+
+
+def test_shipped_model_with_fastv(shipped):
+    ids, mask, pixels, _ = make_batch(shipped, "heldout", range(4))
+    pre = shipped.prefill(ids, pixels, attention_mask=mask, fastv=FastV(2, 0.5))
+    assert [len(s) for s in pre.kept_image_slots()] == [32] * 4  # half of the 64 image tokens
+    out = shipped.generate(ids, pixels, attention_mask=mask, max_new_tokens=2, fastv=FastV(1, 0.75))
+    assert out.shape == (4, 2)

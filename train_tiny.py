@@ -1,0 +1,161 @@
+"""Train the "tiny" LLaVA from scratch (vision tower, projector, decoder) on the synthetic shapes task.
+
+Each training dialogue asks one question of every type about an image and includes a "describe the image."
+turn at a random place, which ties words to image regions densely, as LLaVA's detailed-description data
+does; with one question per image the model stays on the answer prior for the whole default run.
+
+    python train_tiny.py [--steps 1250] [--batch-size 32] [--out weights/tiny] [--seed 0] [--force]
+
+Uses the same model code as inference and writes a minifastv checkpoint with minifastv.save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models, pre_tokenizers, trainers
+
+import minifastv
+from minifastv import LlavaConfig, LlavaModel, Tokenizer, chat_prompt, preprocess
+from minifastv.shapes import conversation, corpus, draw, evaluate
+
+SPECIALS = ["<unk>", "<s>", "</s>", "<image>"]  # ids 0..3: pad/unk, BOS, EOS, the image placeholder
+
+
+def build_tokenizer() -> HFTokenizer:
+    """A word-level tokenizer over the task's text: every answer is one token."""
+    tok = HFTokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    texts = corpus() + [chat_prompt("x")]
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=SPECIALS))
+    return tok
+
+
+def build_model(tok: HFTokenizer, seed: int) -> LlavaModel:
+    base = LlavaConfig.from_name("tiny")
+    vocab = -(-tok.get_vocab_size() // 8) * 8
+    config = dataclasses.replace(base, text=dataclasses.replace(base.text, vocab_size=vocab),
+                                 image_token_id=tok.token_to_id("<image>"))
+    torch.manual_seed(seed)
+    model = LlavaModel(config)
+    with torch.no_grad():  # small normal init everywhere; norms start at 1, biases at 0
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02)
+    t = config.text
+    model.tokenizer = Tokenizer(tok, bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id,
+                                image_token_id=config.image_token_id)
+    return model
+
+
+def training_batch(model: LlavaModel, indices):
+    """Multi-turn dialogues as LLaVA trains: "<system> USER: <image>\\n q1 ASSISTANT: a1 </s> USER: q2 ASSISTANT:
+    a2 </s> ...", so one image serves several questions. The first turn is exactly the single-turn prompt the
+    model is evaluated on. Returns left-padded ids, mask, pixels and labels [B, T] (-100 except on answers
+    and their EOS)."""
+    cfg, tok = model.config, model.tokenizer
+    eos, size = cfg.text.eos_token_id, cfg.vision.image_size
+    rows, labels, images = [], [], []
+    for i in indices:
+        items, turns = conversation("train", i)
+        ids, lab = [], []
+        for t, (question, answer) in enumerate(turns):
+            prompt = tok.encode_prompt(chat_prompt(question)) if t == 0 else \
+                tok.tok.encode(f"USER: {question} ASSISTANT:", add_special_tokens=False).ids
+            target = tok.tok.encode(answer, add_special_tokens=False).ids + [eos]
+            ids += prompt + target
+            lab += [-100] * len(prompt) + target
+        rows.append(ids)
+        labels.append(lab)
+        images.append(preprocess(draw(items, size), size, cfg.image_mode, cfg.image_mean, cfg.image_std))
+    T = max(map(len, rows))
+    pad = [T - len(r) for r in rows]
+    return (torch.tensor([[cfg.text.pad_token_id] * p + r for p, r in zip(pad, rows)]),
+            torch.tensor([[0] * p + [1] * len(r) for p, r in zip(pad, rows)]),
+            torch.stack(images),
+            torch.tensor([[-100] * p + lab for p, lab in zip(pad, labels)]))
+
+
+def answer_loss(model, ids, mask, pixels, labels):
+    """Next-token cross-entropy on the labelled tokens. Every row has one image, before all its answers, so
+    a token at text position t sits at merged position t + n_patches - 1."""
+    logits = model(ids, pixels, attention_mask=mask)                   # B, T + n_patches - 1, V
+    shift = model.config.vision.n_patches - 1
+    merged = torch.full(logits.shape[:2], -100, dtype=torch.long)
+    merged[:, shift:] = labels
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), merged[:, 1:].flatten(), ignore_index=-100)
+
+
+def train(steps: int, seed: int, batch_size: int = 32, lr: float = 2e-3, log_every: int = 50, eval_every: int = 0,
+          log=lambda msg: print(msg, flush=True)) -> LlavaModel:
+    """Train from scratch; every eval_every steps (0: never) also log held-out accuracy on 100 examples."""
+    torch.manual_seed(seed)
+    model = build_model(build_tokenizer(), seed)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, min(200, steps // 10))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    start, recent = time.perf_counter(), []
+    for step in range(steps):
+        # Each step sees fresh examples: index streams are disjoint per seed.
+        first = (seed * 10_000_000) + step * batch_size
+        ids, mask, pixels, labels = training_batch(model, range(first, first + batch_size))
+        opt.zero_grad(set_to_none=True)
+        loss = answer_loss(model, ids, mask, pixels, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+        recent.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            elapsed = time.perf_counter() - start
+            per_step = elapsed / (step + 1)
+            log(f"step {step + 1}/{steps}  loss {sum(recent) / len(recent):.4f}  {per_step * 1e3:.0f} ms/step  "
+                f"elapsed {elapsed:.0f}s  eta {per_step * (steps - step - 1):.0f}s")
+            recent = []
+        if eval_every and (step + 1) % eval_every == 0:
+            acc = evaluate(model.eval(), 100)
+            model.train()
+            log(f"step {step + 1}  held-out accuracy " + "  ".join(f"{k} {v:.0%}" for k, v in acc.items()))
+    return model.eval()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=1250)
+    p.add_argument("--out", default="weights/tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--eval-every", type=int, default=250, help="log held-out accuracy every N steps (0: never)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    if Path(args.out).exists() and not args.force:
+        print(f"error: {args.out}: already exists (pass --force to replace it)", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = train(args.steps, args.seed, args.batch_size, args.lr, eval_every=args.eval_every)
+    minifastv.save(model, args.out, overwrite=args.force)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
