@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import minifastv  # noqa: E402
 from minifastv import FastV, KVCache, LlavaConfig, LlavaModel, theoretical_flops  # noqa: E402
+from minifastv.generate import stream  # noqa: E402
 from minifastv.convert import map_key  # noqa: E402
 
 
@@ -46,6 +47,7 @@ def cpu_name() -> str:
 
 
 def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of fn() over `repeats` runs after one warm-up run."""
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -105,6 +107,27 @@ def model_flops(config: LlavaConfig, n: int, fastv: FastV | None) -> float:
     return vision + decoder + 2 * t.dim * t.vocab_size
 
 
+def timed(generate_fn, repeats: int) -> tuple[float, float]:
+    """Median prefill seconds (until the first token) and median decode tokens/s (the tokens after it) over
+    `repeats` runs after a warm-up. generate_fn(on_token) must call on_token() as each token appears."""
+    prefills, rates = [], []
+    for i in range(repeats + 1):
+        stamps = [time.perf_counter()]
+        generate_fn(lambda: stamps.append(time.perf_counter()))
+        if i:  # run 0 is the warm-up
+            prefills.append(stamps[1] - stamps[0])
+            rates.append((len(stamps) - 2) / (stamps[-1] - stamps[1]))
+    return statistics.median(prefills), statistics.median(rates)
+
+
+def minifastv_generate(model, ids, pixels, n: int, fastv=None):
+    def run(on_token):
+        with torch.inference_mode():
+            for _ in stream(model, ids, pixels, max_new_tokens=n, fastv=fastv):
+                on_token()
+    return run
+
+
 def bench_fastv(model, ids, pixels, repeats: int, decode_tokens: int):
     cfg = model.config
     n_image = cfg.vision.n_patches
@@ -112,30 +135,25 @@ def bench_fastv(model, ids, pixels, repeats: int, decode_tokens: int):
     rows = []
     for ratio in (0.0, 0.25, 0.5, 0.75):
         fastv = None if ratio == 0 else FastV(2, ratio)
-
-        def prefill():
-            with torch.inference_mode():
-                cache = KVCache(cfg.text.n_layers, extra=decode_tokens)
-                model.prefill(ids, pixels, fastv=fastv, cache=cache, last_only=True)
-                return cache
-
-        t_prefill = median_seconds(prefill, repeats)
-        cache_bytes = prefill().nbytes()
-        t_gen = median_seconds(lambda: model.generate(ids, pixels, max_new_tokens=decode_tokens, fastv=fastv), repeats)
-        t_one = median_seconds(lambda: model.generate(ids, pixels, max_new_tokens=1, fastv=fastv), repeats)
+        t_prefill, decode = timed(minifastv_generate(model, ids, pixels, decode_tokens, fastv), repeats)
+        with torch.inference_mode():
+            cache = KVCache(cfg.text.n_layers, extra=decode_tokens)
+            model.prefill(ids, pixels, fastv=fastv, cache=cache, last_only=True)
         pruned, full = theoretical_flops(cfg.text, n, n_image, fastv)
         rows.append(dict(ratio=ratio, kept=fastv.n_kept(n_image) if fastv else n_image, theory=pruned / full,
-                         prefill=t_prefill, decode=(decode_tokens - 1) / max(t_gen - t_one, 1e-9),
-                         cache=cache_bytes, flops=model_flops(cfg, n, fastv)))
+                         prefill=t_prefill, decode=decode, cache=cache.nbytes(), flops=model_flops(cfg, n, fastv)))
     base = rows[0]
     print(f"\nFastV K=2, prompt of {n} tokens ({n_image} image tokens), decode {decode_tokens} tokens")
-    print("| R | image tokens kept | theoretical FLOPs | prefill ms | measured speedup | theoretical speedup | "
-          "measured/theoretical | decode tok/s | KV cache (allocated) MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("theoretical: the paper's decoder-only formula; model FLOPs: every matmul, vision tower included")
+    print("| R | image tokens kept | theoretical FLOPs | model FLOPs | prefill ms | measured speedup | "
+          "theoretical speedup | measured/theoretical | measured/model-FLOPs speedup | decode tok/s | "
+          "KV cache (allocated) MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        speedup, ideal = base["prefill"] / r["prefill"], 1 / r["theory"]
-        print(f"| {r['ratio']} | {r['kept']} | {r['theory']:.1%} | {r['prefill'] * 1e3:.1f} | {speedup:.2f}x | "
-              f"{ideal:.2f}x | {speedup / ideal:.2f} | {r['decode']:.1f} | {r['cache'] / 2**20:.1f} |")
+        speedup, ideal, model_ideal = base["prefill"] / r["prefill"], 1 / r["theory"], base["flops"] / r["flops"]
+        print(f"| {r['ratio']} | {r['kept']} | {r['theory']:.1%} | {r['flops'] / base['flops']:.1%} | "
+              f"{r['prefill'] * 1e3:.1f} | {speedup:.2f}x | {ideal:.2f}x | {speedup / ideal:.2f} | "
+              f"{speedup / model_ideal:.2f} | {r['decode']:.1f} | {r['cache'] / 2**20:.1f} |")
     return rows
 
 
@@ -186,27 +204,51 @@ def bench_transformers(model, ids, pixels, repeats: int, decode_tokens: int):
     expanded = torch.tensor([[x for t in ids[0].tolist()
                               for x in ([image_token] * n_image if t == model.config.image_token_id else [t])]])
 
-    def hf_generate(n):
+    class Stamps:  # a transformers streamer: put() gets the prompt first, then each new token
+        def __init__(self, on_token):
+            self.on_token, self.calls = on_token, 0
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls > 1:
+                self.on_token()
+
+        def end(self):
+            pass
+
+    def hf_generate(n, on_token=None):
         with torch.inference_mode():
             return hf.generate(input_ids=expanded, pixel_values=pixels.to(model.dtype), max_new_tokens=n,
-                               min_new_tokens=n, do_sample=False, pad_token_id=0)
-
-    def ours_generate(n):
-        return model.generate(ids, pixels, max_new_tokens=n)
+                               min_new_tokens=n, do_sample=False, pad_token_id=0,
+                               streamer=Stamps(on_token) if on_token else None)
 
     print(f"\nminifastv vs transformers {__import__('transformers').__version__} (sdpa), same tensors, "
-          f"{str(model.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads")
+          f"{str(model.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads, "
+          f"prompt of {expanded.shape[1]} tokens, {decode_tokens} new tokens")
     print("| | prefill ms | decode tok/s |\n|---|---|---|")
-    results = {}
-    for name, gen in (("minifastv", ours_generate), ("transformers", hf_generate)):
-        t_one = median_seconds(lambda: gen(1), repeats)  # prefill + first token
-        t_gen = median_seconds(lambda: gen(decode_tokens), repeats)
-        results[name] = (t_one, (decode_tokens - 1) / max(t_gen - t_one, 1e-9))
-        print(f"| {name} | {t_one * 1e3:.1f} | {results[name][1]:.2f} |")
+    results = {
+        "minifastv": timed(minifastv_generate(model, ids, pixels, decode_tokens), repeats),
+        "transformers": timed(lambda on_token: hf_generate(decode_tokens, on_token), repeats),
+    }
+    for name, (prefill, decode) in results.items():
+        print(f"| {name} | {prefill * 1e3:.1f} | {decode:.2f} |")
     (p_ours, d_ours), (p_hf, d_hf) = results["minifastv"], results["transformers"]
     print(f"| minifastv speedup | {p_hf / p_ours:.2f}x | {d_ours / d_hf:.2f}x |")
-    same = ours_generate(8)[0].tolist() == hf_generate(8)[0, expanded.shape[1]:].tolist()
+    ours = model.generate(ids, pixels, max_new_tokens=8)[0].tolist()
+    same = ours == hf_generate(8)[0, expanded.shape[1]:].tolist()
     print(f"greedy tokens identical over 8 steps: {same}")
+
+
+def profile_prefill(model, ids, pixels, rows: int = 12):
+    """Where one prefill (no FastV) spends its time, by operator: torch.profiler's table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        model.prefill(ids, pixels, last_only=True)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model.prefill(ids, pixels, last_only=True)
+    print("\nprefill profile (no FastV), by operator:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
 def main(argv=None) -> int:
@@ -215,11 +257,13 @@ def main(argv=None) -> int:
                                                    "or a checkpoint directory")
     p.add_argument("--layers", type=int, default=None, help="decoder layers of the 7b model (default 32)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="default: bfloat16 for 7b, the checkpoint's dtype otherwise")
+                   help="default: bfloat16 for 7b, the checkpoint's dtype otherwise; on CPUs without native "
+                        "bf16 (no AVX512-BF16/AMX) bf16 matmuls are emulated and very slow: use float32")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    p.add_argument("--profile", action="store_true", help="also print an operator profile of one prefill")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.model == "7b":
@@ -237,6 +281,8 @@ def main(argv=None) -> int:
     achieved = rows[0]["flops"] / rows[0]["prefill"] / 1e12
     print(f"\nprefill (no FastV): {achieved:.3f} TFLOP/s achieved; {str(model.dtype).removeprefix('torch.')} "
           f"matmul peak (2048^3) {peak:.3f} TFLOP/s; {achieved / peak:.0%} of peak")
+    if args.profile:
+        profile_prefill(model, ids, pixels)
     if not args.no_hf:
         bench_transformers(model, ids, pixels, args.repeats, args.decode_tokens)
     return 0

@@ -172,6 +172,25 @@ def test_truncated_bin_shard_is_named(hf_source, tmp_path):
     assert_nothing_loadable(tmp_path, tmp_path / "out", keep=["src"])
 
 
+def test_missing_bin_shard_is_named(hf_source, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(hf_source, src)
+    state = load_file(src / "model.safetensors")
+    (src / "model.safetensors").unlink()
+    names = list(state)
+    half = len(names) // 2
+    weight_map = {}
+    for i, part in enumerate((names[:half], names[half:]), 1):
+        file = f"pytorch_model-0000{i}-of-00002.bin"
+        torch.save({k: state[k] for k in part}, src / file)
+        weight_map.update(dict.fromkeys(part, file))
+    (src / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (src / "pytorch_model-00002-of-00002.bin").unlink()
+    with pytest.raises(FileNotFoundError, match=r"pytorch_model-00002-of-00002\.bin: weight file not found"):
+        convert(src, tmp_path / "out", log=lambda _: None)
+    assert_nothing_loadable(tmp_path, tmp_path / "out", keep=["src"])
+
+
 @pytest.mark.parametrize("write", ["save", "convert"])
 def test_output_under_a_file_is_named(tiny, hf_source, tmp_path, write):
     (tmp_path / "afile").write_text("not a directory")
