@@ -15,21 +15,29 @@ DEFAULT_MODEL = ROOT / "weights" / "tiny"
 SAMPLES = ROOT / "samples"
 
 
+def model_inputs(model, images, question: str):
+    """The single-turn prompt ids [1, T] and preprocessed pixels [n, 3, S, S] for a question about images."""
+    from .image import preprocess
+    from .tokenizer import chat_prompt
+
+    if not question.strip():
+        raise ValueError("the prompt is empty: pass the question with --prompt")
+    cfg = model.config
+    pixels = torch.stack([preprocess(im, cfg.vision.image_size, cfg.image_mode, cfg.image_mean, cfg.image_std)
+                          for im in images])
+    return torch.tensor([model.tokenizer.encode_prompt(chat_prompt(question, n_images=len(images)))]), pixels
+
+
 def answer(model, image_paths, question: str, fastv=None, max_new_tokens: int = 64, temperature: float = 0.0,
            on_token=None) -> dict:
     """Answer `question` about the images; returns the text, the kept image-token count, the theoretical
     prefill FLOPs ratio and the time taken. on_token(text) is called for each token as it is produced."""
     from .fastv import theoretical_flops
     from .generate import stream
-    from .image import load_image, preprocess
-    from .tokenizer import chat_prompt
+    from .image import load_image
 
-    if not question.strip():
-        raise ValueError("the prompt is empty: pass the question with --prompt")
     cfg, tok = model.config, model.tokenizer
-    pixels = torch.stack([preprocess(load_image(p), cfg.vision.image_size, cfg.image_mode, cfg.image_mean,
-                                     cfg.image_std) for p in image_paths])
-    ids = torch.tensor([tok.encode_prompt(chat_prompt(question, n_images=len(image_paths)))])
+    ids, pixels = model_inputs(model, [load_image(p) for p in image_paths], question)
     start, out, first = time.perf_counter(), [], None
     for tokens, _ in stream(model, ids, pixels, max_new_tokens=max_new_tokens, fastv=fastv,
                             temperature=temperature, eos_token_id=cfg.text.eos_token_id):
@@ -94,12 +102,9 @@ def cmd_analyze(args):
     from .analyze import SEGMENTS, attention_shares, kept_patches_picture
     from .checkpoint import load
     from .fastv import FastV
-    from .image import load_image, model_view, preprocess
+    from .image import load_image, model_view
     from .plot import line_plot
-    from .tokenizer import chat_prompt
 
-    if not args.prompt.strip():
-        raise ValueError("the prompt is empty: pass the question with --prompt")
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out}: --out-dir is a file, not a directory")
@@ -107,8 +112,7 @@ def cmd_analyze(args):
     model = load(args.model)
     cfg = model.config
     image = load_image(args.image)
-    pixels = preprocess(image, cfg.vision.image_size, cfg.image_mode, cfg.image_mean, cfg.image_std)[None]
-    ids = torch.tensor([model.tokenizer.encode_prompt(chat_prompt(args.prompt))])
+    ids, pixels = model_inputs(model, [image], args.prompt)
     shares = attention_shares(model, ids, pixels)
     print("share of attention, head-averaged: last prompt token | mean over instruction tokens")
     print("| layer | " + " | ".join(f"last->{s}" for s in SEGMENTS) + " | " +
