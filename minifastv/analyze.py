@@ -55,14 +55,13 @@ def kept_patches_picture(view: Image.Image, grid: int, kept: list[int], scale: i
     big = view.resize((view.width * scale, view.height * scale), Image.Resampling.NEAREST)
     dim = Image.blend(big, Image.new("RGB", big.size, (0, 0, 0)), 0.7)
     cell = big.width / grid
+    boxes = [(c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1) for r, c in (divmod(p, grid) for p in kept)]
     mask = Image.new("L", big.size, 0)
     pen = ImageDraw.Draw(mask)
-    for p in kept:
-        r, c = divmod(p, grid)
-        pen.rectangle((c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1), fill=255)
+    for box in boxes:
+        pen.rectangle(box, fill=255)
     out = Image.composite(big, dim, mask)
     outline = ImageDraw.Draw(out)
-    for p in kept:
-        r, c = divmod(p, grid)
-        outline.rectangle((c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1), outline=(255, 200, 0))
+    for box in boxes:
+        outline.rectangle(box, outline=(255, 200, 0))
     return out
