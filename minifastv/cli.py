@@ -10,9 +10,13 @@ from pathlib import Path
 
 import torch
 
+from .config import INT4_GROUP_SIZES, QUANT_METHODS
+from .machine import DTYPES, physical_cores
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "weights" / "tiny"
 SAMPLES = ROOT / "samples"
+DEFAULT_GROUP_SIZE = 128
 
 
 def model_inputs(model, images, question: str):
@@ -31,13 +35,15 @@ def model_inputs(model, images, question: str):
 def answer(model, image_paths, question: str, fastv=None, max_new_tokens: int = 64, temperature: float = 0.0,
            on_token=None) -> dict:
     """Answer `question` about the images; returns the text, the kept image-token count, the theoretical
-    prefill FLOPs ratio and the time taken. on_token(text) is called for each token as it is produced."""
+    prefill FLOPs ratio and the time taken. on_token(text) is called with each new piece of the answer; the
+    pieces join to exactly the decoded answer (subwords and multi-byte characters included)."""
     from .fastv import theoretical_flops
     from .generate import stream
     from .image import load_image
 
     cfg, tok = model.config, model.tokenizer
     ids, pixels = model_inputs(model, [load_image(p) for p in image_paths], question)
+    text = tok.text_stream()
     start, out, first = time.perf_counter(), [], None
     for tokens, _ in stream(model, ids, pixels, max_new_tokens=max_new_tokens, fastv=fastv,
                             temperature=temperature, eos_token_id=cfg.text.eos_token_id):
@@ -48,8 +54,9 @@ def answer(model, image_paths, question: str, fastv=None, max_new_tokens: int = 
         if int(tokens[0]) == cfg.text.eos_token_id:
             break
         out.append(int(tokens[0]))
-        if on_token is not None:
-            on_token(tok.decode(out[-1:]))
+        piece = text.push(out[-1])
+        if on_token is not None and piece:
+            on_token(piece)
     end = time.perf_counter()
     n_image = len(image_paths) * cfg.vision.n_patches
     n_prompt = ids.shape[1] - len(image_paths) + n_image
@@ -72,22 +79,39 @@ def fastv_from_args(args):
     return None if args.fastv_k is None else FastV(args.fastv_k, args.fastv_ratio)
 
 
-def cmd_generate(args):
+def load_model(args):
+    """Threads, device and dtype from the command line, then the checkpoint; says what it chose on stderr."""
     from .checkpoint import load
+    from .machine import peak_rss_bytes, resolve_device, resolve_dtype, set_threads
 
-    model = load(args.model, dtype=args.dtype)
+    threads = set_threads(args.threads)
+    device = resolve_device(args.device)
+    dtype, why = resolve_dtype(args.dtype, device)
+    start = time.perf_counter()
+    model = load(args.model, dtype=dtype, device=device, check=args.check_weights)
+    seconds, rss = time.perf_counter() - start, peak_rss_bytes()
+    quant = model.config.quant
+    print(f"{args.model}: {'float' if quant is None else quant.method} decoder linears, "
+          f"{str(model.dtype).removeprefix('torch.')} float weights ({why}), {device}"
+          + (f", {threads} threads" if device.type == "cpu" else "")
+          + f"; loaded in {seconds:.2f} s" + ("" if rss is None else f", peak RSS {rss / 2**30:.2f} GiB"),
+          file=sys.stderr)
+    return model
+
+
+def cmd_generate(args):
+    model = load_model(args)
     r = answer(model, args.image, args.prompt, fastv_from_args(args), args.max_new_tokens, args.temperature,
-               on_token=lambda t: print(t, end=" ", flush=True))
+               on_token=lambda t: print(t, end="", flush=True))
     print()
     print(summary(r))
 
 
 def cmd_demo(args):
     """Each sample image's question answered by the model, with FastV off and on."""
-    from .checkpoint import load
     from .fastv import FastV
 
-    model = load(args.model)
+    model = load_model(args)
     samples = json.loads((SAMPLES / "questions.json").read_text())
     fastv = FastV(args.fastv_k, args.fastv_ratio)
     for s in samples:
@@ -100,7 +124,6 @@ def cmd_demo(args):
 def cmd_analyze(args):
     """Attention shares per layer (table + PNG) and the patches FastV keeps (PNG)."""
     from .analyze import SEGMENTS, attention_shares, kept_patches_picture
-    from .checkpoint import load
     from .fastv import FastV
     from .image import load_image, model_view
     from .plot import line_plot
@@ -109,7 +132,7 @@ def cmd_analyze(args):
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out}: --out-dir is a file, not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    model = load(args.model)
+    model = load_model(args)
     cfg = model.config
     image = load_image(args.image)
     ids, pixels = model_inputs(model, [image], args.prompt)
@@ -141,15 +164,47 @@ def add_convert_arguments(p):
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="output dtype (default: the source config's dtype, else float32)")
     p.add_argument("--tokenizer", help="tokenizer.json to ship (default: SRC/tokenizer.json)")
+    p.add_argument("--quantize", choices=QUANT_METHODS, help="weight-only quantization of the decoder's linears "
+                   "(int8: a scale per output channel; int4: a scale and zero point per group of inputs)")
+    add_output_arguments(p)
+
+
+def add_output_arguments(p):
+    p.add_argument("--group-size", type=int, default=None,
+                   help=f"int4: inputs per scale and zero point, one of {', '.join(map(str, INT4_GROUP_SIZES))} "
+                        f"(default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--max-shard-gb", type=float, default=2.0, help="output shard size")
+
+
+def quant_from_args(method, group_size):
+    from .config import ConfigError, QuantConfig
+
+    if group_size is not None and method != "int4":
+        raise ValueError("--group-size applies to int4 quantization only")
+    if method is None:
+        return None
+    if method == "int4" and group_size is None:
+        group_size = DEFAULT_GROUP_SIZE
+    try:
+        return QuantConfig(method, group_size)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
 
 
 def cmd_convert(args):
     from .convert import convert
 
     convert(args.src, args.out, vision_tower=args.vision_tower, dtype=args.dtype, tokenizer=args.tokenizer,
-            force=args.force, max_shard_bytes=int(args.max_shard_gb * 2**30))
+            force=args.force, quant=quant_from_args(args.quantize, args.group_size),
+            max_shard_bytes=int(args.max_shard_gb * 2**30))
+
+
+def cmd_quantize(args):
+    from .checkpoint import quantize_checkpoint
+
+    quantize_checkpoint(args.src, args.out, quant_from_args(args.method, args.group_size), overwrite=args.force,
+                        max_shard_bytes=int(args.max_shard_gb * 2**30))
 
 
 def run_bench(bench_args) -> int:
@@ -179,6 +234,14 @@ def main(argv=None):
         p.add_argument("--model", default=str(DEFAULT_MODEL), help="minifastv checkpoint directory")
         p.add_argument("--fastv-k", type=int, default=default_k, help="prune after this layer (default: %(default)s)")
         p.add_argument("--fastv-ratio", type=float, default=0.5, help="fraction of image tokens dropped")
+        p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                       help="float weights' dtype; auto: bf16 where the CPU (or GPU) computes it natively, "
+                            "else fp32 (default: %(default)s)")
+        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: %(default)s)")
+        p.add_argument("--threads", type=int, default=None,
+                       help=f"CPU threads (default: the physical cores, {physical_cores()} here)")
+        p.add_argument("--check-weights", action="store_true",
+                       help="scan every weight for NaN/inf while loading (conversion already does)")
 
     g = sub.add_parser("generate", help="answer a question about one or more images")
     common(g)
@@ -186,7 +249,6 @@ def main(argv=None):
     g.add_argument("--prompt", required=True, help="the question")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     g.set_defaults(run=cmd_generate)
 
     d = sub.add_parser("demo", help="the shipped tiny model on the sample images, with and without FastV")
@@ -203,6 +265,14 @@ def main(argv=None):
     c = sub.add_parser("convert", help="convert a LLaVA-1.5 checkpoint (same as convert_weights.py)")
     add_convert_arguments(c)
     c.set_defaults(run=cmd_convert)
+
+    q = sub.add_parser("quantize", help="weight-only int8/int4 copy of a minifastv checkpoint")
+    q.add_argument("src", help="float minifastv checkpoint directory")
+    q.add_argument("out", help="output directory (must not exist unless --force)")
+    q.add_argument("--method", choices=QUANT_METHODS, required=True,
+                   help="int8: a scale per output channel; int4: a scale and zero point per group of inputs")
+    add_output_arguments(q)
+    q.set_defaults(run=cmd_quantize)
 
     sub.add_parser("bench", help="FastV and minifastv speed (benchmarks/bench.py; --help for its options)")
 

@@ -11,6 +11,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
 IMAGE_MODES = ("pad", "crop")
+QUANT_METHODS = ("int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels accept
 
 
 class ConfigError(ValueError):
@@ -84,6 +86,25 @@ class TextConfig:
 
 
 @dataclass(frozen=True)
+class QuantConfig:
+    """Weight-only quantization of the decoder's linears (minifastv/quant.py).
+
+    int8: one scale per output channel. int4: a scale and a zero point per group of `group_size` inputs.
+    """
+
+    method: str
+    group_size: int | None = None  # int4 only
+
+    def __post_init__(self):
+        if self.method not in QUANT_METHODS:
+            raise ConfigError(f"quantization method {self.method!r} is not one of {', '.join(QUANT_METHODS)}")
+        if self.method == "int8" and self.group_size is not None:
+            raise ConfigError(f"int8 has one scale per output channel; group_size must be null, got {self.group_size!r}")
+        if self.method == "int4" and self.group_size not in INT4_GROUP_SIZES:
+            raise ConfigError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {self.group_size!r}")
+
+
+@dataclass(frozen=True)
 class LlavaConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -93,6 +114,7 @@ class LlavaConfig:
     image_mode: str = "pad"  # LLaVA-1.5 pads to a square; "crop" is llava-hf's processor default
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
+    quant: QuantConfig | None = None  # None: every weight is floating point
 
     def __post_init__(self):
         if self.projector_type not in PROJECTOR_TYPES:
@@ -107,6 +129,11 @@ class LlavaConfig:
             if len(value) != 3:
                 raise ConfigError(f"{name} needs 3 values (RGB), got {len(value)}")
             object.__setattr__(self, name, value)
+        if self.quant is not None and self.quant.group_size is not None:
+            for name in ("dim", "intermediate_size"):  # the in_features of the quantized linears
+                if getattr(self.text, name) % self.quant.group_size:
+                    raise ConfigError(f"int4 group_size {self.quant.group_size} does not divide text {name} "
+                                      f"{getattr(self.text, name)}; choose a group size that does")
 
     @classmethod
     def from_name(cls, name: str) -> LlavaConfig:
@@ -123,7 +150,9 @@ class LlavaConfig:
         d = dict(d)
         vision = _build(VisionConfig, d.pop("vision", {}), "vision")
         text = _build(TextConfig, d.pop("text", {}), "text")
-        return _build(cls, d, "", vision=vision, text=text)
+        quant = d.pop("quant", None)
+        quant = None if quant is None else _build(QuantConfig, quant, "quant")
+        return _build(cls, d, "", vision=vision, text=text, quant=quant)
 
 
 def _build(cls, d, where: str, **extra):

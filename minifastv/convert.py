@@ -7,6 +7,7 @@ Anything not in the tables is an error, so a layout we do not know fails loudly 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -16,10 +17,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (CONFIG, PICKLED, SAFETENSORS, TOKENIZER, CheckpointError, ShardWriter, parse_dtype,
-                         publish, read_json, read_tensors, staging_dir, weight_files)
-from .config import ConfigError, LlavaConfig, TextConfig, VisionConfig
-from .llava import LlavaModel
+from .checkpoint import (CONFIG, PICKLED, SAFETENSORS, TOKENIZER, CheckpointError, ShardWriter, publish, read_json,
+                         read_tensors, staging_dir, weight_files)
+from .config import ConfigError, LlavaConfig, QuantConfig, TextConfig, VisionConfig
+from .llava import empty_model
+from .machine import parse_dtype
+from .quant import quantized_tensors
 
 
 class ConversionError(CheckpointError):
@@ -218,10 +221,12 @@ def source_dtype(c: dict) -> torch.dtype:
     return parse_dtype(name)
 
 
-def convert(src, out, *, vision_tower=None, dtype=None, tokenizer=None, force=False,
+def convert(src, out, *, vision_tower=None, dtype=None, tokenizer=None, force=False, quant: QuantConfig | None = None,
             max_shard_bytes: int = 2 << 30, log=lambda msg: print(msg, file=sys.stderr)) -> Path:
     """Convert a LLaVA checkpoint directory (original, llava-hf, or transformers 5.x names) into a minifastv
-    checkpoint at `out`, streaming tensor by tensor. Nothing appears at `out` unless conversion succeeds."""
+    checkpoint at `out`, streaming tensor by tensor, optionally with the decoder's linears quantized (`quant`;
+    `dtype` is then the float parts' dtype). Every tensor is checked for NaN and infinity on the way. Nothing
+    appears at `out` unless conversion succeeds."""
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: source checkpoint directory not found")
@@ -235,6 +240,7 @@ def convert(src, out, *, vision_tower=None, dtype=None, tokenizer=None, force=Fa
             if vision is None and CLIP_L_336 in str(source.get("mm_vision_tower", "")):
                 vision = VisionConfig()  # CLIP ViT-L/14-336, embedded in the checkpoint or reported missing below
             config = config_from_original(source, vision)
+        output_config = config if quant is None else dataclasses.replace(config, quant=quant)
     except ConfigError as e:
         raise ConversionError(f"{src / CONFIG}: {e}") from None
     dtype = parse_dtype(dtype) or source_dtype(source)
@@ -244,8 +250,7 @@ def convert(src, out, *, vision_tower=None, dtype=None, tokenizer=None, force=Fa
         raise FileNotFoundError(f"{tokenizer_file}: no tokenizer.json{hint}. Pass --tokenizer FILE: llava-hf's "
                                 "tokenizer.json (llava-hf/llava-1.5-7b-hf) serves both LLaVA-1.5 families")
 
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in LlavaModel(config).state_dict().items()}
+    expected = {k: v.shape for k, v in empty_model(config).state_dict().items()}
     files = weight_files(src, (SAFETENSORS, PICKLED))
     tower_files = (files_or_none(tower) or []) if tower is not None else []  # a tower dir may hold only a config
     files += tower_files
@@ -266,8 +271,11 @@ def convert(src, out, *, vision_tower=None, dtype=None, tokenizer=None, force=Fa
                 if tensor.shape != expected[target]:
                     raise ConversionError(f"{file}: {key} has shape {list(tensor.shape)}, but {src / CONFIG} "
                                           f"implies {list(expected[target])} for {target}")
+                if tensor.is_floating_point() and not tensor.isfinite().all():
+                    raise ConversionError(f"{file}: {key} contains NaN or infinite values")
                 seen[target] = key
-                writer.add(target, tensor.to(dtype))
+                for name, stored in quantized_tensors(target, tensor, quant, dtype):
+                    writer.add(name, stored)
                 count += 1
             log(f"[{i}/{len(files)}] {file.name}: {count} tensors in {time.perf_counter() - start:.1f}s")
         missing = sorted(set(expected) - set(seen))
@@ -276,11 +284,12 @@ def convert(src, out, *, vision_tower=None, dtype=None, tokenizer=None, force=Fa
                                   + ("; the vision tower is missing: pass --vision-tower DIR"
                                      if any(m.startswith("vision.") for m in missing) and tower is None else ""))
         writer.close()
-        (tmp / CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        (tmp / CONFIG).write_text(json.dumps(output_config.to_dict(), indent=2) + "\n")
         shutil.copyfile(tokenizer_file, tmp / TOKENIZER)
         publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"wrote {out} ({len(seen)} tensors, {str(dtype).removeprefix('torch.')})")
+    quantized = "" if quant is None else f", decoder linears {quant.method}"
+    log(f"wrote {out} ({len(seen)} tensors, {str(dtype).removeprefix('torch.')}{quantized})")
     return out

@@ -52,7 +52,7 @@ def stream(model, input_ids, pixel_values=None, *, max_new_tokens: int, attentio
         raise ValueError(f"prompt ({pre.valid.shape[1]} tokens with images) + max_new_tokens ({max_new_tokens}) "
                          f"exceeds the context of {model.config.text.max_seq_len}")
     logits, position = pre.logits[:, -1], pre.next_position
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=logits.device)
     for step in range(max_new_tokens):
         tokens = sample(logits, temperature, top_p, generator)
         if eos_token_id is not None:

@@ -7,6 +7,7 @@ into the image's n_patches feature vectors, as the original LLaVA does with its 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ from .clip import VisionTower
 from .config import LlavaConfig
 from .fastv import FastV
 from .llama import Llama
+from .quant import replace_linears
 
 
 def build_projector(cfg: LlavaConfig) -> nn.Sequential:
@@ -51,15 +53,18 @@ class LlavaModel(nn.Module):
         self.vision = VisionTower(config.vision)
         self.projector = build_projector(config)
         self.llm = Llama(config.text)
+        if config.quant is not None:  # the same decoder, with quantized linears in place of nn.Linear
+            replace_linears(self, config.quant)
         self.tokenizer = None  # set by minifastv.load
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.llm.lm_head.weight.dtype
+        """The float dtype activations are computed in."""
+        return self.llm.embed_tokens.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.llm.lm_head.weight.device
+        return self.llm.embed_tokens.weight.device
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] preprocessed images -> [N, n_patches, text dim] decoder inputs."""
@@ -129,7 +134,10 @@ class LlavaModel(nn.Module):
 
     def prefill(self, input_ids, pixel_values=None, *, attention_mask=None, fastv: FastV | None = None,
                 cache: KVCache | None = None, last_only: bool = False) -> Prefill:
-        """One pass over the whole prompt (filling `cache` if given), optionally pruned with FastV."""
+        """One pass over the whole prompt (filling `cache` if given), optionally pruned with FastV. Inputs are
+        moved to the model's device."""
+        input_ids, pixel_values, attention_mask = (None if t is None else t.to(self.device)
+                                                   for t in (input_ids, pixel_values, attention_mask))
         x, valid, image_mask = self.embed(input_ids, pixel_values, attention_mask)
         if fastv is not None and not image_mask.any():
             raise ValueError("FastV prunes image tokens, but the batch has no image")
@@ -155,3 +163,13 @@ class LlavaModel(nn.Module):
         from .generate import generate
 
         return generate(self, input_ids, pixel_values, **kwargs)
+
+
+def empty_model(config: LlavaConfig) -> LlavaModel:
+    """The model with meta tensors (no memory), for load_state_dict(..., assign=True) to fill.
+
+    Random initialisation is skipped: on the meta device it does nothing useful, and torch's first meta
+    normal_() (the embedding's init) costs about 0.8 s of one-time set-up, forty times a tiny model's load.
+    """
+    with torch.device("meta"), mock.patch.object(torch.nn.init, "normal_", lambda tensor, *args, **kwargs: tensor):
+        return LlavaModel(config)

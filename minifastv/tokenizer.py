@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenizers import Tokenizer as _Tokenizer
+from tokenizers.decoders import DecodeStream
 
 IMAGE_MARKER = "<image>"
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -49,3 +50,27 @@ class Tokenizer:
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids if int(i) != self.image_token_id]
         return self.tok.decode(ids, skip_special_tokens=True)
+
+    def text_stream(self) -> TextStream:
+        """An incremental decoder for one generated sequence: see TextStream."""
+        return TextStream(self)
+
+
+class TextStream:
+    """Turns generated ids, pushed one at a time, into text pieces whose concatenation is exactly
+    `tokenizer.decode(all ids)`. A piece may be empty: a subword waits for the characters that complete it
+    ("hel" + "lo"), and a byte-fallback token waits for the rest of its UTF-8 character.
+
+        text = model.tokenizer.text_stream()
+        for tokens, _ in stream(model, ids, pixels, max_new_tokens=64, eos_token_id=eos):
+            print(text.push(int(tokens[0])), end="", flush=True)
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.decoder = DecodeStream(skip_special_tokens=True)  # the tokenizers library's incremental decoding
+
+    def push(self, token_id: int) -> str:
+        if token_id == self.tokenizer.image_token_id:  # as decode(): image placeholders are not text
+            return ""
+        return self.decoder.step(self.tokenizer.tok, int(token_id)) or ""

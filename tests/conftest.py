@@ -55,7 +55,7 @@ def to_minifastv(hf_model):
         (src / "config.json").write_text(json.dumps(hf_model.config.to_dict()))
         build_tokenizer(src / "tokenizer.json")
         convert(src, Path(tmp) / "out", log=lambda _: None)
-        return load(Path(tmp) / "out")
+        return load(Path(tmp) / "out", dtype=None)
 
 
 def expand_images(ids: list[int], n_patches: int) -> list[int]:

@@ -37,7 +37,7 @@ def test_round_trip_is_exact(model, tmp_path, max_shard_bytes):
     sharded = (path / "model.safetensors.index.json").exists()
     assert sharded == (max_shard_bytes == 20_000)
     assert sharded == (not (path / "model.safetensors").exists())
-    loaded = minifastv.load(path)
+    loaded = minifastv.load(path, dtype=None)
     assert_same_model(model, loaded)
     prompt = "USER: <image>\nwhat colour is the square"
     assert loaded.tokenizer.encode_prompt(prompt) == model.tokenizer.encode_prompt(prompt)
@@ -57,7 +57,7 @@ def test_save_does_not_clobber(model, saved):
     with pytest.raises(FileExistsError, match="ckpt: already exists"):
         minifastv.save(model, saved)
     minifastv.save(model, saved, overwrite=True)
-    assert_same_model(model, minifastv.load(saved))
+    assert_same_model(model, minifastv.load(saved, dtype=None))
 
 
 def test_failed_save_leaves_nothing(model, tmp_path, monkeypatch):
@@ -66,7 +66,7 @@ def test_failed_save_leaves_nothing(model, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "save_file", boom)
+    monkeypatch.setattr(ckpt, "write_safetensors", boom)
     with pytest.raises(OSError, match="disk full"):
         minifastv.save(model, tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []
@@ -101,7 +101,7 @@ def garbage_header(path):
     (lambda p: (p / "config.json").unlink(), FileNotFoundError, r"config\.json: file not found"),
     (break_config, CheckpointError, r"config\.json: not valid JSON"),
     (bad_field, CheckpointError, r"config\.json: text: unknown field\(s\) \['n_headz'\]"),
-    (wrong_dim, CheckpointError, r"ckpt: llm\.layers\.0\.mlp\.down_proj\.weight has shape \[64, 96\], the config implies \[64, 100\]"),
+    (wrong_dim, CheckpointError, r"ckpt/model\.safetensors: llm\.layers\.0\.mlp\.down_proj\.weight has shape \[64, 96\], the config implies \[64, 100\]"),
     (lambda p: (p / "model.safetensors").unlink(), FileNotFoundError, r"no model\.safetensors"),
     (truncate_weights, CheckpointError, r"model\.safetensors: not a readable safetensors file"),
     (garbage_header, CheckpointError, r"model\.safetensors: not a readable safetensors file"),
@@ -145,5 +145,36 @@ def test_not_a_directory(tmp_path):
 
 
 def test_bad_dtype_name(saved):
-    with pytest.raises(ValueError, match="unknown dtype 'float64'; choose one of float32, float16, bfloat16"):
+    with pytest.raises(ValueError, match="unknown dtype 'float64'; choose one of auto, float32, float16, bfloat16"):
         minifastv.load(saved, dtype="float64")
+
+
+def mapped_ranges(file) -> list[tuple[int, int]]:
+    """Address ranges of this process's memory mappings of `file` (Linux /proc/self/maps)."""
+    ranges = []
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == str(file):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def test_weights_used_as_stored_are_mapped_and_converted_ones_read(saved):
+    file = (saved / "model.safetensors").resolve()
+    as_stored = minifastv.load(saved, dtype=None)
+    ranges = mapped_ranges(file)
+    in_file = lambda t: any(a <= t.data_ptr() < b for a, b in ranges)  # noqa: E731
+    assert ranges and all(in_file(t) for t in as_stored.state_dict().values())
+    converted = minifastv.load(saved, dtype="bfloat16")
+    assert not any(in_file(t) for t in converted.state_dict().values())
+
+
+def test_saved_tensors_start_on_64_byte_boundaries(saved):
+    from minifastv.checkpoint import ALIGNMENT, read_header
+
+    start, header = read_header(saved / "model.safetensors")
+    offsets = [start + e["data_offsets"][0] for name, e in header.items() if name != "__metadata__"]
+    sizes = [e["data_offsets"][1] - e["data_offsets"][0] for name, e in header.items() if name != "__metadata__"]
+    assert all(o % ALIGNMENT == 0 for o, n in zip(offsets, sizes) if n % ALIGNMENT == 0)
+    assert len(header) - 1 == len(minifastv.load(saved, dtype=None).state_dict())

@@ -161,7 +161,7 @@ def run_script(*args, subprocess_run=False):
 
 
 def check_against_hf(hf, out: Path):
-    model = minifastv.load(out)
+    model = minifastv.load(out, dtype=None)
     ids = random_prompt(torch.Generator().manual_seed(5), 12, [4])
     px = random_pixels(1, seed=6)
     expanded = torch.tensor([expand_images(ids, N_PATCHES)])
@@ -223,7 +223,7 @@ def test_dtype_option(hf_models, tokenizer_json, tmp_path):
     shutil.copy(tokenizer_json, src / "tokenizer.json")
     convert(src, tmp_path / "out", dtype="bfloat16", max_shard_bytes=30_000, log=lambda _: None)
     assert len(list((tmp_path / "out").glob("model-*.safetensors"))) > 1
-    model = minifastv.load(tmp_path / "out")
+    model = minifastv.load(tmp_path / "out", dtype=None)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 

@@ -34,7 +34,7 @@ def test_a_few_training_steps_reduce_the_loss_and_save_a_loadable_checkpoint(tmp
         after = train_tiny.answer_loss(model, *batch).item()
     assert after < 0.6 * before, (before, after)
     minifastv.save(model, tmp_path / "tiny")
-    loaded = minifastv.load(tmp_path / "tiny")
+    loaded = minifastv.load(tmp_path / "tiny", dtype=None)
     ids, mask, pixels, _ = make_batch(model, "heldout", range(8))
     with torch.no_grad():
         assert torch.equal(loaded(ids, pixels, attention_mask=mask), model(ids, pixels, attention_mask=mask))
@@ -42,7 +42,7 @@ def test_a_few_training_steps_reduce_the_loss_and_save_a_loadable_checkpoint(tmp
 
 @pytest.fixture(scope="module")
 def shipped():
-    return minifastv.load(SHIPPED)
+    return minifastv.load(SHIPPED, dtype=None)
 
 
 def test_shipped_model_reaches_stated_accuracy(shipped):

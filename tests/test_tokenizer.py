@@ -66,3 +66,61 @@ def test_malformed_tokenizer_file(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="tokenizer.json: not a valid tokenizer.json"):
         Tokenizer.from_file(bad, bos_token_id=1, eos_token_id=2, image_token_id=3)
+
+
+def llama_style_tokenizer() -> HFTokenizer:
+    """A SentencePiece-style BPE like LLaMA's: "▁" marks spaces, 256 byte-fallback tokens <0x00>..<0xFF> for
+    characters outside the vocabulary, and a decoder that turns bytes back into UTF-8 and strips the first space."""
+    from tokenizers import decoders, models, normalizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for c in "\u2581abcdefghijklmnopqrstuvwxyz":
+        vocab[c] = len(vocab)
+    merges = [("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o"), ("\u2581", "hello"), ("\u2581", "w"), ("o", "r")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    return tok
+
+
+def test_streamed_text_is_the_full_decode():
+    """Subwords ("w" + "or" + "l" + "d") join without spaces; "ö" (2 bytes) and "日" (3 bytes) arrive as
+    byte-fallback tokens and appear once complete; the leading space is stripped as decode() strips it."""
+    tok = Tokenizer(llama_style_tokenizer(), bos_token_id=1, eos_token_id=2, image_token_id=IMAGE_ID)
+    ids = tok.tok.encode("hello world wörld 日 hello", add_special_tokens=False).ids + [2]
+    pieces = [tok.tok.id_to_token(i) for i in ids]
+    assert "<0xC3>" in pieces and "<0xE6>" in pieces and "or" in pieces  # bytes and subwords are there
+    text = tok.text_stream()
+    streamed = [text.push(i) for i in ids]
+    assert "".join(streamed) == tok.decode(ids) == "hello world wörld 日 hello"
+    assert "" in streamed  # an incomplete character waits
+    assert " ".join(tok.decode([i]) for i in ids) != tok.decode(ids)  # what decoding token by token gave
+
+
+def test_cli_streams_the_full_decode(monkeypatch):
+    """The generate command's streamed pieces join to the text it reports, on the same tokenizer."""
+    import torch
+
+    import minifastv.generate
+    import train_tiny
+    from minifastv.cli import answer
+
+    model = train_tiny.build_model(train_tiny.build_tokenizer(), seed=0)
+    model.tokenizer = Tokenizer(llama_style_tokenizer(), bos_token_id=1, eos_token_id=2,
+                                image_token_id=model.config.image_token_id)
+    ids = model.tokenizer.tok.encode("wörld 日本 hello", add_special_tokens=False).ids
+
+    def fake_stream(*args, **kwargs):  # the "generation": these ids, then EOS
+        for i in ids + [2]:
+            yield torch.tensor([i]), None
+
+    monkeypatch.setattr(minifastv.generate, "stream", fake_stream)
+    pieces = []
+    from pathlib import Path
+    image = Path(__file__).resolve().parent.parent / "samples" / "heldout_0.png"
+    r = answer(model, [image], "what is it?", on_token=pieces.append)
+    assert "".join(pieces) == r["text"] == model.tokenizer.decode(ids) == "wörld 日本 hello"

@@ -1,0 +1,107 @@
+"""What the machine offers: which devices exist, whether its CPU computes bf16 natively, how many cores it has.
+
+The float dtype matters more on a CPU than anywhere else: without AVX512-BF16 or AMX, torch emulates bf16
+matmuls and they run several times slower than fp32 (README, "Running LLaVA-1.5-7B on a CPU").
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEVICES = ("cpu", "cuda", "mps")
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """A torch.device that this machine has, or a ValueError that says which one is missing."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {str(name)!r} is not a device name; choose one of {', '.join(DEVICES)}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        built = "" if torch.backends.cuda.is_built() else f" (torch {torch.__version__} is built without CUDA)"
+        raise ValueError(f"device {str(name)!r}: CUDA is not available on this machine{built}")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(name)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(name)!r}: MPS (Apple GPU) is not available on this machine")
+    if device.type not in DEVICES:
+        raise ValueError(f"device {str(name)!r} is not supported; choose one of {', '.join(DEVICES)}")
+    return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX on x86; elsewhere torch's CPU bf16 matmuls are emulated (or not known to be fast)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def auto_dtype(device: torch.device) -> tuple[torch.dtype, str]:
+    """The float dtype to compute in on `device`, and why."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "CUDA device with bf16"
+        return torch.float16, "CUDA device without bf16"
+    if device.type == "mps":
+        return torch.float16, "MPS device"
+    if cpu_has_native_bf16():
+        return torch.bfloat16, "the CPU has native bf16 (AVX512-BF16 or AMX)"
+    return torch.float32, "the CPU has no native bf16, so bf16 would be emulated and slow"
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    """A float dtype from its name (or a torch.dtype, or None)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_dtype(dtype, device: torch.device) -> tuple[torch.dtype | None, str]:
+    """The float dtype to load into, and why: "auto" (chosen for the device), a name or torch.dtype, or None
+    (keep the stored dtype)."""
+    if dtype == "auto":
+        return auto_dtype(device)
+    if dtype is not None and not isinstance(dtype, torch.dtype) and dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+    return parse_dtype(dtype), "as asked" if dtype is not None else "as stored"
+
+
+def physical_cores() -> int:
+    """Cores this process may run on, counting each physical core once (hyperthreads share one core's
+    arithmetic units, so a second thread per core rarely speeds up a matmul)."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in allowed:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(),
+                       (topology / "core_id").read_text().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))  # no topology (not Linux): count logical CPUs
+    return max(1, len(cores))
+
+
+def set_threads(n: int | None) -> int:
+    """Use n threads for torch's CPU kernels (default: the physical cores); returns the count in use."""
+    if n is None:
+        n = physical_cores()
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"threads must be a positive integer, got {n!r}")
+    torch.set_num_threads(n)
+    return n
+
+
+def peak_rss_bytes() -> int | None:
+    """The most resident memory this process has held so far (mapped weight files included); None where the
+    platform does not say (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux

@@ -1,0 +1,260 @@
+"""Weight-only int8 / int4 quantization of the decoder's linears (q/k/v/o, gate/up/down and lm_head).
+
+What a checkpoint stores for a quantized linear `NAME` with weight w [out, in]:
+
+    int8  NAME.weight int8 [out, in], NAME.scale bf16 [out]:          w[n, k] ~ weight[n, k] * scale[n]
+    int4  NAME.weight uint8 [out, in/2], NAME.scale bf16 [out, in/G],
+          NAME.zero uint8 [out, in/G]:    w[n, k] ~ (q[n, k] - zero[n, k // G]) * scale[n, k // G]
+          with q in [0, 15] packed two to a byte, the even k in the low nibble.
+
+Scales are bf16 because torch's weight-only kernels take bf16 scales; quantizing picks q for the rounded
+scale, so that rounding costs nothing. Embeddings, norms, the vision tower and the projector stay float.
+
+The matmul each linear runs was chosen by measurement (benchmarks/kernels.py; the table is in the README):
+- few rows (decode): torch's weight-only kernels, _weight_int8pack_mm and _weight_int4pack_mm_for_cpu, with
+  bf16 activations; they read one byte (int8) or half a byte (int4) per weight, 4-8x less than fp32.
+- many rows (prefill): the blockwise path. A block of output channels, a few MiB, is dequantized to the
+  activations' dtype while it sits in cache and multiplied by a float GEMM into its output columns. That
+  costs 5-20% over a float GEMM; the weight-only kernels are 1.3-3x slower there, and so is dequantizing a
+  whole matrix before one GEMM (its float copy does not fit in cache).
+- int4's CPU kernel wants a packed layout that depends on the CPU's vector width, so `load` repacks the
+  stored nibbles once (`pack_for_cpu`), in place of the stored form; the blockwise path reads that layout,
+  and state_dict gives the stored form back, so a packed model can be saved.
+- Off the CPU (CUDA, MPS), and where the CPU layout is unknown, every row count takes the blockwise path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+
+import torch
+from torch import nn
+
+from .config import QuantConfig
+
+# Decoder linears that are quantized, by module name; everything else stays float.
+QUANTIZED = re.compile(r"llm\.(layers\.\d+\.(attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)|lm_head)")
+# Up to this many rows (tokens in a pass) the weight-only kernels win; above, the blockwise GEMM path does. The
+# crossovers measured (README table) lie at ~32-48 rows for int8 and ~100-150 for int4, with bf16 or fp32.
+INT8_KERNEL_MAX_ROWS = 32
+INT4_KERNEL_MAX_ROWS = 128
+BLOCK_BYTES = 4 << 20      # a dequantized block of the weight this large stays in the caches of common CPUs
+SCALE_FLOOR = 1e-30        # a scale for all-zero rows and groups (any positive value reproduces zeros)
+
+
+def quantize_weight(w: torch.Tensor, quant: QuantConfig) -> dict[str, torch.Tensor]:
+    """The stored tensors of one float weight [out, in], keyed by suffix ("weight", "scale", "zero")."""
+    w = w.detach().float()
+    if quant.method == "int8":
+        scale = (w.abs().amax(1) / 127).clamp(min=SCALE_FLOOR).bfloat16()
+        q = (w / scale.float()[:, None]).round().clamp(-127, 127)
+        return {"weight": q.to(torch.int8), "scale": scale}
+    N, K = w.shape
+    groups = w.view(N, K // quant.group_size, quant.group_size)
+    lo, hi = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)  # 0 in range: zeros stay exact
+    scale = ((hi - lo) / 15).clamp(min=SCALE_FLOOR).bfloat16()
+    zero = (-lo / scale.float()).round().clamp(0, 15)
+    q = (groups / scale.float()[..., None] + zero[..., None]).round().clamp(0, 15).to(torch.uint8).view(N, K)
+    return {"weight": q[:, 0::2] | (q[:, 1::2] << 4), "scale": scale, "zero": zero.to(torch.uint8)}
+
+
+def stored_shapes(out_features: int, in_features: int, quant: QuantConfig) -> dict[str, tuple[tuple, torch.dtype]]:
+    """Shape and dtype of each stored tensor of a quantized linear."""
+    if quant.method == "int8":
+        return {"weight": ((out_features, in_features), torch.int8), "scale": ((out_features,), torch.bfloat16)}
+    groups = in_features // quant.group_size
+    return {"weight": ((out_features, in_features // 2), torch.uint8),
+            "scale": ((out_features, groups), torch.bfloat16), "zero": ((out_features, groups), torch.uint8)}
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [n, k/2] two nibbles per byte -> uint8 [n, k], values 0..15."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
+
+
+class QuantLinear(nn.Module):
+    """A bias-free linear whose weight is stored quantized; subclasses say how to dequantize and which
+    kernel to call."""
+
+    def __init__(self, in_features: int, out_features: int, quant: QuantConfig, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.quant = in_features, out_features, quant
+        for name, (shape, dtype) in stored_shapes(out_features, in_features, quant).items():
+            self.register_buffer(name, torch.empty(shape, dtype=dtype, device=device))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, quant={self.quant}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.matmul(x.reshape(-1, self.in_features))
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def dequantize_rows(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        """Output channels start..end-1 of the weight, as floats [end - start, in_features]."""
+        raise NotImplementedError
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.dequantize_rows(0, self.out_features, dtype)
+
+    def row_block(self) -> int:
+        """dequantize_rows takes row ranges in multiples of this."""
+        return 1
+
+    def blockwise_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, in] @ weight.T, dequantizing a block of output channels at a time while it is in cache."""
+        unit = self.row_block()
+        step = max(16, BLOCK_BYTES // (self.in_features * x.element_size()))
+        step = max(unit, step // unit * unit)
+        out = x.new_empty(x.shape[0], self.out_features)
+        for start in range(0, self.out_features, step):
+            end = min(start + step, self.out_features)
+            torch.mm(x, self.dequantize_rows(start, end, x.dtype).t(), out=out[:, start:end])
+        return out
+
+
+class Int8Linear(QuantLinear):
+    def dequantize_rows(self, start, end, dtype):
+        return self.weight[start:end].to(dtype).mul_(self.scale[start:end, None])
+
+    def matmul(self, x):
+        if x.device.type == "cpu" and x.shape[0] <= INT8_KERNEL_MAX_ROWS:
+            return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scale).to(x.dtype)
+        return self.blockwise_matmul(x)
+
+
+@functools.cache
+def cpu_int4_block() -> int | None:
+    """Output channels per block in the layout of torch's CPU int4 kernel, or None if it is not the one we know.
+
+    torch._convert_weight_to_int4pack_for_cpu stores [out/B, in, B/2] bytes: for each block of B output
+    channels and each input, the low nibble holds channel j and the high nibble channel j + B/2 (B = 64 with
+    AVX-512, 32 with AVX2). The layout is not part of torch's API, so it is checked on a probe; where it is
+    different, int4 weights stay in their stored form and run the blockwise path (correct, slower to decode).
+    """
+    q = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+    for block in (64, 32, 16):
+        if packed.numel() * 2 == q.numel() and torch.equal(unpack_cpu_int4(packed, block, 0, 128, 64), q.to(torch.uint8)):
+            return block
+    return None
+
+
+def unpack_cpu_int4(packed: torch.Tensor, block: int, start: int, end: int, in_features: int) -> torch.Tensor:
+    """Rows start..end-1 (multiples of `block`) of q, uint8 [end - start, in], from the CPU kernel's layout."""
+    blocks = packed.view(-1, in_features, block // 2)[start // block:end // block]  # nb, in, B/2
+    q = torch.cat((blocks & 15, blocks >> 4), dim=-1)                              # nb, in, B
+    return q.transpose(1, 2).reshape(end - start, in_features)
+
+
+class Int4Linear(QuantLinear):
+    packed_for_cpu = None  # (packed weight, table of scale and offset) in the layout of torch's CPU kernel
+
+    def pack_for_cpu(self):
+        """Replace the stored tensors by the CPU kernel's layout, where that layout is known and fits the shape
+        (whole blocks of output channels). state_dict still gives the stored form.
+
+        The kernel computes (q - 8) * scale + offset, so the zero point becomes offset = (8 - zero) * scale.
+        """
+        block = cpu_int4_block()
+        if self.packed_for_cpu is not None or block is None or self.out_features % block:
+            return
+        packed = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight).to(torch.int32), 1)
+        scale = self.scale.float()
+        offset = (8 - self.zero.float()) * scale
+        table = torch.stack((scale, offset), dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()  # in/G, out, 2
+        del self.weight, self.scale, self.zero  # the weights are never held twice
+        self.packed_for_cpu = (packed, table)
+
+    def row_block(self) -> int:
+        return 1 if self.packed_for_cpu is None else cpu_int4_block()
+
+    def dequantize_rows(self, start, end, dtype):
+        G = self.quant.group_size
+        # In-place ops on the freshly converted block: several times faster than broadcasting out-of-place ones.
+        if self.packed_for_cpu is None:
+            w = unpack_int4(self.weight[start:end]).unflatten(-1, (-1, G)).to(dtype)       # n, in/G, G
+            w.sub_(self.zero[start:end, :, None]).mul_(self.scale[start:end, :, None])
+            return w.flatten(-2)
+        packed, table = self.packed_for_cpu
+        w = unpack_cpu_int4(packed, cpu_int4_block(), start, end, self.in_features).unflatten(-1, (-1, G)).to(dtype)
+        scale, offset = table[:, start:end].transpose(0, 1).to(dtype).unbind(-1)         # n, in/G each
+        w.mul_(scale.contiguous()[..., None]).add_((offset - 8 * scale).contiguous()[..., None])
+        return w.flatten(-2)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.packed_for_cpu is None:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        packed, table = self.packed_for_cpu
+        q = unpack_cpu_int4(packed, cpu_int4_block(), 0, self.out_features, self.in_features)
+        scale, offset = table.transpose(0, 1).float().unbind(-1)
+        destination[prefix + "weight"] = q[:, 0::2] | (q[:, 1::2] << 4)
+        destination[prefix + "scale"] = scale.to(torch.bfloat16)
+        destination[prefix + "zero"] = (8 - offset / scale).round().to(torch.uint8)  # exact: |rounding| < 0.02
+
+    def matmul(self, x):
+        if self.packed_for_cpu is None or x.shape[0] > INT4_KERNEL_MAX_ROWS:
+            return self.blockwise_matmul(x)
+        packed, table = self.packed_for_cpu
+        y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, self.quant.group_size, table)
+        return y.to(x.dtype)
+
+
+LINEARS = {"int8": Int8Linear, "int4": Int4Linear}
+
+
+def quantized_modules(model: nn.Module):
+    """(name, module) of the linears that quantization replaces."""
+    return [(name, m) for name, m in model.named_modules() if QUANTIZED.fullmatch(name)]
+
+
+def replace_linears(model: nn.Module, quant: QuantConfig, device=None):
+    """Swap the decoder's nn.Linear modules for empty quantized ones (on `device`, e.g. meta); the decoder's code
+    does not change."""
+    for name, linear in quantized_modules(model):
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr,
+                LINEARS[quant.method](linear.in_features, linear.out_features, quant, device))
+
+
+def pack_for_device(model: nn.Module):
+    """Put int4 weights in the layout of the kernel that the model's device runs (a no-op off the CPU)."""
+    for _, m in model.named_modules():
+        if isinstance(m, Int4Linear) and m.packed_for_cpu is None and m.weight.device.type == "cpu":
+            m.pack_for_cpu()
+
+
+@torch.no_grad()
+def quantize_model(model, quant: QuantConfig, *, pack: bool = True):
+    """Quantize a float LlavaModel's decoder linears in place and record `quant` in its config.
+
+    pack=True puts int4 weights in the CPU kernel's layout when the model is on a CPU, as `load` does;
+    pack=False keeps the stored form, which runs the blockwise path at every row count.
+    """
+    if model.config.quant is not None:
+        raise ValueError(f"the model is already quantized ({model.config.quant.method})")
+    model.config = dataclasses.replace(model.config, quant=quant)  # validates group_size against the shapes
+    for name, linear in quantized_modules(model):
+        q = LINEARS[quant.method](linear.in_features, linear.out_features, quant, device=linear.weight.device)
+        for suffix, tensor in quantize_weight(linear.weight, quant).items():
+            getattr(q, suffix).copy_(tensor)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, q)
+    if pack:
+        pack_for_device(model)
+    return model
+
+
+def is_quantized_weight(name: str) -> bool:
+    """Whether a float checkpoint tensor name is the weight of a linear that quantization replaces."""
+    return name.endswith(".weight") and QUANTIZED.fullmatch(name.removesuffix(".weight")) is not None
+
+
+def quantized_tensors(name: str, tensor: torch.Tensor, quant: QuantConfig | None, float_dtype=None):
+    """The stored (name, tensor) pairs for one float checkpoint tensor: its quantized form, or itself (cast to
+    float_dtype if given). Quantization reads the tensor in its own precision."""
+    if quant is None or not is_quantized_weight(name):
+        return [(name, tensor if float_dtype is None else tensor.to(float_dtype))]
+    prefix = name.removesuffix("weight")
+    return [(prefix + suffix, t) for suffix, t in quantize_weight(tensor, quant).items()]

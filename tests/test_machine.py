@@ -1,0 +1,120 @@
+"""Device, float dtype and thread choices: what `auto` picks on which machine, that the command line's
+--device, --dtype and --threads reach the model, and one-line errors for what the machine cannot do."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import minifastv
+import minifastv.machine as machine
+from minifastv.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE = ROOT / "samples" / "heldout_0.png"
+
+
+@pytest.fixture(scope="module")
+def half_ckpt(tmp_path_factory):
+    """The tiny preset with random weights, saved in fp16 (as real LLaVA checkpoints are)."""
+    import train_tiny
+
+    model = train_tiny.build_model(train_tiny.build_tokenizer(), seed=0).half()
+    return minifastv.save(model, tmp_path_factory.mktemp("half") / "ckpt")
+
+
+@pytest.mark.parametrize("native, expected", [(False, torch.float32), (True, torch.bfloat16)])
+def test_auto_dtype_follows_native_bf16(half_ckpt, monkeypatch, native, expected):
+    monkeypatch.setattr(machine, "cpu_has_native_bf16", lambda: native)
+    model = minifastv.load(half_ckpt)  # dtype="auto" is the default
+    assert {p.dtype for p in model.parameters()} == {expected}  # the vision tower included
+    assert model.vision.patch_embed.weight.dtype == expected
+    assert machine.auto_dtype(torch.device("cpu"))[0] == expected
+
+
+def test_dtype_none_keeps_the_stored_dtype(half_ckpt):
+    assert {p.dtype for p in minifastv.load(half_ckpt, dtype=None).parameters()} == {torch.float16}
+
+
+def test_unavailable_devices_are_named(half_ckpt, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device 'cuda': CUDA is not available on this machine"):
+        minifastv.load(half_ckpt, device="cuda")
+    with pytest.raises(ValueError, match="device 'mps': MPS .* is not available on this machine"):
+        machine.resolve_device("mps")
+    with pytest.raises(ValueError, match="device .tpu. is not a device name; choose one of cpu, cuda, mps"):
+        machine.resolve_device("tpu")
+
+
+def test_physical_cores_and_threads():
+    assert 1 <= machine.physical_cores() <= os.cpu_count()
+    before = torch.get_num_threads()
+    try:
+        assert machine.set_threads(1) == 1 and torch.get_num_threads() == 1
+        assert machine.set_threads(None) == machine.physical_cores() == torch.get_num_threads()
+        for bad in (0, -2, 1.5, True):
+            with pytest.raises(ValueError, match="threads must be a positive integer"):
+                machine.set_threads(bad)
+    finally:
+        torch.set_num_threads(before)
+
+
+# --- the command line ------------------------------------------------------------------------------------
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def generate(capsys, model, *extra):
+    return run(capsys, "generate", "--model", model, "--image", IMAGE, "--prompt", "what colour", "--max-new-tokens",
+               2, *extra)
+
+
+def test_cli_device_and_threads_errors_are_one_line(half_ckpt, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = generate(capsys, half_ckpt, "--device", "cuda")
+    assert code == 2 and err.count("\n") == 1 and "error: device 'cuda': CUDA is not available" in err
+    code, _, err = generate(capsys, half_ckpt, "--threads", "0")
+    assert code == 2 and err.count("\n") == 1 and "error: threads must be a positive integer, got 0" in err
+
+
+def test_cli_options_reach_the_model(half_ckpt, capsys, monkeypatch):
+    import minifastv.checkpoint
+
+    seen, real = [], minifastv.checkpoint.load
+    monkeypatch.setattr(minifastv.checkpoint, "load", lambda *a, **k: seen.append(k) or real(*a, **k))
+    monkeypatch.setattr(machine, "cpu_has_native_bf16", lambda: False)
+    before = torch.get_num_threads()
+    try:
+        code, _, err = generate(capsys, half_ckpt, "--threads", 1, "--check-weights")
+        assert code == 0 and torch.get_num_threads() == 1 and "1 threads" in err
+        assert seen[-1]["dtype"] == torch.float32 and seen[-1]["check"] is True
+        assert "float32 float weights (the CPU has no native bf16" in err and "peak RSS" in err
+        code, _, err = generate(capsys, half_ckpt, "--dtype", "bfloat16")
+        assert code == 0 and seen[-1]["dtype"] == torch.bfloat16 and seen[-1]["check"] is False
+        assert "bfloat16 float weights (as asked)" in err
+        assert f"{machine.physical_cores()} threads" in err and torch.get_num_threads() == machine.physical_cores()
+        monkeypatch.setattr(machine, "cpu_has_native_bf16", lambda: True)
+        code, _, err = generate(capsys, half_ckpt)
+        assert code == 0 and seen[-1]["dtype"] == torch.bfloat16 and "native bf16" in err
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cli_quantize_then_generate(half_ckpt, capsys, tmp_path):
+    code, _, err = run(capsys, "quantize", half_ckpt, tmp_path / "q4", "--method", "int4", "--group-size", 32)
+    assert code == 0, err
+    assert minifastv.load(tmp_path / "q4").config.quant == minifastv.config.QuantConfig("int4", 32)
+    code, out, err = generate(capsys, tmp_path / "q4")
+    assert code == 0 and "int4 decoder linears" in err and "image tokens kept" in out
+    for extra, message in ((["--group-size", 48], "int4 group_size must be one of (32, 64, 128, 256), got 48"),
+                           (["--group-size", 128], "group_size 128 does not divide text intermediate_size 352")):
+        code, _, err = run(capsys, "quantize", half_ckpt, tmp_path / "bad", "--method", "int4", *extra)
+        assert code == 2 and message in err and not (tmp_path / "bad").exists(), err
+    code, _, err = run(capsys, "quantize", half_ckpt, tmp_path / "q8", "--method", "int8", "--group-size", 32)
+    assert code == 2 and "--group-size applies to int4" in err
