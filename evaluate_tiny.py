@@ -1,20 +1,26 @@
 """Held-out accuracy of the tiny model with FastV off, for a (K, R) grid, and for random dropping at the
 same budgets; prints a markdown table and writes a PNG of accuracy against relative prefill FLOPs.
 
-    python evaluate_tiny.py [--model weights/tiny] [--n 400] [--plot docs/fastv_tiny.png]
+    python evaluate_tiny.py [--model weights/tiny] [--n 400] [--plot docs/fastv_tiny.png] [--dtype float32]
+
+It also prints the accuracy with the decoder's linears quantized to int8 and int4 (minifastv/quant.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 
 import minifastv
 from minifastv import FastV, theoretical_flops
+from minifastv.config import QuantConfig
+from minifastv.quant import quantize_model
 from minifastv.plot import line_plot
 from minifastv.shapes import QUESTION_TYPES, evaluate, make_batch, majority_baseline
 
 GRID_K, GRID_R = (1, 2), (0.25, 0.5, 0.75)
+INT4_GROUP = 32  # the tiny decoder's MLP is 352 wide: 32 is the largest kernel group size that divides it
 
 
 def relative_flops(model, fastv, n: int) -> float:
@@ -45,14 +51,19 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="weights/tiny")
     p.add_argument("--n", type=int, default=400, help="held-out examples")
     p.add_argument("--plot", default="docs/fastv_tiny.png")
+    p.add_argument("--dtype", default="float32", help="float dtype (default float32, which the tables were made "
+                                                      "with; auto picks bf16 on CPUs with native bf16)")
     args = p.parse_args(argv)
-    model = minifastv.load(args.model)
+    model = minifastv.load(args.model, dtype=args.dtype)
     base = evaluate(model, args.n)
     blind = evaluate(model, args.n, blank_images=True)
     majority = majority_baseline(args.n)
+    int8 = evaluate(quantize_model(copy.deepcopy(model), QuantConfig("int8")), args.n)
+    int4 = evaluate(quantize_model(copy.deepcopy(model), QuantConfig("int4", INT4_GROUP)), args.n)
     print(f"held-out accuracy, {args.n} examples, FastV off")
     print("| | " + " | ".join(QUESTION_TYPES) + " | all |\n|---|" + "---|" * (len(QUESTION_TYPES) + 1))
-    for name, acc in (("model", base), ("model, blank image", blind), ("majority answer", majority)):
+    for name, acc in (("model", base), ("model, blank image", blind), ("majority answer", majority),
+                      ("model, int8 weights", int8), (f"model, int4 weights (groups of {INT4_GROUP})", int4)):
         print(f"| {name} | " + " | ".join(f"{acc[k]:.1%}" for k in (*QUESTION_TYPES, "all")) + " |")
 
     rows = [{"method": "full", "k": "-", "r": 0.0, "flops": 1.0, "acc": base["all"]}]

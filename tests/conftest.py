@@ -49,13 +49,17 @@ def to_minifastv(hf_model):
     """The minifastv twin of a transformers model, through the production path: the model is written to disk
     with its transformers names and config.json, converted by minifastv.convert, and opened by minifastv.load."""
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "src"
-        src.mkdir()
-        save_file({k: v.contiguous() for k, v in hf_model.state_dict().items()}, str(src / "model.safetensors"))
-        (src / "config.json").write_text(json.dumps(hf_model.config.to_dict()))
-        build_tokenizer(src / "tokenizer.json")
-        convert(src, Path(tmp) / "out", log=lambda _: None)
+        convert(write_hf_checkpoint(hf_model, Path(tmp) / "src"), Path(tmp) / "out", log=lambda _: None)
         return load(Path(tmp) / "out", dtype=None)
+
+
+def write_hf_checkpoint(hf_model, directory: Path) -> Path:
+    """A transformers model as a checkpoint directory with its own names: config.json, safetensors, tokenizer."""
+    directory.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in hf_model.state_dict().items()}, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(hf_model.config.to_dict()))
+    build_tokenizer(directory / "tokenizer.json")
+    return directory
 
 
 def expand_images(ids: list[int], n_patches: int) -> list[int]:

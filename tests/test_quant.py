@@ -301,3 +301,24 @@ def test_int8_weights_misaligned_by_another_writer_still_work(float_ckpt, tmp_pa
     ids = torch.tensor([random_prompt(torch.Generator().manual_seed(1), 20, [])])  # 21 rows: the int8 kernel
     with torch.no_grad():
         assert torch.equal(a(ids), b(ids))
+
+
+@pytest.mark.parametrize("method", [INT8, INT4], ids=["int8", "int4"])
+def test_convert_with_quantize_equals_quantizing_the_conversion(tmp_path, method):
+    """convert_weights.py SRC OUT --quantize writes what `quantize` makes of the float conversion."""
+    from conftest import write_hf_checkpoint
+
+    from minifastv.convert import convert
+
+    import convert_weights
+
+    src = write_hf_checkpoint(hf_llava(n_kv_heads=2, seed=7), tmp_path / "hf")
+    group = [] if method.group_size is None else ["--group-size", str(method.group_size)]
+    assert convert_weights.main([str(src), str(tmp_path / "direct"), "--quantize", method.method, *group]) == 0
+    convert(src, tmp_path / "float", log=lambda _: None)
+    quantize_checkpoint(tmp_path / "float", tmp_path / "two-step", method, log=lambda _: None)
+    direct, two_step = (load_file(tmp_path / d / "model.safetensors") for d in ("direct", "two-step"))
+    assert direct.keys() == two_step.keys() and all(torch.equal(direct[k], two_step[k]) for k in direct)
+    assert (json.loads((tmp_path / "direct" / "config.json").read_text())
+            == json.loads((tmp_path / "two-step" / "config.json").read_text()))
+    assert minifastv.load(tmp_path / "direct").config.quant == method
