@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import platform
 import statistics
 import sys
 import time
@@ -31,19 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import minifastv  # noqa: E402
+from benchmarks.machine import describe  # noqa: E402
 from minifastv import FastV, KVCache, LlavaConfig, LlavaModel, theoretical_flops  # noqa: E402
 from minifastv.generate import stream  # noqa: E402
 from minifastv.convert import map_key  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -252,7 +241,14 @@ def profile_prefill(model, ids, pixels, rows: int = 12):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--quant" in argv:  # the full-depth quantized 7B run has options of its own
+        from benchmarks.cpu7b import main as cpu7b
+
+        return cpu7b(argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="With --quant int8|int4: the full-depth LLaVA-1.5-7B run on a CPU "
+                                       "(benchmarks/cpu7b.py; --quant int8 --help for its options).")
     p.add_argument("--model", default="tiny", help="'tiny' (weights/tiny), '7b' (random, LLaVA-1.5-7B-shaped), "
                                                    "or a checkpoint directory")
     p.add_argument("--layers", type=int, default=None, help="decoder layers of the 7b model (default 32)")
@@ -273,8 +269,7 @@ def main(argv=None) -> int:
     else:
         model = minifastv.load(ROOT / "weights" / "tiny" if args.model == "tiny" else args.model, dtype=args.dtype)
     ids, pixels = prompt(model.config)
-    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; model: {args.model} ({model.config.text.n_layers} decoder layers, "
+    print(f"{describe(torch.get_num_threads())}; model: {args.model} ({model.config.text.n_layers} decoder layers, "
           f"{str(model.dtype).removeprefix('torch.')}, {sum(p.numel() for p in model.parameters()) / 1e6:,.1f}M params)")
     rows = bench_fastv(model, ids, pixels, args.repeats, args.decode_tokens)
     peak = matmul_peak(model.dtype, args.repeats)

@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from .config import ConfigError, LlavaConfig, QuantConfig
 from .llava import LlavaModel, empty_model
 from .machine import parse_dtype, resolve_device, resolve_dtype
-from .quant import Int8Linear, pack_for_device, quantized_modules, quantized_tensors
+from .quant import Int4Linear, Int8Linear, pack_for_device, quantized_modules, quantized_tensors
 from .tokenizer import Tokenizer
 
 CONFIG, WEIGHTS, INDEX, TOKENIZER = "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json"
@@ -174,14 +174,18 @@ def read_checkpoint(path: Path, model: LlavaModel, dtype: torch.dtype | None, de
     """Every tensor of the checkpoint at `path`, checked against `model` (built on the meta device).
 
     A tensor used as stored is memory-mapped: the OS reads it on first use and may drop it again under memory
-    pressure. A tensor that needs another dtype is read into memory instead and converted, and the read copy
-    is freed, so no weight is held twice (a file's mapping lives as long as any tensor mapped from it). So is
-    an int8 weight that the file does not place on a 64-byte boundary (files written by `save` do): torch's
-    int8 kernel reads its weight with aligned vector loads. Quantized tensors keep their stored dtype.
+    pressure. A tensor that will be transformed (cast to another dtype, or int4 repacked for the CPU kernel)
+    is read into memory instead, and the read copy is freed once transformed, so no weight is held twice (a
+    file's mapping, with every page read through it, lives as long as any tensor mapped from it). So is an
+    int8 weight that the file does not place on a 64-byte boundary (files written by `save` do): torch's int8
+    kernel reads its weight with aligned vector loads. Quantized tensors keep their stored dtype.
     """
     expected = model.state_dict()
     exact = {name for name, _ in model.named_buffers()}  # a LlavaModel's only buffers are quantized tensors
-    aligned = {f"{name}.weight" for name, m in quantized_modules(model) if isinstance(m, Int8Linear)}
+    linears = quantized_modules(model)
+    aligned = {f"{name}.weight" for name, m in linears if isinstance(m, Int8Linear)}
+    repacked = {f"{name}.{b}" for name, m in linears if isinstance(m, Int4Linear) and device.type == "cpu"
+                for b in ("weight", "scale", "zero")}
     state = {}
     for file in weight_files(path):
         if not file.is_file():
@@ -200,7 +204,7 @@ def read_checkpoint(path: Path, model: LlavaModel, dtype: torch.dtype | None, de
                     check_stored(name, info.get_shape(), stored, expected[name], name in exact, file)
                     target = stored if dtype is None or name in exact else dtype
                     tensor = mapped.get_tensor(name)  # a view of the mapping: nothing is read yet
-                    if target != stored or name in aligned and tensor.data_ptr() % ALIGNMENT:
+                    if target != stored or name in repacked or name in aligned and tensor.data_ptr() % ALIGNMENT:
                         header = header or read_header(file)
                         tensor = read_into_memory(file, *header, name)
                     tensor = tensor.to(device=device, dtype=target)

@@ -83,13 +83,18 @@ class Attention(nn.Module):
         """Returns the output [B, T, C] and, if asked, the last query's head-mean attention over all keys [B, S]."""
         T = x.shape[1]
         q, k, v = self.project(x, cos, sin)
+        if x.device.type == "cpu":
+            # torch's CPU attention kernel takes as long for a whole prefill in fp32 as in bf16, but one bf16
+            # query (a decode step) runs ~9x slower than one fp32 query: on a CPU attention and the KV cache
+            # are fp32 (measured at 632 keys, README "Running LLaVA-1.5-7B on a CPU").
+            q, k, v = q.float(), k.float(), v.float()
         if cache is not None:
             k, v, valid = cache.update(k, v, valid)                # now S >= T slots
         mask = attention_mask(valid, T)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         row = last_token_attention(q[:, :, -1], k, valid) if need_last_row else None
-        return self.o_proj(rearrange(y, "b h t d -> b t (h d)")), row
+        return self.o_proj(rearrange(y, "b h t d -> b t (h d)").to(x.dtype)), row
 
 
 class MLP(nn.Module):

@@ -98,10 +98,17 @@ def set_threads(n: int | None) -> int:
 
 def peak_rss_bytes() -> int | None:
     """The most resident memory this process has held so far (mapped weight files included); None where the
-    platform does not say (Windows)."""
+    platform does not say. Linux's VmHWM starts afresh at exec, unlike getrusage's ru_maxrss, which a child
+    process inherits from the parent that forked it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         import resource
-    except ImportError:
+    except ImportError:  # Windows
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere

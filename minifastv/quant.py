@@ -57,7 +57,7 @@ def quantize_weight(w: torch.Tensor, quant: QuantConfig) -> dict[str, torch.Tens
     scale = ((hi - lo) / 15).clamp(min=SCALE_FLOOR).bfloat16()
     zero = (-lo / scale.float()).round().clamp(0, 15)
     q = (groups / scale.float()[..., None] + zero[..., None]).round().clamp(0, 15).to(torch.uint8).view(N, K)
-    return {"weight": q[:, 0::2] | (q[:, 1::2] << 4), "scale": scale, "zero": zero.to(torch.uint8)}
+    return {"weight": pack_int4(q), "scale": scale, "zero": zero.to(torch.uint8)}
 
 
 def stored_shapes(out_features: int, in_features: int, quant: QuantConfig) -> dict[str, tuple[tuple, torch.dtype]]:
@@ -67,6 +67,11 @@ def stored_shapes(out_features: int, in_features: int, quant: QuantConfig) -> di
     groups = in_features // quant.group_size
     return {"weight": ((out_features, in_features // 2), torch.uint8),
             "scale": ((out_features, groups), torch.bfloat16), "zero": ((out_features, groups), torch.uint8)}
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [n, k] values 0..15 -> the stored form, uint8 [n, k/2], the even k in the low nibble."""
+    return q[:, 0::2] | (q[:, 1::2] << 4)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -130,15 +135,23 @@ def cpu_int4_block() -> int | None:
 
     torch._convert_weight_to_int4pack_for_cpu stores [out/B, in, B/2] bytes: for each block of B output
     channels and each input, the low nibble holds channel j and the high nibble channel j + B/2 (B = 64 with
-    AVX-512, 32 with AVX2). The layout is not part of torch's API, so it is checked on a probe; where it is
-    different, int4 weights stay in their stored form and run the blockwise path (correct, slower to decode).
+    AVX-512, 32 with AVX2). The layout is not part of torch's API, so it is checked on a probe against torch's
+    own packing; where it differs, int4 weights stay in their stored form and run the blockwise path.
     """
-    q = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
-    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
-    for block in (64, 32, 16):
-        if packed.numel() * 2 == q.numel() and torch.equal(unpack_cpu_int4(packed, block, 0, 128, 64), q.to(torch.uint8)):
-            return block
-    return None
+    q = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    return next((block for block in (64, 32, 16) if torch.equal(repack_for_cpu(pack_int4(q), block), packed)), None)
+
+
+def repack_for_cpu(stored: torch.Tensor, block: int) -> torch.Tensor:
+    """The stored nibbles [out, in/2] -> the CPU kernel's layout, byte by byte: what torch's own packing makes,
+    2-4x faster (torch's reads int32 values, eight bytes for each byte it writes)."""
+    N, half = stored.shape
+    rows = stored.view(N // block, 2, block // 2, half).transpose(2, 3)  # nb, channel j / j + B/2, in/2, B/2
+    low, high = rows[:, 0], rows[:, 1]
+    even = (low & 15) | (high << 4)                                      # input 2i: the low nibbles of both
+    odd = (low >> 4) | (high & 0xF0)                                     # input 2i+1: the high nibbles of both
+    return torch.stack((even, odd), dim=2).view(N, half)                 # nb, in/2, 2, B/2 = nb, in, B/2
 
 
 def unpack_cpu_int4(packed: torch.Tensor, block: int, start: int, end: int, in_features: int) -> torch.Tensor:
@@ -160,7 +173,7 @@ class Int4Linear(QuantLinear):
         block = cpu_int4_block()
         if self.packed_for_cpu is not None or block is None or self.out_features % block:
             return
-        packed = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight).to(torch.int32), 1)
+        packed = repack_for_cpu(self.weight, block)
         scale = self.scale.float()
         offset = (8 - self.zero.float()) * scale
         table = torch.stack((scale, offset), dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()  # in/G, out, 2
@@ -189,7 +202,7 @@ class Int4Linear(QuantLinear):
         packed, table = self.packed_for_cpu
         q = unpack_cpu_int4(packed, cpu_int4_block(), 0, self.out_features, self.in_features)
         scale, offset = table.transpose(0, 1).float().unbind(-1)
-        destination[prefix + "weight"] = q[:, 0::2] | (q[:, 1::2] << 4)
+        destination[prefix + "weight"] = pack_int4(q)
         destination[prefix + "scale"] = scale.to(torch.bfloat16)
         destination[prefix + "zero"] = (8 - offset / scale).round().to(torch.uint8)  # exact: |rounding| < 0.02
 

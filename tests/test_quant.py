@@ -24,8 +24,8 @@ import minifastv.quant as quant
 from minifastv import CheckpointError
 from minifastv.checkpoint import quantize_checkpoint
 from minifastv.config import QuantConfig
-from minifastv.quant import (Int4Linear, Int8Linear, cpu_int4_block, quantize_model, quantize_weight, quantized_modules,
-                             unpack_cpu_int4, unpack_int4)
+from minifastv.quant import (Int4Linear, Int8Linear, cpu_int4_block, pack_int4, quantize_model, quantize_weight,
+                             quantized_modules, repack_for_cpu, unpack_cpu_int4, unpack_int4)
 
 INT8, INT4 = QuantConfig("int8"), QuantConfig("int4", 32)
 FIXTURES = {
@@ -141,6 +141,7 @@ def test_cpu_kernel_layout_is_known_and_read_back_exactly():
     assert block in (32, 64), "this torch's CPU int4 layout changed; see quant.cpu_int4_block"
     q = torch.randint(0, 16, (4 * block, 96), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
     packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+    assert torch.equal(repack_for_cpu(pack_int4(q.to(torch.uint8)), block), packed)  # minifastv packs as torch
     assert torch.equal(unpack_cpu_int4(packed, block, block, 3 * block, 96), q[block:3 * block].to(torch.uint8))
 
 

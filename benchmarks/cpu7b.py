@@ -1,0 +1,221 @@
+"""LLaVA-1.5-7B on a CPU at full depth: weight-only int8 / int4, FastV off and on, and llama.cpp beside it.
+
+    python -m minifastv bench --quant int8 int4 [--layers 32] [--workdir DIR] [--repeats 2] [--peer llama.cpp]
+
+1. Builds a random LLaVA-1.5-7B-shaped checkpoint per method on disk, one tensor at a time (the float model is
+   never in memory): float parts in fp16 as in the released checkpoints, decoder linears quantized by
+   minifastv's own quantizer. It stays in --workdir for the next run.
+2. Measures each in a fresh process, so that peak RSS is that run's own: load time, time to first token
+   (vision tower + prefill of LLaVA's 632-token prompt with one 576-token image) for FastV off, K=2 R=0.5 and
+   K=2 R=0.75, the first run (weights paged in from the mapped files) apart from the median of the rest,
+   decode tokens/s, and peak RSS. Float weights take the dtype `auto` picks (printed).
+3. The float reference: the same model with float linears and --ref-layers decoder layers (fp32 7B does not
+   fit in 24 GiB), timed the same way and scaled to the full depth per layer.
+4. --peer llama.cpp (needs `pip install gguf` and llama.cpp's llama-bench and llama-quantize, on PATH or in
+   --peer-bin): the same decoder as a GGUF with random weights, quantized by llama-quantize to Q8_0 and Q4_0
+   and timed by llama-bench (prompt of 632 tokens, 16 generated) with the same threads, in the same run.
+   llama.cpp's figure is the decoder alone, without a vision tower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import minifastv  # noqa: E402
+from benchmarks.machine import describe  # noqa: E402
+from minifastv import FastV, LlavaConfig  # noqa: E402
+from minifastv.checkpoint import CONFIG, TOKENIZER, ShardWriter, publish, staging_dir  # noqa: E402
+from minifastv.config import QuantConfig  # noqa: E402
+from minifastv.generate import stream  # noqa: E402
+from minifastv.llava import empty_model  # noqa: E402
+from minifastv.machine import auto_dtype, peak_rss_bytes, physical_cores, set_threads  # noqa: E402
+from minifastv.quant import quantized_tensors  # noqa: E402
+
+METHODS = {"int8": QuantConfig("int8"), "int4": QuantConfig("int4", 128)}
+SETTINGS = {"off": None, "K=2 R=0.5": FastV(2, 0.5), "K=2 R=0.75": FastV(2, 0.75)}
+GiB = 2**30
+
+
+def config_7b(layers: int, quant: QuantConfig | None) -> LlavaConfig:
+    base = LlavaConfig.from_name("llava-1.5-7b")
+    return dataclasses.replace(base, text=dataclasses.replace(base.text, n_layers=layers), quant=quant)
+
+
+def write_tokenizer(path: Path):
+    """A stand-in tokenizer.json (the prompt's ids are drawn at random; nothing is decoded)."""
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2}, unk_token="<unk>")).save(str(path))
+
+
+def build_checkpoint(path: Path, config: LlavaConfig, log) -> Path:
+    """Random weights for `config`, written one tensor at a time; kept if it already exists."""
+    if (path / CONFIG).is_file() and json.loads((path / CONFIG).read_text()) == config.to_dict():
+        return path
+    start, g = time.perf_counter(), torch.Generator().manual_seed(0)
+    float_config = dataclasses.replace(config, quant=None)
+    tmp = staging_dir(path, overwrite=True)
+    try:
+        writer = ShardWriter(tmp)
+        for name, meta in empty_model(float_config).state_dict().items():
+            if "norm" in name and name.endswith("weight"):
+                tensor = torch.ones(meta.shape)
+            else:
+                tensor = torch.randn(meta.shape, generator=g).mul_(0.02)
+            for stored_name, stored in quantized_tensors(name, tensor, config.quant, torch.float16):
+                writer.add(stored_name, stored)
+        writer.close()
+        (tmp / CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        write_tokenizer(tmp / TOKENIZER)
+        publish(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"built {path} in {time.perf_counter() - start:.0f} s")
+    return path
+
+
+def random_prompt(config: LlavaConfig):
+    """BOS, 35 system tokens, the image placeholder, 20 question tokens: 632 tokens once the image is widened."""
+    g = torch.Generator().manual_seed(1)
+    text = torch.randint(4, min(config.text.vocab_size, 30000), (55,), generator=g).tolist()
+    ids = [config.text.bos_token_id] + text[:35] + [config.image_token_id] + text[35:]
+    pixels = torch.randn(1, 3, config.vision.image_size, config.vision.image_size, generator=g)
+    return torch.tensor([ids]), pixels
+
+
+@torch.inference_mode()
+def measure(path: Path, settings: list[str], repeats: int, decode_tokens: int, threads: int, dtype: str) -> dict:
+    """Run in a fresh process: load the checkpoint, then time each FastV setting."""
+    set_threads(threads)
+    start = time.perf_counter()
+    model = minifastv.load(path, dtype=dtype)
+    result = {"load_s": time.perf_counter() - start, "rss_after_load": peak_rss_bytes(),
+              "dtype": str(model.dtype).removeprefix("torch."), "settings": {}}
+    ids, pixels = random_prompt(model.config)
+    start = time.perf_counter()
+    model.encode_images(pixels)
+    result["vision_s"] = time.perf_counter() - start
+    for name in settings:
+        runs = []
+        for _ in range(repeats + 1):
+            stamps = [time.perf_counter()]
+            for _ in stream(model, ids, pixels, max_new_tokens=decode_tokens, fastv=SETTINGS[name]):
+                stamps.append(time.perf_counter())
+            runs.append((stamps[1] - stamps[0], (len(stamps) - 2) / (stamps[-1] - stamps[1])))
+        pre = model.prefill(ids, pixels, fastv=SETTINGS[name], last_only=True)
+        result["settings"][name] = {
+            "first_ttft_s": runs[0][0], "ttft_s": statistics.median(r[0] for r in runs[1:]),
+            "ttft_spread_s": max(r[0] for r in runs[1:]) - min(r[0] for r in runs[1:]),
+            "decode_tok_s": statistics.median(r[1] for r in runs[1:]),
+            "kept": len(pre.kept_image_slots()[0])}
+    result["peak_rss"] = peak_rss_bytes()
+    return result
+
+
+def measure_in_child(path: Path, settings, args, dtype: str = "auto") -> dict:
+    cmd = [sys.executable, __file__, "--child", str(path), "--settings", *settings, "--repeats", str(args.repeats),
+           "--decode-tokens", str(args.decode_tokens), "--threads", str(args.threads), "--dtype", dtype]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def float_reference(args, log) -> dict:
+    """The float model at --ref-layers depth, in fp32 and (where `auto` picks it) bf16; per-layer figures are
+    scaled to --layers in the report."""
+    path = build_checkpoint(Path(args.workdir) / f"float-{args.ref_layers}layers", config_7b(args.ref_layers, None), log)
+    chosen = args.dtype if args.dtype != "auto" else str(auto_dtype(torch.device("cpu"))[0]).removeprefix("torch.")
+    dtypes = dict.fromkeys(["float32", chosen])
+    return {dtype: measure_in_child(path, ["off", "K=2 R=0.5"], args, dtype) for dtype in dtypes}
+
+
+def peer_llama_cpp(args, log) -> dict:
+    from benchmarks.peer_llama_cpp import run_peer
+
+    return run_peer(Path(args.workdir), args.layers, args.threads, args.decode_tokens, args.peer_bin, log)
+
+
+def report(args, results: dict, reference: dict, peer: dict | None):
+    layers, ref_layers = args.layers, args.ref_layers
+    print(f"\nLLaVA-1.5-7B shape, {layers} decoder layers, random weights; prompt 632 tokens (576 image), "
+          f"{args.decode_tokens} new tokens; medians of {args.repeats} runs after a first one")
+    print("| linears | float dtype | FastV | image tokens kept | load s | first TTFT s | TTFT s (spread) | "
+          "TTFT vs off | decode tok/s | peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for method, r in results.items():
+        off = r["settings"]["off"]["ttft_s"]
+        for name, s in r["settings"].items():
+            print(f"| {method} | {r['dtype']} | {name} | {s['kept']} | {r['load_s']:.1f} | {s['first_ttft_s']:.1f} | "
+                  f"{s['ttft_s']:.1f} ({s['ttft_spread_s']:.1f}) | {off / s['ttft_s']:.2f}x | "
+                  f"{s['decode_tok_s']:.2f} | {r['peak_rss'] / GiB:.2f} |")
+    for ref in reference.values():
+        scale = lambda t: ref["vision_s"] + (t - ref["vision_s"]) * layers / ref_layers  # noqa: E731,B023
+        for name, s in ref["settings"].items():
+            decode = s["decode_tok_s"] * ref_layers / layers  # decode time grows with the layers
+            print(f"| float, {ref_layers} layers scaled to {layers} | {ref['dtype']} | {name} | {s['kept']} | - | - | "
+                  f"{scale(s['ttft_s']):.1f} | - | {decode:.2f} | - |")
+    first = next(iter(reference.values()))
+    print(f"vision tower (CLIP ViT-L/14-336, 23 blocks) alone: {first['vision_s']:.2f} s in {first['dtype']}")
+    if peer:
+        print(f"\nllama.cpp {peer['build']} (llama-bench, same machine and threads, decoder only, no vision tower)")
+        print("| llama.cpp | prompt 632 tokens s | decode tok/s | peak RSS GiB |\n|---|---|---|---|")
+        for name, p in peer["runs"].items():
+            print(f"| {name} | {632 / p['pp_tok_s']:.1f} | {p['tg_tok_s']:.2f} | {p['peak_rss'] / GiB:.2f} |")
+        for method, r in results.items():
+            peer_name = {"int8": "Q8_0", "int4": "Q4_0"}[method]
+            if peer_name in peer["runs"]:
+                pp = 632 / peer["runs"][peer_name]["pp_tok_s"]
+                cells = ", ".join(f"{name} {s['ttft_s'] / pp:.2f}x" for name, s in r["settings"].items())
+                print(f"minifastv {method} TTFT / llama.cpp {peer_name} prompt time: {cells}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quant", nargs="+", choices=list(METHODS), default=["int8", "int4"])
+    p.add_argument("--layers", type=int, default=32, help="decoder layers (LLaVA-1.5-7B has 32)")
+    p.add_argument("--ref-layers", type=int, default=4, help="decoder layers of the float reference")
+    p.add_argument("--workdir", default="/tmp/minifastv-bench", help="where the generated checkpoints are kept")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--threads", type=int, default=physical_cores())
+    p.add_argument("--peer", choices=["llama.cpp"], help="time llama.cpp on the same shapes in the same run")
+    p.add_argument("--peer-bin", help="directory holding llama-bench and llama-quantize (default: PATH)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="auto", help="float weights' dtype (default: auto, as minifastv.load picks)")
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(measure(Path(args.child), args.settings, args.repeats, args.decode_tokens, args.threads,
+                                 args.dtype)))
+        return 0
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    print(describe(args.threads))
+    print(f"command: python -m minifastv bench {' '.join(sys.argv[1:] if argv is None else argv)}")
+    results = {}
+    for method in args.quant:
+        path = build_checkpoint(Path(args.workdir) / f"{method}-{args.layers}layers",
+                                config_7b(args.layers, METHODS[method]), log)
+        results[method] = measure_in_child(path, list(SETTINGS), args, args.dtype)
+        log(f"{method}: {json.dumps(results[method])}")
+    reference = float_reference(args, log)
+    log(f"float reference: {json.dumps(reference)}")
+    peer = peer_llama_cpp(args, log) if args.peer else None
+    report(args, results, reference, peer)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""llama.cpp on the same decoder shapes, for `bench --quant ... --peer llama.cpp` (benchmarks/cpu7b.py).
+
+What CPU users run instead of minifastv is llama.cpp with a Q8_0 or Q4_0 GGUF. This writes a LLaMA-7B-shaped
+GGUF with random F16 weights (the `gguf` package; nothing is downloaded), quantizes it with llama-quantize and
+times it with llama-bench: prompt processing of 632 tokens (LLaVA-1.5's prompt with one image) and generation
+of a few tokens, same thread count. Peak RSS is read from a wrapper process's children.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LLAMA_7B = dict(dim=4096, ffn=11008, heads=32, vocab=32000)
+PEER_TYPES = ("Q8_0", "Q4_0")
+
+
+def find_tool(name: str, bin_dir: str | None) -> Path:
+    path = Path(bin_dir) / name if bin_dir else shutil.which(name)
+    if not path or not Path(path).is_file():
+        raise FileNotFoundError(f"{name}: not found {'in ' + bin_dir if bin_dir else 'on PATH'}; build llama.cpp "
+                                "(cmake --build build --target llama-bench llama-quantize) and pass --peer-bin")
+    return Path(path)
+
+
+def write_gguf(path: Path, layers: int, log):
+    """A LLaMA decoder with random F16 weights (norms 1, F32) and a stand-in vocabulary, streamed to disk."""
+    import gguf
+    import numpy as np
+
+    d, ffn, heads, vocab = LLAMA_7B["dim"], LLAMA_7B["ffn"], LLAMA_7B["heads"], LLAMA_7B["vocab"]
+    shapes = [("token_embd.weight", (vocab, d))]
+    for i in range(layers):
+        shapes += [(f"blk.{i}.attn_norm.weight", (d,)), (f"blk.{i}.attn_q.weight", (d, d)),
+                   (f"blk.{i}.attn_k.weight", (d, d)), (f"blk.{i}.attn_v.weight", (d, d)),
+                   (f"blk.{i}.attn_output.weight", (d, d)), (f"blk.{i}.ffn_norm.weight", (d,)),
+                   (f"blk.{i}.ffn_gate.weight", (ffn, d)), (f"blk.{i}.ffn_up.weight", (ffn, d)),
+                   (f"blk.{i}.ffn_down.weight", (d, ffn))]
+    shapes += [("output_norm.weight", (d,)), ("output.weight", (vocab, d))]
+    tmp = path.with_suffix(".partial")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_context_length(4096)
+    w.add_embedding_length(d)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(d // heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(3, vocab)])
+    w.add_token_scores([0.0] * vocab)
+    w.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+                      + [gguf.TokenType.NORMAL] * (vocab - 3))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    dtype = {1: np.float32, 2: np.float16}
+    for name, shape in shapes:
+        dt = np.dtype(dtype[len(shape)])
+        w.add_tensor_info(name, shape, dt, int(np.prod(shape)) * dt.itemsize)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    rng = np.random.default_rng(0)
+    for name, shape in shapes:
+        if len(shape) == 1:
+            w.write_tensor_data(np.ones(shape, dtype=np.float32))
+        else:
+            w.write_tensor_data((rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16))
+    w.close()
+    tmp.rename(path)
+    log(f"wrote {path}")
+
+
+def peak_rss_of(cmd: list[str]) -> tuple[str, int]:
+    """Run cmd in a wrapper process; its stdout and the peak RSS (bytes) of the command."""
+    wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+               "sys.stderr.write(r.stderr); print(r.stdout); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(r.returncode)")
+    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], check=True, capture_output=True, text=True).stdout
+    lines = out.rstrip().splitlines()
+    return "\n".join(lines[:-1]), int(lines[-1])
+
+
+def run_peer(workdir: Path, layers: int, threads: int, decode_tokens: int, bin_dir: str | None, log) -> dict:
+    bench, quantize = find_tool("llama-bench", bin_dir), find_tool("llama-quantize", bin_dir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    f16 = workdir / f"llama7b-{layers}layers-F16.gguf"
+    if not f16.is_file():
+        write_gguf(f16, layers, log)
+    runs, build = {}, "?"
+    for qtype in PEER_TYPES:
+        model = workdir / f"llama7b-{layers}layers-{qtype}.gguf"
+        if not model.is_file():
+            start = time.perf_counter()
+            subprocess.run([str(quantize), str(f16), str(model), qtype, str(threads)], check=True, capture_output=True)
+            log(f"llama-quantize {qtype}: {time.perf_counter() - start:.0f} s")
+        out, rss = peak_rss_of([str(bench), "-m", str(model), "-p", "632", "-n", str(decode_tokens), "-t",
+                                str(threads), "-r", "2", "-o", "json"])
+        tests = json.loads(out)
+        pp = next(t for t in tests if t["n_prompt"] > 0 and t["n_gen"] == 0)
+        tg = next(t for t in tests if t["n_gen"] > 0 and t["n_prompt"] == 0)
+        build = f"{pp.get('build_commit', '?')} (build {pp.get('build_number', '?')}), {pp.get('cpu_info', '')}"
+        runs[qtype] = {"pp_tok_s": pp["avg_ts"], "pp_stddev": pp["stddev_ts"], "tg_tok_s": tg["avg_ts"],
+                       "tg_stddev": tg["stddev_ts"], "peak_rss": rss}
+        log(f"llama.cpp {qtype}: {json.dumps(runs[qtype])}")
+    return {"build": build, "runs": runs}
