@@ -63,7 +63,7 @@ def write_tokenizer(path: Path):
 
 def build_checkpoint(path: Path, config: LlavaConfig, log) -> Path:
     """Random weights for `config`, written one tensor at a time; kept if it already exists."""
-    if (path / CONFIG).is_file() and json.loads((path / CONFIG).read_text()) == config.to_dict():
+    if (path / CONFIG).is_file() and LlavaConfig.from_dict(json.loads((path / CONFIG).read_text())) == config:
         return path
     start, g = time.perf_counter(), torch.Generator().manual_seed(0)
     float_config = dataclasses.replace(config, quant=None)

@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 
 from .config import ConfigError, LlavaConfig, QuantConfig
 from .llava import LlavaModel, empty_model
-from .machine import parse_dtype, resolve_device, resolve_dtype
+from .machine import parse_dtype, release_free_memory, resolve_device, resolve_dtype
 from .quant import Int4Linear, Int8Linear, pack_for_device, quantized_modules, quantized_tensors
 from .tokenizer import Tokenizer
 
@@ -178,7 +178,9 @@ def read_checkpoint(path: Path, model: LlavaModel, dtype: torch.dtype | None, de
     is read into memory instead, and the read copy is freed once transformed, so no weight is held twice (a
     file's mapping, with every page read through it, lives as long as any tensor mapped from it). So is an
     int8 weight that the file does not place on a 64-byte boundary (files written by `save` do): torch's int8
-    kernel reads its weight with aligned vector loads. Quantized tensors keep their stored dtype.
+    kernel reads its weight with aligned vector loads. Quantized tensors keep their stored dtype, and so do
+    lookup tables (embeddings) unless `dtype` is narrower: their rows are cast when looked up, so an fp16 table
+    need not take twice the memory on a machine that computes in fp32.
     """
     expected = model.state_dict()
     exact = {name for name, _ in model.named_buffers()}  # a LlavaModel's only buffers are quantized tensors
@@ -186,6 +188,7 @@ def read_checkpoint(path: Path, model: LlavaModel, dtype: torch.dtype | None, de
     aligned = {f"{name}.weight" for name, m in linears if isinstance(m, Int8Linear)}
     repacked = {f"{name}.{b}" for name, m in linears if isinstance(m, Int4Linear) and device.type == "cpu"
                 for b in ("weight", "scale", "zero")}
+    tables = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
     state = {}
     for file in weight_files(path):
         if not file.is_file():
@@ -202,7 +205,8 @@ def read_checkpoint(path: Path, model: LlavaModel, dtype: torch.dtype | None, de
                     if stored is None:
                         raise CheckpointError(f"{file}: {name} has unsupported dtype {info.get_dtype()}")
                     check_stored(name, info.get_shape(), stored, expected[name], name in exact, file)
-                    target = stored if dtype is None or name in exact else dtype
+                    keep = dtype is None or name in exact or name in tables and stored.itemsize <= dtype.itemsize
+                    target = stored if keep else dtype
                     tensor = mapped.get_tensor(name)  # a view of the mapping: nothing is read yet
                     if target != stored or name in repacked or name in aligned and tensor.data_ptr() % ALIGNMENT:
                         header = header or read_header(file)
@@ -238,6 +242,7 @@ def load(path: str | Path, *, dtype="auto", device="cpu", check: bool = False) -
     model = empty_model(config)
     model.load_state_dict(read_checkpoint(path, model, dtype, device, check), assign=True)
     pack_for_device(model)
+    release_free_memory()
     text = config.text
     model.tokenizer = Tokenizer.from_file(path / TOKENIZER, bos_token_id=text.bos_token_id,
                                           eos_token_id=text.eos_token_id, image_token_id=config.image_token_id)

@@ -59,12 +59,15 @@ class LlavaModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The float dtype activations are computed in."""
-        return self.llm.embed_tokens.weight.dtype
+        """The float dtype activations are computed in (the embedding table may be stored narrower)."""
+        return self.llm.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.llm.embed_tokens.weight.device
+        return self.llm.norm.weight.device
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.llm.embed_tokens(ids).to(self.dtype)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] preprocessed images -> [N, n_patches, text dim] decoder inputs."""
@@ -115,7 +118,7 @@ class LlavaModel(nn.Module):
             raise ValueError(f"the merged prompt has {T_out} tokens ({n_images} image(s) x {N} patches included), "
                              f"more than the context of {cfg.text.max_seq_len}")
 
-        tokens = self.llm.embed_tokens(input_ids.masked_fill(is_image | ~mask, 0))
+        tokens = self.embed_tokens(input_ids.masked_fill(is_image | ~mask, 0))
         x = tokens.new_zeros(B, T_out, tokens.shape[-1])
         valid = torch.zeros(B, T_out, dtype=torch.bool, device=x.device)
         image_mask = torch.zeros_like(valid)
@@ -153,7 +156,7 @@ class LlavaModel(nn.Module):
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One token per sample ([B] ids at rotary positions [B]) through the cached decoder -> logits [B, vocab]."""
-        x = self.llm.embed_tokens(tokens[:, None])
+        x = self.embed_tokens(tokens[:, None])
         valid = torch.ones_like(tokens, dtype=torch.bool)[:, None]
         h, _, _ = self.llm(x, positions[:, None], valid, cache)
         return self.llm.lm_head(h[:, -1])

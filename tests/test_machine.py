@@ -28,13 +28,24 @@ def half_ckpt(tmp_path_factory):
 def test_auto_dtype_follows_native_bf16(half_ckpt, monkeypatch, native, expected):
     monkeypatch.setattr(machine, "cpu_has_native_bf16", lambda: native)
     model = minifastv.load(half_ckpt)  # dtype="auto" is the default
-    assert {p.dtype for p in model.parameters()} == {expected}  # the vision tower included
-    assert model.vision.patch_embed.weight.dtype == expected
+    table = model.llm.embed_tokens.weight
+    assert {p.dtype for p in model.parameters() if p is not table} == {expected}  # the vision tower included
+    assert model.vision.patch_embed.weight.dtype == model.dtype == expected
     assert machine.auto_dtype(torch.device("cpu"))[0] == expected
+    # a lookup table is never widened: its fp16 rows are cast when looked up
+    assert table.dtype == torch.float16
+    ids = torch.tensor([[1, 5, 9]])
+    assert model.embed_tokens(ids).dtype == expected
+    assert torch.equal(model.embed_tokens(ids), table[ids].to(expected))
 
 
 def test_dtype_none_keeps_the_stored_dtype(half_ckpt):
     assert {p.dtype for p in minifastv.load(half_ckpt, dtype=None).parameters()} == {torch.float16}
+
+
+def test_a_lookup_table_is_narrowed_but_never_widened():
+    narrowed = minifastv.load(ROOT / "weights" / "tiny", dtype="bfloat16")  # stored fp32
+    assert {p.dtype for p in narrowed.parameters()} == {torch.bfloat16}
 
 
 def test_unavailable_devices_are_named(half_ckpt, monkeypatch):
