@@ -5,10 +5,10 @@
 1. Builds a random LLaVA-1.5-7B-shaped checkpoint per method on disk, one tensor at a time (the float model is
    never in memory): float parts in fp16 as in the released checkpoints, decoder linears quantized by
    minifastv's own quantizer. It stays in --workdir for the next run.
-2. Measures each in a fresh process, so that peak RSS is that run's own: load time, time to first token
-   (vision tower + prefill of LLaVA's 632-token prompt with one 576-token image) for FastV off, K=2 R=0.5 and
-   K=2 R=0.75, the first run (weights paged in from the mapped files) apart from the median of the rest,
-   decode tokens/s, and peak RSS. Float weights take the dtype `auto` picks (printed).
+2. Measures each in a fresh process, so that peak RSS is that run's own: load time from a warm page cache,
+   time to first token (vision tower + prefill of LLaVA's 632-token prompt with one 576-token image) for
+   FastV off, K=2 R=0.5 and K=2 R=0.75, the first run (weights paged in from the mapped files) apart from the
+   median of the rest, decode tokens/s, and peak RSS. Float weights take the dtype `auto` picks (printed).
 3. The float reference: the same model with float linears and --ref-layers decoder layers (fp32 7B does not
    fit in 24 GiB), timed the same way and scaled to the full depth per layer.
 4. --peer llama.cpp (needs `pip install gguf` and llama.cpp's llama-bench and llama-quantize, on PATH or in
@@ -126,7 +126,17 @@ def measure(path: Path, settings: list[str], repeats: int, decode_tokens: int, t
     return result
 
 
+def warm_page_cache(path: Path):
+    """Read every file of a checkpoint once, so that load times are those of a warm page cache (the GGUF files
+    of a previous --peer run are large enough to push a checkpoint out of it)."""
+    for file in sorted(path.iterdir()):
+        with open(file, "rb", buffering=0) as f:
+            while f.read(64 << 20):
+                pass
+
+
 def measure_in_child(path: Path, settings, args, dtype: str = "auto") -> dict:
+    warm_page_cache(path)
     cmd = [sys.executable, __file__, "--child", str(path), "--settings", *settings, "--repeats", str(args.repeats),
            "--decode-tokens", str(args.decode_tokens), "--threads", str(args.threads), "--dtype", dtype]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout

@@ -37,7 +37,8 @@ from .config import QuantConfig
 # Decoder linears that are quantized, by module name; everything else stays float.
 QUANTIZED = re.compile(r"llm\.(layers\.\d+\.(attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)|lm_head)")
 # Up to this many rows (tokens in a pass) the weight-only kernels win; above, the blockwise GEMM path does. The
-# crossovers measured (README table) lie at ~32-48 rows for int8 and ~100-150 for int4, with bf16 or fp32.
+# crossovers measured (README table) lie at 32-64 rows for int8, and for int4 at ~160 rows with bf16 and ~350
+# with fp32 on AVX2 kernels; prompts with an image have 600+ rows, decode steps one per sample.
 INT8_KERNEL_MAX_ROWS = 32
 INT4_KERNEL_MAX_ROWS = 128
 BLOCK_BYTES = 4 << 20      # a dequantized block of the weight this large stays in the caches of common CPUs
@@ -248,12 +249,11 @@ def quantize_model(model, quant: QuantConfig, *, pack: bool = True):
     if model.config.quant is not None:
         raise ValueError(f"the model is already quantized ({model.config.quant.method})")
     model.config = dataclasses.replace(model.config, quant=quant)  # validates group_size against the shapes
+    weights = {name: linear.weight for name, linear in quantized_modules(model)}
+    replace_linears(model, quant, device=model.device)
     for name, linear in quantized_modules(model):
-        q = LINEARS[quant.method](linear.in_features, linear.out_features, quant, device=linear.weight.device)
-        for suffix, tensor in quantize_weight(linear.weight, quant).items():
-            getattr(q, suffix).copy_(tensor)
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, q)
+        for suffix, tensor in quantize_weight(weights.pop(name), quant).items():
+            getattr(linear, suffix).copy_(tensor)
     if pack:
         pack_for_device(model)
     return model
