@@ -41,7 +41,8 @@ QUANTIZED = re.compile(r"llm\.(layers\.\d+\.(attn\.[qkvo]_proj|mlp\.(gate|up|dow
 # with fp32 on AVX2 kernels; prompts with an image have 600+ rows, decode steps one per sample.
 INT8_KERNEL_MAX_ROWS = 32
 INT4_KERNEL_MAX_ROWS = 128
-BLOCK_BYTES = 4 << 20      # a dequantized block of the weight this large stays in the caches of common CPUs
+BLOCK_BYTES = 4 << 20      # a dequantized block of the weight this large stays in the caches of common CPUs...
+MIN_BLOCK_ROWS = 256       # ...but a GEMM with fewer output columns runs below peak (down_proj, 11008 wide)
 SCALE_FLOOR = 1e-30        # a scale for all-zero rows and groups (any positive value reproduces zeros)
 
 
@@ -111,7 +112,7 @@ class QuantLinear(nn.Module):
     def blockwise_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, in] @ weight.T, dequantizing a block of output channels at a time while it is in cache."""
         unit = self.row_block()
-        step = max(16, BLOCK_BYTES // (self.in_features * x.element_size()))
+        step = max(MIN_BLOCK_ROWS, BLOCK_BYTES // (self.in_features * x.element_size()))
         step = max(unit, step // unit * unit)
         out = x.new_empty(x.shape[0], self.out_features)
         for start in range(0, self.out_features, step):
