@@ -11,9 +11,10 @@
    median of the rest, decode tokens/s, and peak RSS. Float weights take the dtype `auto` picks (printed).
 3. The float reference: the same model with float linears and --ref-layers decoder layers (fp32 7B does not
    fit in 24 GiB), timed the same way and scaled to the full depth per layer.
-4. --peer llama.cpp (needs `pip install gguf` and llama.cpp's llama-bench and llama-quantize, on PATH or in
-   --peer-bin): the same decoder as a GGUF with random weights, quantized by llama-quantize to Q8_0 and Q4_0
-   and timed by llama-bench (prompt of 632 tokens, 16 generated) with the same threads, in the same run.
+4. --peer llama.cpp (needs the gguf package, `pip install -e ".[peer]"`, and llama.cpp's llama-bench and
+   llama-quantize, on PATH or in --peer-bin): the same decoder as a GGUF with random weights, quantized by
+   llama-quantize to Q8_0 and Q4_0 and timed by llama-bench (prompt of 632 tokens, 16 generated) with the
+   same threads, in the same run.
    llama.cpp's figure is the decoder alone, without a vision tower.
 """
 

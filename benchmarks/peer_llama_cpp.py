@@ -29,8 +29,12 @@ def find_tool(name: str, bin_dir: str | None) -> Path:
 
 def write_gguf(path: Path, layers: int, log):
     """A LLaMA decoder with random F16 weights (norms 1, F32) and a stand-in vocabulary, streamed to disk."""
-    import gguf
-    import numpy as np
+    try:
+        import gguf
+        import numpy as np
+    except ImportError as e:
+        raise SystemExit(f"--peer llama.cpp writes a GGUF file and needs the gguf package ({e}): "
+                         'pip install -e ".[peer]"') from None
 
     d, ffn, heads, vocab = LLAMA_7B["dim"], LLAMA_7B["ffn"], LLAMA_7B["heads"], LLAMA_7B["vocab"]
     shapes = [("token_embd.weight", (vocab, d))]

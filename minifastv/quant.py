@@ -109,11 +109,15 @@ class QuantLinear(nn.Module):
         """dequantize_rows takes row ranges in multiples of this."""
         return 1
 
+    def block_rows(self, dtype: torch.dtype) -> int:
+        """Output channels dequantized at a time by blockwise_matmul for activations of `dtype`."""
+        unit = self.row_block()
+        step = max(MIN_BLOCK_ROWS, BLOCK_BYTES // (self.in_features * dtype.itemsize))
+        return max(unit, step // unit * unit)
+
     def blockwise_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, in] @ weight.T, dequantizing a block of output channels at a time while it is in cache."""
-        unit = self.row_block()
-        step = max(MIN_BLOCK_ROWS, BLOCK_BYTES // (self.in_features * x.element_size()))
-        step = max(unit, step // unit * unit)
+        step = self.block_rows(x.dtype)
         out = x.new_empty(x.shape[0], self.out_features)
         for start in range(0, self.out_features, step):
             end = min(start + step, self.out_features)
