@@ -12,26 +12,15 @@ import argparse
 import copy
 import sys
 
-import minifastv
-from minifastv import FastV, theoretical_flops
+from minifastv import FastV, RandomDrop
 from minifastv.config import QuantConfig
+from minifastv.pipeline import Pipeline
 from minifastv.quant import quantize_model
 from minifastv.plot import line_plot
-from minifastv.shapes import QUESTION_TYPES, evaluate, make_batch, majority_baseline
+from minifastv.shapes import QUESTION_TYPES, evaluate, majority_baseline
 
 GRID_K, GRID_R = (1, 2), (0.25, 0.5, 0.75)
 INT4_GROUP = 32  # the tiny decoder's MLP is 352 wide: 32 is the largest kernel group size that divides it
-
-
-def relative_flops(model, fastv, n: int) -> float:
-    """Theoretical prefill FLOPs relative to no pruning, averaged over the evaluated prompts."""
-    _, mask, _, _ = make_batch(model, "heldout", range(n))
-    n_image = model.config.vision.n_patches
-    ratios = []
-    for length in (mask.sum(1) + n_image - 1).tolist():  # the placeholder widens into n_image slots
-        pruned, full = theoretical_flops(model.config.text, length, n_image, fastv)
-        ratios.append(pruned / full)
-    return sum(ratios) / len(ratios)
 
 
 def plot(rows, path: str):
@@ -54,12 +43,14 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", help="float dtype (default float32, which the tables were made "
                                                       "with; auto picks bf16 on CPUs with native bf16)")
     args = p.parse_args(argv)
-    model = minifastv.load(args.model, dtype=args.dtype)
-    base = evaluate(model, args.n)
-    blind = evaluate(model, args.n, blank_images=True)
+    pipe = Pipeline.load(args.model, dtype=args.dtype)
+    model = pipe.model
+    base = evaluate(pipe, args.n)
+    blind = evaluate(pipe, args.n, blank_images=True)
     majority = majority_baseline(args.n)
-    int8 = evaluate(quantize_model(copy.deepcopy(model), QuantConfig("int8")), args.n)
-    int4 = evaluate(quantize_model(copy.deepcopy(model), QuantConfig("int4", INT4_GROUP)), args.n)
+    int8 = evaluate(Pipeline(quantize_model(copy.deepcopy(model), QuantConfig("int8")), pipe.tokenizer), args.n)
+    int4 = evaluate(Pipeline(quantize_model(copy.deepcopy(model), QuantConfig("int4", INT4_GROUP)), pipe.tokenizer),
+                    args.n)
     print(f"held-out accuracy, {args.n} examples, FastV off")
     print("| | " + " | ".join(QUESTION_TYPES) + " | all |\n|---|" + "---|" * (len(QUESTION_TYPES) + 1))
     for name, acc in (("model", base), ("model, blank image", blind), ("majority answer", majority),
@@ -69,11 +60,9 @@ def main(argv=None) -> int:
     rows = [{"method": "full", "k": "-", "r": 0.0, "flops": 1.0, "acc": base["all"]}]
     for k in GRID_K:
         for r in GRID_R:
-            for rank in ("attention", "random"):
-                fastv = FastV(k, r, rank=rank)
-                rows.append({"method": f"{'FastV' if rank == 'attention' else 'random'} K={k}", "k": k, "r": r,
-                             "flops": relative_flops(model, fastv, args.n),
-                             "acc": evaluate(model, args.n, fastv=fastv)["all"]})
+            for name, method in (("FastV", FastV(k, r)), ("random", RandomDrop(k, r))):
+                acc = evaluate(pipe, args.n, prune=method)
+                rows.append({"method": f"{name} K={k}", "k": k, "r": r, "flops": acc["flops"], "acc": acc["all"]})
     print(f"\nFastV grid, {args.n} held-out examples")
     print("| K | R | relative FLOPs | FastV accuracy | random-drop accuracy |\n|---|---|---|---|---|")
     print(f"| - | 0 | 100.0% | {base['all']:.1%} | {base['all']:.1%} |")

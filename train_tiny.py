@@ -19,31 +19,34 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, trainers
 
 import minifastv
-from minifastv import LlavaConfig, LlavaModel, Tokenizer, chat_prompt, preprocess
+from minifastv import LlavaConfig, LlavaModel, Tokenizer, chat_prompt
+from minifastv.inputs import Batch, conversations
+from minifastv.pipeline import Pipeline
 from minifastv.shapes import conversation, corpus, draw, evaluate
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<image>"]  # ids 0..3: pad/unk, BOS, EOS, the image placeholder
 
 
-def build_tokenizer() -> HFTokenizer:
+def build_tokenizer() -> Tokenizer:
     """A word-level tokenizer over the task's text: every answer is one token."""
     tok = HFTokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     texts = corpus() + [chat_prompt("x")]
     tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=SPECIALS))
-    return tok
+    text = LlavaConfig.from_name("tiny").text
+    return Tokenizer(tok, bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id,
+                     image_token_id=tok.token_to_id("<image>"))
 
 
-def build_model(tok: HFTokenizer, seed: int) -> LlavaModel:
+def build_model(tok: Tokenizer, seed: int) -> LlavaModel:
     base = LlavaConfig.from_name("tiny")
-    vocab = -(-tok.get_vocab_size() // 8) * 8
+    vocab = -(-tok.vocab_size // 8) * 8
     config = dataclasses.replace(base, text=dataclasses.replace(base.text, vocab_size=vocab),
-                                 image_token_id=tok.token_to_id("<image>"))
+                                 image_token_id=tok.image_token_id)
     torch.manual_seed(seed)
     model = LlavaModel(config)
     with torch.no_grad():  # small normal init everywhere; norms start at 1, biases at 0
@@ -54,55 +57,32 @@ def build_model(tok: HFTokenizer, seed: int) -> LlavaModel:
                 p.zero_()
             else:
                 p.normal_(0.0, 0.02)
-    t = config.text
-    model.tokenizer = Tokenizer(tok, bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id,
-                                image_token_id=config.image_token_id)
     return model
 
 
-def training_batch(model: LlavaModel, indices):
+def training_batch(pipe: Pipeline, indices) -> Batch:
     """Multi-turn dialogues as LLaVA trains: "<system> USER: <image>\\n q1 ASSISTANT: a1 </s> USER: q2 ASSISTANT:
     a2 </s> ...", so one image serves several questions. The first turn is exactly the single-turn prompt the
-    model is evaluated on. Returns left-padded ids, mask, pixels and labels [B, T] (-100 except on answers
-    and their EOS)."""
-    cfg, tok = model.config, model.tokenizer
-    eos, size = cfg.text.eos_token_id, cfg.vision.image_size
-    rows, labels, images = [], [], []
+    model is evaluated on. Labels are the answers and their EOS (inputs.encode_conversation)."""
+    size = pipe.model.config.vision.image_size
+    dialogues = []
     for i in indices:
         items, turns = conversation("train", i)
-        ids, lab = [], []
-        for t, (question, answer) in enumerate(turns):
-            prompt = tok.encode_prompt(chat_prompt(question)) if t == 0 else \
-                tok.tok.encode(f"USER: {question} ASSISTANT:", add_special_tokens=False).ids
-            target = tok.tok.encode(answer, add_special_tokens=False).ids + [eos]
-            ids += prompt + target
-            lab += [-100] * len(prompt) + target
-        rows.append(ids)
-        labels.append(lab)
-        images.append(preprocess(draw(items, size), size, cfg.image_mode, cfg.image_mean, cfg.image_std))
-    T = max(map(len, rows))
-    pad = [T - len(r) for r in rows]
-    return (torch.tensor([[cfg.text.pad_token_id] * p + r for p, r in zip(pad, rows)]),
-            torch.tensor([[0] * p + [1] * len(r) for p, r in zip(pad, rows)]),
-            torch.stack(images),
-            torch.tensor([[-100] * p + lab for p, lab in zip(pad, labels)]))
+        dialogues.append(([draw(items, size)], turns))
+    return conversations(pipe.tokenizer, pipe.model.config, dialogues)
 
 
-def answer_loss(model, ids, mask, pixels, labels):
-    """Next-token cross-entropy on the labelled tokens. Every row has one image, before all its answers, so
-    a token at text position t sits at merged position t + n_patches - 1."""
-    logits = model(ids, pixels, attention_mask=mask)                   # B, T + n_patches - 1, V
-    shift = model.config.vision.n_patches - 1
-    merged = torch.full(logits.shape[:2], -100, dtype=torch.long)
-    merged[:, shift:] = labels
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), merged[:, 1:].flatten(), ignore_index=-100)
+def batch_loss(pipe: Pipeline, batch: Batch) -> torch.Tensor:
+    return pipe.model.loss(batch.input_ids, batch.pixel_values, batch.labels, attention_mask=batch.attention_mask)
 
 
 def train(steps: int, seed: int, batch_size: int = 32, lr: float = 2e-3, log_every: int = 50, eval_every: int = 0,
-          log=lambda msg: print(msg, flush=True)) -> LlavaModel:
+          log=lambda msg: print(msg, flush=True)) -> Pipeline:
     """Train from scratch; every eval_every steps (0: never) also log held-out accuracy on 100 examples."""
     torch.manual_seed(seed)
-    model = build_model(build_tokenizer(), seed)
+    tok = build_tokenizer()
+    model = build_model(tok, seed)
+    pipe = Pipeline(model, tok)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, min(200, steps // 10))
@@ -112,9 +92,9 @@ def train(steps: int, seed: int, batch_size: int = 32, lr: float = 2e-3, log_eve
     for step in range(steps):
         # Each step sees fresh examples: index streams are disjoint per seed.
         first = (seed * 10_000_000) + step * batch_size
-        ids, mask, pixels, labels = training_batch(model, range(first, first + batch_size))
+        batch = training_batch(pipe, range(first, first + batch_size))
         opt.zero_grad(set_to_none=True)
-        loss = answer_loss(model, ids, mask, pixels, labels)
+        loss = batch_loss(pipe, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -127,10 +107,13 @@ def train(steps: int, seed: int, batch_size: int = 32, lr: float = 2e-3, log_eve
                 f"elapsed {elapsed:.0f}s  eta {per_step * (steps - step - 1):.0f}s")
             recent = []
         if eval_every and (step + 1) % eval_every == 0:
-            acc = evaluate(model.eval(), 100)
+            model.eval()
+            acc = evaluate(pipe, 100)
             model.train()
-            log(f"step {step + 1}  held-out accuracy " + "  ".join(f"{k} {v:.0%}" for k, v in acc.items()))
-    return model.eval()
+            log(f"step {step + 1}  held-out accuracy " + "  ".join(f"{k} {v:.0%}" for k, v in acc.items()
+                                                               if k != "flops"))
+    model.eval()
+    return pipe
 
 
 def main(argv=None) -> int:
@@ -151,8 +134,8 @@ def main(argv=None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = train(args.steps, args.seed, args.batch_size, args.lr, eval_every=args.eval_every)
-    minifastv.save(model, args.out, overwrite=args.force)
+    pipe = train(args.steps, args.seed, args.batch_size, args.lr, eval_every=args.eval_every)
+    minifastv.save(pipe.model, pipe.tokenizer, args.out, overwrite=args.force)
     print(f"wrote {args.out}")
     return 0
 

@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 import minifastv  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
-from minifastv import FastV, KVCache, LlavaConfig, LlavaModel, theoretical_flops  # noqa: E402
-from minifastv.generate import stream  # noqa: E402
+from minifastv import FastV, KVCache, LlavaConfig, LlavaModel  # noqa: E402
+from minifastv.generate import generate, stream  # noqa: E402
 from minifastv.convert import map_key  # noqa: E402
 
 
@@ -75,9 +75,9 @@ def prompt(config: LlavaConfig, n_system: int = 35, n_question: int = 20):
     return torch.tensor([ids]), pixels
 
 
-def model_flops(config: LlavaConfig, n: int, fastv: FastV | None) -> float:
-    """Matmul FLOPs of one prefill: vision tower + projector + decoder (attention counted in full, GQA-exact)
-    + lm_head on the last token."""
+def model_flops(config: LlavaConfig, layer_tokens: list[int]) -> float:
+    """Matmul FLOPs of one prefill whose decoder layers ran on layer_tokens (Prefill.layer_tokens): vision
+    tower + projector + decoder (attention counted in full, GQA-exact) + lm_head on the last token."""
     v, t = config.vision, config.text
     N = v.n_patches + 1
     vision = v.n_used_layers * (2 * N * 4 * v.dim**2 + 4 * N * N * v.dim + 4 * N * v.dim * v.intermediate_size)
@@ -87,13 +87,7 @@ def model_flops(config: LlavaConfig, n: int, fastv: FastV | None) -> float:
     def layer(m):
         return 2 * m * t.dim * (2 * t.dim + 2 * kv) + 4 * m * m * t.dim + 6 * m * t.dim * t.intermediate_size
 
-    n_image = v.n_patches
-    if fastv is None or fastv.k >= t.n_layers:
-        decoder = t.n_layers * layer(n)
-    else:
-        kept = n - n_image + fastv.n_kept(n_image)
-        decoder = fastv.k * layer(n) + (t.n_layers - fastv.k) * layer(kept)
-    return vision + decoder + 2 * t.dim * t.vocab_size
+    return vision + sum(layer(m) for m in layer_tokens) + 2 * t.dim * t.vocab_size
 
 
 def timed(generate_fn, repeats: int) -> tuple[float, float]:
@@ -109,10 +103,10 @@ def timed(generate_fn, repeats: int) -> tuple[float, float]:
     return statistics.median(prefills), statistics.median(rates)
 
 
-def minifastv_generate(model, ids, pixels, n: int, fastv=None):
+def minifastv_generate(model, ids, pixels, n: int, prune=None):
     def run(on_token):
         with torch.inference_mode():
-            for _ in stream(model, ids, pixels, max_new_tokens=n, fastv=fastv):
+            for _ in stream(model, ids, pixels, max_new_tokens=n, prune=prune):
                 on_token()
     return run
 
@@ -127,10 +121,10 @@ def bench_fastv(model, ids, pixels, repeats: int, decode_tokens: int):
         t_prefill, decode = timed(minifastv_generate(model, ids, pixels, decode_tokens, fastv), repeats)
         with torch.inference_mode():
             cache = KVCache(cfg.text.n_layers, extra=decode_tokens)
-            model.prefill(ids, pixels, fastv=fastv, cache=cache, last_only=True)
-        pruned, full = theoretical_flops(cfg.text, n, n_image, fastv)
-        rows.append(dict(ratio=ratio, kept=fastv.n_kept(n_image) if fastv else n_image, theory=pruned / full,
-                         prefill=t_prefill, decode=decode, cache=cache.nbytes(), flops=model_flops(cfg, n, fastv)))
+            pre = model.prefill(ids, pixels, prune=fastv, cache=cache, last_only=True)
+        rows.append(dict(ratio=ratio, kept=len(pre.kept_image_slots()[0]), theory=pre.flops[0] / pre.flops_unpruned[0],
+                         prefill=t_prefill, decode=decode, cache=cache.nbytes(),
+                         flops=model_flops(cfg, pre.layer_tokens[0].tolist())))
     base = rows[0]
     print(f"\nFastV K=2, prompt of {n} tokens ({n_image} image tokens), decode {decode_tokens} tokens")
     print("theoretical: the paper's decoder-only formula; model FLOPs: every matmul, vision tower included")
@@ -223,7 +217,7 @@ def bench_transformers(model, ids, pixels, repeats: int, decode_tokens: int):
         print(f"| {name} | {prefill * 1e3:.1f} | {decode:.2f} |")
     (p_ours, d_ours), (p_hf, d_hf) = results["minifastv"], results["transformers"]
     print(f"| minifastv speedup | {p_hf / p_ours:.2f}x | {d_ours / d_hf:.2f}x |")
-    ours = model.generate(ids, pixels, max_new_tokens=8)[0].tolist()
+    ours = generate(model, ids, pixels, max_new_tokens=8)[0].tolist()
     same = ours == hf_generate(8)[0, expanded.shape[1]:].tolist()
     print(f"greedy tokens identical over 8 steps: {same}")
 

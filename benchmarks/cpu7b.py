@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 import minifastv  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
 from minifastv import FastV, LlavaConfig  # noqa: E402
-from minifastv.checkpoint import CONFIG, TOKENIZER, ShardWriter, publish, staging_dir  # noqa: E402
+from minifastv.checkpoint import CONFIG, TOKENIZER  # noqa: E402
+from minifastv.files import ShardWriter, staged  # noqa: E402
 from minifastv.config import QuantConfig  # noqa: E402
 from minifastv.generate import stream  # noqa: E402
 from minifastv.llava import empty_model  # noqa: E402
@@ -68,8 +68,7 @@ def build_checkpoint(path: Path, config: LlavaConfig, log) -> Path:
         return path
     start, g = time.perf_counter(), torch.Generator().manual_seed(0)
     float_config = dataclasses.replace(config, quant=None)
-    tmp = staging_dir(path, overwrite=True)
-    try:
+    with staged(path, True) as tmp:
         writer = ShardWriter(tmp)
         for name, meta in empty_model(float_config).state_dict().items():
             if "norm" in name and name.endswith("weight"):
@@ -81,10 +80,6 @@ def build_checkpoint(path: Path, config: LlavaConfig, log) -> Path:
         writer.close()
         (tmp / CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         write_tokenizer(tmp / TOKENIZER)
-        publish(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"built {path} in {time.perf_counter() - start:.0f} s")
     return path
 
@@ -114,15 +109,15 @@ def measure(path: Path, settings: list[str], repeats: int, decode_tokens: int, t
         runs = []
         for _ in range(repeats + 1):
             stamps = [time.perf_counter()]
-            for _ in stream(model, ids, pixels, max_new_tokens=decode_tokens, fastv=SETTINGS[name]):
+            run = stream(model, ids, pixels, max_new_tokens=decode_tokens, prune=SETTINGS[name])
+            for _ in run:
                 stamps.append(time.perf_counter())
             runs.append((stamps[1] - stamps[0], (len(stamps) - 2) / (stamps[-1] - stamps[1])))
-        pre = model.prefill(ids, pixels, fastv=SETTINGS[name], last_only=True)
         result["settings"][name] = {
             "first_ttft_s": runs[0][0], "ttft_s": statistics.median(r[0] for r in runs[1:]),
             "ttft_spread_s": max(r[0] for r in runs[1:]) - min(r[0] for r in runs[1:]),
             "decode_tok_s": statistics.median(r[1] for r in runs[1:]),
-            "kept": len(pre.kept_image_slots()[0])}
+            "kept": len(run.prefill.kept_image_slots()[0])}
     result["peak_rss"] = peak_rss_bytes()
     return result
 

@@ -9,7 +9,7 @@ import torch
 from einops import rearrange
 from PIL import Image, ImageDraw
 
-from .llama import rope_cos_sin
+from .llama import attention_mask, rope_cos_sin
 
 SEGMENTS = ("system", "image", "instruction")
 
@@ -45,7 +45,7 @@ def attention_shares(model, input_ids, pixel_values) -> list[dict[str, list[floa
         probs = scores.masked_fill(~causal, float("-inf")).softmax(-1).mean(dim=(0, 1))   # Q, T
         shares = torch.zeros(len(queries), 3).index_add_(1, segment, probs)               # Q, 3
         out.append({"last": shares[-1].tolist(), "instruction": shares.mean(0).tolist()})
-        x, _ = layer(x, cos, sin, valid)
+        x, _ = layer(x, cos, sin, valid, attention_mask(valid, T))
     return out
 
 

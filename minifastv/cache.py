@@ -17,6 +17,7 @@ class LayerCache:
         self.extra = extra
         self.k = self.v = self.valid = None
         self.length = 0
+        self.segment = 0  # the stretch of layers between pruning stages it belongs to (one attention mask each)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor):
         """Append k, v [B, H, T, D] and valid [B, T]; return everything cached so far."""
@@ -34,6 +35,11 @@ class LayerCache:
         self.valid[:, start:end] = valid
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end], self.valid[:, :end]
+
+
+    def valid_after(self, valid: torch.Tensor) -> torch.Tensor:
+        """The key validity [B, S] that update(..., valid) will return, without writing anything."""
+        return valid if self.valid is None else torch.cat((self.valid[:, :self.length], valid), dim=1)
 
 
 class KVCache:

@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from .config import INT4_GROUP_SIZES, QUANT_METHODS
 from .machine import DTYPES, physical_cores
@@ -19,76 +18,52 @@ SAMPLES = ROOT / "samples"
 DEFAULT_GROUP_SIZE = 128
 
 
-def model_inputs(model, images, question: str):
-    """The single-turn prompt ids [1, T] and preprocessed pixels [n, 3, S, S] for a question about images."""
-    from .image import preprocess
-    from .tokenizer import chat_prompt
+def pruner_from_args(args, default=None):
+    """The pruning method the command line asks for: --prune NAME with --prune-ratio/--prune-k/--prune-seed,
+    or FastV's own spelling --fastv-k K [--fastv-ratio R]; `default` when neither is given (and the method
+    that --prune-* settings alone apply to)."""
+    from .pruning import METHODS, FastV, make
 
-    if not question.strip():
-        raise ValueError("the prompt is empty: pass the question with --prompt")
-    cfg = model.config
-    pixels = torch.stack([preprocess(im, cfg.vision.image_size, cfg.image_mode, cfg.image_mean, cfg.image_std)
-                          for im in images])
-    return torch.tensor([model.tokenizer.encode_prompt(chat_prompt(question, n_images=len(images)))]), pixels
-
-
-def answer(model, image_paths, question: str, fastv=None, max_new_tokens: int = 64, temperature: float = 0.0,
-           on_token=None) -> dict:
-    """Answer `question` about the images; returns the text, the kept image-token count, the theoretical
-    prefill FLOPs ratio and the time taken. on_token(text) is called with each new piece of the answer; the
-    pieces join to exactly the decoded answer (subwords and multi-byte characters included)."""
-    from .fastv import theoretical_flops
-    from .generate import stream
-    from .image import load_image
-
-    cfg, tok = model.config, model.tokenizer
-    ids, pixels = model_inputs(model, [load_image(p) for p in image_paths], question)
-    text = tok.text_stream()
-    start, out, first = time.perf_counter(), [], None
-    for tokens, _ in stream(model, ids, pixels, max_new_tokens=max_new_tokens, fastv=fastv,
-                            temperature=temperature, eos_token_id=cfg.text.eos_token_id):
-        if first is None:  # the prefill produced the first token
-            first, n_steps = time.perf_counter(), 0
-        else:
-            n_steps += 1
-        if int(tokens[0]) == cfg.text.eos_token_id:
-            break
-        out.append(int(tokens[0]))
-        piece = text.push(out[-1])
-        if on_token is not None and piece:
-            on_token(piece)
-    end = time.perf_counter()
-    n_image = len(image_paths) * cfg.vision.n_patches
-    n_prompt = ids.shape[1] - len(image_paths) + n_image
-    pruned, full = theoretical_flops(cfg.text, n_prompt, n_image, fastv)
-    kept = fastv.n_kept(n_image) if fastv is not None and fastv.k < cfg.text.n_layers else n_image
-    return {"text": tok.decode(out), "n_image": n_image, "kept": kept, "flops": pruned / full,
-            "prefill": first - start, "decode": end - first, "decode_steps": n_steps}
+    prune_opts = [f"--prune-{n}" for n in ("ratio", "k", "seed") if getattr(args, f"prune_{n}") is not None]
+    fastv_opts = [f"--fastv-{n}" for n in ("k", "ratio") if getattr(args, f"fastv_{n}") is not None]
+    if fastv_opts and (args.prune is not None or prune_opts):
+        raise ValueError(f"{' and '.join(fastv_opts)} spell FastV's settings; with --prune use --prune-ratio "
+                         "and --prune-k")
+    name = args.prune
+    if name is None and prune_opts:
+        if default is None:
+            raise ValueError(f"{', '.join(prune_opts)} given without --prune NAME (the pruning method)")
+        name = next(key for key, cls in METHODS.items() if type(default) is cls)
+    if name is not None:
+        return make(name, 0.5 if args.prune_ratio is None else args.prune_ratio, args.prune_k, args.prune_seed)
+    if args.fastv_k is None and args.fastv_ratio is not None and default is None:
+        raise ValueError("--fastv-ratio needs --fastv-k (the layer FastV prunes after; the paper's is 2)")
+    if fastv_opts:
+        k, ratio = 2 if args.fastv_k is None else args.fastv_k, 0.5 if args.fastv_ratio is None else args.fastv_ratio
+        return FastV(k, ratio)
+    return default
 
 
-def summary(r: dict) -> str:
-    n, t = r["decode_steps"], r["decode"]
-    decode = f", decode {n} steps in {t * 1e3:.0f} ms ({n / t:.1f} tokens/s)" if n else ""
-    return (f"image tokens kept {r['kept']}/{r['n_image']}, theoretical prefill FLOPs {r['flops']:.1%}, "
-            f"prefill {r['prefill'] * 1e3:.0f} ms{decode}")
+def describe(method) -> str:
+    """'FastV K=2 R=0.5': the method and its settings."""
+    from dataclasses import fields
+
+    names = {"k": "K", "ratio": "R"}
+    return type(method).__name__ + "".join(f" {names.get(f.name, f.name)}={getattr(method, f.name)}"
+                                            for f in fields(method))
 
 
-def fastv_from_args(args):
-    from .fastv import FastV
-
-    return None if args.fastv_k is None else FastV(args.fastv_k, args.fastv_ratio)
-
-
-def load_model(args):
+def load_pipeline(args):
     """Threads, device and dtype from the command line, then the checkpoint; says what it chose on stderr."""
-    from .checkpoint import load
     from .machine import peak_rss_bytes, resolve_device, resolve_dtype, set_threads
+    from .pipeline import Pipeline
 
     threads = set_threads(args.threads)
     device = resolve_device(args.device)
     dtype, why = resolve_dtype(args.dtype, device)
     start = time.perf_counter()
-    model = load(args.model, dtype=dtype, device=device, check=args.check_weights)
+    pipe = Pipeline.load(args.model, dtype=dtype, device=device, check=args.check_weights)
+    model = pipe.model
     seconds, rss = time.perf_counter() - start, peak_rss_bytes()
     quant = model.config.quant
     print(f"{args.model}: {'float' if quant is None else quant.method} decoder linears, "
@@ -96,46 +71,49 @@ def load_model(args):
           + (f", {threads} threads" if device.type == "cpu" else "")
           + f"; loaded in {seconds:.2f} s" + ("" if rss is None else f", peak RSS {rss / 2**30:.2f} GiB"),
           file=sys.stderr)
-    return model
+    return pipe
 
 
 def cmd_generate(args):
-    model = load_model(args)
-    r = answer(model, args.image, args.prompt, fastv_from_args(args), args.max_new_tokens, args.temperature,
-               on_token=lambda t: print(t, end="", flush=True))
+    method = pruner_from_args(args)
+    pipe = load_pipeline(args)
+    r = pipe.answer(args.image, args.prompt, prune=method, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, on_text=lambda t: print(t, end="", flush=True))
     print()
-    print(summary(r))
+    print(r.summary())
 
 
 def cmd_demo(args):
-    """Each sample image's question answered by the model, with FastV off and on."""
-    from .fastv import FastV
+    """Each sample image's question answered by the model, unpruned and pruned (FastV K=2, R=0.5 unless asked)."""
+    from .pruning import FastV
 
-    model = load_model(args)
+    method = pruner_from_args(args, default=FastV(2, 0.5))
+    pipe = load_pipeline(args)
     samples = json.loads((SAMPLES / "questions.json").read_text())
-    fastv = FastV(args.fastv_k, args.fastv_ratio)
     for s in samples:
         print(f"\n{s['image']}: {s['question']}  (expected: {s['answer']})")
-        for name, f in (("FastV off", None), (f"FastV K={fastv.k} R={fastv.ratio}", fastv)):
-            r = answer(model, [SAMPLES / s["image"]], s["question"], f, max_new_tokens=4)
-            print(f"  {name:<18} -> {r['text']:<10} {summary(r)}")
+        for name, m in (("unpruned", None), (describe(method), method)):
+            r = pipe.answer([SAMPLES / s["image"]], s["question"], prune=m, max_new_tokens=4)
+            print(f"  {name:<18} -> {r.text:<10} {r.summary()}")
 
 
 def cmd_analyze(args):
-    """Attention shares per layer (table + PNG) and the patches FastV keeps (PNG)."""
+    """Attention shares per layer (table + PNG) and the patches a pruning method keeps (PNG)."""
     from .analyze import SEGMENTS, attention_shares, kept_patches_picture
-    from .fastv import FastV
+    from .pruning import FastV
     from .image import load_image, model_view
     from .plot import line_plot
 
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out}: --out-dir is a file, not a directory")
+    method = pruner_from_args(args, default=FastV(2, 0.5))
     out.mkdir(parents=True, exist_ok=True)
-    model = load_model(args)
-    cfg = model.config
+    pipe = load_pipeline(args)
+    model, cfg = pipe.model, pipe.model.config
     image = load_image(args.image)
-    ids, pixels = model_inputs(model, [image], args.prompt)
+    batch = pipe.inputs([image], args.prompt)
+    ids, pixels = batch.input_ids, batch.pixel_values
     shares = attention_shares(model, ids, pixels)
     print("share of attention, head-averaged: last prompt token | mean over instruction tokens")
     print("| layer | " + " | ".join(f"last->{s}" for s in SEGMENTS) + " | " +
@@ -146,14 +124,13 @@ def cmd_analyze(args):
               for who, key in (("last", "last"), ("instr", "instruction")) for j, seg in enumerate(SEGMENTS)}
     line_plot(series, out / "attention_shares.png", xlabel="layer", ylabel="share of attention",
               ylim=(0.0, 1.0), percent_y=True)
-    fastv = FastV(args.fastv_k, args.fastv_ratio)
-    pre = model.prefill(ids, pixels, fastv=fastv)
+    pre = model.prefill(ids, pixels, prune=method)
     first = int(pre.image_mask[0].nonzero()[0])
     kept = [s - first for s in pre.kept_image_slots()[0]]
     view = model_view(image, cfg.vision.image_size, cfg.image_mode, cfg.image_mean)
     grid = cfg.vision.image_size // cfg.vision.patch_size
     kept_patches_picture(view, grid, kept, scale=max(1, 384 // cfg.vision.image_size)).save(out / "kept_patches.png")
-    print(f"\nFastV K={fastv.k} R={fastv.ratio} keeps {len(kept)} of {grid * grid} patches")
+    print(f"\n{describe(method)} keeps {len(kept)} of {grid * grid} patches")
     print(f"wrote {out / 'attention_shares.png'} and {out / 'kept_patches.png'}")
 
 
@@ -230,10 +207,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m minifastv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p, default_k=None):
+    def common(p, default_method="none"):
+        from .pruning import METHODS
+
         p.add_argument("--model", default=str(DEFAULT_MODEL), help="minifastv checkpoint directory")
-        p.add_argument("--fastv-k", type=int, default=default_k, help="prune after this layer (default: %(default)s)")
-        p.add_argument("--fastv-ratio", type=float, default=0.5, help="fraction of image tokens dropped")
+        p.add_argument("--prune", choices=list(METHODS),
+                       help=f"visual-token pruning method (default: {default_method})")
+        p.add_argument("--prune-ratio", type=float, help="fraction of image tokens dropped (default 0.5)")
+        p.add_argument("--prune-k", type=int, help="the layer the method prunes after, where it has one "
+                                                   "(default: the method's, 2)")
+        p.add_argument("--prune-seed", type=int, help="seed, for methods that draw at random (default 0)")
+        p.add_argument("--fastv-k", type=int, help="FastV's spelling: --prune fastv --prune-k K")
+        p.add_argument("--fastv-ratio", type=float, help="FastV's spelling: --prune-ratio R (with --fastv-k)")
         p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                        help="float weights' dtype; auto: bf16 where the CPU (or GPU) computes it natively, "
                             "else fp32 (default: %(default)s)")
@@ -252,11 +237,11 @@ def main(argv=None):
     g.set_defaults(run=cmd_generate)
 
     d = sub.add_parser("demo", help="the shipped tiny model on the sample images, with and without FastV")
-    common(d, default_k=2)
+    common(d, default_method="fastv K=2 R=0.5")
     d.set_defaults(run=cmd_demo)
 
     a = sub.add_parser("analyze", help="attention shares per layer and the patches FastV keeps, as tables and PNGs")
-    common(a, default_k=2)
+    common(a, default_method="fastv K=2 R=0.5")
     a.add_argument("--image", required=True, help="image file")
     a.add_argument("--prompt", required=True, help="the question")
     a.add_argument("--out-dir", default="analysis", help="where the PNG files go (default: %(default)s)")

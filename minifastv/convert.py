@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (CONFIG, PICKLED, SAFETENSORS, TOKENIZER, CheckpointError, ShardWriter, publish, read_json,
-                         read_tensors, staging_dir, weight_files)
+from .checkpoint import CONFIG, TOKENIZER
+from .files import PICKLED, SAFETENSORS, CheckpointError, ShardWriter, read_json, read_tensors, staged, weight_files
 from .config import ConfigError, LlavaConfig, QuantConfig, TextConfig, VisionConfig
 from .llava import empty_model
 from .machine import parse_dtype
@@ -254,8 +254,7 @@ def convert(src, out, *, vision_tower=None, dtype=None, tokenizer=None, force=Fa
     files = weight_files(src, (SAFETENSORS, PICKLED))
     tower_files = (files_or_none(tower) or []) if tower is not None else []  # a tower dir may hold only a config
     files += tower_files
-    tmp = staging_dir(out, force)
-    try:
+    with staged(out, force) as tmp:
         writer, seen = ShardWriter(tmp, max_shard_bytes), {}
         for i, file in enumerate(files, 1):
             start, count = time.perf_counter(), 0
@@ -286,10 +285,6 @@ def convert(src, out, *, vision_tower=None, dtype=None, tokenizer=None, force=Fa
         writer.close()
         (tmp / CONFIG).write_text(json.dumps(output_config.to_dict(), indent=2) + "\n")
         shutil.copyfile(tokenizer_file, tmp / TOKENIZER)
-        publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     quantized = "" if quant is None else f", decoder linears {quant.method}"
     log(f"wrote {out} ({len(seen)} tensors, {str(dtype).removeprefix('torch.')}{quantized})")
     return out

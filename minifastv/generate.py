@@ -1,4 +1,4 @@
-"""Generation: one prefill over the prompt (FastV prunes here, once), then one-token decode steps on the cache."""
+"""Generation: one prefill over the prompt (pruning happens here, once), then one-token decode steps on the cache."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from collections.abc import Iterator
 import torch
 
 from .cache import KVCache
-from .fastv import FastV
+from .llava import Prefill
+from .pruning import Pruner
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
@@ -34,40 +35,55 @@ def _check_args(max_new_tokens, temperature, top_p):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
-@torch.inference_mode()
-def stream(model, input_ids, pixel_values=None, *, max_new_tokens: int, attention_mask=None,
-           fastv: FastV | None = None, temperature: float = 0.0, top_p: float = 1.0,
-           eos_token_id: int | None = None, generator: torch.Generator | None = None
-           ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (tokens [B], logits [B, vocab]) for each generated position, stopping early once every sample
-    has produced eos_token_id. A finished sample keeps emitting eos_token_id."""
-    _check_args(max_new_tokens, temperature, top_p)
-    if attention_mask is not None and not attention_mask[:, -1].bool().all():
-        raise ValueError("generate needs left padding: attention_mask must be 1 at the last position of every row")
-    cache = KVCache(model.config.text.n_layers, extra=max_new_tokens)
-    pre = model.prefill(input_ids, pixel_values, attention_mask=attention_mask, fastv=fastv, cache=cache,
-                        last_only=True)
-    total = pre.valid.shape[1] + max_new_tokens
-    if total > model.config.text.max_seq_len:
-        raise ValueError(f"prompt ({pre.valid.shape[1]} tokens with images) + max_new_tokens ({max_new_tokens}) "
-                         f"exceeds the context of {model.config.text.max_seq_len}")
-    logits, position = pre.logits[:, -1], pre.next_position
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=logits.device)
-    for step in range(max_new_tokens):
-        tokens = sample(logits, temperature, top_p, generator)
-        if eos_token_id is not None:
-            tokens = tokens.masked_fill(done, eos_token_id)
-            done |= tokens == eos_token_id
-        yield tokens, logits
-        if bool(done.all()) or step == max_new_tokens - 1:
-            return
-        logits = model.decode_step(tokens, position, cache)
-        position = position + 1  # generated tokens continue the ORIGINAL positions, pruned or not
+class Stream:
+    """Iterating yields (tokens [B], logits [B, vocab]) for each generated position, stopping early once every
+    sample has produced eos_token_id (a finished sample keeps emitting it). Once the first token is out,
+    `prefill` holds the prompt pass's report: kept image slots, token counts and FLOPs (llava.Prefill)."""
+
+    def __init__(self, model, input_ids, pixel_values=None, *, max_new_tokens: int, attention_mask=None,
+                 prune: Pruner | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                 eos_token_id: int | None = None, generator: torch.Generator | None = None):
+        _check_args(max_new_tokens, temperature, top_p)
+        if attention_mask is not None and not attention_mask[:, -1].bool().all():
+            raise ValueError("generate needs left padding: attention_mask must be 1 at the last position of every row")
+        self.model, self.input_ids, self.pixel_values, self.attention_mask = model, input_ids, pixel_values, attention_mask
+        self.max_new_tokens, self.prune, self.eos_token_id = max_new_tokens, prune, eos_token_id
+        self.temperature, self.top_p, self.generator = temperature, top_p, generator
+        self.prefill: Prefill | None = None
+
+    @torch.inference_mode()
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        model, max_new = self.model, self.max_new_tokens
+        cache = KVCache(model.config.text.n_layers, extra=max_new)
+        pre = model.prefill(self.input_ids, self.pixel_values, attention_mask=self.attention_mask, prune=self.prune,
+                            cache=cache, last_only=True)
+        total = pre.valid.shape[1] + max_new
+        if total > model.config.text.max_seq_len:
+            raise ValueError(f"prompt ({pre.valid.shape[1]} tokens with images) + max_new_tokens ({max_new}) "
+                             f"exceeds the context of {model.config.text.max_seq_len}")
+        self.prefill = pre
+        logits, position = pre.logits[:, -1], pre.next_position
+        done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+        for step in range(max_new):
+            tokens = sample(logits, self.temperature, self.top_p, self.generator)
+            if self.eos_token_id is not None:
+                tokens = tokens.masked_fill(done, self.eos_token_id)
+                done |= tokens == self.eos_token_id
+            yield tokens, logits
+            if bool(done.all()) or step == max_new - 1:
+                return
+            logits = model.decode_step(tokens, position, cache)
+            position = position + 1  # generated tokens continue the ORIGINAL positions, pruned or not
+
+
+def stream(model, input_ids, pixel_values=None, **kwargs) -> Stream:
+    """Generation one position at a time; see Stream for the keyword arguments and what it yields."""
+    return Stream(model, input_ids, pixel_values, **kwargs)
 
 
 def generate(model, input_ids, pixel_values=None, *, max_new_tokens: int, return_logits: bool = False, **kwargs):
     """Generated ids [B, n_new] (n_new < max_new_tokens when every sample stopped at EOS); with return_logits,
-    also the logits that chose them [B, n_new, vocab]. Keyword arguments as in `stream`."""
+    also the logits that chose them [B, n_new, vocab]. Keyword arguments as in Stream."""
     steps = list(stream(model, input_ids, pixel_values, max_new_tokens=max_new_tokens, **kwargs))
     ids = torch.stack([tokens for tokens, _ in steps], dim=1)
     if return_logits:

@@ -2,10 +2,16 @@
 
 The decoder takes embeddings rather than token ids, because LLaVA splices image features into the
 sequence before the first layer. Every layer sees `positions` (rotary position of each slot) and `valid`
-(False at padding) explicitly: after FastV pruning the positions are no longer 0..T-1.
+(False at padding) explicitly: after pruning the positions are no longer 0..T-1.
+
+Pruning happens in Llama.forward, by one rule for every method (pruning/base.py): before a stage's layer,
+gather the kept slots' hidden states, rotary tables, validity and positions; later layers then cache and
+attend over the kept slots only.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +20,8 @@ from torch import nn
 
 from .cache import KVCache, LayerCache
 from .config import TextConfig
-from .fastv import FastV, last_token_attention, select_tokens
+from .pruning import PruneContext, Pruner, active_stages, keep_slots
+from .pruning.base import n_kept
 
 
 class RMSNorm(nn.Module):
@@ -63,6 +70,25 @@ def attention_mask(valid: torch.Tensor, n_queries: int):
     return (k_slot <= q_slot) & (valid[:, None, None, :] | (k_slot == q_slot))
 
 
+def last_token_attention(q_last: torch.Tensor, k: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Head-averaged attention probabilities of the last query over all keys, in fp32.
+
+    q_last [B, H, D], k [B, H_kv, S, D] (rotary already applied), valid [B, S]. Returns [B, S].
+    The last slot may attend to every earlier slot, so the causal mask reduces to the padding mask.
+    Cost: one row, O(S) per head, instead of the S x S matrix that eager attention would build.
+    """
+    H_kv, D = k.shape[1], k.shape[-1]
+    q = rearrange(q_last.float(), "b (hk g) d -> b hk g d", hk=H_kv)  # query head h uses kv head h // g
+    scores = torch.einsum("bhgd,bhsd->bhgs", q, k.float()) / math.sqrt(D)
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    return scores.softmax(dim=-1).mean(dim=(1, 2))
+
+
+def take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t [B, S] or [B, S, C] at slots index [B, L] -> [B, L] or [B, L, C]."""
+    return t.gather(1, index if t.ndim == 2 else index[..., None].expand(-1, -1, t.shape[-1]))
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -79,8 +105,10 @@ class Attention(nn.Module):
         v = rearrange(self.v_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def forward(self, x, cos, sin, valid, cache: LayerCache | None = None, need_last_row: bool = False):
-        """Returns the output [B, T, C] and, if asked, the last query's head-mean attention over all keys [B, S]."""
+    def forward(self, x, cos, sin, valid, mask, cache: LayerCache | None = None, need_last_row: bool = False):
+        """x [B, T, C] at slots with validity `valid` [B, T]; `mask` from attention_mask over the cached and new
+        slots. Returns the output [B, T, C] and, if asked, the last query's head-mean attention over all keys
+        [B, S]."""
         T = x.shape[1]
         q, k, v = self.project(x, cos, sin)
         if x.device.type == "cpu":
@@ -90,7 +118,6 @@ class Attention(nn.Module):
             q, k, v = q.float(), k.float(), v.float()
         if cache is not None:
             k, v, valid = cache.update(k, v, valid)                # now S >= T slots
-        mask = attention_mask(valid, T)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         row = last_token_attention(q[:, :, -1], k, valid) if need_last_row else None
@@ -116,8 +143,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, valid, cache=None, need_last_row=False):
-        h, row = self.attn(self.attn_norm(x), cos, sin, valid, cache, need_last_row)
+    def forward(self, x, cos, sin, valid, mask, cache=None, need_last_row=False):
+        h, row = self.attn(self.attn_norm(x), cos, sin, valid, mask, cache, need_last_row)
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), row
 
@@ -131,26 +158,37 @@ class Llama(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
-    def forward(self, x, positions, valid, cache: KVCache | None = None,
-                fastv: FastV | None = None, image_mask: torch.Tensor | None = None):
+    def forward(self, x, positions, valid, cache: KVCache | None = None, prune: Pruner | None = None,
+                image_mask: torch.Tensor | None = None):
         """Run the decoder on embeddings x [B, T, C] at `positions` [B, T], with `valid` [B, T] False at padding.
 
-        With `fastv` (prefill only), layers >= fastv.k run on the kept slots. Returns the final-norm hidden
-        states [B, T', C], `keep` [B, T'] (the input slot of each output slot; None without pruning) and the
-        validity of the output slots [B, T'].
+        With `prune` (prefill only; `image_mask` [B, T] marks the image slots), each stage's layer and the
+        layers after it run on the kept slots. Returns the final-norm hidden states [B, T', C], `slots` [B, T']
+        (the input slot of each output slot; None when nothing was pruned), the validity of the output slots
+        [B, T'] and layer_tokens [n_layers, B]: the tokens each layer ran on, per sample.
         """
+        stages = active_stages(prune, len(self.layers))
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        prune_at = fastv.k if fastv is not None and fastv.k < len(self.layers) else None
-        keep, row = None, None
+        slots, row, segment, mask_segment, counts = None, None, 0, None, []
         for i, layer in enumerate(self.layers):
-            if i == prune_at:
-                keep, kept_valid = select_tokens(row, image_mask, valid, fastv)
-                x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
-                cos = cos.gather(1, keep[..., None].expand(-1, -1, cos.shape[-1]))
-                sin = sin.gather(1, keep[..., None].expand(-1, -1, sin.shape[-1]))
-                valid = kept_valid
-            need_row = prune_at is not None and i == prune_at - 1
-            x, row_i = layer(x, cos, sin, valid, cache[i] if cache is not None else None, need_row)
-            if need_row:
-                row = row_i
-        return self.norm(x), keep, valid
+            if i in stages:
+                n_keep = [n_kept(stages[i], n) for n in image_mask.sum(1).tolist()]
+                ctx = PruneContext(i, x, image_mask, valid, positions, torch.tensor(n_keep, device=x.device), row,
+                                   keys=lambda: layer.attn.project(layer.attn_norm(x), cos, sin)[1])  # noqa: B023
+                keep, valid = keep_slots(prune, ctx)
+                x, cos, sin, positions, image_mask = (take(t, keep) for t in (x, cos, sin, positions, image_mask))
+                image_mask = image_mask & valid        # the padding of a pruned batch may point at a dropped image slot
+                slots = keep if slots is None else slots.gather(1, keep)
+                segment += 1
+            layer_cache = cache[i] if cache is not None else None
+            if layer_cache is not None and layer_cache.length == 0:
+                layer_cache.segment = segment                  # prefill: the layer caches this segment's slots
+            # Layers between two stages attend over the same slots: one mask serves all of them.
+            layer_segment = segment if layer_cache is None else layer_cache.segment
+            if layer_segment != mask_segment:
+                kv_valid = valid if layer_cache is None else layer_cache.valid_after(valid)
+                mask, mask_segment = attention_mask(kv_valid, x.shape[1]), layer_segment
+            need_row = prune is not None and prune.needs_attention and i + 1 in stages
+            x, row = layer(x, cos, sin, valid, mask, layer_cache, need_row)
+            counts.append(valid.sum(1))
+        return self.norm(x), slots, valid, torch.stack(counts)

@@ -126,47 +126,45 @@ def corpus() -> list[str]:
     return words + questions + ["describe the image.", ","]
 
 
-def make_batch(model, split: str, indices, *, blank_images: bool = False):
-    """Single-turn prompts: left-padded ids [B, T], attention mask [B, T], pixels [B, 3, S, S], the examples.
-    blank_images shows the model an empty canvas instead, to measure what it can answer without looking."""
-    import torch
+def make_batch(pipe, split: str, indices, *, blank_images: bool = False):
+    """Single-turn prompts about examples `indices` of `split`: (inputs.Batch, the examples). blank_images
+    shows the model an empty canvas instead, to measure what it can answer without looking."""
+    from minifastv.inputs import questions
 
-    from .image import preprocess
-    from .tokenizer import chat_prompt
-
-    cfg, tok = model.config, model.tokenizer
+    size = pipe.model.config.vision.image_size
     examples = [example(split, i) for i in indices]
-    rows = []
-    for ex in examples:
-        rows.append(tok.encode_prompt(chat_prompt(ex.question)))
-    T = max(map(len, rows))
-    ids = torch.tensor([[cfg.text.pad_token_id] * (T - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
-    size = cfg.vision.image_size
-    images = [draw((), size) if blank_images else ex.image(size) for ex in examples]
-    pixels = torch.stack([preprocess(im, size, cfg.image_mode, cfg.image_mean, cfg.image_std) for im in images])
-    return ids, mask, pixels, examples
+    requests = [([draw((), size) if blank_images else ex.image(size)], ex.question) for ex in examples]
+    return questions(pipe.tokenizer, pipe.model.config, requests), examples
 
 
-def evaluate(model, n: int = 400, *, fastv=None, split: str = "heldout", batch_size: int = 100,
+def evaluate(pipe, n: int = 400, *, prune=None, split: str = "heldout", batch_size: int = 100,
              blank_images: bool = False) -> dict[str, float]:
-    """Exact-match accuracy of greedy answers on the first n examples of `split`, per question type and "all"."""
+    """Exact-match accuracy of greedy answers on the first n examples of `split`, per question type and "all",
+    and "flops": the prefill's theoretical FLOPs relative to no pruning, averaged over the prompts, as the
+    model reported them."""
     import torch
 
+    from minifastv.generate import stream
+
+    model, tok = pipe.model, pipe.tokenizer
     eos = model.config.text.eos_token_id
     correct = dict.fromkeys(QUESTION_TYPES, 0)
     total = dict.fromkeys(QUESTION_TYPES, 0)
+    flops = []
     with torch.inference_mode():
         for start in range(0, n, batch_size):
-            ids, mask, pixels, examples = make_batch(model, split, range(start, min(n, start + batch_size)),
-                                                     blank_images=blank_images)
-            out = model.generate(ids, pixels, attention_mask=mask, max_new_tokens=3, fastv=fastv, eos_token_id=eos)
+            batch, examples = make_batch(pipe, split, range(start, min(n, start + batch_size)),
+                                         blank_images=blank_images)
+            run = stream(model, **batch.model_inputs(), max_new_tokens=3, prune=prune, eos_token_id=eos)
+            out = torch.stack([tokens for tokens, _ in run], dim=1)
+            flops += [a / b for a, b in zip(run.prefill.flops, run.prefill.flops_unpruned)]
             for ex, row in zip(examples, out.tolist()):
-                answer = model.tokenizer.decode(row[:row.index(eos)] if eos in row else row).strip()
+                answer = tok.decode(row[:row.index(eos)] if eos in row else row).strip()
                 correct[ex.kind] += answer == ex.answer
                 total[ex.kind] += 1
     acc = {kind: correct[kind] / total[kind] for kind in QUESTION_TYPES if total[kind]}
     acc["all"] = sum(correct.values()) / sum(total.values())
+    acc["flops"] = sum(flops) / len(flops)
     return acc
 
 

@@ -61,7 +61,7 @@ class TextStream:
     `tokenizer.decode(all ids)`. A piece may be empty: a subword waits for the characters that complete it
     ("hel" + "lo"), and a byte-fallback token waits for the rest of its UTF-8 character.
 
-        text = model.tokenizer.text_stream()
+        text = tokenizer.text_stream()
         for tokens, _ in stream(model, ids, pixels, max_new_tokens=64, eos_token_id=eos):
             print(text.push(int(tokens[0])), end="", flush=True)
     """

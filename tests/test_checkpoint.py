@@ -12,15 +12,18 @@ from minifastv.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
-def model(tokenizer_json):
-    m = to_minifastv(hf_llava(n_kv_heads=2, seed=9))
-    m.tokenizer = Tokenizer.from_file(tokenizer_json, bos_token_id=1, eos_token_id=2, image_token_id=127)
-    return m
+def model():
+    return to_minifastv(hf_llava(n_kv_heads=2, seed=9))
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_json):
+    return Tokenizer.from_file(tokenizer_json, bos_token_id=1, eos_token_id=2, image_token_id=127)
 
 
 @pytest.fixture
-def saved(model, tmp_path):
-    return minifastv.save(model, tmp_path / "ckpt")
+def saved(model, tok, tmp_path):
+    return minifastv.save(model, tok, tmp_path / "ckpt")
 
 
 def assert_same_model(a, b):
@@ -32,15 +35,15 @@ def assert_same_model(a, b):
 
 
 @pytest.mark.parametrize("max_shard_bytes", [2 << 30, 20_000], ids=["single-file", "sharded"])
-def test_round_trip_is_exact(model, tmp_path, max_shard_bytes):
-    path = minifastv.save(model, tmp_path / "ckpt", max_shard_bytes=max_shard_bytes)
+def test_round_trip_is_exact(model, tok, tmp_path, max_shard_bytes):
+    path = minifastv.save(model, tok, tmp_path / "ckpt", max_shard_bytes=max_shard_bytes)
     sharded = (path / "model.safetensors.index.json").exists()
     assert sharded == (max_shard_bytes == 20_000)
     assert sharded == (not (path / "model.safetensors").exists())
     loaded = minifastv.load(path, dtype=None)
     assert_same_model(model, loaded)
     prompt = "USER: <image>\nwhat colour is the square"
-    assert loaded.tokenizer.encode_prompt(prompt) == model.tokenizer.encode_prompt(prompt)
+    assert minifastv.load_tokenizer(path).encode_prompt(prompt) == tok.encode_prompt(prompt)
     ids = torch.tensor([random_prompt(torch.Generator().manual_seed(0), 5, [2])])
     with torch.no_grad():
         assert torch.equal(loaded(ids, random_pixels(1)), model(ids, random_pixels(1)))
@@ -53,22 +56,22 @@ def test_load_with_dtype(saved):
     assert not any(p.is_meta for p in loaded.parameters())
 
 
-def test_save_does_not_clobber(model, saved):
+def test_save_does_not_clobber(model, tok, saved):
     with pytest.raises(FileExistsError, match="ckpt: already exists"):
-        minifastv.save(model, saved)
-    minifastv.save(model, saved, overwrite=True)
+        minifastv.save(model, tok, saved)
+    minifastv.save(model, tok, saved, overwrite=True)
     assert_same_model(model, minifastv.load(saved, dtype=None))
 
 
-def test_failed_save_leaves_nothing(model, tmp_path, monkeypatch):
-    import minifastv.checkpoint as ckpt
+def test_failed_save_leaves_nothing(model, tok, tmp_path, monkeypatch):
+    import minifastv.files as files
 
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "write_safetensors", boom)
+    monkeypatch.setattr(files, "write_safetensors", boom)
     with pytest.raises(OSError, match="disk full"):
-        minifastv.save(model, tmp_path / "ckpt")
+        minifastv.save(model, tok, tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -112,13 +115,13 @@ def garbage_header(path):
 def test_damaged_checkpoint_names_the_file(saved, damage, error, message):
     damage(saved)
     with pytest.raises(error, match=message):
-        minifastv.load(saved)
+        minifastv.Pipeline.load(saved)  # the model and its tokenizer
 
 
-def test_missing_and_extra_weights(model, tmp_path):
+def test_missing_and_extra_weights(model, tok, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    path = minifastv.save(model, tmp_path / "ckpt")
+    path = minifastv.save(model, tok, tmp_path / "ckpt")
     state = load_file(path / "model.safetensors")
     del state["llm.norm.weight"]
     save_file(state, path / "model.safetensors")
@@ -131,8 +134,8 @@ def test_missing_and_extra_weights(model, tmp_path):
         minifastv.load(path)
 
 
-def test_missing_shard_is_named(model, tmp_path):
-    path = minifastv.save(model, tmp_path / "ckpt", max_shard_bytes=20_000)
+def test_missing_shard_is_named(model, tok, tmp_path):
+    path = minifastv.save(model, tok, tmp_path / "ckpt", max_shard_bytes=20_000)
     shard = sorted(path.glob("model-*.safetensors"))[1]
     shard.unlink()
     with pytest.raises(FileNotFoundError, match=f"{shard.name}: weight file not found"):

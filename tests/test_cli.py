@@ -21,7 +21,8 @@ def model_dir(tmp_path_factory):
     import minifastv
 
     path = tmp_path_factory.mktemp("cli") / "tiny"
-    minifastv.save(train_tiny.build_model(train_tiny.build_tokenizer(), seed=0), path)
+    tok = train_tiny.build_tokenizer()
+    minifastv.save(train_tiny.build_model(tok, seed=0), tok, path)
     return path
 
 
@@ -49,7 +50,7 @@ def test_generate_with_fastv(model_dir):
 def test_demo(model_dir):
     result = run("demo", "--model", model_dir)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("FastV off") == len(json.loads((ROOT / "samples" / "questions.json").read_text()))
+    assert result.stdout.count("unpruned") == len(json.loads((ROOT / "samples" / "questions.json").read_text()))
     assert "image tokens kept 32/64" in result.stdout
 
 
@@ -69,3 +70,55 @@ def test_bad_input_is_a_message_not_a_traceback(model_dir, tmp_path):
     result = run("generate", "--model", model_dir, "--image", tmp_path / "missing.png", "--prompt", "hi")
     assert result.returncode == 2
     assert "missing.png" in result.stderr and "Traceback" not in result.stderr
+
+
+def generate_in_process(model_dir, capsys, *options):
+    from minifastv.cli import main
+
+    code = main(["generate", "--model", str(model_dir), "--image", str(ROOT / "samples" / SAMPLE["image"]),
+                 "--prompt", SAMPLE["question"], "--max-new-tokens", "2", *map(str, options)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_printed_kept_count_and_flops_come_from_the_model(model_dir, capsys, monkeypatch):
+    """Break the pruning (keep a quarter where the settings say half): the printed figures follow the model."""
+    import minifastv.llama
+
+    code, honest, _ = generate_in_process(model_dir, capsys, "--fastv-k", 2, "--fastv-ratio", 0.5)
+    assert code == 0 and "image tokens kept 32/64" in honest
+    monkeypatch.setattr(minifastv.llama, "n_kept", lambda stage, n: n // 4)
+    code, broken, _ = generate_in_process(model_dir, capsys, "--fastv-k", 2, "--fastv-ratio", 0.5)
+    assert code == 0 and "image tokens kept 16/64" in broken
+    flops = [float(text.split("theoretical prefill FLOPs ")[1].split("%")[0]) for text in (honest, broken)]
+    assert flops[1] < flops[0]
+
+
+@pytest.mark.parametrize("options, method", [
+    (("--prune", "random", "--prune-ratio", 0.75, "--prune-k", 1, "--prune-seed", 3), "RandomDrop(k=1, ratio=0.75, seed=3)"),
+    (("--prune", "fastv", "--prune-ratio", 0.25), "FastV(k=2, ratio=0.25)"),
+    (("--fastv-k", 3, "--fastv-ratio", 0.75), "FastV(k=3, ratio=0.75)"),
+    (("--fastv-k", 1), "FastV(k=1, ratio=0.5)"),
+    ((), "None"),
+])
+def test_pruning_flags_reach_the_model(model_dir, capsys, monkeypatch, options, method):
+    from minifastv.pipeline import Pipeline
+
+    seen = []
+    real = Pipeline.answer
+    monkeypatch.setattr(Pipeline, "answer", lambda self, images, q, **k: seen.append(k["prune"])
+                        or real(self, images, q, **k))
+    code, _, err = generate_in_process(model_dir, capsys, *options)
+    assert code == 0, err
+    assert repr(seen[0]) == method
+
+
+@pytest.mark.parametrize("options, message", [
+    (("--fastv-ratio", 0.5), "--fastv-ratio needs --fastv-k"),
+    (("--prune-ratio", 0.5), "--prune-ratio given without --prune NAME"),
+    (("--prune", "fastv", "--fastv-k", 2), "--fastv-k spell FastV's settings"),
+    (("--prune", "fastv", "--prune-seed", 1), "'fastv' takes no seed"),
+])
+def test_pruning_flag_mistakes_are_one_line_errors(model_dir, capsys, options, message):
+    code, _, err = generate_in_process(model_dir, capsys, *options)
+    assert code == 2 and message in err and "Traceback" not in err

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import minifastv
-from minifastv import FastV
+from minifastv import FastV, RandomDrop, generate
 from minifastv.config import QuantConfig
 from minifastv.quant import quantize_model
+from minifastv.pipeline import Pipeline
 from minifastv.shapes import make_batch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,24 +25,25 @@ pytestmark = pytest.mark.skipif(not DEVICES, reason="no CUDA or MPS device on th
 
 @pytest.fixture(scope="module", params=DEVICES or ["none"])
 def pair(request):
-    cpu = minifastv.load(ROOT / "weights" / "tiny", dtype="float32")
+    cpu = Pipeline.load(ROOT / "weights" / "tiny", dtype="float32")
     return cpu, minifastv.load(ROOT / "weights" / "tiny", dtype="float32", device=request.param)
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("fastv", [None, FastV(2, 0.5), FastV(1, 0.75, rank="random", seed=3)],
+@pytest.mark.parametrize("fastv", [None, FastV(2, 0.5), RandomDrop(1, 0.75, seed=3)],
                          ids=["off", "fastv", "random"])
 def test_device_matches_cpu(pair, fastv):
     cpu, dev = pair
     assert dev.device.type != "cpu" and all(p.device == dev.device for p in dev.parameters())
-    ids, mask, pixels, _ = make_batch(cpu, "heldout", range(6))  # a left-padded batch, made on the CPU
-    ref = cpu.prefill(ids, pixels, attention_mask=mask, fastv=fastv)
-    got = dev.prefill(ids, pixels, attention_mask=mask, fastv=fastv)  # inputs move to the model's device
+    batch, _ = make_batch(cpu, "heldout", range(6))  # a left-padded batch, made on the CPU
+    ids, mask, pixels, cpu = batch.input_ids, batch.attention_mask, batch.pixel_values, cpu.model
+    ref = cpu.prefill(ids, pixels, attention_mask=mask, prune=fastv)
+    got = dev.prefill(ids, pixels, attention_mask=mask, prune=fastv)  # inputs move to the model's device
     assert got.logits.device == dev.device
     assert got.kept_image_slots() == ref.kept_image_slots()
     torch.testing.assert_close(got.logits.cpu(), ref.logits, atol=2e-4, rtol=0)
-    out_cpu = cpu.generate(ids, pixels, attention_mask=mask, fastv=fastv, max_new_tokens=4)
-    out_dev = dev.generate(ids, pixels, attention_mask=mask, fastv=fastv, max_new_tokens=4)
+    out_cpu = generate(cpu, ids, pixels, attention_mask=mask, prune=fastv, max_new_tokens=4)
+    out_dev = generate(dev, ids, pixels, attention_mask=mask, prune=fastv, max_new_tokens=4)
     assert out_dev.device == dev.device and torch.equal(out_dev.cpu(), out_cpu)
 
 
@@ -49,9 +51,10 @@ def test_device_matches_cpu(pair, fastv):
 @pytest.mark.parametrize("method", [QuantConfig("int8"), QuantConfig("int4", 32)], ids=["int8", "int4"])
 def test_quantized_on_device_matches_cpu_blockwise(pair, method):
     cpu, dev = pair
-    q_cpu = quantize_model(copy.deepcopy(cpu), method, pack=False)  # the path every device runs
+    batch, _ = make_batch(cpu, "heldout", range(4))
+    ids, mask, pixels = batch.input_ids, batch.attention_mask, batch.pixel_values
+    q_cpu = quantize_model(copy.deepcopy(cpu.model), method, pack=False)  # the path every device runs
     q_dev = quantize_model(copy.deepcopy(dev), method)
-    ids, mask, pixels, _ = make_batch(cpu, "heldout", range(4))
     torch.testing.assert_close(q_dev(ids, pixels, attention_mask=mask).cpu(), q_cpu(ids, pixels, attention_mask=mask),
                                atol=2e-4, rtol=0)
 

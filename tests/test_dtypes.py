@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import expand_images, hf_llava, random_pixels, random_prompt, to_minifastv
 
-from minifastv import FastV
+from minifastv import FastV, generate
 
 BOUNDS = {torch.bfloat16: (0.35, 0.1), torch.float16: (0.05, 0.015)}
 
@@ -50,7 +50,7 @@ def test_half_precision_generate_with_fastv_runs(pair, dtype):
     ids = torch.tensor([random_prompt(torch.Generator().manual_seed(3), 20, [5, 12])])
     half = copy.deepcopy(model).to(dtype)
     for fastv in (None, FastV(2, 0.5)):
-        out = half.generate(ids, random_pixels(2), max_new_tokens=4, fastv=fastv)
+        out = generate(half, ids, random_pixels(2), max_new_tokens=4, prune=fastv)
         assert out.shape == (1, 4) and out.dtype == torch.long
 
 

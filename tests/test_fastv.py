@@ -7,9 +7,9 @@ import torch
 from conftest import IMAGE_TOKEN, expand_images, hf_llava, random_pixels, random_prompt, to_minifastv
 from test_parity import left_pad
 
-from minifastv import FastV, KVCache, theoretical_flops
+from minifastv import FastV, KVCache, generate, theoretical_flops
 from minifastv.config import LlavaConfig, TextConfig
-from minifastv.fastv import layer_flops
+from minifastv.pruning import layer_flops
 
 N_PATCHES = 16
 
@@ -55,7 +55,7 @@ def test_matches_gather_and_rerun_reference(pair, k, ratio, image_at):
     ids = random_prompt(torch.Generator().manual_seed(k * 10 + len(image_at)), 14, image_at)
     pixels = random_pixels(len(image_at), seed=k)
     ref_keep, ref_logits = reference(hf, ids, pixels, k, ratio)
-    pre = ours.prefill(torch.tensor([ids]), pixels, fastv=FastV(k, ratio))
+    pre = ours.prefill(torch.tensor([ids]), pixels, prune=FastV(k, ratio))
     assert pre.keep[0].tolist() == ref_keep
     n_image = len(image_at) * N_PATCHES
     assert len(pre.kept_image_slots()[0]) == round((1 - ratio) * n_image)
@@ -69,7 +69,7 @@ def test_pruning_changes_the_answer_logits(pair):
     _, ours = pair
     ids = torch.tensor([random_prompt(torch.Generator().manual_seed(1), 14, [5])])
     px = random_pixels(1)
-    assert (ours(ids, px, fastv=FastV(1, 0.75))[:, -1] - ours(ids, px)[:, -1]).abs().max() > 1e-2
+    assert (ours(ids, px, prune=FastV(1, 0.75))[:, -1] - ours(ids, px)[:, -1]).abs().max() > 1e-2
 
 
 @torch.no_grad()
@@ -78,10 +78,10 @@ def test_ratio_zero_and_deep_k_are_no_ops(pair):
     ids = torch.tensor([random_prompt(torch.Generator().manual_seed(3), 12, [3, 7])])
     px = random_pixels(2)
     off = ours(ids, px)
-    off_ids = ours.generate(ids, px, max_new_tokens=10)
+    off_ids = generate(ours, ids, px, max_new_tokens=10)
     for fastv in (FastV(2, 0.0), FastV(4, 0.5), FastV(9, 0.5)):  # the model has 4 layers
-        assert (ours(ids, px, fastv=fastv) - off).abs().max() <= 1e-6
-        assert ours.generate(ids, px, max_new_tokens=10, fastv=fastv).tolist() == off_ids.tolist()
+        assert (ours(ids, px, prune=fastv) - off).abs().max() <= 1e-6
+        assert generate(ours, ids, px, max_new_tokens=10, prune=fastv).tolist() == off_ids.tolist()
 
 
 @torch.no_grad()
@@ -91,8 +91,8 @@ def test_cached_generation_equals_fixed_keep_set_recompute(pair, k, ratio):
     ids = random_prompt(torch.Generator().manual_seed(8), 10, [2, 6])
     pixels = random_pixels(2, seed=9)
     fastv = FastV(k, ratio)
-    got = ours.generate(torch.tensor([ids]), pixels, max_new_tokens=10, fastv=fastv)[0].tolist()
-    keep = ours.prefill(torch.tensor([ids]), pixels, fastv=fastv).keep[0].tolist()
+    got = generate(ours, torch.tensor([ids]), pixels, max_new_tokens=10, prune=fastv)[0].tolist()
+    keep = ours.prefill(torch.tensor([ids]), pixels, prune=fastv).keep[0].tolist()
     generated = []
     for _ in range(10):
         _, logits = reference(hf, ids, pixels, k, keep=keep, generated=generated)
@@ -109,15 +109,15 @@ def test_left_padded_batch_equals_singles(pair, image_ats):
     pixels = [random_pixels(len(a), seed=30 + i) for i, a in enumerate(image_ats)]
     ids, mask = left_pad(prompts)
     fastv = FastV(2, 0.5)
-    batch = ours.prefill(ids, torch.cat(pixels), attention_mask=mask, fastv=fastv)
-    batch_gen = ours.generate(ids, torch.cat(pixels), attention_mask=mask, max_new_tokens=8, fastv=fastv)
+    batch = ours.prefill(ids, torch.cat(pixels), attention_mask=mask, prune=fastv)
+    batch_gen = generate(ours, ids, torch.cat(pixels), attention_mask=mask, max_new_tokens=8, prune=fastv)
     for i, (prompt, px) in enumerate(zip(prompts, pixels)):
-        alone = ours.prefill(torch.tensor([prompt]), px, fastv=fastv)
+        alone = ours.prefill(torch.tensor([prompt]), px, prune=fastv)
         offset = batch.valid.shape[1] - alone.valid.shape[1]              # extra left padding in the batch
         assert [s - offset for s in batch.kept_image_slots()[i]] == alone.kept_image_slots()[0]
         assert (batch.logits[i, -1] - alone.logits[0, -1]).abs().max() <= 1e-4
-        assert batch_gen[i].tolist() == ours.generate(torch.tensor([prompt]), px, max_new_tokens=8,
-                                                      fastv=fastv)[0].tolist()
+        assert batch_gen[i].tolist() == generate(ours, torch.tensor([prompt]), px, max_new_tokens=8,
+                                                      prune=fastv)[0].tolist()
     # Padding is never kept as an image token, and kept slots are valid, image slots of their own sample.
     for i, slots in enumerate(batch.kept_image_slots()):
         assert all(batch.image_mask[i, s] and batch.valid[i, s] for s in slots)
@@ -130,8 +130,8 @@ def test_cache_of_pruned_layers_holds_text_plus_kept(pair):
     n_text, n_image = len(ids) - 2, 2 * N_PATCHES
     fastv = FastV(2, 0.75)
     cache = KVCache(4, extra=5)
-    ours.prefill(torch.tensor([ids]), random_pixels(2), fastv=fastv, cache=cache)
-    kept = fastv.n_kept(n_image)
+    ours.prefill(torch.tensor([ids]), random_pixels(2), prune=fastv, cache=cache)
+    kept = round(0.25 * n_image)
     assert cache.lengths() == [n_text + n_image] * 2 + [n_text + kept] * 2
     full_cache = KVCache(4, extra=5)
     ours.prefill(torch.tensor([ids]), random_pixels(2), cache=full_cache)
@@ -173,4 +173,4 @@ def test_invalid_fastv_arguments(args, message):
 def test_fastv_without_image_is_refused(pair):
     _, ours = pair
     with pytest.raises(ValueError, match="FastV prunes image tokens, but the batch has no image"):
-        ours(torch.tensor([[1, 5, 6, 7]]), fastv=FastV(2, 0.5))
+        ours(torch.tensor([[1, 5, 6, 7]]), prune=FastV(2, 0.5))

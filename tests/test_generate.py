@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import hf_llava, random_pixels, random_prompt, to_minifastv
 
-from minifastv.generate import sample
+from minifastv.generate import generate, sample
 from test_parity import left_pad
 
 
@@ -34,7 +34,7 @@ def test_cache_equals_recompute(model, batch):
     pixels = random_pixels(3 if batch else 1, seed=8)
     ids, mask = left_pad(prompts)
     ref_ids, ref_logits = recompute(model, ids, pixels, mask, steps=12)
-    got_ids, got_logits = model.generate(ids, pixels, attention_mask=mask, max_new_tokens=12, return_logits=True)
+    got_ids, got_logits = generate(model, ids, pixels, attention_mask=mask, max_new_tokens=12, return_logits=True)
     assert got_ids.tolist() == ref_ids.tolist()
     assert (got_logits - ref_logits).abs().max() <= 1e-4
 
@@ -43,9 +43,9 @@ def test_cache_equals_recompute(model, batch):
 def test_eos_stops_and_pads(model):
     ids = torch.tensor([random_prompt(torch.Generator().manual_seed(4), 6, [2])])
     px = random_pixels(1)
-    free = model.generate(ids, px, max_new_tokens=8)[0].tolist()
+    free = generate(model, ids, px, max_new_tokens=8)[0].tolist()
     eos = free[3]  # pretend the fourth generated token is EOS
-    stopped = model.generate(ids, px, max_new_tokens=8, eos_token_id=eos)[0].tolist()
+    stopped = generate(model, ids, px, max_new_tokens=8, eos_token_id=eos)[0].tolist()
     assert stopped == free[:free.index(eos) + 1]
 
 
@@ -54,11 +54,11 @@ def test_finished_sample_keeps_emitting_eos(model):
     g = torch.Generator().manual_seed(5)
     ids, mask = left_pad([random_prompt(g, 6, [1]), random_prompt(g, 8, [5])])
     px = random_pixels(2)
-    free = model.generate(ids, px, attention_mask=mask, max_new_tokens=6).tolist()
+    free = generate(model, ids, px, attention_mask=mask, max_new_tokens=6).tolist()
     # EOS: the earliest token of sample 0 (past its first) that sample 1 never produces.
     j = next(j for j in range(1, 5) if free[0][j] not in free[1] and free[0][j] not in free[0][:j])
     eos = free[0][j]
-    got = model.generate(ids, px, attention_mask=mask, max_new_tokens=6, eos_token_id=eos).tolist()
+    got = generate(model, ids, px, attention_mask=mask, max_new_tokens=6, eos_token_id=eos).tolist()
     assert got[0] == free[0][:j + 1] + [eos] * (5 - j)
     assert got[1] == free[1]
 
@@ -80,7 +80,7 @@ def test_sample_greedy_and_top_p():
 def test_sampling_is_reproducible_with_a_generator(model):
     ids = torch.tensor([random_prompt(torch.Generator().manual_seed(6), 6, [2])])
     px = random_pixels(1)
-    runs = [model.generate(ids, px, max_new_tokens=10, temperature=1.5, top_p=0.9,
+    runs = [generate(model, ids, px, max_new_tokens=10, temperature=1.5, top_p=0.9,
                            generator=torch.Generator().manual_seed(42)) for _ in range(2)]
     assert runs[0].tolist() == runs[1].tolist()
 
@@ -95,7 +95,7 @@ def test_sampling_is_reproducible_with_a_generator(model):
 def test_bad_generate_arguments(model, kwargs, message):
     ids = torch.tensor([random_prompt(torch.Generator().manual_seed(6), 6, [2])])
     with pytest.raises(ValueError, match=message):
-        model.generate(ids, random_pixels(1), **kwargs)
+        generate(model, ids, random_pixels(1), **kwargs)
 
 
 def test_right_padding_is_refused(model):
@@ -103,4 +103,4 @@ def test_right_padding_is_refused(model):
     mask = torch.ones_like(ids)
     mask[0, -1] = 0
     with pytest.raises(ValueError, match="left padding"):
-        model.generate(ids, random_pixels(1), attention_mask=mask, max_new_tokens=2)
+        generate(model, ids, random_pixels(1), attention_mask=mask, max_new_tokens=2)

@@ -14,8 +14,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import minifastv
-from minifastv import CheckpointError, FastV, ImageError, chat_prompt, load_image, preprocess
+from minifastv import CheckpointError, FastV, ImageError, chat_prompt, generate, load_image, preprocess
 from minifastv.checkpoint import ShardWriter
+from minifastv.pipeline import Pipeline
 from minifastv.convert import convert
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,12 +27,13 @@ def tiny():
     """The tiny preset with seeded random weights and the task's tokenizer."""
     import train_tiny
 
-    return train_tiny.build_model(train_tiny.build_tokenizer(), seed=0).eval()
+    tok = train_tiny.build_tokenizer()
+    return Pipeline(train_tiny.build_model(tok, seed=0).eval(), tok)
 
 
 @pytest.fixture
 def saved(tiny, tmp_path):
-    return minifastv.save(tiny, tmp_path / "ckpt")
+    return minifastv.save(tiny.model, tiny.tokenizer, tmp_path / "ckpt")
 
 
 def edit_config(path, edit):
@@ -128,7 +130,7 @@ def assert_nothing_loadable(parent: Path, out: Path, keep=()):
 def test_interrupted_save_leaves_nothing(tiny, tmp_path, monkeypatch):
     interrupt_after(monkeypatch, 10)
     with pytest.raises(KeyboardInterrupt):
-        minifastv.save(tiny, tmp_path / "out", max_shard_bytes=50_000)
+        minifastv.save(tiny.model, tiny.tokenizer, tmp_path / "out", max_shard_bytes=50_000)
     assert_nothing_loadable(tmp_path, tmp_path / "out")
 
 
@@ -136,7 +138,7 @@ def test_interrupted_overwrite_keeps_the_old_checkpoint(tiny, saved, monkeypatch
     before = {f.name: f.read_bytes() for f in saved.iterdir()}
     interrupt_after(monkeypatch, 10)
     with pytest.raises(KeyboardInterrupt):
-        minifastv.save(tiny, saved, overwrite=True)
+        minifastv.save(tiny.model, tiny.tokenizer, saved, overwrite=True)
     assert {f.name: f.read_bytes() for f in saved.iterdir()} == before
     assert sorted(p.name for p in saved.parent.iterdir()) == ["ckpt"]
 
@@ -198,14 +200,14 @@ def test_output_under_a_file_is_named(tiny, hf_source, tmp_path, write):
     out = tmp_path / "afile" / "ckpt"
     with pytest.raises(NotADirectoryError, match=r"ckpt: cannot create it, .*afile is a file, not a directory"):
         if write == "save":
-            minifastv.save(tiny, out)
+            minifastv.save(tiny.model, tiny.tokenizer, out)
         else:
             convert(hf_source, out, log=lambda _: None)
 
 
 def test_existing_output_is_not_replaced_without_force(tiny, saved):
     with pytest.raises(FileExistsError, match="ckpt: already exists"):
-        minifastv.save(tiny, saved)
+        minifastv.save(tiny.model, tiny.tokenizer, saved)
 
 
 def test_interrupted_training_writes_nothing(tmp_path, monkeypatch, capsys):
@@ -310,32 +312,32 @@ def pixels(n, size=64):
 @pytest.mark.parametrize("markers, images", [(2, 1), (1, 2), (0, 1), (1, 0)])
 def test_markers_must_match_images(tiny, markers, images):
     with pytest.raises(ValueError, match=rf"the prompt has {markers} image placeholder\(s\) .* but {images} image\(s\)"):
-        tiny.generate(prompt_ids(tiny, n_images=markers), pixels(images) if images else None, max_new_tokens=1)
+        generate(tiny.model, prompt_ids(tiny, n_images=markers), pixels(images) if images else None, max_new_tokens=1)
 
 
 def test_prompt_longer_than_the_context(tiny):
     ids = prompt_ids(tiny, "red " * 600)
     with pytest.raises(ValueError, match=r"the merged prompt has \d+ tokens .* more than the context of 512"):
-        tiny.generate(ids, pixels(1), max_new_tokens=1)
+        generate(tiny.model, ids, pixels(1), max_new_tokens=1)
 
 
 def test_prompt_plus_new_tokens_longer_than_the_context(tiny):
     with pytest.raises(ValueError, match=r"\+ max_new_tokens \(500\)"):
-        tiny.generate(prompt_ids(tiny), pixels(1), max_new_tokens=500)
+        generate(tiny.model, prompt_ids(tiny), pixels(1), max_new_tokens=500)
 
 
 def test_empty_prompt(tiny):
     with pytest.raises(ValueError, match=r"input_ids is empty"):
-        tiny.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=1)
+        generate(tiny.model, torch.zeros(1, 0, dtype=torch.long), max_new_tokens=1)
     with pytest.raises(ValueError, match=r"sample 1 has no tokens"):
         ids = prompt_ids(tiny, n_images=0).repeat(2, 1)
-        tiny(ids, attention_mask=torch.stack([torch.ones(ids.shape[1]), torch.zeros(ids.shape[1])]).long())
+        tiny.model(ids, attention_mask=torch.stack([torch.ones(ids.shape[1]), torch.zeros(ids.shape[1])]).long())
 
 
 @pytest.mark.parametrize("n", [0, -3, 2.5])
 def test_max_new_tokens_must_be_positive(tiny, n):
     with pytest.raises(ValueError, match=rf"max_new_tokens must be a positive integer, got {n}"):
-        tiny.generate(prompt_ids(tiny), pixels(1), max_new_tokens=n)
+        generate(tiny.model, prompt_ids(tiny), pixels(1), max_new_tokens=n)
 
 
 @pytest.mark.parametrize("k, ratio, message", [
@@ -349,7 +351,7 @@ def test_invalid_fastv(k, ratio, message):
 
 def test_fastv_without_an_image(tiny):
     with pytest.raises(ValueError, match="FastV prunes image tokens, but the batch has no image"):
-        tiny.generate(prompt_ids(tiny, n_images=0), max_new_tokens=1, fastv=FastV(2, 0.5))
+        generate(tiny.model, prompt_ids(tiny, n_images=0), max_new_tokens=1, prune=FastV(2, 0.5))
 
 
 def test_batch_items_with_different_image_counts(tiny):
@@ -359,24 +361,24 @@ def test_batch_items_with_different_image_counts(tiny):
     ids = torch.stack([a, torch.cat([torch.zeros(len(a) - len(b), dtype=torch.long), b])])
     mask = (torch.arange(len(a))[None] >= torch.tensor([[0], [len(a) - len(b)]])).long()
     px = pixels(3)
-    out = tiny.generate(ids, px, attention_mask=mask, max_new_tokens=3, fastv=FastV(2, 0.5))
-    assert out[0].tolist() == tiny.generate(a[None], px[:2], max_new_tokens=3, fastv=FastV(2, 0.5))[0].tolist()
-    assert out[1].tolist() == tiny.generate(b[None], px[2:], max_new_tokens=3, fastv=FastV(2, 0.5))[0].tolist()
+    out = generate(tiny.model, ids, px, attention_mask=mask, max_new_tokens=3, prune=FastV(2, 0.5))
+    assert out[0].tolist() == generate(tiny.model, a[None], px[:2], max_new_tokens=3, prune=FastV(2, 0.5))[0].tolist()
+    assert out[1].tolist() == generate(tiny.model, b[None], px[2:], max_new_tokens=3, prune=FastV(2, 0.5))[0].tolist()
     with pytest.raises(ValueError, match=r"the prompt has 3 image placeholder\(s\) .* but 2 image\(s\)"):
-        tiny.generate(ids, px[:2], attention_mask=mask, max_new_tokens=1)
+        generate(tiny.model, ids, px[:2], attention_mask=mask, max_new_tokens=1)
 
 
 def test_bad_pixels_and_ids(tiny):
     with pytest.raises(ValueError, match=r"pixel_values must have shape \[num_images, 3, 64, 64\], got \[1, 3, 32, 32\]"):
-        tiny.generate(prompt_ids(tiny), pixels(1, 32), max_new_tokens=1)
+        generate(tiny.model, prompt_ids(tiny), pixels(1, 32), max_new_tokens=1)
     bad = pixels(1)
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="pixel_values contains NaN"):
-        tiny.generate(prompt_ids(tiny), bad, max_new_tokens=1)
+        generate(tiny.model, prompt_ids(tiny), bad, max_new_tokens=1)
     ids = prompt_ids(tiny)
     ids[0, 2] = 10**6
     with pytest.raises(ValueError, match=r"token id 1000000 is outside the vocabulary"):
-        tiny.generate(ids, pixels(1), max_new_tokens=1)
+        generate(tiny.model, ids, pixels(1), max_new_tokens=1)
 
 
 # --- the command line ------------------------------------------------------------------------------------
@@ -434,8 +436,8 @@ def test_random_prompts_and_images_answer_or_raise_documented_errors():
     """Random prompts (empty, gibberish, overlong, stray <image> markers), images of random size and pixel
     format, FastV settings and token budgets fed to the shipped tiny model: every trial either answers with
     1..max_new_tokens vocabulary tokens or raises a ValueError from the documented list."""
-    model = minifastv.load(ROOT / "weights" / "tiny", dtype=None)
-    cfg = model.config
+    model = Pipeline.load(ROOT / "weights" / "tiny", dtype=None)
+    cfg = model.model.config
     words = list(model.tokenizer.tok.get_vocab()) + ["zebra", "<image>", "?", "\n"]
     rng = random.Random(0)
     outcomes = {"answered": 0, "refused": 0}
@@ -450,7 +452,7 @@ def test_random_prompts_and_images_answer_or_raise_documented_errors():
             fastv = None if rng.random() < 0.3 else FastV(rng.randint(0, 5), rng.choice([0.0, 0.5, 0.9, 1.0]))
             ids = torch.tensor([model.tokenizer.encode_prompt(chat_prompt(question, n_images=n_markers))])
             px = torch.stack([preprocess(im, cfg.vision.image_size, cfg.image_mode) for im in images]) if images else None
-            out = model.generate(ids, px, max_new_tokens=max_new, fastv=fastv, eos_token_id=cfg.text.eos_token_id)
+            out = generate(model.model, ids, px, max_new_tokens=max_new, prune=fastv, eos_token_id=cfg.text.eos_token_id)
         except ValueError as e:
             assert any(fragment in str(e) for fragment in DOCUMENTED), f"trial {trial}: undocumented error {e!r}"
             outcomes["refused"] += 1

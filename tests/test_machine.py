@@ -20,8 +20,9 @@ def half_ckpt(tmp_path_factory):
     """The tiny preset with random weights, saved in fp16 (as real LLaVA checkpoints are)."""
     import train_tiny
 
-    model = train_tiny.build_model(train_tiny.build_tokenizer(), seed=0).half()
-    return minifastv.save(model, tmp_path_factory.mktemp("half") / "ckpt")
+    tok = train_tiny.build_tokenizer()
+    model = train_tiny.build_model(tok, seed=0).half()
+    return minifastv.save(model, tok, tmp_path_factory.mktemp("half") / "ckpt")
 
 
 @pytest.mark.parametrize("native, expected", [(False, torch.float32), (True, torch.bfloat16)])
@@ -95,10 +96,10 @@ def test_cli_device_and_threads_errors_are_one_line(half_ckpt, capsys, monkeypat
 
 
 def test_cli_options_reach_the_model(half_ckpt, capsys, monkeypatch):
-    import minifastv.checkpoint
+    import minifastv.pipeline
 
-    seen, real = [], minifastv.checkpoint.load
-    monkeypatch.setattr(minifastv.checkpoint, "load", lambda *a, **k: seen.append(k) or real(*a, **k))
+    seen, real = [], minifastv.pipeline.load
+    monkeypatch.setattr(minifastv.pipeline, "load", lambda *a, **k: seen.append(k) or real(*a, **k))
     monkeypatch.setattr(machine, "cpu_has_native_bf16", lambda: False)
     before = torch.get_num_threads()
     try:

@@ -4,6 +4,8 @@ import pytest
 import torch
 from conftest import IMAGE_TOKEN, expand_images, hf_llava, random_pixels, random_prompt, to_minifastv
 
+from minifastv import generate
+
 N_PATCHES = 16
 
 CONFIGS = {
@@ -60,7 +62,7 @@ def test_greedy_generate_matches_transformers(pair, image_at):
     with torch.no_grad():
         ref = hf.generate(input_ids=expanded, pixel_values=pixels, max_new_tokens=16, do_sample=False,
                           eos_token_id=None, pad_token_id=0)[:, expanded.shape[1]:]
-    got = ours.generate(torch.tensor([ids]), pixels, max_new_tokens=16)
+    got = generate(ours, torch.tensor([ids]), pixels, max_new_tokens=16)
     assert got.shape == (1, 16)
     assert got.tolist() == ref.tolist()
 
@@ -81,11 +83,11 @@ def test_left_padded_batch_equals_singles(pair, image_ats):
     ids, mask = left_pad(prompts)
     with torch.no_grad():
         batch_logits = ours(ids, torch.cat(pixels), attention_mask=mask)[:, -1]
-        batch_ids = ours.generate(ids, torch.cat(pixels), attention_mask=mask, max_new_tokens=10)
+        batch_ids = generate(ours, ids, torch.cat(pixels), attention_mask=mask, max_new_tokens=10)
         for i, (prompt, px) in enumerate(zip(prompts, pixels)):
             alone = ours(torch.tensor([prompt]), px)[:, -1]
             torch.testing.assert_close(batch_logits[i:i + 1], alone, atol=1e-4, rtol=0)
-            assert batch_ids[i].tolist() == ours.generate(torch.tensor([prompt]), px, max_new_tokens=10)[0].tolist()
+            assert batch_ids[i].tolist() == generate(ours, torch.tensor([prompt]), px, max_new_tokens=10)[0].tolist()
 
 
 def test_image_placeholder_count_must_match_images(pair):

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import minifastv
 import minifastv.quant as quant
-from minifastv import CheckpointError
+from minifastv import CheckpointError, generate
 from minifastv.checkpoint import quantize_checkpoint
 from minifastv.config import QuantConfig
 from minifastv.quant import (Int4Linear, Int8Linear, cpu_int4_block, pack_int4, quantize_model, quantize_weight,
@@ -76,7 +76,7 @@ def test_quantized_generation_with_cache_equals_recompute(fp32):
     q = quantize_model(copy.deepcopy(fp32), INT8)
     ids = torch.tensor([random_prompt(torch.Generator().manual_seed(2), 12, [4])])
     px = random_pixels(1)
-    out, logits = q.generate(ids, px, max_new_tokens=6, return_logits=True)
+    out, logits = generate(q, ids, px, max_new_tokens=6, return_logits=True)
     with torch.no_grad():
         for step in range(6):
             full = q(torch.cat([ids, out[:, :step]], 1), px)[:, -1]
@@ -177,9 +177,9 @@ def float_ckpt(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("float") / "ckpt"
     model = to_minifastv(hf_llava(n_kv_heads=2, seed=5))
-    model.tokenizer = minifastv.Tokenizer.from_file(build_tokenizer(path.parent / "tokenizer.json"), bos_token_id=1,
-                                                   eos_token_id=2, image_token_id=127)
-    save(model, path)
+    tok = minifastv.Tokenizer.from_file(build_tokenizer(path.parent / "tokenizer.json"), bos_token_id=1,
+                                        eos_token_id=2, image_token_id=127)
+    save(model, tok, path)
     return path
 
 
@@ -204,7 +204,7 @@ def test_quantize_save_load_round_trip_is_exact(float_ckpt, quantized, tmp_path)
     ids = torch.tensor([random_prompt(torch.Generator().manual_seed(0), 8, [3])])
     with torch.no_grad():
         assert torch.equal(loaded(ids, random_pixels(1)), in_memory(ids, random_pixels(1)))
-        minifastv.save(loaded, tmp_path / "again")  # the packed model saves its stored form
+        minifastv.save(loaded, minifastv.load_tokenizer(quantized), tmp_path / "again")  # the packed model saves its stored form
         again = minifastv.load(tmp_path / "again", dtype=None)
         assert torch.equal(again(ids, random_pixels(1)), loaded(ids, random_pixels(1)))
     assert load_file(tmp_path / "again" / "model.safetensors").keys() == stored.keys()

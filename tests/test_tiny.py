@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import minifastv
-from minifastv import FastV
+from minifastv import FastV, generate
+from minifastv.pipeline import Pipeline
 from minifastv.shapes import QUESTION_TYPES, evaluate, example, majority_baseline, make_batch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,24 +26,25 @@ def test_task_is_deterministic_and_splits_differ():
 def test_a_few_training_steps_reduce_the_loss_and_save_a_loadable_checkpoint(tmp_path):
     import train_tiny
 
-    fresh = train_tiny.build_model(train_tiny.build_tokenizer(), seed=0)
+    tok = train_tiny.build_tokenizer()
+    fresh = Pipeline(train_tiny.build_model(tok, seed=0), tok)
     batch = train_tiny.training_batch(fresh, range(10**9, 10**9 + 32))  # dialogues the run never sees
     with torch.no_grad():
-        before = train_tiny.answer_loss(fresh, *batch).item()
-    model = train_tiny.train(steps=40, seed=0, batch_size=16, log=lambda _: None)
+        before = train_tiny.batch_loss(fresh, batch).item()
+    pipe = train_tiny.train(steps=40, seed=0, batch_size=16, log=lambda _: None)
     with torch.no_grad():
-        after = train_tiny.answer_loss(model, *batch).item()
+        after = train_tiny.batch_loss(pipe, batch).item()
     assert after < 0.6 * before, (before, after)
-    minifastv.save(model, tmp_path / "tiny")
+    minifastv.save(pipe.model, pipe.tokenizer, tmp_path / "tiny")
     loaded = minifastv.load(tmp_path / "tiny", dtype=None)
-    ids, mask, pixels, _ = make_batch(model, "heldout", range(8))
+    heldout, _ = make_batch(pipe, "heldout", range(8))
     with torch.no_grad():
-        assert torch.equal(loaded(ids, pixels, attention_mask=mask), model(ids, pixels, attention_mask=mask))
+        assert torch.equal(loaded(**heldout.model_inputs()), pipe.model(**heldout.model_inputs()))
 
 
 @pytest.fixture(scope="module")
 def shipped():
-    return minifastv.load(SHIPPED, dtype=None)
+    return Pipeline.load(SHIPPED, dtype=None)
 
 
 def test_shipped_model_reaches_stated_accuracy(shipped):
@@ -54,10 +56,10 @@ def test_shipped_model_reaches_stated_accuracy(shipped):
 
 
 def test_shipped_model_with_fastv(shipped):
-    ids, mask, pixels, _ = make_batch(shipped, "heldout", range(4))
-    pre = shipped.prefill(ids, pixels, attention_mask=mask, fastv=FastV(2, 0.5))
+    batch, _ = make_batch(shipped, "heldout", range(4))
+    pre = shipped.model.prefill(**batch.model_inputs(), prune=FastV(2, 0.5))
     assert [len(s) for s in pre.kept_image_slots()] == [32] * 4  # half of the 64 image tokens
-    out = shipped.generate(ids, pixels, attention_mask=mask, max_new_tokens=2, fastv=FastV(1, 0.75))
+    out = generate(shipped.model, **batch.model_inputs(), max_new_tokens=2, prune=FastV(1, 0.75))
     assert out.shape == (4, 2)
 
 
@@ -70,6 +72,8 @@ def test_quantized_shipped_model_keeps_its_accuracy(shipped):
     from minifastv.quant import quantize_model
 
     fp32 = evaluate(shipped, 400)["all"]
-    int8 = evaluate(quantize_model(copy.deepcopy(shipped), QuantConfig("int8")), 400)["all"]
-    int4 = evaluate(quantize_model(copy.deepcopy(shipped), QuantConfig("int4", 32)), 400)["all"]
+    int8 = evaluate(Pipeline(quantize_model(copy.deepcopy(shipped.model), QuantConfig("int8")), shipped.tokenizer),
+                    400)["all"]
+    int4 = evaluate(Pipeline(quantize_model(copy.deepcopy(shipped.model), QuantConfig("int4", 32)), shipped.tokenizer),
+                    400)["all"]
     assert fp32 - 0.01 <= int8 and fp32 - 0.03 <= int4, (fp32, int8, int4)

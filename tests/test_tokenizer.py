@@ -105,22 +105,25 @@ def test_cli_streams_the_full_decode(monkeypatch):
     """The generate command's streamed pieces join to the text it reports, on the same tokenizer."""
     import torch
 
-    import minifastv.generate
+    import minifastv.pipeline
     import train_tiny
-    from minifastv.cli import answer
+    from minifastv.pipeline import Pipeline
 
     model = train_tiny.build_model(train_tiny.build_tokenizer(), seed=0)
-    model.tokenizer = Tokenizer(llama_style_tokenizer(), bos_token_id=1, eos_token_id=2,
-                                image_token_id=model.config.image_token_id)
-    ids = model.tokenizer.tok.encode("wörld 日本 hello", add_special_tokens=False).ids
+    tok = Tokenizer(llama_style_tokenizer(), bos_token_id=1, eos_token_id=2,
+                    image_token_id=model.config.image_token_id)
+    ids = tok.tok.encode("wörld 日本 hello", add_special_tokens=False).ids
 
-    def fake_stream(*args, **kwargs):  # the "generation": these ids, then EOS
-        for i in ids + [2]:
-            yield torch.tensor([i]), None
+    class FakeStream:  # the "generation": these ids, then EOS, and the real model's report of its prefill
+        def __init__(self, model, *args, **kwargs):  # (the prompt's ids belong to the other tokenizer)
+            self.prefill = model.prefill(torch.tensor([[1, model.config.image_token_id]]), kwargs["pixel_values"])
 
-    monkeypatch.setattr(minifastv.generate, "stream", fake_stream)
+        def __iter__(self):
+            return ((torch.tensor([i]), None) for i in ids + [2])
+
+    monkeypatch.setattr(minifastv.pipeline, "stream", FakeStream)
     pieces = []
     from pathlib import Path
     image = Path(__file__).resolve().parent.parent / "samples" / "heldout_0.png"
-    r = answer(model, [image], "what is it?", on_token=pieces.append)
-    assert "".join(pieces) == r["text"] == model.tokenizer.decode(ids) == "wörld 日本 hello"
+    r = Pipeline(model, tok).answer([image], "what is it?", on_text=pieces.append)
+    assert "".join(pieces) == r.text == tok.decode(ids) == "wörld 日本 hello"

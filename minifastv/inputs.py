@@ -1,0 +1,115 @@
+"""From images and text to what the model takes: prompt ids (one placeholder id per image), preprocessed
+pixels in placeholder order and an attention mask, for a batch left-padded so that every sample's last
+token is in the last column; and the checks every input passes before the model uses it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from .image import preprocess
+from .tokenizer import Tokenizer, chat_prompt
+
+IGNORE = -100  # label of a token the loss does not train on (prompt, padding), as torch's cross_entropy
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor               # [B, T], left-padded
+    attention_mask: torch.Tensor          # [B, T], 0 at padding
+    pixel_values: torch.Tensor | None     # [n_images, 3, S, S], sample 0's images first, each in prompt order
+    labels: torch.Tensor | None = None    # [B, T] training targets, IGNORE where nothing is learnt
+
+    def model_inputs(self) -> dict:
+        """Keyword arguments for LlavaModel.prefill/forward and generate/stream."""
+        return {"input_ids": self.input_ids, "pixel_values": self.pixel_values, "attention_mask": self.attention_mask}
+
+
+def image_pixels(config, images: Sequence[Image.Image]) -> torch.Tensor | None:
+    """Images preprocessed as the checkpoint's config says (size, pad or crop, normalisation): [n, 3, S, S]."""
+    if not images:
+        return None
+    return torch.stack([preprocess(im, config.vision.image_size, config.image_mode, config.image_mean,
+                                   config.image_std) for im in images])
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, labels: Sequence[Sequence[int]] | None = None):
+    """(ids [B, T], attention mask [B, T], labels [B, T] or None) with each row right-aligned."""
+    T = max(map(len, rows))
+    ids = torch.tensor([[pad_id] * (T - len(r)) + list(r) for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    if labels is None:
+        return ids, mask, None
+    return ids, mask, torch.tensor([[IGNORE] * (T - len(r)) + list(lab) for r, lab in zip(rows, labels)])
+
+
+def questions(tokenizer: Tokenizer, config, requests: Sequence[tuple[Sequence[Image.Image], str]]) -> Batch:
+    """One single-turn prompt (LLaVA-1.5's vicuna_v1 template, images first) per (images, question)."""
+    rows = []
+    for images, question in requests:
+        if not question.strip():
+            raise ValueError("the prompt is empty: it has no question")
+        rows.append(tokenizer.encode_prompt(chat_prompt(question, n_images=len(images))))
+    ids, mask, _ = left_pad(rows, config.text.pad_token_id)
+    return Batch(ids, mask, image_pixels(config, [im for images, _ in requests for im in images]))
+
+
+def encode_conversation(tokenizer: Tokenizer, turns: Sequence[tuple[str, str]], n_images: int = 1):
+    """A multi-turn dialogue as LLaVA trains on it: "<system> USER: <image>\\n q1 ASSISTANT: a1 </s> USER: q2
+    ASSISTANT: a2 </s> ...". Returns (ids, labels): labels are the answers and their EOS, IGNORE elsewhere."""
+    ids, labels = [], []
+    for t, (question, answer) in enumerate(turns):
+        prompt = tokenizer.encode_prompt(chat_prompt(question, n_images=n_images)) if t == 0 else \
+            tokenizer.tok.encode(f"USER: {question} ASSISTANT:", add_special_tokens=False).ids
+        target = tokenizer.tok.encode(answer, add_special_tokens=False).ids + [tokenizer.eos_token_id]
+        ids += prompt + target
+        labels += [IGNORE] * len(prompt) + target
+    return ids, labels
+
+
+def conversations(tokenizer: Tokenizer, config,
+                  dialogues: Sequence[tuple[Sequence[Image.Image], Sequence[tuple[str, str]]]]) -> Batch:
+    """A training batch: one (images, [(question, answer), ...]) dialogue per sample, with labels."""
+    encoded = [encode_conversation(tokenizer, turns, len(images)) for images, turns in dialogues]
+    ids, mask, labels = left_pad([e[0] for e in encoded], config.text.pad_token_id, [e[1] for e in encoded])
+    return Batch(ids, mask, image_pixels(config, [im for images, _ in dialogues for im in images]), labels)
+
+
+def check_inputs(config, input_ids, pixel_values, attention_mask) -> torch.Tensor:
+    """Refuse what the model cannot use, naming the problem; returns the attention mask as bool [B, T]."""
+    if input_ids.ndim != 2 or input_ids.dtype != torch.long:
+        raise ValueError(f"input_ids must be a LongTensor [batch, seq], got {input_ids.dtype} {list(input_ids.shape)}")
+    B, T = input_ids.shape
+    if B == 0 or T == 0:
+        raise ValueError(f"input_ids is empty (shape {[B, T]}): a prompt needs at least one token")
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {list(mask.shape)} differs from input_ids shape {list(input_ids.shape)}")
+    if not mask.any(1).all():
+        raise ValueError(f"sample {int((~mask.any(1)).nonzero()[0])} has no tokens (its attention_mask is all 0)")
+    is_image = input_ids == config.image_token_id
+    n_images = int(is_image.sum())
+    n_given = 0 if pixel_values is None else pixel_values.shape[0]
+    if n_images != n_given:
+        raise ValueError(f"the prompt has {n_images} image placeholder(s) (id {config.image_token_id}) "
+                         f"but {n_given} image(s) were given")
+    if (is_image & ~mask).any():
+        raise ValueError("an image placeholder lies under attention_mask == 0")
+    bad = ~is_image & mask & ((input_ids < 0) | (input_ids >= config.text.vocab_size))
+    if bad.any():
+        raise ValueError(f"token id {int(input_ids[bad][0])} is outside the vocabulary [0, {config.text.vocab_size})")
+    if pixel_values is not None:
+        check_pixels(config, pixel_values)
+    return mask
+
+
+def check_pixels(config, pixel_values):
+    size = config.vision.image_size
+    if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
+        raise ValueError(f"pixel_values must have shape [num_images, 3, {size}, {size}], "
+                         f"got {list(pixel_values.shape)}")
+    if not pixel_values.isfinite().all():
+        raise ValueError("pixel_values contains NaN or infinite values")

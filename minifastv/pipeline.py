@@ -1,0 +1,88 @@
+"""A checkpoint's model and tokenizer together, and the way from images and a question to an answer with a
+report of what the model did (image tokens kept, FLOPs, times)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .checkpoint import load, load_tokenizer
+from .generate import stream
+from .image import load_image
+from .inputs import Batch, questions
+from .llava import LlavaModel
+from .pruning import Pruner
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Answer:
+    text: str
+    token_ids: list[int]            # the generated ids, EOS excluded
+    n_prompt_tokens: int            # images counted as their patches
+    n_image_tokens: int
+    kept_image_slots: list[int]     # merged-sequence slots of the image tokens that survived pruning
+    flops: int                      # theoretical decoder FLOPs of the prefill that ran
+    flops_unpruned: int             # the same prefill without pruning
+    prefill_s: float                # until the first token: vision tower + prefill
+    decode_s: float
+    decode_steps: int
+
+    @property
+    def kept(self) -> int:
+        return len(self.kept_image_slots)
+
+    def summary(self) -> str:
+        n, t = self.decode_steps, self.decode_s
+        decode = f", decode {n} steps in {t * 1e3:.0f} ms ({n / t:.1f} tokens/s)" if n else ""
+        return (f"image tokens kept {self.kept}/{self.n_image_tokens}, theoretical prefill FLOPs "
+                f"{self.flops / self.flops_unpruned:.1%}, prefill {self.prefill_s * 1e3:.0f} ms{decode}")
+
+
+class Pipeline:
+    """model + tokenizer. `Pipeline.load(path)` reads a checkpoint directory (keyword arguments as
+    minifastv.load); `answer` asks one question about one or more images."""
+
+    def __init__(self, model: LlavaModel, tokenizer: Tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    @classmethod
+    def load(cls, path: str | Path, **kwargs) -> Pipeline:
+        return cls(load(path, **kwargs), load_tokenizer(path))
+
+    def inputs(self, images: Sequence[str | Path | Image.Image], question: str) -> Batch:
+        """The single-turn prompt and the preprocessed images of one question (image files are read here)."""
+        images = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
+        return questions(self.tokenizer, self.model.config, [(images, question)])
+
+    def answer(self, images, question: str, *, prune: Pruner | None = None, max_new_tokens: int = 64,
+               temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
+               on_text: Callable[[str], None] | None = None) -> Answer:
+        """Greedy (or sampled) answer. on_text(piece) gets the answer as it is produced; the pieces join to
+        exactly the decoded answer (subwords and multi-byte characters included)."""
+        eos = self.model.config.text.eos_token_id
+        batch = self.inputs(images, question)
+        text = self.tokenizer.text_stream()
+        run = stream(self.model, **batch.model_inputs(), max_new_tokens=max_new_tokens, prune=prune,
+                     temperature=temperature, top_p=top_p, eos_token_id=eos, generator=generator)
+        start, out, first, steps = time.perf_counter(), [], None, 0
+        for tokens, _ in run:
+            if first is None:  # the prefill produced the first token
+                first = time.perf_counter()
+            else:
+                steps += 1
+            if int(tokens[0]) == eos:
+                break
+            out.append(int(tokens[0]))
+            piece = text.push(out[-1])
+            if on_text is not None and piece:
+                on_text(piece)
+        end, pre = time.perf_counter(), run.prefill
+        return Answer(self.tokenizer.decode(out), out, pre.n_prompt_tokens()[0], pre.n_image_tokens()[0],
+                      pre.kept_image_slots()[0], pre.flops[0], pre.flops_unpruned[0], first - start, end - first,
+                      steps)

@@ -1,0 +1,33 @@
+"""Visual-token pruning methods, one per file, on the seam in base.py. A new method is a file here and one
+line in METHODS."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .base import PruneContext, Pruner, Stage, active_stages, decoder_flops, keep_slots, layer_flops, \
+    theoretical_flops
+from .fastv import FastV
+from .random import RandomDrop
+
+METHODS: dict[str, type[Pruner]] = {"fastv": FastV, "random": RandomDrop}
+
+
+def make(name: str, ratio: float, k: int | None = None, seed: int | None = None) -> Pruner:
+    """The method called `name` (a key of METHODS) dropping the fraction `ratio` of image tokens; `k` (the
+    layer it prunes after) and `seed` go to the methods that have them, and are an error for the others."""
+    if name not in METHODS:
+        raise ValueError(f"unknown pruning method {name!r}; choose from {', '.join(METHODS)}")
+    cls = METHODS[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {"ratio": ratio}
+    for key, value in (("k", k), ("seed", seed)):
+        if value is not None:
+            if key not in fields:
+                raise ValueError(f"pruning method {name!r} takes no {key} (--prune-{key})")
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+__all__ = ["METHODS", "FastV", "PruneContext", "Pruner", "RandomDrop", "Stage", "active_stages", "decoder_flops",
+           "keep_slots", "layer_flops", "make", "theoretical_flops"]

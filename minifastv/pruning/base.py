@@ -1,0 +1,146 @@
+"""The pruning seam. A method says WHEN it prunes (a schedule of stages) and WHICH image tokens survive at
+each stage (scores for a top-k, or the kept set itself); the decoder loop applies one rule to whatever it
+returns (llama.py), so every method gets SDPA, original positions, the pruned KV cache, per-sample
+selection in left-padded batches and the FLOPs count without knowing about them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Before decoder layer `layer` runs (0: before the decoder), keep round(keep * n) of the n image tokens
+    that each sample still has."""
+
+    layer: int
+    keep: float
+
+
+@dataclass
+class PruneContext:
+    """What a method may look at when it selects, for a batch of B samples over the S current slots."""
+
+    layer: int                         # the stage's layer: its input is `hidden`
+    hidden: torch.Tensor               # [B, S, C] hidden states entering `layer` (at layer 0: the embeddings)
+    image_mask: torch.Tensor           # [B, S] slots that hold image tokens
+    valid: torch.Tensor                # [B, S] False at padding
+    positions: torch.Tensor            # [B, S] original rotary positions of the slots
+    n_keep: torch.Tensor               # [B] image tokens each sample keeps at this stage
+    attention: torch.Tensor | None     # [B, S] head-mean attention of the last prompt token at layer - 1
+    keys: Callable[[], torch.Tensor]   # this layer's keys [B, H_kv, S, D] (rotary applied), computed on call
+
+    def image_index(self) -> torch.Tensor:
+        """[B, S]: the rank of each image slot among its sample's image tokens (0, 1, ...; -1 elsewhere)."""
+        return torch.where(self.image_mask, self.image_mask.long().cumsum(1) - 1, -1)
+
+
+class Pruner:
+    """Base class of pruning methods. Subclasses give `stages` and `select`; set `needs_attention` to get
+    `PruneContext.attention` (one row per sample, computed next to SDPA at layer - 1, never a T x T matrix)."""
+
+    needs_attention = False
+
+    def stages(self) -> list[Stage]:
+        raise NotImplementedError
+
+    def select(self, ctx: PruneContext) -> torch.Tensor:
+        """[B, S] scores (each sample keeps its n_keep best-scored image slots) or a bool [B, S] mask of the
+        kept image slots (exactly n_keep per sample)."""
+        raise NotImplementedError
+
+
+def active_stages(method: Pruner | None, n_layers: int) -> dict[int, Stage]:
+    """The stages that apply to a decoder of n_layers: one at layer >= n_layers would prune after the last
+    layer, which changes nothing, so it is dropped (FastV with K >= n_layers is the unpruned model)."""
+    if method is None:
+        return {}
+    stages = {}
+    for stage in method.stages():
+        if not (stage.layer >= 0 and 0 < stage.keep <= 1):
+            raise ValueError(f"{type(method).__name__}: a stage must have layer >= 0 and keep in (0, 1], "
+                             f"got {stage}")
+        if stage.layer in stages:
+            raise ValueError(f"{type(method).__name__}: two stages at layer {stage.layer}")
+        if stage.layer == 0 and method.needs_attention:
+            raise ValueError(f"{type(method).__name__}: a stage at layer 0 has no earlier layer's attention")
+        if stage.layer < n_layers:
+            stages[stage.layer] = stage
+    return dict(sorted(stages.items()))
+
+
+def n_kept(stage: Stage, n_image: int) -> int:
+    return round(stage.keep * n_image)
+
+
+def keep_slots(method: Pruner, ctx: PruneContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """THE rule: every valid non-image slot survives, and each sample's chosen image slots. Samples may keep
+    different counts, so the result is left-padded again: keep [B, L] (slot indices, in slot order) and
+    kept_valid [B, L]."""
+    image_mask, valid = ctx.image_mask, ctx.valid
+    choice = method.select(ctx)
+    name = type(method).__name__
+    if choice.shape != image_mask.shape:
+        raise ValueError(f"{name}.select returned shape {list(choice.shape)}, expected {list(image_mask.shape)}")
+    if choice.dtype == torch.bool:
+        chosen = choice
+        if (chosen & ~image_mask).any() or not torch.equal(chosen.sum(1), ctx.n_keep):
+            raise ValueError(f"{name}.select must mark exactly n_keep image slots per sample: marked "
+                             f"{chosen.sum(1).tolist()} (image slots included: {(chosen & image_mask).sum(1).tolist()}), "
+                             f"n_keep {ctx.n_keep.tolist()}")
+    else:
+        chosen = torch.zeros_like(image_mask)
+        k_max = int(ctx.n_keep.max())
+        if k_max > 0:
+            scores = choice.float().masked_fill(~image_mask, float("-inf"))
+            top = scores.topk(k_max, dim=1).indices                                          # B, k_max
+            first = torch.arange(k_max, device=top.device)[None, :] < ctx.n_keep[:, None]
+            chosen = chosen.scatter(1, top, first)
+    keep_mask = (valid & ~image_mask) | chosen
+    # A stable sort of the 0/1 mask puts dropped slots first and kept slots last, both in slot order.
+    L = int(keep_mask.sum(1).max())
+    keep = torch.sort(keep_mask.to(torch.uint8), dim=1, stable=True).indices[:, -L:]
+    return keep, keep_mask.gather(1, keep)
+
+
+def layer_flops(n: int, d: int, m: int) -> int:
+    """FastV's per-layer count for n tokens: projections 4nd^2, attention 2n^2d, MLP 2ndm."""
+    return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+
+
+def decoder_flops(cfg, layer_tokens: list[int]) -> int:
+    """Theoretical prefill FLOPs of the decoder when layer i runs on layer_tokens[i] tokens."""
+    return sum(layer_flops(n, cfg.dim, cfg.intermediate_size) for n in layer_tokens)
+
+
+def scheduled_tokens(method: Pruner | None, n_layers: int, n_tokens: int, n_image: int) -> list[int]:
+    """Tokens each decoder layer sees for a prompt of n_tokens with n_image image tokens, pruned by `method`."""
+    stages, out = active_stages(method, n_layers), []
+    for i in range(n_layers):
+        if i in stages:
+            dropped = n_image - n_kept(stages[i], n_image)
+            n_tokens, n_image = n_tokens - dropped, n_image - dropped
+        out.append(n_tokens)
+    return out
+
+
+def theoretical_flops(cfg, n_tokens: int, n_image_tokens: int, method: Pruner | None) -> tuple[int, int]:
+    """(FLOPs with the method's schedule, FLOPs without) for a prefill of n_tokens, n_image_tokens of them
+    image tokens; a planning figure: the model reports the count of the pass it ran (Prefill.flops)."""
+    pruned = decoder_flops(cfg, scheduled_tokens(method, cfg.n_layers, n_tokens, n_image_tokens))
+    return pruned, decoder_flops(cfg, [n_tokens] * cfg.n_layers)
+
+
+def check_k(method, k, lowest: int, why: str):
+    if isinstance(k, bool) or not isinstance(k, int) or k < lowest:
+        raise ValueError(f"{type(method).__name__} k must be an integer >= {lowest} ({why}), got {k!r}")
+
+
+def check_ratio(method, ratio):
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise ValueError(f"{type(method).__name__} ratio must be a number in [0, 1) (the fraction of image "
+                         f"tokens dropped), got {ratio!r}")
