@@ -4,7 +4,7 @@ Each training dialogue asks one question of every type about an image and includ
 turn at a random place, which ties words to image regions densely, as LLaVA's detailed-description data
 does; with one question per image the model stays on the answer prior for the whole default run.
 
-    python train_tiny.py [--steps 1250] [--batch-size 32] [--out weights/tiny] [--seed 0] [--force]
+    python train_tiny.py [--steps 1250] [--batch-size 32] [--out minifastv/data/tiny] [--seed 0] [--force]
 
 Uses the same model code as inference and writes a minifastv checkpoint with minifastv.save.
 """
@@ -26,7 +26,7 @@ import minifastv
 from minifastv import LlavaConfig, LlavaModel, Tokenizer, chat_prompt
 from minifastv.inputs import Batch, conversations
 from minifastv.pipeline import Pipeline
-from minifastv.shapes import conversation, corpus, draw, evaluate
+from shapes import conversation, corpus, draw, evaluate
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<image>"]  # ids 0..3: pad/unk, BOS, EOS, the image placeholder
 
@@ -119,7 +119,7 @@ def train(steps: int, seed: int, batch_size: int = 32, lr: float = 2e-3, log_eve
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=1250)
-    p.add_argument("--out", default="weights/tiny")
+    p.add_argument("--out", default="minifastv/data/tiny")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)

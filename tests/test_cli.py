@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from minifastv.data import SAMPLES
 
 ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = json.loads((ROOT / "samples" / "questions.json").read_text())[0]
+SAMPLE = json.loads((SAMPLES / "questions.json").read_text())[0]
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +35,12 @@ def run(*args):
 @pytest.mark.parametrize("command", ["generate", "demo", "analyze", "convert", "bench"])
 def test_help(command):
     result = run(command, "--help")
-    usage = "usage: bench.py" if command == "bench" else "usage: python -m minifastv " + command
+    usage = "usage: python -m minifastv " + command
     assert result.returncode == 0 and usage in result.stdout, result.stderr
 
 
 def test_generate_with_fastv(model_dir):
-    result = run("generate", "--model", model_dir, "--image", ROOT / "samples" / SAMPLE["image"],
+    result = run("generate", "--model", model_dir, "--image", SAMPLES / SAMPLE["image"],
                  "--prompt", SAMPLE["question"], "--fastv-k", 2, "--fastv-ratio", 0.5, "--max-new-tokens", 4)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
@@ -50,12 +51,12 @@ def test_generate_with_fastv(model_dir):
 def test_demo(model_dir):
     result = run("demo", "--model", model_dir)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("unpruned") == len(json.loads((ROOT / "samples" / "questions.json").read_text()))
+    assert result.stdout.count("unpruned") == len(json.loads((SAMPLES / "questions.json").read_text()))
     assert "image tokens kept 32/64" in result.stdout
 
 
 def test_analyze_writes_valid_pngs(model_dir, tmp_path):
-    result = run("analyze", "--model", model_dir, "--image", ROOT / "samples" / SAMPLE["image"],
+    result = run("analyze", "--model", model_dir, "--image", SAMPLES / SAMPLE["image"],
                  "--prompt", SAMPLE["question"], "--out-dir", tmp_path, "--fastv-k", 2, "--fastv-ratio", 0.75)
     assert result.returncode == 0, result.stderr
     assert "| layer |" in result.stdout and "keeps 16 of 64 patches" in result.stdout
@@ -75,7 +76,7 @@ def test_bad_input_is_a_message_not_a_traceback(model_dir, tmp_path):
 def generate_in_process(model_dir, capsys, *options):
     from minifastv.cli import main
 
-    code = main(["generate", "--model", str(model_dir), "--image", str(ROOT / "samples" / SAMPLE["image"]),
+    code = main(["generate", "--model", str(model_dir), "--image", str(SAMPLES / SAMPLE["image"]),
                  "--prompt", SAMPLE["question"], "--max-new-tokens", "2", *map(str, options)])
     out = capsys.readouterr()
     return code, out.out, out.err

@@ -6,7 +6,6 @@ where they were last run.
 """
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,17 +15,17 @@ from minifastv import FastV, RandomDrop, generate
 from minifastv.config import QuantConfig
 from minifastv.quant import quantize_model
 from minifastv.pipeline import Pipeline
-from minifastv.shapes import make_batch
+from minifastv.data import SAMPLES, TINY_MODEL
+from shapes import make_batch
 
-ROOT = Path(__file__).resolve().parent.parent
 DEVICES = [d for d, ok in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())) if ok]
 pytestmark = pytest.mark.skipif(not DEVICES, reason="no CUDA or MPS device on this machine")
 
 
 @pytest.fixture(scope="module", params=DEVICES or ["none"])
 def pair(request):
-    cpu = Pipeline.load(ROOT / "weights" / "tiny", dtype="float32")
-    return cpu, minifastv.load(ROOT / "weights" / "tiny", dtype="float32", device=request.param)
+    cpu = Pipeline.load(TINY_MODEL, dtype="float32")
+    return cpu, minifastv.load(TINY_MODEL, dtype="float32", device=request.param)
 
 
 @torch.no_grad()
@@ -63,7 +62,7 @@ def test_cli_runs_on_the_device(capsys):
     from minifastv.cli import main
 
     for device in DEVICES:
-        code = main(["generate", "--image", str(ROOT / "samples" / "heldout_0.png"), "--prompt",
+        code = main(["generate", "--image", str(SAMPLES / "heldout_0.png"), "--prompt",
                      "what colour is the triangle in row four column four?", "--device", device, "--fastv-k", "2"])
         out = capsys.readouterr()
         assert code == 0 and out.out.startswith("red") and f", {device}" in out.err, out.err

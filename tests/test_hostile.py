@@ -18,8 +18,8 @@ from minifastv import CheckpointError, FastV, ImageError, chat_prompt, generate,
 from minifastv.checkpoint import ShardWriter
 from minifastv.pipeline import Pipeline
 from minifastv.convert import convert
+from minifastv.data import SAMPLES, TINY_MODEL
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -393,7 +393,7 @@ def cli(saved, capsys):
         code = main([str(a) for a in args])
         return code, capsys.readouterr().err
 
-    image = ROOT / "samples" / "heldout_0.png"
+    image = SAMPLES / "heldout_0.png"
     return run, saved, image
 
 
@@ -436,7 +436,7 @@ def test_random_prompts_and_images_answer_or_raise_documented_errors():
     """Random prompts (empty, gibberish, overlong, stray <image> markers), images of random size and pixel
     format, FastV settings and token budgets fed to the shipped tiny model: every trial either answers with
     1..max_new_tokens vocabulary tokens or raises a ValueError from the documented list."""
-    model = Pipeline.load(ROOT / "weights" / "tiny", dtype=None)
+    model = Pipeline.load(TINY_MODEL, dtype=None)
     cfg = model.model.config
     words = list(model.tokenizer.tok.get_vocab()) + ["zebra", "<image>", "?", "\n"]
     rng = random.Random(0)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from minifastv.inputs import IGNORE, conversations, encode_conversation, left_pad, questions
 from minifastv.pipeline import Pipeline
-from minifastv.shapes import conversation, draw
+from shapes import conversation, draw
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 --device, --dtype and --threads reach the model, and one-line errors for what the machine cannot do."""
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +9,9 @@ import torch
 import minifastv
 import minifastv.machine as machine
 from minifastv.cli import main
+from minifastv.data import SAMPLES, TINY_MODEL
 
-ROOT = Path(__file__).resolve().parent.parent
-IMAGE = ROOT / "samples" / "heldout_0.png"
+IMAGE = SAMPLES / "heldout_0.png"
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +44,7 @@ def test_dtype_none_keeps_the_stored_dtype(half_ckpt):
 
 
 def test_a_lookup_table_is_narrowed_but_never_widened():
-    narrowed = minifastv.load(ROOT / "weights" / "tiny", dtype="bfloat16")  # stored fp32
+    narrowed = minifastv.load(TINY_MODEL, dtype="bfloat16")  # stored fp32
     assert {p.dtype for p in narrowed.parameters()} == {torch.bfloat16}
 
 

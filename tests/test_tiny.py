@@ -1,6 +1,5 @@
-"""The synthetic task, a short training run, and the shipped weights/tiny model."""
+"""The synthetic task, a short training run, and the shipped tiny model (minifastv/data/tiny)."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -8,10 +7,10 @@ import torch
 import minifastv
 from minifastv import FastV, generate
 from minifastv.pipeline import Pipeline
-from minifastv.shapes import QUESTION_TYPES, evaluate, example, majority_baseline, make_batch
+from minifastv.data import TINY_MODEL
+from shapes import QUESTION_TYPES, evaluate, example, majority_baseline, make_batch
 
-ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ROOT / "weights" / "tiny"
+SHIPPED = TINY_MODEL
 SHIPPED_MIN_ACCURACY = 0.90  # the README states >= 90% held-out exact match with FastV off
 
 

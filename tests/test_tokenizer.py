@@ -4,6 +4,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
 from minifastv.tokenizer import Tokenizer, chat_prompt
+from minifastv.data import SAMPLES
 
 IMAGE_ID = 7000  # outside the vocabulary on purpose, like the original LLaVA's -200
 
@@ -123,7 +124,6 @@ def test_cli_streams_the_full_decode(monkeypatch):
 
     monkeypatch.setattr(minifastv.pipeline, "stream", FakeStream)
     pieces = []
-    from pathlib import Path
-    image = Path(__file__).resolve().parent.parent / "samples" / "heldout_0.png"
+    image = SAMPLES / "heldout_0.png"
     r = Pipeline(model, tok).answer([image], "what is it?", on_text=pieces.append)
     assert "".join(pieces) == r.text == tok.decode(ids) == "wörld 日本 hello"

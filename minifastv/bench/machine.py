@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from minifastv.machine import cpu_has_native_bf16, physical_cores
+from ..machine import cpu_has_native_bf16, physical_cores
 
 
 def cpu_name() -> str:

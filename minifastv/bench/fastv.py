@@ -1,12 +1,13 @@
 """Speed of minifastv and FastV on this machine. Prints tables; never part of the tests.
 
-    python benchmarks/bench.py --model tiny
-    python benchmarks/bench.py --model 7b --layers 32 [--no-hf]
+    python -m minifastv bench [--model tiny]
+    python -m minifastv bench --model 7b --layers 32 [--no-hf]
 
 1. FastV: prefill time at K=2 for R in {0, 0.25, 0.5, 0.75} next to the theoretical FLOPs ratio; decode
    tokens/s and KV-cache bytes with and without pruning.
 2. minifastv against transformers' LlavaForConditionalGeneration holding the SAME weight tensors (shared,
-   not copied), same dtype and thread count: prefill latency and decode tokens/s.
+   not copied), same dtype and thread count: prefill latency and decode tokens/s. transformers is the
+   tests' reference, not a dependency: without it (pip install "minifastv[test]") this part is left out.
 3. Achieved prefill TFLOP/s against a measured bf16 (or fp32) matmul peak.
 
 Timings are medians over --repeats runs after a warm-up, in one process with a fixed thread count.
@@ -19,20 +20,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
+import importlib.util
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import minifastv  # noqa: E402
-from benchmarks.machine import describe  # noqa: E402
-from minifastv import FastV, KVCache, LlavaConfig, LlavaModel  # noqa: E402
-from minifastv.generate import generate, stream  # noqa: E402
-from minifastv.convert import map_key  # noqa: E402
+from .. import FastV, KVCache, LlavaConfig, LlavaModel, load
+from ..convert import map_key
+from ..data import TINY_MODEL
+from ..generate import generate, stream
+from .machine import describe
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -236,15 +234,12 @@ def profile_prefill(model, ids, pixels, rows: int = 12):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--quant" in argv:  # the full-depth quantized 7B run has options of its own
-        from benchmarks.cpu7b import main as cpu7b
-
-        return cpu7b(argv)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog="python -m minifastv bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="With --quant int8|int4: the full-depth LLaVA-1.5-7B run on a CPU "
-                                       "(benchmarks/cpu7b.py; --quant int8 --help for its options).")
-    p.add_argument("--model", default="tiny", help="'tiny' (weights/tiny), '7b' (random, LLaVA-1.5-7B-shaped), "
-                                                   "or a checkpoint directory")
+                                       "(minifastv/bench/cpu7b.py; --quant int8 --help for its options).")
+    p.add_argument("--model", default="tiny", help="'tiny' (the shipped tiny model), '7b' (random, "
+                                                   "LLaVA-1.5-7B-shaped), or a checkpoint directory")
     p.add_argument("--layers", type=int, default=None, help="decoder layers of the 7b model (default 32)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="default: bfloat16 for 7b, the checkpoint's dtype otherwise; on CPUs without native "
@@ -261,7 +256,7 @@ def main(argv=None) -> int:
         config = dataclasses.replace(base, text=dataclasses.replace(base.text, n_layers=args.layers or 32))
         model = random_model(config, getattr(torch, args.dtype or "bfloat16"))
     else:
-        model = minifastv.load(ROOT / "weights" / "tiny" if args.model == "tiny" else args.model, dtype=args.dtype)
+        model = load(TINY_MODEL if args.model == "tiny" else args.model, dtype=args.dtype)
     ids, pixels = prompt(model.config)
     print(f"{describe(torch.get_num_threads())}; model: {args.model} ({model.config.text.n_layers} decoder layers, "
           f"{str(model.dtype).removeprefix('torch.')}, {sum(p.numel() for p in model.parameters()) / 1e6:,.1f}M params)")
@@ -272,7 +267,9 @@ def main(argv=None) -> int:
           f"matmul peak (2048^3) {peak:.3f} TFLOP/s; {achieved / peak:.0%} of peak")
     if args.profile:
         profile_prefill(model, ids, pixels)
-    if not args.no_hf:
+    if not args.no_hf and importlib.util.find_spec("transformers") is None:
+        print('\nminifastv vs transformers: left out, transformers is not installed (pip install "minifastv[test]")')
+    elif not args.no_hf:
         bench_transformers(model, ids, pixels, args.repeats, args.decode_tokens)
     return 0
 

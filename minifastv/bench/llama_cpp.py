@@ -1,4 +1,4 @@
-"""llama.cpp on the same decoder shapes, for `bench --quant ... --peer llama.cpp` (benchmarks/cpu7b.py).
+"""llama.cpp on the same decoder shapes, for `bench --quant ... --peer llama.cpp` (cpu7b.py).
 
 What CPU users run instead of minifastv is llama.cpp with a Q8_0 or Q4_0 GGUF. This writes a LLaMA-7B-shaped
 GGUF with random F16 weights (the `gguf` package; nothing is downloaded), quantizes it with llama-quantize and

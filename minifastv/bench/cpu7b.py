@@ -31,19 +31,15 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import minifastv  # noqa: E402
-from benchmarks.machine import describe  # noqa: E402
-from minifastv import FastV, LlavaConfig  # noqa: E402
-from minifastv.checkpoint import CONFIG, TOKENIZER  # noqa: E402
-from minifastv.files import ShardWriter, staged  # noqa: E402
-from minifastv.config import QuantConfig  # noqa: E402
-from minifastv.generate import stream  # noqa: E402
-from minifastv.llava import empty_model  # noqa: E402
-from minifastv.machine import auto_dtype, peak_rss_bytes, physical_cores, set_threads  # noqa: E402
-from minifastv.quant import quantized_tensors  # noqa: E402
+from .. import FastV, LlavaConfig, load
+from ..checkpoint import CONFIG, TOKENIZER
+from ..config import QuantConfig
+from ..files import ShardWriter, staged
+from ..generate import stream
+from ..llava import empty_model
+from ..machine import auto_dtype, peak_rss_bytes, physical_cores, set_threads
+from ..quant import quantized_tensors
+from .machine import describe
 
 METHODS = {"int8": QuantConfig("int8"), "int4": QuantConfig("int4", 128)}
 SETTINGS = {"off": None, "K=2 R=0.5": FastV(2, 0.5), "K=2 R=0.75": FastV(2, 0.75)}
@@ -98,7 +94,7 @@ def measure(path: Path, settings: list[str], repeats: int, decode_tokens: int, t
     """Run in a fresh process: load the checkpoint, then time each FastV setting."""
     set_threads(threads)
     start = time.perf_counter()
-    model = minifastv.load(path, dtype=dtype)
+    model = load(path, dtype=dtype)
     result = {"load_s": time.perf_counter() - start, "rss_after_load": peak_rss_bytes(),
               "dtype": str(model.dtype).removeprefix("torch."), "settings": {}}
     ids, pixels = random_prompt(model.config)
@@ -133,7 +129,7 @@ def warm_page_cache(path: Path):
 
 def measure_in_child(path: Path, settings, args, dtype: str = "auto") -> dict:
     warm_page_cache(path)
-    cmd = [sys.executable, __file__, "--child", str(path), "--settings", *settings, "--repeats", str(args.repeats),
+    cmd = [sys.executable, "-m", "minifastv.bench.cpu7b", "--child", str(path), "--settings", *settings, "--repeats", str(args.repeats),
            "--decode-tokens", str(args.decode_tokens), "--threads", str(args.threads), "--dtype", dtype]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -149,7 +145,7 @@ def float_reference(args, log) -> dict:
 
 
 def peer_llama_cpp(args, log) -> dict:
-    from benchmarks.peer_llama_cpp import run_peer
+    from .llama_cpp import run_peer
 
     return run_peer(Path(args.workdir), args.layers, args.threads, args.decode_tokens, args.peer_bin, log)
 

@@ -184,7 +184,7 @@ def majority_baseline(n: int = 400, split: str = "heldout") -> dict[str, float]:
 
 def write_samples(directory, n: int = 4, size: int = 64) -> None:
     """The first n held-out examples (one per question type) as PNG files plus questions.json, for the demo:
-    python -c "from minifastv.shapes import write_samples; write_samples('samples')"."""
+    python -c "from shapes import write_samples; write_samples('minifastv/data/samples')"."""
     import json
     from pathlib import Path
 
