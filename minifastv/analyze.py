@@ -3,13 +3,8 @@ picture of the image patches FastV keeps."""
 
 from __future__ import annotations
 
-import math
-
 import torch
-from einops import rearrange
 from PIL import Image, ImageDraw
-
-from .llama import attention_mask, rope_cos_sin
 
 SEGMENTS = ("system", "image", "instruction")
 
@@ -19,33 +14,27 @@ def attention_shares(model, input_ids, pixel_values) -> list[dict[str, list[floa
     """Per decoder layer, how the head-averaged attention of the instruction tokens splits over the system
     tokens (text before the first image), the image tokens and the instruction tokens (text after the last
     image). Returns, per layer, {"last": [3 shares] of the prompt's last token, "instruction": [3 shares]
-    averaged over all instruction tokens}. One prompt, no padding."""
+    averaged over all instruction tokens}. One prompt, no padding; the decoder computes the rows (prefill's
+    attention_rows), next to its SDPA."""
     if input_ids.shape[0] != 1:
         raise ValueError(f"attention analysis takes one prompt, got a batch of {input_ids.shape[0]}")
-    x, valid, image_mask = model.embed(input_ids, pixel_values)
-    if not image_mask.any():
+    placeholders = (input_ids[0] == model.config.image_token_id).nonzero()[:, 0]
+    if len(placeholders) == 0:
         raise ValueError("attention analysis needs an image in the prompt")
-    cfg = model.config.text
-    T = x.shape[1]
-    slot = torch.arange(T)
-    image_slots = slot[image_mask[0]]
-    segment = torch.full((T,), 2)                                      # instruction
-    segment[slot < image_slots.min()] = 0                              # system
-    segment[image_mask[0]] = 1                                         # image
-    queries = slot[slot > image_slots.max()]
-    if len(queries) == 0:
+    n_instruction = input_ids.shape[1] - 1 - int(placeholders[-1])
+    if n_instruction == 0:
         raise ValueError("attention analysis needs text after the last image")
-    cos, sin = rope_cos_sin(slot[None], cfg.head_dim, cfg.rope_theta, x.dtype)
-    causal = slot[None, :] <= queries[:, None]                         # Q, T
+    pre = model.prefill(input_ids, pixel_values, attention_rows=n_instruction)
+    image_mask = pre.image_mask[0].cpu()
+    slot = torch.arange(len(image_mask))
+    segment = torch.full((len(slot),), 2)                              # instruction
+    segment[slot < slot[image_mask].min()] = 0                         # system
+    segment[image_mask] = 1                                            # image
     out = []
-    for layer in model.llm.layers:
-        q, k, _ = layer.attn.project(layer.attn_norm(x), cos, sin)
-        q = rearrange(q[0, :, queries].float(), "(hk g) q d -> hk g q d", hk=cfg.n_kv_heads)
-        scores = torch.einsum("hgqd,hsd->hgqs", q, k[0].float()) / math.sqrt(cfg.head_dim)
-        probs = scores.masked_fill(~causal, float("-inf")).softmax(-1).mean(dim=(0, 1))   # Q, T
-        shares = torch.zeros(len(queries), 3).index_add_(1, segment, probs)               # Q, 3
+    for rows in pre.attention:
+        probs = rows[0].cpu()                                                             # Q, T
+        shares = torch.zeros(n_instruction, 3).index_add_(1, segment, probs)              # Q, 3
         out.append({"last": shares[-1].tolist(), "instruction": shares.mean(0).tolist()})
-        x, _ = layer(x, cos, sin, valid, attention_mask(valid, T))
     return out
 
 

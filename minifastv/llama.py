@@ -70,17 +70,18 @@ def attention_mask(valid: torch.Tensor, n_queries: int):
     return (k_slot <= q_slot) & (valid[:, None, None, :] | (k_slot == q_slot))
 
 
-def last_token_attention(q_last: torch.Tensor, k: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Head-averaged attention probabilities of the last query over all keys, in fp32.
+def query_attention(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Head-averaged attention probabilities of the last Q queries over all S keys, in fp32.
 
-    q_last [B, H, D], k [B, H_kv, S, D] (rotary already applied), valid [B, S]. Returns [B, S].
-    The last slot may attend to every earlier slot, so the causal mask reduces to the padding mask.
-    Cost: one row, O(S) per head, instead of the S x S matrix that eager attention would build.
+    q [B, H, Q, D] (the queries of the last Q slots), k [B, H_kv, S, D] (rotary already applied), valid
+    [B, S]. Returns [B, Q, S]. Cost: Q rows, O(Q S) per head, next to SDPA, instead of the S x S matrix
+    that eager attention would build; FastV needs one row (Q = 1), where causality reduces to the padding.
     """
-    H_kv, D = k.shape[1], k.shape[-1]
-    q = rearrange(q_last.float(), "b (hk g) d -> b hk g d", hk=H_kv)  # query head h uses kv head h // g
-    scores = torch.einsum("bhgd,bhsd->bhgs", q, k.float()) / math.sqrt(D)
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    H_kv, Q, D, S = k.shape[1], q.shape[2], k.shape[-1], k.shape[2]
+    q = rearrange(q.float(), "b (hk g) q d -> b hk g q d", hk=H_kv)  # query head h uses kv head h // g
+    scores = torch.einsum("bhgqd,bhsd->bhgqs", q, k.float()) / math.sqrt(D)
+    causal = torch.arange(S, device=k.device)[None, :] <= torch.arange(S - Q, S, device=k.device)[:, None]  # Q, S
+    scores = scores.masked_fill(~(causal & valid[:, None, :])[:, None, None], float("-inf"))
     return scores.softmax(dim=-1).mean(dim=(1, 2))
 
 
@@ -105,10 +106,10 @@ class Attention(nn.Module):
         v = rearrange(self.v_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def forward(self, x, cos, sin, valid, mask, cache: LayerCache | None = None, need_last_row: bool = False):
+    def forward(self, x, cos, sin, valid, mask, cache: LayerCache | None = None, n_rows: int = 0):
         """x [B, T, C] at slots with validity `valid` [B, T]; `mask` from attention_mask over the cached and new
-        slots. Returns the output [B, T, C] and, if asked, the last query's head-mean attention over all keys
-        [B, S]."""
+        slots. Returns the output [B, T, C] and, if n_rows > 0, the head-mean attention of the last n_rows
+        queries over all keys [B, n_rows, S] (else None)."""
         T = x.shape[1]
         q, k, v = self.project(x, cos, sin)
         if x.device.type == "cpu":
@@ -120,8 +121,8 @@ class Attention(nn.Module):
             k, v, valid = cache.update(k, v, valid)                # now S >= T slots
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
-        row = last_token_attention(q[:, :, -1], k, valid) if need_last_row else None
-        return self.o_proj(rearrange(y, "b h t d -> b t (h d)").to(x.dtype)), row
+        rows = query_attention(q[:, :, -n_rows:], k, valid) if n_rows else None
+        return self.o_proj(rearrange(y, "b h t d -> b t (h d)").to(x.dtype)), rows
 
 
 class MLP(nn.Module):
@@ -143,10 +144,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, valid, mask, cache=None, need_last_row=False):
-        h, row = self.attn(self.attn_norm(x), cos, sin, valid, mask, cache, need_last_row)
+    def forward(self, x, cos, sin, valid, mask, cache=None, n_rows=0):
+        h, rows = self.attn(self.attn_norm(x), cos, sin, valid, mask, cache, n_rows)
         x = x + h
-        return x + self.mlp(self.mlp_norm(x)), row
+        return x + self.mlp(self.mlp_norm(x)), rows
 
 
 class Llama(nn.Module):
@@ -159,17 +160,18 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
     def forward(self, x, positions, valid, cache: KVCache | None = None, prune: Pruner | None = None,
-                image_mask: torch.Tensor | None = None):
+                image_mask: torch.Tensor | None = None, attention_rows: int = 0):
         """Run the decoder on embeddings x [B, T, C] at `positions` [B, T], with `valid` [B, T] False at padding.
 
         With `prune` (prefill only; `image_mask` [B, T] marks the image slots), each stage's layer and the
         layers after it run on the kept slots. Returns the final-norm hidden states [B, T', C], `slots` [B, T']
         (the input slot of each output slot; None when nothing was pruned), the validity of the output slots
-        [B, T'] and layer_tokens [n_layers, B]: the tokens each layer ran on, per sample.
+        [B, T'], layer_tokens [n_layers, B]: the tokens each layer ran on, per sample, and, with
+        attention_rows = Q > 0, each layer's head-mean attention of the last Q queries [B, Q, S] (else None).
         """
         stages = active_stages(prune, len(self.layers))
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        slots, row, segment, mask_segment, counts = None, None, 0, None, []
+        slots, row, segment, mask_segment, counts, rows = None, None, 0, None, [], []
         for i, layer in enumerate(self.layers):
             if i in stages:
                 n_keep = [n_kept(stages[i], n) for n in image_mask.sum(1).tolist()]
@@ -189,6 +191,8 @@ class Llama(nn.Module):
                 kv_valid = valid if layer_cache is None else layer_cache.valid_after(valid)
                 mask, mask_segment = attention_mask(kv_valid, x.shape[1]), layer_segment
             need_row = prune is not None and prune.needs_attention and i + 1 in stages
-            x, row = layer(x, cos, sin, valid, mask, layer_cache, need_row)
+            x, layer_rows = layer(x, cos, sin, valid, mask, layer_cache, max(attention_rows, int(need_row)))
+            row = layer_rows[:, -1] if need_row else None
             counts.append(valid.sum(1))
-        return self.norm(x), slots, valid, torch.stack(counts)
+            rows.append(layer_rows)
+        return self.norm(x), slots, valid, torch.stack(counts), rows if attention_rows else None

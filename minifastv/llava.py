@@ -43,6 +43,7 @@ class Prefill:
     layer_tokens: torch.Tensor      # [B, n_layers] tokens each decoder layer ran on, per sample
     flops: list[int]                # per sample, theoretical decoder FLOPs of this pass (4nd^2 + 2n^2d + 2ndm per layer)
     flops_unpruned: list[int]       # per sample, the same without pruning
+    attention: list[torch.Tensor] | None = None  # with attention_rows=Q: per layer, [B, Q, S] (see prefill)
 
     def kept_image_slots(self) -> list[list[int]]:
         """Per sample, the merged-sequence slots of the image tokens that survived (all of them unpruned)."""
@@ -142,23 +143,26 @@ class LlavaModel(nn.Module):
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(), ignore_index=IGNORE)
 
     def prefill(self, input_ids, pixel_values=None, *, attention_mask=None, prune: Pruner | None = None,
-                cache: KVCache | None = None, last_only: bool = False) -> Prefill:
+                cache: KVCache | None = None, last_only: bool = False, attention_rows: int = 0) -> Prefill:
         """One pass over the whole prompt (filling `cache` if given), optionally pruned by a pruning method
-        (minifastv.pruning). Inputs are moved to the model's device."""
+        (minifastv.pruning). Inputs are moved to the model's device. attention_rows=Q also keeps, per decoder
+        layer, the head-mean attention probabilities of the last Q slots over the slots that layer saw."""
         input_ids, pixel_values, attention_mask = (None if t is None else t.to(self.device)
                                                    for t in (input_ids, pixel_values, attention_mask))
         x, valid, image_mask = self.embed(input_ids, pixel_values, attention_mask)
         if prune is not None and not image_mask.any():
             raise ValueError(f"{type(prune).__name__} prunes image tokens, but the batch has no image")
         positions = (valid.cumsum(1) - 1).clamp(min=0)         # padding does not advance the position
-        h, keep, kept_valid, layer_tokens = self.llm(x, positions, valid, cache, prune, image_mask)
+        h, keep, kept_valid, layer_tokens, rows = self.llm(x, positions, valid, cache, prune, image_mask,
+                                                           attention_rows)
         if last_only:
             h = h[:, -1:]
         layer_tokens = layer_tokens.T.cpu()
         text = self.config.text
         return Prefill(self.llm.lm_head(h), valid, image_mask, keep, kept_valid, next_position=valid.sum(1),
                        layer_tokens=layer_tokens, flops=[decoder_flops(text, n) for n in layer_tokens.tolist()],
-                       flops_unpruned=[decoder_flops(text, [int(n)] * text.n_layers) for n in valid.sum(1)])
+                       flops_unpruned=[decoder_flops(text, [int(n)] * text.n_layers) for n in valid.sum(1)],
+                       attention=rows)
 
     def forward(self, input_ids, pixel_values=None, *, attention_mask=None, prune: Pruner | None = None):
         """logits [B, T_out, vocab]; T_out is the merged (and, when pruned, shortened) length."""

@@ -123,3 +123,14 @@ def test_pruning_flags_reach_the_model(model_dir, capsys, monkeypatch, options, 
 def test_pruning_flag_mistakes_are_one_line_errors(model_dir, capsys, options, message):
     code, _, err = generate_in_process(model_dir, capsys, *options)
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_bench_measures_the_method_asked_for(capsys):
+    """bench on the shipped tiny model: the pruning flags reach its table, whose kept counts are the model's."""
+    from minifastv.cli import main
+
+    assert main(["bench", "--repeats", "1", "--decode-tokens", "2", "--no-hf", "--prune", "random",
+                 "--prune-k", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "RandomDrop(k=1, ratio=R, seed=0)" in out
+    assert "| 0.5 | 32 |" in out and "| 0.75 | 16 |" in out

@@ -4,8 +4,8 @@ on the kept tokens at their original positions, with no cache."""
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, expand_images, hf_llava, random_pixels, random_prompt, to_minifastv
-from test_parity import left_pad
+from conftest import (IMAGE_TOKEN, assert_batch_equals_alone, expand_images, hf_llava, random_pixels, random_prompt,
+                      to_minifastv)
 
 from minifastv import FastV, KVCache, generate, theoretical_flops
 from minifastv.config import LlavaConfig, TextConfig
@@ -107,17 +107,7 @@ def test_left_padded_batch_equals_singles(pair, image_ats):
     g = torch.Generator().manual_seed(21)
     prompts = [random_prompt(g, 15, image_ats[0]), random_prompt(g, 6, image_ats[1])]
     pixels = [random_pixels(len(a), seed=30 + i) for i, a in enumerate(image_ats)]
-    ids, mask = left_pad(prompts)
-    fastv = FastV(2, 0.5)
-    batch = ours.prefill(ids, torch.cat(pixels), attention_mask=mask, prune=fastv)
-    batch_gen = generate(ours, ids, torch.cat(pixels), attention_mask=mask, max_new_tokens=8, prune=fastv)
-    for i, (prompt, px) in enumerate(zip(prompts, pixels)):
-        alone = ours.prefill(torch.tensor([prompt]), px, prune=fastv)
-        offset = batch.valid.shape[1] - alone.valid.shape[1]              # extra left padding in the batch
-        assert [s - offset for s in batch.kept_image_slots()[i]] == alone.kept_image_slots()[0]
-        assert (batch.logits[i, -1] - alone.logits[0, -1]).abs().max() <= 1e-4
-        assert batch_gen[i].tolist() == generate(ours, torch.tensor([prompt]), px, max_new_tokens=8,
-                                                      prune=fastv)[0].tolist()
+    batch = assert_batch_equals_alone(ours, prompts, pixels, prune=FastV(2, 0.5))
     # Padding is never kept as an image token, and kept slots are valid, image slots of their own sample.
     for i, slots in enumerate(batch.kept_image_slots()):
         assert all(batch.image_mask[i, s] and batch.valid[i, s] for s in slots)

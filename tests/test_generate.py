@@ -5,7 +5,7 @@ import torch
 from conftest import hf_llava, random_pixels, random_prompt, to_minifastv
 
 from minifastv.generate import generate, sample
-from test_parity import left_pad
+from minifastv.inputs import left_pad
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_cache_equals_recompute(model, batch):
     g = torch.Generator().manual_seed(2)
     prompts = [random_prompt(g, 9, [3])] + ([random_prompt(g, 4, [0, 2])] if batch else [])
     pixels = random_pixels(3 if batch else 1, seed=8)
-    ids, mask = left_pad(prompts)
+    ids, mask, _ = left_pad(prompts, pad_id=0)
     ref_ids, ref_logits = recompute(model, ids, pixels, mask, steps=12)
     got_ids, got_logits = generate(model, ids, pixels, attention_mask=mask, max_new_tokens=12, return_logits=True)
     assert got_ids.tolist() == ref_ids.tolist()
@@ -52,7 +52,7 @@ def test_eos_stops_and_pads(model):
 @torch.no_grad()
 def test_finished_sample_keeps_emitting_eos(model):
     g = torch.Generator().manual_seed(5)
-    ids, mask = left_pad([random_prompt(g, 6, [1]), random_prompt(g, 8, [5])])
+    ids, mask, _ = left_pad([random_prompt(g, 6, [1]), random_prompt(g, 8, [5])], pad_id=0)
     px = random_pixels(2)
     free = generate(model, ids, px, attention_mask=mask, max_new_tokens=6).tolist()
     # EOS: the earliest token of sample 0 (past its first) that sample 1 never produces.

@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, expand_images, hf_llava, random_pixels, random_prompt, to_minifastv
+from conftest import (IMAGE_TOKEN, assert_batch_equals_alone, expand_images, hf_llava, random_pixels, random_prompt,
+                      to_minifastv)
 
 from minifastv import generate
 
@@ -67,27 +68,13 @@ def test_greedy_generate_matches_transformers(pair, image_at):
     assert got.tolist() == ref.tolist()
 
 
-def left_pad(prompts):
-    T = max(map(len, prompts))
-    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
-    return ids, mask
-
-
 @pytest.mark.parametrize("image_ats", [([4], [1]), ([2, 6], [3])], ids=["one-image-each", "two-vs-one-image"])
 def test_left_padded_batch_equals_singles(pair, image_ats):
     _, ours = pair
     g = torch.Generator().manual_seed(13)
     prompts = [random_prompt(g, 15, image_ats[0]), random_prompt(g, 7, image_ats[1])]
-    pixels = [random_pixels(len(a), seed=20 + i) for i, a in enumerate(image_ats)]
-    ids, mask = left_pad(prompts)
-    with torch.no_grad():
-        batch_logits = ours(ids, torch.cat(pixels), attention_mask=mask)[:, -1]
-        batch_ids = generate(ours, ids, torch.cat(pixels), attention_mask=mask, max_new_tokens=10)
-        for i, (prompt, px) in enumerate(zip(prompts, pixels)):
-            alone = ours(torch.tensor([prompt]), px)[:, -1]
-            torch.testing.assert_close(batch_logits[i:i + 1], alone, atol=1e-4, rtol=0)
-            assert batch_ids[i].tolist() == generate(ours, torch.tensor([prompt]), px, max_new_tokens=10)[0].tolist()
+    assert_batch_equals_alone(ours, prompts, [random_pixels(len(a), seed=20 + i) for i, a in enumerate(image_ats)],
+                              new_tokens=10)
 
 
 def test_image_placeholder_count_must_match_images(pair):

@@ -5,8 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import hf_llava, random_pixels, random_prompt, to_minifastv
-from test_parity import left_pad
+from conftest import assert_batch_equals_alone, hf_llava, random_pixels, random_prompt, to_minifastv
 
 from minifastv import FastV, KVCache, RandomDrop, generate, theoretical_flops
 from minifastv.pruning import METHODS, Pruner, Stage, make
@@ -78,18 +77,8 @@ def test_two_stage_cached_generation_equals_recompute(ours):
 def test_left_padded_batch_equals_samples_alone(ours, method):
     g = torch.Generator().manual_seed(3)
     prompts = [random_prompt(g, 14, [3, 9]), random_prompt(g, 5, [1])]
-    pixels = [random_pixels(2, seed=5), random_pixels(1, seed=6)]
-    ids, mask = left_pad(prompts)
-    batch = ours.prefill(ids, torch.cat(pixels), attention_mask=mask, prune=method)
-    batch_gen = generate(ours, ids, torch.cat(pixels), attention_mask=mask, max_new_tokens=5, prune=method)
-    for i, (prompt, px) in enumerate(zip(prompts, pixels)):
-        alone = ours.prefill(torch.tensor([prompt]), px, prune=method)
-        offset = batch.valid.shape[1] - alone.valid.shape[1]
-        assert [s - offset for s in batch.kept_image_slots()[i]] == alone.kept_image_slots()[0]
-        assert batch.flops[i] == alone.flops[0] and batch.layer_tokens[i].tolist() == alone.layer_tokens[0].tolist()
-        assert (batch.logits[i, -1] - alone.logits[0, -1]).abs().max() <= 1e-4
-        assert batch_gen[i].tolist() == generate(ours, torch.tensor([prompt]), px, max_new_tokens=5,
-                                                 prune=method)[0].tolist()
+    assert_batch_equals_alone(ours, prompts, [random_pixels(2, seed=5), random_pixels(1, seed=6)], prune=method,
+                              new_tokens=5)
 
 
 @torch.no_grad()

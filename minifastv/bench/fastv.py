@@ -26,10 +26,11 @@ import time
 
 import torch
 
-from .. import FastV, KVCache, LlavaConfig, LlavaModel, load
+from .. import KVCache, LlavaConfig, LlavaModel, load
 from ..convert import map_key
 from ..data import TINY_MODEL
 from ..generate import generate, stream
+from ..pruning import METHODS, make
 from .machine import describe
 
 
@@ -109,22 +110,23 @@ def minifastv_generate(model, ids, pixels, n: int, prune=None):
     return run
 
 
-def bench_fastv(model, ids, pixels, repeats: int, decode_tokens: int):
+def bench_fastv(model, ids, pixels, repeats: int, decode_tokens: int, method=make, name: str = "fastv",
+                k: int | None = None):
+    """Prefill and decode speed of pruning method `name` at R in 0 / 0.25 / 0.5 / 0.75 (make(name, R, k))."""
     cfg = model.config
-    n_image = cfg.vision.n_patches
-    n = ids.shape[1] - 1 + n_image
     rows = []
     for ratio in (0.0, 0.25, 0.5, 0.75):
-        fastv = None if ratio == 0 else FastV(2, ratio)
-        t_prefill, decode = timed(minifastv_generate(model, ids, pixels, decode_tokens, fastv), repeats)
+        prune = None if ratio == 0 else method(name, ratio, k)
+        t_prefill, decode = timed(minifastv_generate(model, ids, pixels, decode_tokens, prune), repeats)
         with torch.inference_mode():
             cache = KVCache(cfg.text.n_layers, extra=decode_tokens)
-            pre = model.prefill(ids, pixels, prune=fastv, cache=cache, last_only=True)
+            pre = model.prefill(ids, pixels, prune=prune, cache=cache, last_only=True)
         rows.append(dict(ratio=ratio, kept=len(pre.kept_image_slots()[0]), theory=pre.flops[0] / pre.flops_unpruned[0],
                          prefill=t_prefill, decode=decode, cache=cache.nbytes(),
                          flops=model_flops(cfg, pre.layer_tokens[0].tolist())))
-    base = rows[0]
-    print(f"\nFastV K=2, prompt of {n} tokens ({n_image} image tokens), decode {decode_tokens} tokens")
+    base, n, n_image = rows[0], pre.n_prompt_tokens()[0], pre.n_image_tokens()[0]
+    label = repr(method(name, 0.5, k)).replace("ratio=0.5", "ratio=R")
+    print(f"\n{label}, prompt of {n} tokens ({n_image} image tokens), decode {decode_tokens} tokens")
     print("theoretical: the paper's decoder-only formula; model FLOPs: every matmul, vision tower included")
     print("| R | image tokens kept | theoretical FLOPs | model FLOPs | prefill ms | measured speedup | "
           "theoretical speedup | measured/theoretical | measured/model-FLOPs speedup | decode tok/s | "
@@ -249,6 +251,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     p.add_argument("--profile", action="store_true", help="also print an operator profile of one prefill")
+    p.add_argument("--prune", choices=list(METHODS), default="fastv", help="pruning method of the first table "
+                                                                           "(default: %(default)s)")
+    p.add_argument("--prune-k", type=int, default=None, help="its layer, where it has one (default: its own, 2)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.model == "7b":
@@ -260,7 +265,7 @@ def main(argv=None) -> int:
     ids, pixels = prompt(model.config)
     print(f"{describe(torch.get_num_threads())}; model: {args.model} ({model.config.text.n_layers} decoder layers, "
           f"{str(model.dtype).removeprefix('torch.')}, {sum(p.numel() for p in model.parameters()) / 1e6:,.1f}M params)")
-    rows = bench_fastv(model, ids, pixels, args.repeats, args.decode_tokens)
+    rows = bench_fastv(model, ids, pixels, args.repeats, args.decode_tokens, name=args.prune, k=args.prune_k)
     peak = matmul_peak(model.dtype, args.repeats)
     achieved = rows[0]["flops"] / rows[0]["prefill"] / 1e12
     print(f"\nprefill (no FastV): {achieved:.3f} TFLOP/s achieved; {str(model.dtype).removeprefix('torch.')} "

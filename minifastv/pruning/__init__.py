@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .base import PruneContext, Pruner, Stage, active_stages, decoder_flops, keep_slots, layer_flops, \
+from .base import AfterLayer, PruneContext, Pruner, Stage, active_stages, decoder_flops, keep_slots, layer_flops, \
     theoretical_flops
 from .fastv import FastV
 from .random import RandomDrop
@@ -29,5 +29,5 @@ def make(name: str, ratio: float, k: int | None = None, seed: int | None = None)
     return cls(**kwargs)
 
 
-__all__ = ["METHODS", "FastV", "PruneContext", "Pruner", "RandomDrop", "Stage", "active_stages", "decoder_flops",
+__all__ = ["METHODS", "AfterLayer", "FastV", "PruneContext", "Pruner", "RandomDrop", "Stage", "active_stages", "decoder_flops",
            "keep_slots", "layer_flops", "make", "theoretical_flops"]

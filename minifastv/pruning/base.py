@@ -54,6 +54,28 @@ class Pruner:
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class AfterLayer(Pruner):
+    """A method that prunes once, before decoder layer `k` (layers 0..k-1 see every token), dropping the
+    fraction `ratio` of the image tokens. `first_layer` is the smallest k it accepts."""
+
+    k: int = 2
+    ratio: float = 0.5
+    first_layer = 1
+
+    def __post_init__(self):
+        name = type(self).__name__
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < self.first_layer:
+            why = "layer 0 prunes before the decoder" if self.first_layer == 0 else "it reads layer k-1's attention"
+            raise ValueError(f"{name} k must be an integer >= {self.first_layer} ({why}), got {self.k!r}")
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
+            raise ValueError(f"{name} ratio must be a number in [0, 1) (the fraction of image tokens dropped), "
+                             f"got {self.ratio!r}")
+
+    def stages(self):
+        return [Stage(self.k, 1 - self.ratio)]
+
+
 def active_stages(method: Pruner | None, n_layers: int) -> dict[int, Stage]:
     """The stages that apply to a decoder of n_layers: one at layer >= n_layers would prune after the last
     layer, which changes nothing, so it is dropped (FastV with K >= n_layers is the unpruned model)."""
@@ -134,13 +156,3 @@ def theoretical_flops(cfg, n_tokens: int, n_image_tokens: int, method: Pruner | 
     pruned = decoder_flops(cfg, scheduled_tokens(method, cfg.n_layers, n_tokens, n_image_tokens))
     return pruned, decoder_flops(cfg, [n_tokens] * cfg.n_layers)
 
-
-def check_k(method, k, lowest: int, why: str):
-    if isinstance(k, bool) or not isinstance(k, int) or k < lowest:
-        raise ValueError(f"{type(method).__name__} k must be an integer >= {lowest} ({why}), got {k!r}")
-
-
-def check_ratio(method, ratio):
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-        raise ValueError(f"{type(method).__name__} ratio must be a number in [0, 1) (the fraction of image "
-                         f"tokens dropped), got {ratio!r}")

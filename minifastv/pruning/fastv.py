@@ -6,23 +6,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Pruner, Stage, check_k, check_ratio
+from .base import AfterLayer
 
 
 @dataclass(frozen=True)
-class FastV(Pruner):
-    """Prune after layer `k` (layers 0..k-1 see every token), dropping the fraction `ratio` of image tokens."""
+class FastV(AfterLayer):
+    """Prune after layer `k`, keeping the image tokens the last prompt token attends to most at layer k-1 and
+    dropping the fraction `ratio` of them."""
 
-    k: int = 2
-    ratio: float = 0.5
     needs_attention = True
-
-    def __post_init__(self):
-        check_k(self, self.k, 1, "the ranking uses layer k-1's attention")
-        check_ratio(self, self.ratio)
-
-    def stages(self):
-        return [Stage(self.k, 1 - self.ratio)]
 
     def select(self, ctx):
         return ctx.attention

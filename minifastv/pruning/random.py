@@ -7,26 +7,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Pruner, Stage, check_k, check_ratio
+from .base import AfterLayer
 
 
 @dataclass(frozen=True)
-class RandomDrop(Pruner):
-    """Drop the fraction `ratio` of image tokens after layer `k`, chosen uniformly at random with `seed`.
+class RandomDrop(AfterLayer):
+    """Drop the fraction `ratio` of image tokens after layer `k` (0: before the decoder), chosen uniformly at
+    random with `seed`. The n-th image token of every sample gets the n-th number of one seeded stream, so
+    a sample keeps the same tokens alone and in any batch."""
 
-    The n-th image token of every sample gets the n-th number of one seeded stream, so a sample keeps the
-    same tokens alone and in any batch."""
-
-    k: int = 2
-    ratio: float = 0.5
     seed: int = 0
-
-    def __post_init__(self):
-        check_k(self, self.k, 0, "layer 0 prunes before the decoder")
-        check_ratio(self, self.ratio)
-
-    def stages(self):
-        return [Stage(self.k, 1 - self.ratio)]
+    first_layer = 0
 
     def select(self, ctx):
         index = ctx.image_index()
