@@ -73,7 +73,8 @@ def main(argv=None) -> int:
     print(f"| - | 0 | 100.0% | {base['all']:.1%} | {base['all']:.1%} |")
     for k in GRID_K:
         for r in GRID_R:
-            fast, rand = (next(x for x in rows if x["method"] == f"{m} K={k}" and x["r"] == r) for m in ("FastV", "random"))
+            fast, rand = (next(x for x in rows if x["method"] == f"{m} K={k}" and x["r"] == r)
+                          for m in ("FastV", "random"))
             lo, hi = rand["range"]
             print(f"| {k} | {r} | {fast['flops']:.1%} | {fast['acc']:.1%} | {rand['acc']:.1%} ({lo:.1%}-{hi:.1%}) |")
     plot(rows, args.plot)

@@ -7,8 +7,9 @@
 
 `load` builds the model on the meta device and assigns the tensors, memory-mapped from the files where they
 are used as stored, so weights are never read or held twice. Quantized checkpoints (minifastv/quant.py) add
-`quant` to config.json and store each quantized linear as weight + scale (+ zero). `save` writes into a temporary sibling directory and renames it into place, so a failed
-or interrupted save leaves no directory that `load` would accept.
+`quant` to config.json and store each quantized linear as weight + scale (+ zero). `save` writes into a
+temporary sibling directory and renames it into place (files.py), so a failed or interrupted save leaves no
+directory that `load` would accept.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -23,11 +25,17 @@ class VisionAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.dim)
         self.o_proj = nn.Linear(cfg.dim, cfg.dim)
 
-    def forward(self, x):
+    def forward(self, x, need_cls_row: bool = False):
+        """Also returns, if asked, the class token's head-mean attention over the patches [N, n_patches] (one
+        row, computed next to SDPA), else None."""
         q, k, v = (rearrange(proj(x), "b t (h d) -> b h t d", h=self.n_heads)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
         y = F.scaled_dot_product_attention(q, k, v)  # bidirectional: every patch sees every patch
-        return self.o_proj(rearrange(y, "b h t d -> b t (h d)"))
+        row = None
+        if need_cls_row:
+            scores = torch.einsum("bhd,bhsd->bhs", q[:, :, 0].float(), k.float()) / math.sqrt(q.shape[-1])
+            row = scores.softmax(-1).mean(1)[:, 1:]  # heads averaged; the class token's own share is dropped
+        return self.o_proj(rearrange(y, "b h t d -> b t (h d)")), row
 
 
 class VisionBlock(nn.Module):
@@ -39,9 +47,10 @@ class VisionBlock(nn.Module):
         self.fc1 = nn.Linear(cfg.dim, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.dim)
 
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.fc2(quick_gelu(self.fc1(self.norm2(x))))
+    def forward(self, x, need_cls_row: bool = False):
+        h, row = self.attn(self.norm1(x), need_cls_row)
+        x = x + h
+        return x + self.fc2(quick_gelu(self.fc1(self.norm2(x)))), row
 
 
 class VisionTower(nn.Module):
@@ -59,12 +68,14 @@ class VisionTower(nn.Module):
         self.pre_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.n_used_layers))
 
-    def forward(self, pixels):
+    def forward(self, pixels, cls_attention: bool = False):
+        """Patch features [N, n_patches, dim]; with cls_attention, also the class token's head-mean attention
+        over the patches in the block whose output is the feature layer [N, n_patches] (else None)."""
         x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype))        # N, C, H/p, W/p
         x = rearrange(x, "n c h w -> n (h w) c")                              # row-major patch order
         cls = self.class_embedding.expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.position_embedding               # N, 1 + n_patches, C
         x = self.pre_norm(x)
-        for block in self.blocks:
-            x = block(x)
-        return x[:, 1:]                                                        # drop the class token
+        for i, block in enumerate(self.blocks):
+            x, row = block(x, cls_attention and i == len(self.blocks) - 1)
+        return x[:, 1:], row                                                   # drop the class token

@@ -46,7 +46,8 @@ class Stream:
         _check_args(max_new_tokens, temperature, top_p)
         if attention_mask is not None and not attention_mask[:, -1].bool().all():
             raise ValueError("generate needs left padding: attention_mask must be 1 at the last position of every row")
-        self.model, self.input_ids, self.pixel_values, self.attention_mask = model, input_ids, pixel_values, attention_mask
+        self.model, self.input_ids, self.pixel_values = model, input_ids, pixel_values
+        self.attention_mask = attention_mask
         self.max_new_tokens, self.prune, self.eos_token_id = max_new_tokens, prune, eos_token_id
         self.temperature, self.top_p, self.generator = temperature, top_p, generator
         self.prefill: Prefill | None = None

@@ -87,7 +87,8 @@ def check_inputs(config, input_ids, pixel_values, attention_mask) -> torch.Tenso
         raise ValueError(f"input_ids is empty (shape {[B, T]}): a prompt needs at least one token")
     mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     if mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {list(mask.shape)} differs from input_ids shape {list(input_ids.shape)}")
+        raise ValueError(f"attention_mask shape {list(mask.shape)} differs from input_ids shape "
+                         f"{list(input_ids.shape)}")
     if not mask.any(1).all():
         raise ValueError(f"sample {int((~mask.any(1)).nonzero()[0])} has no tokens (its attention_mask is all 0)")
     is_image = input_ids == config.image_token_id

@@ -160,7 +160,8 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
     def forward(self, x, positions, valid, cache: KVCache | None = None, prune: Pruner | None = None,
-                image_mask: torch.Tensor | None = None, attention_rows: int = 0):
+                image_mask: torch.Tensor | None = None, attention_rows: int = 0,
+                vision_attention: torch.Tensor | None = None):
         """Run the decoder on embeddings x [B, T, C] at `positions` [B, T], with `valid` [B, T] False at padding.
 
         With `prune` (prefill only; `image_mask` [B, T] marks the image slots), each stage's layer and the
@@ -168,6 +169,7 @@ class Llama(nn.Module):
         (the input slot of each output slot; None when nothing was pruned), the validity of the output slots
         [B, T'], layer_tokens [n_layers, B]: the tokens each layer ran on, per sample, and, with
         attention_rows = Q > 0, each layer's head-mean attention of the last Q queries [B, Q, S] (else None).
+        vision_attention [B, T] (the class token's attention at image slots) is handed to the pruning method.
         """
         stages = active_stages(prune, len(self.layers))
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
@@ -176,9 +178,11 @@ class Llama(nn.Module):
             if i in stages:
                 n_keep = [n_kept(stages[i], n) for n in image_mask.sum(1).tolist()]
                 ctx = PruneContext(i, x, image_mask, valid, positions, torch.tensor(n_keep, device=x.device), row,
-                                   keys=lambda: layer.attn.project(layer.attn_norm(x), cos, sin)[1])  # noqa: B023
+                                   keys=lambda: layer.attn.project(layer.attn_norm(x), cos, sin)[1],  # noqa: B023
+                                   vision_attention=vision_attention)
                 keep, valid = keep_slots(prune, ctx)
                 x, cos, sin, positions, image_mask = (take(t, keep) for t in (x, cos, sin, positions, image_mask))
+                vision_attention = None if vision_attention is None else take(vision_attention, keep)
                 image_mask = image_mask & valid        # the padding of a pruned batch may point at a dropped image slot
                 slots = keep if slots is None else slots.gather(1, keep)
                 segment += 1

@@ -41,7 +41,7 @@ class Prefill:
     kept_valid: torch.Tensor        # [B, T_out] False where the pruned sequence is padded
     next_position: torch.Tensor     # [B] rotary position of the first generated token
     layer_tokens: torch.Tensor      # [B, n_layers] tokens each decoder layer ran on, per sample
-    flops: list[int]                # per sample, theoretical decoder FLOPs of this pass (4nd^2 + 2n^2d + 2ndm per layer)
+    flops: list[int]                # per sample, theoretical decoder FLOPs of this pass (4nd^2 + 2n^2d + 2ndm a layer)
     flops_unpruned: list[int]       # per sample, the same without pruning
     attention: list[torch.Tensor] | None = None  # with attention_rows=Q: per layer, [B, Q, S] (see prefill)
 
@@ -82,16 +82,20 @@ class LlavaModel(nn.Module):
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.llm.embed_tokens(ids).to(self.dtype)
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] preprocessed images -> [N, n_patches, text dim] decoder inputs."""
+    def encode_images(self, pixel_values: torch.Tensor, cls_attention: bool = False):
+        """[N, 3, H, W] preprocessed images -> [N, n_patches, text dim] decoder inputs; with cls_attention,
+        (features, the class token's head-mean attention over the patches at the feature layer [N, n_patches])."""
         check_pixels(self.config, pixel_values)
-        return self.projector(self.vision(pixel_values))
+        features, row = self.vision(pixel_values, cls_attention)
+        return (self.projector(features), row) if cls_attention else self.projector(features)
 
-    def embed(self, input_ids, pixel_values=None, attention_mask=None):
+    def embed(self, input_ids, pixel_values=None, attention_mask=None, cls_attention: bool = False):
         """Token embeddings with each image placeholder widened into its patch features.
 
-        Returns x [B, T, C], valid [B, T] and image_mask [B, T], with T the longest merged sample; shorter
-        samples (fewer images, or more padding) are left-padded so every sample's last slot is its last token.
+        Returns x [B, T, C], valid [B, T], image_mask [B, T] and, with cls_attention, the vision tower's
+        class-token attention at each image slot [B, T] (0 elsewhere; else None), with T the longest merged
+        sample; shorter samples (fewer images, or more padding) are left-padded so every sample's last slot
+        is its last token.
         """
         cfg = self.config
         mask = check_inputs(cfg, input_ids, pixel_values, attention_mask)
@@ -107,14 +111,18 @@ class LlavaModel(nn.Module):
         text = ~is_image
         x[rows[text], start[text]] = tokens[text]
         valid[rows[text], start[text]] = mask[text]
+        vision_scores = x.new_zeros(B, T_out, dtype=torch.float32) if cls_attention else None
         if pixel_values is not None:
             # Boolean indexing walks the batch row-major: sample 0's images first, as pixel_values is ordered.
             img_rows = rows[is_image][:, None]                                        # n, 1
             img_cols = start[is_image][:, None] + torch.arange(N, device=x.device)    # n, N
-            x[img_rows, img_cols] = self.encode_images(pixel_values).to(x.dtype)
+            features = self.encode_images(pixel_values, cls_attention)
+            if cls_attention:
+                features, vision_scores[img_rows, img_cols] = features[0], features[1].float()
+            x[img_rows, img_cols] = features.to(x.dtype)
             valid[img_rows, img_cols] = True
             image_mask[img_rows, img_cols] = True
-        return x, valid, image_mask
+        return x, valid, image_mask, vision_scores
 
     def merged_slots(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Where each input token lands in the merged sequence: start [B, T] (an image's first patch for a
@@ -149,12 +157,13 @@ class LlavaModel(nn.Module):
         layer, the head-mean attention probabilities of the last Q slots over the slots that layer saw."""
         input_ids, pixel_values, attention_mask = (None if t is None else t.to(self.device)
                                                    for t in (input_ids, pixel_values, attention_mask))
-        x, valid, image_mask = self.embed(input_ids, pixel_values, attention_mask)
+        x, valid, image_mask, vision_scores = self.embed(input_ids, pixel_values, attention_mask,
+                                                         prune is not None and prune.needs_vision_attention)
         if prune is not None and not image_mask.any():
             raise ValueError(f"{type(prune).__name__} prunes image tokens, but the batch has no image")
         positions = (valid.cumsum(1) - 1).clamp(min=0)         # padding does not advance the position
         h, keep, kept_valid, layer_tokens, rows = self.llm(x, positions, valid, cache, prune, image_mask,
-                                                           attention_rows)
+                                                           attention_rows, vision_scores)
         if last_only:
             h = h[:, -1:]
         layer_tokens = layer_tokens.T.cpu()

@@ -96,7 +96,8 @@ def test_printed_kept_count_and_flops_come_from_the_model(model_dir, capsys, mon
 
 
 @pytest.mark.parametrize("options, method", [
-    (("--prune", "random", "--prune-ratio", 0.75, "--prune-k", 1, "--prune-seed", 3), "RandomDrop(k=1, ratio=0.75, seed=3)"),
+    (("--prune", "random", "--prune-ratio", 0.75, "--prune-k", 1, "--prune-seed", 3),
+     "RandomDrop(k=1, ratio=0.75, seed=3)"),
     (("--prune", "fastv", "--prune-ratio", 0.25), "FastV(k=2, ratio=0.25)"),
     (("--fastv-k", 3, "--fastv-ratio", 0.75), "FastV(k=3, ratio=0.75)"),
     (("--fastv-k", 1), "FastV(k=1, ratio=0.5)"),

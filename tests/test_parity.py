@@ -34,7 +34,7 @@ def test_vision_features_and_projector_match(pair):
     with torch.no_grad():
         ref_feat = hf.model.vision_tower(pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
         ref_proj = hf.model.multi_modal_projector(ref_feat)
-        feat = ours.vision(pixels)
+        feat, _ = ours.vision(pixels)
         proj = ours.projector(feat)
     assert feat.shape == ref_feat.shape == (3, N_PATCHES, 32)
     torch.testing.assert_close(feat, ref_feat, atol=1e-5, rtol=0)

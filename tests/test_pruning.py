@@ -146,3 +146,35 @@ def test_make_builds_each_method_and_refuses_foreign_settings():
         make("nope", 0.5)
     with pytest.raises(ValueError, match="RandomDrop ratio must be a number in"):
         RandomDrop(1, 1.5)
+
+
+@dataclass(frozen=True)
+class ClassTokenTopK(Pruner):
+    """Before the decoder, keep the image tokens that the vision tower's class token attends to most at the
+    feature layer (FasterVLM's criterion, written plainly)."""
+
+    ratio: float = 0.5
+    needs_vision_attention = True
+
+    def stages(self):
+        return [Stage(0, 1 - self.ratio)]
+
+    def select(self, ctx):
+        return ctx.vision_attention
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("feature_layer", [-2, -1])
+def test_vision_tower_exposes_class_token_attention_to_methods(feature_layer):
+    """The row the tower computes next to SDPA is transformers' eager CLIP attention of the class token in
+    the block whose output is the feature layer, and a method before the decoder keeps its top patches."""
+    hf = hf_llava(n_kv_heads=2, seed=11, feature_layer=feature_layer)
+    ours = to_minifastv(hf)
+    ids, px = sample_inputs(6)
+    attentions = hf.model.vision_tower(px, output_attentions=True).attentions
+    ref = attentions[feature_layer][:, :, 0, 1:].mean(1)                     # images, patches
+    torch.testing.assert_close(ours.vision(px, cls_attention=True)[1], ref, atol=1e-6, rtol=0)
+    pre = ours.prefill(ids, px, prune=ClassTokenTopK(0.75))
+    image_slots = pre.image_mask[0].nonzero()[:, 0]                          # both images', in order
+    assert pre.kept_image_slots()[0] == sorted(image_slots[ref.flatten().topk(8).indices].tolist())  # sample's budget
+    assert pre.layer_tokens[0].tolist() == [pre.n_prompt_tokens()[0] - 24] * ours.config.text.n_layers

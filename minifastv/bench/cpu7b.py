@@ -129,7 +129,8 @@ def warm_page_cache(path: Path):
 
 def measure_in_child(path: Path, settings, args, dtype: str = "auto") -> dict:
     warm_page_cache(path)
-    cmd = [sys.executable, "-m", "minifastv.bench.cpu7b", "--child", str(path), "--settings", *settings, "--repeats", str(args.repeats),
+    cmd = [sys.executable, "-m", "minifastv.bench.cpu7b", "--child", str(path), "--settings", *settings,
+           "--repeats", str(args.repeats),
            "--decode-tokens", str(args.decode_tokens), "--threads", str(args.threads), "--dtype", dtype]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])

@@ -264,7 +264,8 @@ def main(argv=None) -> int:
         model = load(TINY_MODEL if args.model == "tiny" else args.model, dtype=args.dtype)
     ids, pixels = prompt(model.config)
     print(f"{describe(torch.get_num_threads())}; model: {args.model} ({model.config.text.n_layers} decoder layers, "
-          f"{str(model.dtype).removeprefix('torch.')}, {sum(p.numel() for p in model.parameters()) / 1e6:,.1f}M params)")
+          f"{str(model.dtype).removeprefix('torch.')}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:,.1f}M params)")
     rows = bench_fastv(model, ids, pixels, args.repeats, args.decode_tokens, name=args.prune, k=args.prune_k)
     peak = matmul_peak(model.dtype, args.repeats)
     achieved = rows[0]["flops"] / rows[0]["prefill"] / 1e12

@@ -29,5 +29,5 @@ def make(name: str, ratio: float, k: int | None = None, seed: int | None = None)
     return cls(**kwargs)
 
 
-__all__ = ["METHODS", "AfterLayer", "FastV", "PruneContext", "Pruner", "RandomDrop", "Stage", "active_stages", "decoder_flops",
-           "keep_slots", "layer_flops", "make", "theoretical_flops"]
+__all__ = ["METHODS", "AfterLayer", "FastV", "PruneContext", "Pruner", "RandomDrop", "Stage", "active_stages",
+           "decoder_flops", "keep_slots", "layer_flops", "make", "theoretical_flops"]

@@ -33,6 +33,8 @@ class PruneContext:
     n_keep: torch.Tensor               # [B] image tokens each sample keeps at this stage
     attention: torch.Tensor | None     # [B, S] head-mean attention of the last prompt token at layer - 1
     keys: Callable[[], torch.Tensor]   # this layer's keys [B, H_kv, S, D] (rotary applied), computed on call
+    vision_attention: torch.Tensor | None = None  # [B, S] the vision tower's class-token attention at image
+    #   slots, at its feature layer (needs_vision_attention); at layer 0 `hidden` holds the projected features
 
     def image_index(self) -> torch.Tensor:
         """[B, S]: the rank of each image slot among its sample's image tokens (0, 1, ...; -1 elsewhere)."""
@@ -41,9 +43,11 @@ class PruneContext:
 
 class Pruner:
     """Base class of pruning methods. Subclasses give `stages` and `select`; set `needs_attention` to get
-    `PruneContext.attention` (one row per sample, computed next to SDPA at layer - 1, never a T x T matrix)."""
+    `PruneContext.attention` (one row per sample, computed next to SDPA at layer - 1, never a T x T matrix)
+    and `needs_vision_attention` to get `PruneContext.vision_attention` (one row per image, likewise)."""
 
     needs_attention = False
+    needs_vision_attention = False
 
     def stages(self) -> list[Stage]:
         raise NotImplementedError
@@ -112,8 +116,8 @@ def keep_slots(method: Pruner, ctx: PruneContext) -> tuple[torch.Tensor, torch.T
         chosen = choice
         if (chosen & ~image_mask).any() or not torch.equal(chosen.sum(1), ctx.n_keep):
             raise ValueError(f"{name}.select must mark exactly n_keep image slots per sample: marked "
-                             f"{chosen.sum(1).tolist()} (image slots included: {(chosen & image_mask).sum(1).tolist()}), "
-                             f"n_keep {ctx.n_keep.tolist()}")
+                             f"{chosen.sum(1).tolist()} (of them image slots: {(chosen & image_mask).sum(1).tolist()}),"
+                             f" n_keep {ctx.n_keep.tolist()}")
     else:
         chosen = torch.zeros_like(image_mask)
         k_max = int(ctx.n_keep.max())
