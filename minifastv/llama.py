@@ -161,7 +161,7 @@ class Llama(nn.Module):
 
     def forward(self, x, positions, valid, cache: KVCache | None = None, prune: Pruner | None = None,
                 image_mask: torch.Tensor | None = None, attention_rows: int = 0,
-                vision_attention: torch.Tensor | None = None):
+                vision_attention: torch.Tensor | None = None, n_patches: int = 0):
         """Run the decoder on embeddings x [B, T, C] at `positions` [B, T], with `valid` [B, T] False at padding.
 
         With `prune` (prefill only; `image_mask` [B, T] marks the image slots), each stage's layer and the
@@ -169,7 +169,8 @@ class Llama(nn.Module):
         (the input slot of each output slot; None when nothing was pruned), the validity of the output slots
         [B, T'], layer_tokens [n_layers, B]: the tokens each layer ran on, per sample, and, with
         attention_rows = Q > 0, each layer's head-mean attention of the last Q queries [B, Q, S] (else None).
-        vision_attention [B, T] (the class token's attention at image slots) is handed to the pruning method.
+        vision_attention [B, T] (the class token's attention at image slots) and n_patches (tokens per image)
+        are handed to the pruning method.
         """
         stages = active_stages(prune, len(self.layers))
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
@@ -177,8 +178,9 @@ class Llama(nn.Module):
         for i, layer in enumerate(self.layers):
             if i in stages:
                 n_keep = [n_kept(stages[i], n) for n in image_mask.sum(1).tolist()]
-                ctx = PruneContext(i, x, image_mask, valid, positions, torch.tensor(n_keep, device=x.device), row,
-                                   keys=lambda: layer.attn.project(layer.attn_norm(x), cos, sin)[1],  # noqa: B023
+                ctx = PruneContext(i, x, image_mask, valid, positions, torch.tensor(n_keep, device=x.device),
+                                   n_patches, row,
+                                   keys=lambda: layer.attn.k_proj(layer.attn_norm(x)),  # noqa: B023
                                    vision_attention=vision_attention)
                 keep, valid = keep_slots(prune, ctx)
                 x, cos, sin, positions, image_mask = (take(t, keep) for t in (x, cos, sin, positions, image_mask))

@@ -163,7 +163,7 @@ class LlavaModel(nn.Module):
             raise ValueError(f"{type(prune).__name__} prunes image tokens, but the batch has no image")
         positions = (valid.cumsum(1) - 1).clamp(min=0)         # padding does not advance the position
         h, keep, kept_valid, layer_tokens, rows = self.llm(x, positions, valid, cache, prune, image_mask,
-                                                           attention_rows, vision_scores)
+                                                           attention_rows, vision_scores, self.config.vision.n_patches)
         if last_only:
             h = h[:, -1:]
         layer_tokens = layer_tokens.T.cpu()

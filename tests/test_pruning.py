@@ -24,7 +24,7 @@ class EvenImageTokens(Pruner):
     """A two-stage method written as a user would: keep the image tokens of even rank (a bool mask) before
     layer 1 and again before layer 3. It ignores the content, so a recompute keeps the same set."""
 
-    def stages(self):
+    def stages(self, n_layers):
         return [Stage(1, 0.5), Stage(3, 0.5)]
 
     def select(self, ctx):
@@ -123,7 +123,7 @@ def test_cache_lengths_follow_the_schedule(ours):
 
 
 class Broken(Pruner):
-    def stages(self):
+    def stages(self, n_layers):
         return [Stage(1, 0.5)]
 
     def select(self, ctx):
@@ -156,7 +156,7 @@ class ClassTokenTopK(Pruner):
     ratio: float = 0.5
     needs_vision_attention = True
 
-    def stages(self):
+    def stages(self, n_layers):
         return [Stage(0, 1 - self.ratio)]
 
     def select(self, ctx):

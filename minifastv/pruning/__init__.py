@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 
-from .base import AfterLayer, PruneContext, Pruner, Stage, active_stages, decoder_flops, keep_slots, layer_flops, \
-    theoretical_flops
+from .base import (AfterLayer, BeforeDecoder, PruneContext, Pruner, Stage, active_stages, decoder_flops, keep_slots,
+                   layer_flops, theoretical_flops)
+from .dart import DART
+from .divprune import DivPrune
+from .fastervlm import FasterVLM
 from .fastv import FastV
+from .pyramiddrop import PyramidDrop
 from .random import RandomDrop
+from .uniform import Uniform
 
-METHODS: dict[str, type[Pruner]] = {"fastv": FastV, "random": RandomDrop}
+METHODS: dict[str, type[Pruner]] = {"fastv": FastV, "random": RandomDrop, "uniform": Uniform, "fastervlm": FasterVLM,
+                                    "divprune": DivPrune, "dart": DART, "pyramiddrop": PyramidDrop}
 
 
 def make(name: str, ratio: float, k: int | None = None, seed: int | None = None) -> Pruner:
@@ -29,5 +35,6 @@ def make(name: str, ratio: float, k: int | None = None, seed: int | None = None)
     return cls(**kwargs)
 
 
-__all__ = ["METHODS", "AfterLayer", "FastV", "PruneContext", "Pruner", "RandomDrop", "Stage", "active_stages",
-           "decoder_flops", "keep_slots", "layer_flops", "make", "theoretical_flops"]
+__all__ = ["DART", "METHODS", "AfterLayer", "BeforeDecoder", "DivPrune", "FasterVLM", "FastV", "PruneContext", "Pruner", "PyramidDrop",
+           "RandomDrop", "Stage", "Uniform", "active_stages", "decoder_flops", "keep_slots", "layer_flops", "make",
+           "theoretical_flops"]

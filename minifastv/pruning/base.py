@@ -31,8 +31,9 @@ class PruneContext:
     valid: torch.Tensor                # [B, S] False at padding
     positions: torch.Tensor            # [B, S] original rotary positions of the slots
     n_keep: torch.Tensor               # [B] image tokens each sample keeps at this stage
+    n_patches: int                     # tokens per image (before the decoder, each image's are consecutive)
     attention: torch.Tensor | None     # [B, S] head-mean attention of the last prompt token at layer - 1
-    keys: Callable[[], torch.Tensor]   # this layer's keys [B, H_kv, S, D] (rotary applied), computed on call
+    keys: Callable[[], torch.Tensor]   # this layer's keys [B, S, H_kv * D] before rotary, computed on call
     vision_attention: torch.Tensor | None = None  # [B, S] the vision tower's class-token attention at image
     #   slots, at its feature layer (needs_vision_attention); at layer 0 `hidden` holds the projected features
 
@@ -49,7 +50,8 @@ class Pruner:
     needs_attention = False
     needs_vision_attention = False
 
-    def stages(self) -> list[Stage]:
+    def stages(self, n_layers: int) -> list[Stage]:
+        """The stages for a decoder of n_layers layers."""
         raise NotImplementedError
 
     def select(self, ctx: PruneContext) -> torch.Tensor:
@@ -72,12 +74,30 @@ class AfterLayer(Pruner):
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < self.first_layer:
             why = "layer 0 prunes before the decoder" if self.first_layer == 0 else "it reads layer k-1's attention"
             raise ValueError(f"{name} k must be an integer >= {self.first_layer} ({why}), got {self.k!r}")
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
-            raise ValueError(f"{name} ratio must be a number in [0, 1) (the fraction of image tokens dropped), "
-                             f"got {self.ratio!r}")
+        check_ratio(self, self.ratio)
 
-    def stages(self):
+    def stages(self, n_layers):
         return [Stage(self.k, 1 - self.ratio)]
+
+
+@dataclass(frozen=True)
+class BeforeDecoder(Pruner):
+    """A method that prunes once, before the decoder (its layer 0, so every layer runs on fewer tokens),
+    dropping the fraction `ratio` of the image tokens."""
+
+    ratio: float = 0.5
+
+    def __post_init__(self):
+        check_ratio(self, self.ratio)
+
+    def stages(self, n_layers):
+        return [Stage(0, 1 - self.ratio)]
+
+
+def check_ratio(method, ratio):
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise ValueError(f"{type(method).__name__} ratio must be a number in [0, 1) (the fraction of image tokens "
+                         f"dropped), got {ratio!r}")
 
 
 def active_stages(method: Pruner | None, n_layers: int) -> dict[int, Stage]:
@@ -86,7 +106,7 @@ def active_stages(method: Pruner | None, n_layers: int) -> dict[int, Stage]:
     if method is None:
         return {}
     stages = {}
-    for stage in method.stages():
+    for stage in method.stages(n_layers):
         if not (stage.layer >= 0 and 0 < stage.keep <= 1):
             raise ValueError(f"{type(method).__name__}: a stage must have layer >= 0 and keep in (0, 1], "
                              f"got {stage}")

@@ -1,0 +1,28 @@
+"""PyramidDrop (Xing et al., arXiv 2410.17247, "PyramidDrop: Accelerating Your Large Vision-Language Models
+via Pyramid Visual Redundancy Reduction"): the decoder in four stages; at the end of each of the first
+three, keep the fraction lambda of the image tokens still present, ranked by the attention of the last
+prompt token (head mean) at the stage's last layer. Image tokens thin out as the layers deepen."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Pruner, Stage, check_ratio
+
+
+@dataclass(frozen=True)
+class PyramidDrop(Pruner):
+    """Drop the fraction `ratio` (1 - lambda; the paper's lambda is 0.5) of the image tokens still present
+    before layers n/4, n/2 and 3n/4 of an n-layer decoder (a decoder of fewer than 4 layers is not pruned)."""
+
+    ratio: float = 0.5
+    needs_attention = True
+
+    def __post_init__(self):
+        check_ratio(self, self.ratio)
+
+    def stages(self, n_layers):
+        return [Stage(q * n_layers // 4, 1 - self.ratio) for q in (1, 2, 3)] if n_layers >= 4 else []
+
+    def select(self, ctx):
+        return ctx.attention

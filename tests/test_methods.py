@@ -1,0 +1,222 @@
+"""Every pruning method on the seam: the seam's guarantees hold for each (batch = samples alone, cached
+generation = recompute with the keep set held fixed, keep-everything = unpruned, two images in a prompt),
+and each picks the same tokens as the method written plainly here, loop by loop, for several budgets."""
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_batch_equals_alone, hf_llava, random_pixels, random_prompt, to_minifastv
+
+from minifastv import generate, theoretical_flops
+from minifastv.pruning import METHODS, Pruner, make
+
+N_PATCHES, GRID = 16, 4
+ALL = sorted(METHODS)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    hf = hf_llava(n_kv_heads=2, seed=13, text_layers=4)
+    return hf, to_minifastv(hf)
+
+
+def inputs(seed=0, image_at=(2, 7)):
+    ids = random_prompt(torch.Generator().manual_seed(seed), 12, list(image_at))
+    return torch.tensor([ids]), random_pixels(len(image_at), seed=seed)
+
+
+def method(name, ratio):
+    return make(name, ratio, k=1 if name in ("fastv", "random", "dart") else None)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ALL)
+def test_left_padded_batch_equals_samples_alone(pair, name):
+    g = torch.Generator().manual_seed(5)
+    prompts = [random_prompt(g, 13, [2, 8]), random_prompt(g, 6, [1])]   # two images, then one
+    assert_batch_equals_alone(pair[1], prompts, [random_pixels(2, seed=3), random_pixels(1, seed=4)],
+                              prune=method(name, 0.5), new_tokens=5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ALL)
+def test_keeping_everything_is_the_unpruned_model(pair, name):
+    ids, px = inputs(1)
+    off = pair[1].prefill(ids, px)
+    kept = pair[1].prefill(ids, px, prune=method(name, 0.0))
+    assert kept.kept_image_slots() == off.kept_image_slots() and kept.flops == off.flops
+    assert (kept.logits - off.logits).abs().max() <= 1e-6
+
+
+@dataclass(frozen=True)
+class Replay(Pruner):
+    """`inner`'s schedule, and at each stage the image tokens it chose the first time (by rank among the image
+    tokens present), so a recompute over a longer sequence keeps exactly the same set."""
+
+    inner: Pruner
+    memory: dict
+
+    @property
+    def needs_attention(self):
+        return self.inner.needs_attention
+
+    @property
+    def needs_vision_attention(self):
+        return self.inner.needs_vision_attention
+
+    def stages(self, n_layers):
+        return self.inner.stages(n_layers)
+
+    def select(self, ctx):
+        if ctx.layer not in self.memory:
+            choice = self.inner.select(ctx)
+            if choice.dtype != torch.bool:
+                top = choice.float().masked_fill(~ctx.image_mask, float("-inf")).topk(int(ctx.n_keep[0])).indices[0]
+                choice = torch.zeros_like(ctx.image_mask).scatter(1, top[None], True)
+            self.memory[ctx.layer] = ctx.image_index()[choice].tolist()
+        index = ctx.image_index()
+        return ctx.image_mask & torch.isin(index, torch.tensor(self.memory[ctx.layer]))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ALL)
+def test_cached_generation_equals_recompute_with_the_keep_set_fixed(pair, name):
+    ours = pair[1]
+    ids, px = inputs(2)
+    replay = Replay(method(name, 0.75), {})
+    got = generate(ours, ids, px, max_new_tokens=6, prune=replay)[0].tolist()
+    assert got == generate(ours, ids, px, max_new_tokens=6, prune=method(name, 0.75))[0].tolist()
+    seq = ids[0].tolist()
+    for token in got:
+        assert int(ours(torch.tensor([seq]), px, prune=replay)[0, -1].argmax()) == token
+        seq.append(token)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ALL)
+def test_reported_flops_follow_the_schedule(pair, name):
+    """Methods that prune before the decoder save its first layers too: every layer runs on fewer tokens."""
+    ours = pair[1]
+    ids, px = inputs(3)
+    pre = ours.prefill(ids, px, prune=method(name, 0.75))
+    n = pre.n_prompt_tokens()[0]
+    assert (pre.flops[0], pre.flops_unpruned[0]) == theoretical_flops(ours.config.text, n, 32, method(name, 0.75))
+    if name in ("uniform", "fastervlm", "divprune"):
+        assert pre.layer_tokens[0].tolist() == [n - 24] * 4
+
+
+# --- the methods written plainly, one sample, one token at a time ------------------------------------------
+
+def plain_uniform(k_per_image, side=GRID):
+    rows = min(side, max(1, round(math.sqrt(k_per_image))))
+    cols = min(side, math.ceil(k_per_image / rows))
+    rows = math.ceil(k_per_image / cols)
+    cells = []
+    for r in range(rows):
+        for c in range(cols):
+            cells.append((int((r + 0.5) * side / rows), int((c + 0.5) * side / cols)))
+    return sorted(cells[i * len(cells) // k_per_image][0] * side + cells[i * len(cells) // k_per_image][1]
+                  for i in range(k_per_image))
+
+
+def cosine_distance(a, b):
+    return 1 - float(F.normalize(a.float(), dim=0) @ F.normalize(b.float(), dim=0))
+
+
+def plain_divprune(features, k):
+    n = len(features)
+    d = [[cosine_distance(features[i], features[j]) for j in range(n)] for i in range(n)]
+    nearest = [min(d[i][j] for j in range(n) if j != i) for i in range(n)]
+    picked = [max(range(n), key=lambda i: (nearest[i], -i))]
+    while len(picked) < k:
+        rest = [i for i in range(n) if i not in picked]
+        picked.append(max(rest, key=lambda i: (min(d[i][p] for p in picked), -i)))
+    return picked
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("ratio", [0.5, 0.65625, 0.75, 0.875])  # 11 of 32: the images' shares differ
+def test_uniform_matches_the_plain_grid(pair, ratio):
+    ids, px = inputs(4)
+    pre = pair[1].prefill(ids, px, prune=make("uniform", ratio))
+    slots = pre.image_mask[0].nonzero()[:, 0].view(2, N_PATCHES)
+    k = round((1 - ratio) * 32)
+    expected = [int(slots[j, p]) for j in range(2) for p in plain_uniform(k // 2 + (j < k % 2))]
+    assert pre.kept_image_slots()[0] == sorted(expected)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("ratio", [0.5, 0.75, 0.875])
+def test_fastervlm_keeps_the_class_tokens_favourites(pair, ratio):
+    hf, ours = pair
+    ids, px = inputs(5)
+    cls = hf.model.vision_tower(px, output_attentions=True).attentions[-2][:, :, 0, 1:].mean(1).flatten()
+    k = round((1 - ratio) * 32)
+    ranked = sorted(range(32), key=lambda i: -float(cls[i]))[:k]
+    pre = ours.prefill(ids, px, prune=make("fastervlm", ratio))
+    slots = pre.image_mask[0].nonzero()[:, 0]
+    assert pre.kept_image_slots()[0] == sorted(int(slots[i]) for i in ranked)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("ratio", [0.5, 0.75, 0.875])
+def test_divprune_matches_the_plain_greedy(pair, ratio):
+    hf, ours = pair
+    ids, px = inputs(6)
+    features = torch.cat(list(ours.encode_images(px)))                         # 32 projected image features
+    k = round((1 - ratio) * 32)
+    pre = ours.prefill(ids, px, prune=make("divprune", ratio))
+    slots = pre.image_mask[0].nonzero()[:, 0]
+    assert pre.kept_image_slots()[0] == sorted(int(slots[i]) for i in plain_divprune(features, k))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("ratio", [0.5, 0.75, 0.875])
+def test_dart_matches_the_plain_pivots_and_shares(pair, ratio):
+    """Keys and hidden states from transformers' own model at the pruning layer (K=2)."""
+    hf, ours = pair
+    ids, px = inputs(7)
+    pre = ours.prefill(ids, px, prune=make("dart", ratio, k=2))
+    slots = pre.image_mask[0].nonzero()[:, 0].tolist()
+    from conftest import expand_images
+
+    expanded = torch.tensor([expand_images(ids[0].tolist(), N_PATCHES)])
+    h = hf(input_ids=expanded, pixel_values=px, output_hidden_states=True).hidden_states[2][0]  # input of layer 2
+    layer = hf.model.language_model.layers[2]
+    key_norm = layer.self_attn.k_proj(layer.input_layernorm(h)).abs().sum(-1)
+    text = [s for s in range(len(h)) if s not in slots]
+    k = round((1 - ratio) * 32)
+    image_pivots = sorted(slots, key=lambda s: -float(key_norm[s]))[:min(4, k)]
+    pivots = image_pivots + sorted(text, key=lambda s: -float(key_norm[s]))[:4]
+    kept = list(image_pivots)
+    left = k - len(kept)
+    for p, pivot in enumerate(pivots):
+        share = left // len(pivots) + (p < left % len(pivots))
+        by_similarity = sorted(slots, key=lambda s: 1 - cosine_distance(h[pivot], h[s]))
+        kept += [s for s in by_similarity if s not in kept][:share]
+    assert pre.kept_image_slots()[0] == sorted(kept)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("ratio", [0.5, 0.75])
+def test_pyramiddrop_follows_the_last_tokens_attention_at_each_stage(pair, ratio):
+    """Stages before layers 1, 2 and 3 of the 4-layer decoder; the rows are the model's own (checked against
+    transformers in test_fastv), the stage-by-stage choice is written out here."""
+    ours = pair[1]
+    ids, px = inputs(8)
+    pre = ours.prefill(ids, px, prune=make("pyramiddrop", ratio), attention_rows=1)
+    present = pre.image_mask[0].nonzero()[:, 0].tolist()                       # merged slots still there
+    slots = list(range(pre.image_mask.shape[1]))                               # merged slot of each current slot
+    n_text, tokens = len(slots) - len(present), [len(slots)]
+    for layer in (1, 2, 3):
+        row = pre.attention[layer - 1][0, -1]                                  # over the slots layer - 1 saw
+        k = round((1 - ratio) * len(present))
+        ranked = sorted((i for i, s in enumerate(slots) if s in present), key=lambda i: -float(row[i]))[:k]
+        present = [slots[i] for i in sorted(ranked)]
+        slots = [s for s in slots if s in present or not pre.image_mask[0, s]]
+        tokens.append(n_text + len(present))
+    assert pre.kept_image_slots()[0] == present
+    assert pre.layer_tokens[0].tolist() == tokens
