@@ -1,9 +1,12 @@
-"""Held-out accuracy of the tiny model with FastV off, for a (K, R) grid, and for random dropping at the
-same budgets; prints a markdown table and writes a PNG of accuracy against relative prefill FLOPs.
+"""Held-out accuracy of the tiny model: unpruned; FastV on a (K, R) grid against random dropping; every
+pruning method at kept budgets of 50%, 25% and 12.5% of the image tokens; prints markdown tables and writes
+PNGs of accuracy against relative prefill FLOPs (--plot for FastV's grid, --methods-plot for the methods).
 
-    python evaluate_tiny.py [--model minifastv/data/tiny] [--n 400] [--plot docs/fastv_tiny.png] [--dtype float32]
+    python evaluate_tiny.py [--model minifastv/data/tiny] [--n 400] [--plot docs/fastv_tiny.png]
+                            [--methods-plot docs/pruning_tiny.png] [--dtype float32]
 
-It also prints the accuracy with the decoder's linears quantized to int8 and int4 (minifastv/quant.py).
+It also prints the accuracy with the decoder's linears quantized to int8 and int4 (minifastv/quant.py), and
+where FastV's attention ranking puts its kept tokens (the measurement behind the README's explanation).
 """
 
 from __future__ import annotations
@@ -12,16 +15,21 @@ import argparse
 import copy
 import sys
 
+import torch
+
 from minifastv import FastV, RandomDrop
+from minifastv.pruning import METHODS, AfterLayer, PyramidDrop, make
 from minifastv.config import QuantConfig
 from minifastv.data import TINY_MODEL
 from minifastv.pipeline import Pipeline
 from minifastv.quant import quantize_model
 from minifastv.plot import line_plot
-from shapes import QUESTION_TYPES, evaluate, majority_baseline
+from shapes import QUESTION_TYPES, evaluate, majority_baseline, make_batch
 
 GRID_K, GRID_R = (1, 2), (0.25, 0.5, 0.75)
 RANDOM_SEEDS = (0, 1, 2)
+BUDGETS = (0.5, 0.25, 0.125)  # fractions of the image tokens kept
+K = 2
 INT4_GROUP = 32  # the tiny decoder's MLP is 352 wide: 32 is the largest kernel group size that divides it
 
 
@@ -37,11 +45,53 @@ def plot(rows, path: str):
               ylim=(lo, 1.0), percent_y=True)
 
 
+def budget_method(name: str, kept: float, seed: int = 0):
+    """`name` keeping the fraction `kept` of the image tokens (K=2 where the method has a layer). PyramidDrop
+    prunes three times: lambda = kept^(1/3), so its last stage keeps `kept`; the table gives its average."""
+    if METHODS[name] is PyramidDrop:
+        return PyramidDrop(1 - kept ** (1 / 3))
+    method = make(name, 1 - kept, k=K if issubclass(METHODS[name], AfterLayer) else None)
+    return RandomDrop(K, 1 - kept, seed=seed) if name == "random" else method
+
+
+def compare_methods(pipe, n: int) -> list[dict]:
+    rows = []
+    for name in METHODS:
+        for kept in BUDGETS:
+            seeds = RANDOM_SEEDS if name == "random" else (0,)
+            runs = [evaluate(pipe, n, prune=budget_method(name, kept, seed)) for seed in seeds]
+            rows.append({"method": name, "budget": kept, "acc": sum(r["all"] for r in runs) / len(runs),
+                         "flops": runs[0]["flops"], "kept": runs[0]["kept"]})
+    return rows
+
+
+@torch.inference_mode()
+def fastv_position_bias(pipe, n: int, kept: float = 0.25) -> tuple[float, float, float]:
+    """Over n held-out prompts: the Spearman correlation between the layer K-1 attention score of an image
+    token (FastV's ranking) and its index in the row-major patch grid, the mean grid row of the tokens FastV
+    keeps at `kept` (an unbiased choice averages the middle row), and the share of the image tokens'
+    attention that the kept ones take."""
+    batch, _ = make_batch(pipe, "heldout", range(n))
+    pre = pipe.model.prefill(**batch.model_inputs(), attention_rows=1)
+    side = pipe.model.config.vision.image_size // pipe.model.config.vision.patch_size
+    rhos, rows, shares = [], [], []
+    for row, image in zip(pre.attention[K - 1][:, -1], pre.image_mask):
+        scores = row[image].float()                                            # patch order
+        rank = scores.argsort().argsort().float()
+        index = torch.arange(len(scores), dtype=torch.float)
+        rhos.append(float(torch.corrcoef(torch.stack([rank, index]))[0, 1]))
+        top = scores.topk(round(kept * len(scores))).indices
+        rows.append(float((top // side).float().mean()))
+        shares.append(float(scores[top].sum() / scores.sum()))
+    return sum(rhos) / n, sum(rows) / n, sum(shares) / n
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(TINY_MODEL))
     p.add_argument("--n", type=int, default=400, help="held-out examples")
     p.add_argument("--plot", default="docs/fastv_tiny.png")
+    p.add_argument("--methods-plot", default="docs/pruning_tiny.png")
     p.add_argument("--dtype", default="float32", help="float dtype (default float32, which the tables were made "
                                                       "with; auto picks bf16 on CPUs with native bf16)")
     args = p.parse_args(argv)
@@ -78,7 +128,30 @@ def main(argv=None) -> int:
             lo, hi = rand["range"]
             print(f"| {k} | {r} | {fast['flops']:.1%} | {fast['acc']:.1%} | {rand['acc']:.1%} ({lo:.1%}-{hi:.1%}) |")
     plot(rows, args.plot)
-    print(f"\nwrote {args.plot}")
+
+    methods = compare_methods(pipe, args.n)
+    print(f"\npruning methods, {args.n} held-out examples; accuracy (relative prefill FLOPs) at each share of "
+          f"image tokens kept; K={K} where a method has a layer; random: mean over seeds {RANDOM_SEEDS}; "
+          "pyramiddrop keeps the share after its last stage, the share present in an average layer is given")
+    print("| method | " + " | ".join(f"{b:.1%} kept" for b in BUDGETS) + " |\n|---|" + "---|" * len(BUDGETS))
+    for name in METHODS:
+        cells = []
+        for r in (x for x in methods if x["method"] == name):
+            note = f", {r['kept']:.0%} on average" if name == "pyramiddrop" else ""
+            cells.append(f"{r['acc']:.1%} ({r['flops']:.1%}{note})")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    series = {name: [(r["flops"], r["acc"]) for r in methods if r["method"] == name] + [(1.0, base["all"])]
+              for name in METHODS}
+    line_plot(series, args.methods_plot, xlabel="relative prefill FLOPs", ylabel="held-out accuracy",
+              xlim=(0.0, 1.0), ylim=(0.0, 1.0), percent_y=True)
+
+    rho, row, share = fastv_position_bias(pipe, min(args.n, 200))
+    side = model.config.vision.image_size // model.config.vision.patch_size
+    print(f"\nFastV's ranking (layer {K - 1} attention of the last prompt token), {min(args.n, 200)} prompts: "
+          f"Spearman correlation of score with patch index {rho:+.2f}; the top 25% sit on grid row {row:.2f} on "
+          f"average (0..{side - 1}; an unbiased choice averages {(side - 1) / 2:.1f}) and take {share:.0%} of the "
+          "image tokens' attention")
+    print(f"\nwrote {args.plot} and {args.methods_plot}")
     return 0
 
 

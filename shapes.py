@@ -139,9 +139,9 @@ def make_batch(pipe, split: str, indices, *, blank_images: bool = False):
 
 def evaluate(pipe, n: int = 400, *, prune=None, split: str = "heldout", batch_size: int = 100,
              blank_images: bool = False) -> dict[str, float]:
-    """Exact-match accuracy of greedy answers on the first n examples of `split`, per question type and "all",
-    and "flops": the prefill's theoretical FLOPs relative to no pruning, averaged over the prompts, as the
-    model reported them."""
+    """Exact-match accuracy of greedy answers on the first n examples of `split`, per question type and "all";
+    "flops": the prefill's theoretical FLOPs relative to no pruning, and "kept": the share of image tokens
+    present in a decoder layer, each averaged over the prompts (and layers) as the model reported them."""
     import torch
 
     from minifastv.generate import stream
@@ -150,14 +150,17 @@ def evaluate(pipe, n: int = 400, *, prune=None, split: str = "heldout", batch_si
     eos = model.config.text.eos_token_id
     correct = dict.fromkeys(QUESTION_TYPES, 0)
     total = dict.fromkeys(QUESTION_TYPES, 0)
-    flops = []
+    flops, kept = [], []
     with torch.inference_mode():
         for start in range(0, n, batch_size):
             batch, examples = make_batch(pipe, split, range(start, min(n, start + batch_size)),
                                          blank_images=blank_images)
             run = stream(model, **batch.model_inputs(), max_new_tokens=3, prune=prune, eos_token_id=eos)
             out = torch.stack([tokens for tokens, _ in run], dim=1)
-            flops += [a / b for a, b in zip(run.prefill.flops, run.prefill.flops_unpruned)]
+            pre = run.prefill
+            flops += [a / b for a, b in zip(pre.flops, pre.flops_unpruned)]
+            for tokens, n_prompt, n_image in zip(pre.layer_tokens, pre.n_prompt_tokens(), pre.n_image_tokens()):
+                kept.append(float((tokens - (n_prompt - n_image)).float().mean()) / n_image)
             for ex, row in zip(examples, out.tolist()):
                 answer = tok.decode(row[:row.index(eos)] if eos in row else row).strip()
                 correct[ex.kind] += answer == ex.answer
@@ -165,6 +168,7 @@ def evaluate(pipe, n: int = 400, *, prune=None, split: str = "heldout", batch_si
     acc = {kind: correct[kind] / total[kind] for kind in QUESTION_TYPES if total[kind]}
     acc["all"] = sum(correct.values()) / sum(total.values())
     acc["flops"] = sum(flops) / len(flops)
+    acc["kept"] = sum(kept) / len(kept)
     return acc
 
 

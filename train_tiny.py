@@ -111,7 +111,7 @@ def train(steps: int, seed: int, batch_size: int = 32, lr: float = 2e-3, log_eve
             acc = evaluate(pipe, 100)
             model.train()
             log(f"step {step + 1}  held-out accuracy " + "  ".join(f"{k} {v:.0%}" for k, v in acc.items()
-                                                               if k != "flops"))
+                                                               if k not in ("flops", "kept")))
     model.eval()
     return pipe
 
