@@ -18,7 +18,7 @@ import sys
 import torch
 
 from minifastv import FastV, RandomDrop
-from minifastv.pruning import METHODS, AfterLayer, PyramidDrop, make
+from minifastv.pruning import METHODS, AfterLayer, at_budget
 from minifastv.config import QuantConfig
 from minifastv.data import TINY_MODEL
 from minifastv.pipeline import Pipeline
@@ -45,21 +45,14 @@ def plot(rows, path: str):
               ylim=(lo, 1.0), percent_y=True)
 
 
-def budget_method(name: str, kept: float, seed: int = 0):
-    """`name` keeping the fraction `kept` of the image tokens (K=2 where the method has a layer). PyramidDrop
-    prunes three times: lambda = kept^(1/3), so its last stage keeps `kept`; the table gives its average."""
-    if METHODS[name] is PyramidDrop:
-        return PyramidDrop(1 - kept ** (1 / 3))
-    method = make(name, 1 - kept, k=K if issubclass(METHODS[name], AfterLayer) else None)
-    return RandomDrop(K, 1 - kept, seed=seed) if name == "random" else method
-
-
 def compare_methods(pipe, n: int) -> list[dict]:
     rows = []
     for name in METHODS:
         for kept in BUDGETS:
             seeds = RANDOM_SEEDS if name == "random" else (0,)
-            runs = [evaluate(pipe, n, prune=budget_method(name, kept, seed)) for seed in seeds]
+            k = K if issubclass(METHODS[name], AfterLayer) else None
+            runs = [evaluate(pipe, n, prune=at_budget(name, kept, k, seed if name == "random" else None))
+                    for seed in seeds]
             rows.append({"method": name, "budget": kept, "acc": sum(r["all"] for r in runs) / len(runs),
                          "flops": runs[0]["flops"], "kept": runs[0]["kept"]})
     return rows

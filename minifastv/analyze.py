@@ -54,3 +54,24 @@ def kept_patches_picture(view: Image.Image, grid: int, kept: list[int], scale: i
     for box in boxes:
         outline.rectangle(box, outline=(255, 200, 0))
     return out
+
+
+@torch.inference_mode()
+def kept_patches(model, input_ids, pixel_values, method) -> list[int]:
+    """Row-major patch indices, in the first image's grid, of that image's tokens that `method` keeps."""
+    pre = model.prefill(input_ids, pixel_values, prune=method)
+    first = int(pre.image_mask[0].nonzero()[0])
+    n = model.config.vision.n_patches
+    return [s - first for s in pre.kept_image_slots()[0] if s - first < n]
+
+
+def side_by_side(pictures: list[tuple[str, Image.Image]], gap: int = 8) -> Image.Image:
+    """Labelled pictures of one size in a row, on white."""
+    w, h = pictures[0][1].size
+    label = 18
+    out = Image.new("RGB", (len(pictures) * (w + gap) - gap, h + label), (255, 255, 255))
+    pen = ImageDraw.Draw(out)
+    for i, (name, picture) in enumerate(pictures):
+        out.paste(picture, (i * (w + gap), label))
+        pen.text((i * (w + gap) + 2, 3), name, fill=(0, 0, 0))
+    return out

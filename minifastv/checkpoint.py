@@ -37,8 +37,13 @@ CONFIG, TOKENIZER = "config.json", "tokenizer.json"
 
 def load_config(path: str | Path) -> LlavaConfig:
     file = Path(path) / CONFIG
+    data = read_json(file)
+    if "text" not in data and ("model_type" in data or "architectures" in data):  # a transformers config.json
+        raise CheckpointError(f"{path}: a {data.get('model_type', 'transformers')} checkpoint, not converted to "
+                              f"minifastv's format: run `python convert_weights.py {path} weights/NAME` (original "
+                              "LLaVA checkpoints also need --vision-tower and --tokenizer), then use weights/NAME")
     try:
-        return LlavaConfig.from_dict(read_json(file))
+        return LlavaConfig.from_dict(data)
     except ConfigError as e:
         raise CheckpointError(f"{file}: {e}") from None
 
@@ -122,6 +127,9 @@ def load(path: str | Path, *, dtype="auto", device="cpu", check: bool = False) -
     default loading does not read the weights at all: they are memory-mapped).
     """
     path = Path(path)
+    if path.is_file():
+        raise NotADirectoryError(f"{path}: a file; a checkpoint is a directory (config.json, model.safetensors, "
+                                 "tokenizer.json)")
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: checkpoint directory not found")
     device = resolve_device(device)

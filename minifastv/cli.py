@@ -96,9 +96,10 @@ def cmd_demo(args):
 
 
 def cmd_analyze(args):
-    """Attention shares per layer (table + PNG) and the patches a pruning method keeps (PNG)."""
-    from .analyze import SEGMENTS, attention_shares, kept_patches_picture
-    from .pruning import FastV
+    """Attention shares per layer (table + PNG), the patches a pruning method keeps (PNG and a `kept patches:`
+    line, row-major indices in the first image's grid), and the patches every method keeps, side by side."""
+    from .analyze import SEGMENTS, attention_shares, kept_patches, kept_patches_picture, side_by_side
+    from .pruning import METHODS, FastV, at_budget
     from .image import load_image, model_view
     from .plot import line_plot
 
@@ -109,7 +110,9 @@ def cmd_analyze(args):
     out.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(args)
     model, cfg = pipe.model, pipe.model.config
-    image = load_image(args.image)
+    if len(args.image) > 1:
+        raise ValueError(f"analyze looks at one image, got {len(args.image)} --image options")
+    image = load_image(args.image[0])
     batch = pipe.inputs([image], args.prompt)
     ids, pixels = batch.input_ids, batch.pixel_values
     shares = attention_shares(model, ids, pixels)
@@ -122,14 +125,19 @@ def cmd_analyze(args):
               for who, key in (("last", "last"), ("instr", "instruction")) for j, seg in enumerate(SEGMENTS)}
     line_plot(series, out / "attention_shares.png", xlabel="layer", ylabel="share of attention",
               ylim=(0.0, 1.0), percent_y=True)
-    pre = model.prefill(ids, pixels, prune=method)
-    first = int(pre.image_mask[0].nonzero()[0])
-    kept = [s - first for s in pre.kept_image_slots()[0]]
     view = model_view(image, cfg.vision.image_size, cfg.image_mode, cfg.image_mean)
     grid = cfg.vision.image_size // cfg.vision.patch_size
-    kept_patches_picture(view, grid, kept, scale=max(1, 384 // cfg.vision.image_size)).save(out / "kept_patches.png")
+    scale = max(1, 384 // cfg.vision.image_size)
+    kept = kept_patches(model, ids, pixels, method)
+    kept_patches_picture(view, grid, kept, scale=scale).save(out / "kept_patches.png")
     print(f"\n{describe(method)} keeps {len(kept)} of {grid * grid} patches")
-    print(f"wrote {out / 'attention_shares.png'} and {out / 'kept_patches.png'}")
+    print("kept patches: " + ", ".join(map(str, kept)))
+    share = len(kept) / (grid * grid)  # every method at the same budget, K=2 where it has a layer
+    every = [(f"{name} ({len(k)})", kept_patches_picture(view, grid, k, scale=scale))
+             for name, k in ((name, kept_patches(model, ids, pixels, at_budget(name, share))) for name in METHODS)]
+    side_by_side(every).save(out / "kept_patches_methods.png")
+    print(f"wrote {out / 'attention_shares.png'}, {out / 'kept_patches.png'} and {out / 'kept_patches_methods.png'} "
+          f"(every method keeping {share:.1%} of the patches)")
 
 
 def add_convert_arguments(p):
@@ -227,7 +235,7 @@ def main(argv=None):
 
     a = sub.add_parser("analyze", help="attention shares per layer and the patches FastV keeps, as tables and PNGs")
     common(a, default_method="fastv K=2 R=0.5")
-    a.add_argument("--image", required=True, help="image file")
+    a.add_argument("--image", required=True, action="append", help="image file (one)")
     a.add_argument("--prompt", required=True, help="the question")
     a.add_argument("--out-dir", default="analysis", help="where the PNG files go (default: %(default)s)")
     a.set_defaults(run=cmd_analyze)

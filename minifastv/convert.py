@@ -231,6 +231,9 @@ def convert(src, out, *, vision_tower=None, dtype=None, tokenizer=None, force=Fa
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: source checkpoint directory not found")
     source = read_json(src / CONFIG)
+    if "text" in source and "vision" in source:
+        raise ConversionError(f"{src}: already a minifastv checkpoint (its config.json has 'text' and 'vision'); "
+                              f"use it as it is (--model {src}), or `python -m minifastv quantize` to quantize it")
     tower = Path(vision_tower) if vision_tower is not None else None
     try:
         if is_hf_layout(source):

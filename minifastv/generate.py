@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import torch
 
 from .cache import KVCache
+from .inputs import check_inputs
 from .llava import Prefill
 from .pruning import Pruner
 
@@ -51,6 +52,12 @@ class Stream:
         self.max_new_tokens, self.prune, self.eos_token_id = max_new_tokens, prune, eos_token_id
         self.temperature, self.top_p, self.generator = temperature, top_p, generator
         self.prefill: Prefill | None = None
+        # The context is checked before anything is allocated: the cache is sized by max_new_tokens.
+        check_inputs(model.config, input_ids, pixel_values, attention_mask)
+        _, length = model.merged_slots(input_ids)
+        if length + max_new_tokens > model.config.text.max_seq_len:
+            raise ValueError(f"prompt ({length} tokens with images) + max_new_tokens ({max_new_tokens}) "
+                             f"exceeds the context of {model.config.text.max_seq_len}")
 
     @torch.inference_mode()
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -58,10 +65,6 @@ class Stream:
         cache = KVCache(model.config.text.n_layers, extra=max_new)
         pre = model.prefill(self.input_ids, self.pixel_values, attention_mask=self.attention_mask, prune=self.prune,
                             cache=cache, last_only=True)
-        total = pre.valid.shape[1] + max_new
-        if total > model.config.text.max_seq_len:
-            raise ValueError(f"prompt ({pre.valid.shape[1]} tokens with images) + max_new_tokens ({max_new}) "
-                             f"exceeds the context of {model.config.text.max_seq_len}")
         self.prefill = pre
         logits, position = pre.logits[:, -1], pre.next_position
         done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)

@@ -25,6 +25,8 @@ class ImageError(ValueError):
 def load_image(path: str | Path) -> Image.Image:
     """Decode an image file fully and return it as 8-bit RGB; errors name the file."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: a directory; pass an image file (one --image per image)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: image file not found")
     try:

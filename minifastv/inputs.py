@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .image import preprocess
-from .tokenizer import Tokenizer, chat_prompt
+from .image import ImageError, preprocess
+from .tokenizer import IMAGE_MARKER, Tokenizer, chat_prompt
 
 IGNORE = -100  # label of a token the loss does not train on (prompt, padding), as torch's cross_entropy
 
@@ -28,12 +28,19 @@ class Batch:
         return {"input_ids": self.input_ids, "pixel_values": self.pixel_values, "attention_mask": self.attention_mask}
 
 
-def image_pixels(config, images: Sequence[Image.Image]) -> torch.Tensor | None:
-    """Images preprocessed as the checkpoint's config says (size, pad or crop, normalisation): [n, 3, S, S]."""
+def image_pixels(config, images: Sequence[Image.Image], names: Sequence[str] | None = None) -> torch.Tensor | None:
+    """Images preprocessed as the checkpoint's config says (size, pad or crop, normalisation): [n, 3, S, S].
+    An image that cannot be used is an ImageError naming it (`names`, e.g. the files, else its position)."""
     if not images:
         return None
-    return torch.stack([preprocess(im, config.vision.image_size, config.image_mode, config.image_mean,
-                                   config.image_std) for im in images])
+    pixels = []
+    for i, im in enumerate(images):
+        try:
+            pixels.append(preprocess(im, config.vision.image_size, config.image_mode, config.image_mean,
+                                     config.image_std))
+        except ImageError as e:
+            raise ImageError(f"{names[i] if names else f'image {i}'}: {e}") from None
+    return torch.stack(pixels)
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, labels: Sequence[Sequence[int]] | None = None):
@@ -46,15 +53,20 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, labels: Sequence[Sequen
     return ids, mask, torch.tensor([[IGNORE] * (T - len(r)) + list(lab) for r, lab in zip(rows, labels)])
 
 
-def questions(tokenizer: Tokenizer, config, requests: Sequence[tuple[Sequence[Image.Image], str]]) -> Batch:
-    """One single-turn prompt (LLaVA-1.5's vicuna_v1 template, images first) per (images, question)."""
+def questions(tokenizer: Tokenizer, config, requests: Sequence[tuple[Sequence[Image.Image], str]],
+              names: Sequence[str] | None = None) -> Batch:
+    """One single-turn prompt (LLaVA-1.5's vicuna_v1 template, images first) per (images, question); `names`
+    label the images (in order) in error messages."""
     rows = []
     for images, question in requests:
         if not question.strip():
             raise ValueError("the prompt is empty: it has no question")
+        if IMAGE_MARKER in question:
+            raise ValueError(f"the question contains {IMAGE_MARKER!r}: images are passed separately (--image on "
+                             "the command line) and the prompt gets one placeholder per image")
         rows.append(tokenizer.encode_prompt(chat_prompt(question, n_images=len(images))))
     ids, mask, _ = left_pad(rows, config.text.pad_token_id)
-    return Batch(ids, mask, image_pixels(config, [im for images, _ in requests for im in images]))
+    return Batch(ids, mask, image_pixels(config, [im for images, _ in requests for im in images], names))
 
 
 def encode_conversation(tokenizer: Tokenizer, turns: Sequence[tuple[str, str]], n_images: int = 1):
@@ -91,6 +103,8 @@ def check_inputs(config, input_ids, pixel_values, attention_mask) -> torch.Tenso
                          f"{list(input_ids.shape)}")
     if not mask.any(1).all():
         raise ValueError(f"sample {int((~mask.any(1)).nonzero()[0])} has no tokens (its attention_mask is all 0)")
+    if pixel_values is not None:
+        check_pixels(config, pixel_values)
     is_image = input_ids == config.image_token_id
     n_images = int(is_image.sum())
     n_given = 0 if pixel_values is None else pixel_values.shape[0]
@@ -102,15 +116,14 @@ def check_inputs(config, input_ids, pixel_values, attention_mask) -> torch.Tenso
     bad = ~is_image & mask & ((input_ids < 0) | (input_ids >= config.text.vocab_size))
     if bad.any():
         raise ValueError(f"token id {int(input_ids[bad][0])} is outside the vocabulary [0, {config.text.vocab_size})")
-    if pixel_values is not None:
-        check_pixels(config, pixel_values)
     return mask
 
 
 def check_pixels(config, pixel_values):
     size = config.vision.image_size
     if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
+        hint = "; one image needs a batch dimension: pixels[None]" if pixel_values.ndim == 3 else ""
         raise ValueError(f"pixel_values must have shape [num_images, 3, {size}, {size}], "
-                         f"got {list(pixel_values.shape)}")
+                         f"got {list(pixel_values.shape)}{hint}")
     if not pixel_values.isfinite().all():
         raise ValueError("pixel_values contains NaN or infinite values")

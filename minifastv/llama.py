@@ -12,6 +12,8 @@ attend over the kept slots only.
 from __future__ import annotations
 
 import math
+import time
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,15 @@ from .cache import KVCache, LayerCache
 from .config import TextConfig
 from .pruning import PruneContext, Pruner, active_stages, keep_slots
 from .pruning.base import n_kept
+
+
+class DecoderOutput(NamedTuple):
+    hidden: torch.Tensor                     # [B, T', C] after the final norm
+    slots: torch.Tensor | None               # [B, T'] input slot of each output slot; None when nothing was pruned
+    valid: torch.Tensor                      # [B, T'] validity of the output slots
+    layer_tokens: torch.Tensor               # [n_layers, B] tokens each layer ran on
+    attention: list[torch.Tensor] | None     # per layer [B, Q, S] with attention_rows = Q > 0
+    select_s: float                          # seconds spent choosing the kept tokens (the methods' select + rule)
 
 
 class RMSNorm(nn.Module):
@@ -165,16 +176,14 @@ class Llama(nn.Module):
         """Run the decoder on embeddings x [B, T, C] at `positions` [B, T], with `valid` [B, T] False at padding.
 
         With `prune` (prefill only; `image_mask` [B, T] marks the image slots), each stage's layer and the
-        layers after it run on the kept slots. Returns the final-norm hidden states [B, T', C], `slots` [B, T']
-        (the input slot of each output slot; None when nothing was pruned), the validity of the output slots
-        [B, T'], layer_tokens [n_layers, B]: the tokens each layer ran on, per sample, and, with
-        attention_rows = Q > 0, each layer's head-mean attention of the last Q queries [B, Q, S] (else None).
+        layers after it run on the kept slots. Returns a DecoderOutput; with attention_rows = Q > 0 it holds
+        each layer's head-mean attention of the last Q queries [B, Q, S].
         vision_attention [B, T] (the class token's attention at image slots) and n_patches (tokens per image)
         are handed to the pruning method.
         """
         stages = active_stages(prune, len(self.layers))
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        slots, row, segment, mask_segment, counts, rows = None, None, 0, None, [], []
+        slots, row, segment, mask_segment, counts, rows, select_s = None, None, 0, None, [], [], 0.0
         for i, layer in enumerate(self.layers):
             if i in stages:
                 n_keep = [n_kept(stages[i], n) for n in image_mask.sum(1).tolist()]
@@ -182,7 +191,9 @@ class Llama(nn.Module):
                                    n_patches, row,
                                    keys=lambda: layer.attn.k_proj(layer.attn_norm(x)),  # noqa: B023
                                    vision_attention=vision_attention)
+                start = time.perf_counter()
                 keep, valid = keep_slots(prune, ctx)
+                select_s += time.perf_counter() - start
                 x, cos, sin, positions, image_mask = (take(t, keep) for t in (x, cos, sin, positions, image_mask))
                 vision_attention = None if vision_attention is None else take(vision_attention, keep)
                 image_mask = image_mask & valid        # the padding of a pruned batch may point at a dropped image slot
@@ -201,4 +212,5 @@ class Llama(nn.Module):
             row = layer_rows[:, -1] if need_row else None
             counts.append(valid.sum(1))
             rows.append(layer_rows)
-        return self.norm(x), slots, valid, torch.stack(counts), rows if attention_rows else None
+        return DecoderOutput(self.norm(x), slots, valid, torch.stack(counts), rows if attention_rows else None,
+                             select_s)

@@ -44,6 +44,7 @@ class Prefill:
     flops: list[int]                # per sample, theoretical decoder FLOPs of this pass (4nd^2 + 2n^2d + 2ndm a layer)
     flops_unpruned: list[int]       # per sample, the same without pruning
     attention: list[torch.Tensor] | None = None  # with attention_rows=Q: per layer, [B, Q, S] (see prefill)
+    select_s: float = 0.0           # seconds spent choosing the kept image tokens
 
     def kept_image_slots(self) -> list[list[int]]:
         """Per sample, the merged-sequence slots of the image tokens that survived (all of them unpruned)."""
@@ -162,8 +163,9 @@ class LlavaModel(nn.Module):
         if prune is not None and not image_mask.any():
             raise ValueError(f"{type(prune).__name__} prunes image tokens, but the batch has no image")
         positions = (valid.cumsum(1) - 1).clamp(min=0)         # padding does not advance the position
-        h, keep, kept_valid, layer_tokens, rows = self.llm(x, positions, valid, cache, prune, image_mask,
-                                                           attention_rows, vision_scores, self.config.vision.n_patches)
+        out = self.llm(x, positions, valid, cache, prune, image_mask, attention_rows, vision_scores,
+                       self.config.vision.n_patches)
+        h, keep, kept_valid, layer_tokens = out.hidden, out.slots, out.valid, out.layer_tokens
         if last_only:
             h = h[:, -1:]
         layer_tokens = layer_tokens.T.cpu()
@@ -171,7 +173,7 @@ class LlavaModel(nn.Module):
         return Prefill(self.llm.lm_head(h), valid, image_mask, keep, kept_valid, next_position=valid.sum(1),
                        layer_tokens=layer_tokens, flops=[decoder_flops(text, n) for n in layer_tokens.tolist()],
                        flops_unpruned=[decoder_flops(text, [int(n)] * text.n_layers) for n in valid.sum(1)],
-                       attention=rows)
+                       attention=out.attention, select_s=out.select_s)
 
     def forward(self, input_ids, pixel_values=None, *, attention_mask=None, prune: Pruner | None = None):
         """logits [B, T_out, vocab]; T_out is the merged (and, when pruned, shortened) length."""

@@ -57,8 +57,9 @@ class Pipeline:
 
     def inputs(self, images: Sequence[str | Path | Image.Image], question: str) -> Batch:
         """The single-turn prompt and the preprocessed images of one question (image files are read here)."""
+        names = [str(im) if not isinstance(im, Image.Image) else f"image {i}" for i, im in enumerate(images)]
         images = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
-        return questions(self.tokenizer, self.model.config, [(images, question)])
+        return questions(self.tokenizer, self.model.config, [(images, question)], names)
 
     def answer(self, images, question: str, *, prune: Pruner | None = None, max_new_tokens: int = 64,
                temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,

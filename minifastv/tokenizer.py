@@ -21,6 +21,10 @@ class Tokenizer:
     def __init__(self, tokenizer: _Tokenizer, *, bos_token_id: int, eos_token_id: int, image_token_id: int):
         self.tok = tokenizer
         self.bos_token_id, self.eos_token_id, self.image_token_id = bos_token_id, eos_token_id, image_token_id
+        # A word-level vocabulary (the tiny model's) maps every word it lacks to one unknown token: those words
+        # are reported rather than read as <unk>. (LLaMA's tokenizer falls back to bytes and knows them all.)
+        unk = getattr(tokenizer.model, "unk_token", None) if type(tokenizer.model).__name__ == "WordLevel" else None
+        self.unk_token_id = tokenizer.get_vocab().get(unk) if isinstance(unk, str) else None
 
     @classmethod
     def from_file(cls, path: str | Path, **ids) -> Tokenizer:
@@ -44,8 +48,24 @@ class Tokenizer:
         for i, chunk in enumerate(prompt.split(IMAGE_MARKER)):
             if i > 0:
                 ids.append(self.image_token_id)
-            ids.extend(self.tok.encode(chunk, add_special_tokens=False).ids)
+            encoding, chunk = self.encode_known(chunk)
+            unknown = [chunk[a:b] for t, (a, b) in zip(encoding.ids, encoding.offsets) if t == self.unk_token_id]
+            if unknown:
+                raise ValueError(f"the tokenizer does not know {', '.join(map(repr, dict.fromkeys(unknown)))}: "
+                                 f"the model cannot read them (it knows {self.vocab_size} tokens)")
+            ids.extend(encoding.ids)
         return ids
+
+    def encode_known(self, text: str):
+        """(encoding, the text encoded): a word the vocabulary lacks is tried in lower case (the tiny model's
+        vocabulary is lower-case), so "What" reads as "what" there and stays "What" where the vocabulary has it."""
+        encoding = self.tok.encode(text, add_special_tokens=False)
+        spans = [span for t, span in zip(encoding.ids, encoding.offsets) if t == self.unk_token_id]
+        if not spans:
+            return encoding, text
+        for a, b in reversed(spans):
+            text = text[:a] + text[a:b].lower() + text[b:]
+        return self.tok.encode(text, add_special_tokens=False), text
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids if int(i) != self.image_token_id]

@@ -135,3 +135,24 @@ def test_bench_measures_the_method_asked_for(capsys):
     out = capsys.readouterr().out
     assert "RandomDrop(k=1, ratio=R, seed=0)" in out
     assert "| 0.5 | 32 |" in out and "| 0.75 | 16 |" in out
+
+
+def test_analyze_prints_the_kept_patches_and_draws_every_method(model_dir, tmp_path):
+    import torch
+
+    from minifastv.analyze import kept_patches
+    from minifastv.pipeline import Pipeline
+    from minifastv.pruning import METHODS, DivPrune
+
+    result = run("analyze", "--model", model_dir, "--image", SAMPLES / SAMPLE["image"], "--prompt", SAMPLE["question"],
+                 "--out-dir", tmp_path, "--prune", "divprune", "--prune-ratio", 0.75, "--dtype", "float32")
+    assert result.returncode == 0, result.stderr
+    line = next(x for x in result.stdout.splitlines() if x.startswith("kept patches: "))
+    printed = [int(i) for i in line.removeprefix("kept patches: ").split(", ")]
+    pipe = Pipeline.load(model_dir, dtype="float32")
+    batch = pipe.inputs([SAMPLES / SAMPLE["image"]], SAMPLE["question"])
+    with torch.no_grad():
+        assert printed == kept_patches(pipe.model, batch.input_ids, batch.pixel_values, DivPrune(0.75))
+    assert len(printed) == 16
+    with Image.open(tmp_path / "kept_patches.png") as one, Image.open(tmp_path / "kept_patches_methods.png") as every:
+        assert every.width == len(METHODS) * (one.width + 8) - 8 and every.height > one.height

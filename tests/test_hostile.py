@@ -399,10 +399,12 @@ def cli(saved, capsys):
 
 @pytest.mark.parametrize("case, extra, message", [
     ("empty prompt", ["--prompt", "  "], "the prompt is empty"),
-    ("bad ratio", ["--prompt", "hi", "--fastv-k", "2", "--fastv-ratio", "1.5"], "FastV ratio must be"),
-    ("bad k", ["--prompt", "hi", "--fastv-k", "0"], "FastV k must be"),
-    ("zero tokens", ["--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
-    ("image marker", ["--prompt", "<image> hi"], r"2 image placeholder(s)"),
+    ("bad ratio", ["--prompt", "what colour", "--fastv-k", "2", "--fastv-ratio", "1.5"], "FastV ratio must be"),
+    ("bad k", ["--prompt", "what colour", "--fastv-k", "0"], "FastV k must be"),
+    ("zero tokens", ["--prompt", "what colour", "--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
+    ("image marker", ["--prompt", "<image> hi"], "images are passed separately (--image"),
+    ("huge token budget", ["--prompt", "what colour", "--max-new-tokens", "1000000000"], "exceeds the context"),
+    ("unknown word", ["--prompt", "is there a Zebra?"], "the tokenizer does not know 'zebra'"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_cli_generate_errors(cli, case, extra, message):
     run, model, image = cli
@@ -413,22 +415,58 @@ def test_cli_generate_errors(cli, case, extra, message):
 def test_cli_bad_image_and_model(cli, tmp_path):
     run, model, image = cli
     (tmp_path / "fake.png").write_text("text")
-    code, err = run("generate", "--model", model, "--image", tmp_path / "fake.png", "--prompt", "hi")
+    code, err = run("generate", "--model", model, "--image", tmp_path / "fake.png", "--prompt", "what colour")
     assert code == 2 and "fake.png: not a readable image" in err
-    code, err = run("generate", "--model", tmp_path / "nothing", "--image", image, "--prompt", "hi")
+    code, err = run("generate", "--model", tmp_path / "nothing", "--image", image, "--prompt", "what colour")
     assert code == 2 and "nothing: checkpoint directory not found" in err
+
+
+def test_cli_names_what_was_expected(cli, tmp_path):
+    run, model, image = cli
+    code, err = run("generate", "--model", model, "--image", tmp_path, "--prompt", "what colour")
+    assert code == 2 and "a directory; pass an image file" in err
+    code, err = run("generate", "--model", image, "--image", image, "--prompt", "what colour")
+    assert code == 2 and "a file; a checkpoint is a directory" in err
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (20000, 10)).save(wide)
+    code, err = run("generate", "--model", model, "--image", wide, "--prompt", "what colour")
+    assert code == 2 and "wide.png: image is 20000x10" in err, err
+    code, err = run("analyze", "--model", model, "--image", image, "--image", image, "--prompt", "what colour",
+                    "--out-dir", tmp_path / "a")
+    assert code == 2 and "analyze looks at one image, got 2" in err, err
+
+
+def test_an_unconverted_checkpoint_says_how_to_convert_it(cli, hf_source, tmp_path):
+    run, model, image = cli
+    code, err = run("generate", "--model", hf_source, "--image", image, "--prompt", "what colour")
+    assert code == 2 and f"python convert_weights.py {hf_source} weights/NAME" in err, err
+    code, err = run("convert", model, tmp_path / "again")
+    assert code == 2 and "already a minifastv checkpoint" in err and not (tmp_path / "again").exists(), err
+
+
+def test_capitals_read_as_the_lower_case_words_the_tiny_model_knows():
+    tok = minifastv.load_tokenizer(TINY_MODEL)
+    assert tok.encode_prompt("What colour is the Circle?") == tok.encode_prompt("what colour is the circle?")
+    with pytest.raises(ValueError, match="does not know 'zebra', 'unicorn'"):
+        tok.encode_prompt("zebra unicorn?")
+
+
+def test_pixels_without_a_batch_dimension_say_so(tiny):
+    with pytest.raises(ValueError, match=r"one image needs a batch dimension: pixels\[None\]"):
+        generate(tiny.model, prompt_ids(tiny), pixels(1)[0], max_new_tokens=1)
 
 
 def test_cli_analyze_output_under_a_file(cli, tmp_path):
     run, model, image = cli
     (tmp_path / "afile").write_text("x")
-    code, err = run("analyze", "--model", model, "--image", image, "--prompt", "hi", "--out-dir", tmp_path / "afile")
+    code, err = run("analyze", "--model", model, "--image", image, "--prompt", "what colour", "--out-dir", tmp_path / "afile")
     assert code == 2 and "afile" in err and "Traceback" not in err, err
 
 
 # --- randomized ----------------------------------------------------------------------------------------
 
 DOCUMENTED = ("image placeholder(s)", "more than the context", "+ max_new_tokens", "max_new_tokens must be",
+              "the tokenizer does not know",
               "FastV k must be", "FastV ratio must be", "FastV prunes image tokens", "input_ids is empty")
 
 

@@ -28,7 +28,8 @@ def test_left_pad_right_aligns_rows_and_labels():
 def test_questions_put_images_in_prompt_order(pipe):
     size = pipe.model.config.vision.image_size
     red, blue, green = (Image.new("RGB", (size, size), c) for c in ("red", "blue", "green"))
-    batch = questions(pipe.tokenizer, pipe.model.config, [([red, blue], "what colour is it?"), ([green], "and this?")])
+    batch = questions(pipe.tokenizer, pipe.model.config, [([red, blue], "what colour is the circle?"),
+                                                        ([green], "which shape is in row one column one?")])
     image_id = pipe.tokenizer.image_token_id
     assert (batch.input_ids == image_id).sum(1).tolist() == [2, 1]
     assert batch.attention_mask[:, -1].all() and batch.pixel_values.shape[0] == 3
@@ -39,7 +40,8 @@ def test_questions_put_images_in_prompt_order(pipe):
 
 def test_conversation_labels_are_the_answers_only(pipe):
     tok = pipe.tokenizer
-    ids, labels = encode_conversation(tok, [("what colour is it?", "red"), ("how many?", "two")])
+    ids, labels = encode_conversation(tok, [("what colour is the circle?", "red"),
+                                            ("how many shapes are in row one?", "two")])
     trained = [t for t, lab in zip(ids, labels) if lab != IGNORE]
     assert trained == [tok.tok.token_to_id("red"), tok.eos_token_id, tok.tok.token_to_id("two"), tok.eos_token_id]
     assert all(lab in (IGNORE, t) for t, lab in zip(ids, labels))

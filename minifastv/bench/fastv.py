@@ -9,6 +9,7 @@
    not copied), same dtype and thread count: prefill latency and decode tokens/s. transformers is the
    tests' reference, not a dependency: without it (pip install "minifastv[test]") this part is left out.
 3. Achieved prefill TFLOP/s against a measured bf16 (or fp32) matmul peak.
+4. Every pruning method keeping 25% of the image tokens: prefill time, speedup, and its selection's time.
 
 Timings are medians over --repeats runs after a warm-up, in one process with a fixed thread count.
 The 7b model is LLaVA-1.5-7B-shaped with random bf16 weights and a 576-token image in a realistic prompt
@@ -30,7 +31,7 @@ from .. import KVCache, LlavaConfig, LlavaModel, load
 from ..convert import map_key
 from ..data import TINY_MODEL
 from ..generate import generate, stream
-from ..pruning import METHODS, make
+from ..pruning import METHODS, at_budget, make
 from .machine import describe
 
 
@@ -138,6 +139,34 @@ def bench_fastv(model, ids, pixels, repeats: int, decode_tokens: int, method=mak
               f"{r['prefill'] * 1e3:.1f} | {speedup:.2f}x | {ideal:.2f}x | {speedup / ideal:.2f} | "
               f"{speedup / model_ideal:.2f} | {r['decode']:.1f} | {r['cache'] / 2**20:.1f} |")
     return rows
+
+
+def bench_methods(model, ids, pixels, repeats: int, kept: float = 0.25):
+    """Every pruning method leaving `kept` of the image tokens (K=2 where it has a layer): median prefill time,
+    the speedup over no pruning, and the time its selection takes, from the model's report."""
+    def prefill(method):
+        with torch.inference_mode():
+            return model.prefill(ids, pixels, prune=method, last_only=True)
+
+    def run(method):
+        prefill(method)  # warm-up
+        reports, times = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            reports.append(prefill(method))
+            times.append(time.perf_counter() - start)
+        return statistics.median(times), statistics.median(r.select_s for r in reports), reports[0]
+
+    base, _, _ = run(None)
+    print(f"\nevery pruning method keeping {kept:.0%} of the image tokens (K=2 where a method has a layer); "
+          f"prefill = vision tower + decoder, median of {repeats}")
+    print("| method | image tokens kept (last stage) | theoretical FLOPs | prefill ms | speedup | selection ms | "
+          "selection / prefill |\n|---|---|---|---|---|---|---|")
+    print(f"| none | {model.config.vision.n_patches} | 100.0% | {base * 1e3:.1f} | 1.00x | - | - |")
+    for name in METHODS:
+        seconds, select, pre = run(at_budget(name, kept))
+        print(f"| {name} | {len(pre.kept_image_slots()[0])} | {pre.flops[0] / pre.flops_unpruned[0]:.1%} | "
+              f"{seconds * 1e3:.1f} | {base / seconds:.2f}x | {select * 1e3:.2f} | {select / seconds:.1%} |")
 
 
 def to_transformers(model: LlavaModel):
@@ -271,6 +300,7 @@ def main(argv=None) -> int:
     achieved = rows[0]["flops"] / rows[0]["prefill"] / 1e12
     print(f"\nprefill (no FastV): {achieved:.3f} TFLOP/s achieved; {str(model.dtype).removeprefix('torch.')} "
           f"matmul peak (2048^3) {peak:.3f} TFLOP/s; {achieved / peak:.0%} of peak")
+    bench_methods(model, ids, pixels, args.repeats)
     if args.profile:
         profile_prefill(model, ids, pixels)
     if not args.no_hf and importlib.util.find_spec("transformers") is None:

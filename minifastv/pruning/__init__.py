@@ -19,22 +19,34 @@ METHODS: dict[str, type[Pruner]] = {"fastv": FastV, "random": RandomDrop, "unifo
                                     "divprune": DivPrune, "dart": DART, "pyramiddrop": PyramidDrop}
 
 
+def settings(name: str, k: int | None, seed: int | None) -> dict:
+    """k and seed for the methods that have them; an error for the others."""
+    fields = {f.name for f in dataclasses.fields(METHODS[name])}
+    out = {}
+    for key, value in (("k", k), ("seed", seed)):
+        if value is not None:
+            if key not in fields:
+                raise ValueError(f"pruning method {name!r} takes no {key} (--prune-{key})")
+            out[key] = value
+    return out
+
+
+def at_budget(name: str, kept: float, k: int | None = None, seed: int | None = None) -> Pruner:
+    """The method called `name` leaving the fraction `kept` of the image tokens after its last stage (for
+    comparisons at equal budgets; PyramidDrop prunes three times to get there)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown pruning method {name!r}; choose from {', '.join(METHODS)}")
+    return METHODS[name].keeping(kept, **settings(name, k, seed))
+
+
 def make(name: str, ratio: float, k: int | None = None, seed: int | None = None) -> Pruner:
     """The method called `name` (a key of METHODS) dropping the fraction `ratio` of image tokens; `k` (the
     layer it prunes after) and `seed` go to the methods that have them, and are an error for the others."""
     if name not in METHODS:
         raise ValueError(f"unknown pruning method {name!r}; choose from {', '.join(METHODS)}")
-    cls = METHODS[name]
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {"ratio": ratio}
-    for key, value in (("k", k), ("seed", seed)):
-        if value is not None:
-            if key not in fields:
-                raise ValueError(f"pruning method {name!r} takes no {key} (--prune-{key})")
-            kwargs[key] = value
-    return cls(**kwargs)
+    return METHODS[name](ratio=ratio, **settings(name, k, seed))
 
 
 __all__ = ["DART", "METHODS", "AfterLayer", "BeforeDecoder", "DivPrune", "FasterVLM", "FastV", "PruneContext", "Pruner", "PyramidDrop",
-           "RandomDrop", "Stage", "Uniform", "active_stages", "decoder_flops", "keep_slots", "layer_flops", "make",
+           "RandomDrop", "Stage", "Uniform", "active_stages", "at_budget", "decoder_flops", "keep_slots", "layer_flops", "make",
            "theoretical_flops"]

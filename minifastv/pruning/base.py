@@ -54,6 +54,11 @@ class Pruner:
         """The stages for a decoder of n_layers layers."""
         raise NotImplementedError
 
+    @classmethod
+    def keeping(cls, kept: float, **settings) -> Pruner:
+        """The method configured to leave the fraction `kept` of the image tokens after its last stage."""
+        return cls(ratio=1 - kept, **settings)
+
     def select(self, ctx: PruneContext) -> torch.Tensor:
         """[B, S] scores (each sample keeps its n_keep best-scored image slots) or a bool [B, S] mask of the
         kept image slots (exactly n_keep per sample)."""

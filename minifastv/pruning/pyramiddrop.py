@@ -21,6 +21,11 @@ class PyramidDrop(Pruner):
     def __post_init__(self):
         check_ratio(self, self.ratio)
 
+    @classmethod
+    def keeping(cls, kept, **settings):
+        """Three stages of lambda = kept^(1/3) each leave `kept` after the last."""
+        return cls(ratio=1 - kept ** (1 / 3), **settings)
+
     def stages(self, n_layers):
         return [Stage(q * n_layers // 4, 1 - self.ratio) for q in (1, 2, 3)] if n_layers >= 4 else []
 
