@@ -2,8 +2,8 @@
 pruning method at kept budgets of 50%, 25% and 12.5% of the image tokens; prints markdown tables and writes
 PNGs of accuracy against relative prefill FLOPs (--plot for FastV's grid, --methods-plot for the methods).
 
-    python evaluate_tiny.py [--model minifastv/data/tiny] [--n 400] [--plot docs/fastv_tiny.png]
-                            [--methods-plot docs/pruning_tiny.png] [--dtype float32]
+    python evaluate_tiny.py [--model minifastv/data/tiny] [--n 400] [--plot results/fastv_tiny.png]
+                            [--methods-plot results/pruning_tiny.png] [--dtype float32]
 
 It also prints the accuracy with the decoder's linears quantized to int8 and int4 (minifastv/quant.py), and
 where FastV's attention ranking puts its kept tokens (the measurement behind the README's explanation).
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+from pathlib import Path
 
 import torch
 
@@ -83,11 +84,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(TINY_MODEL))
     p.add_argument("--n", type=int, default=400, help="held-out examples")
-    p.add_argument("--plot", default="docs/fastv_tiny.png")
-    p.add_argument("--methods-plot", default="docs/pruning_tiny.png")
+    p.add_argument("--plot", default="results/fastv_tiny.png", help="FastV's grid (default: %(default)s; the "
+                   "README's pictures are made with --plot docs/fastv_tiny.png --methods-plot docs/pruning_tiny.png)")
+    p.add_argument("--methods-plot", default="results/pruning_tiny.png", help="every method (default: %(default)s)")
     p.add_argument("--dtype", default="float32", help="float dtype (default float32, which the tables were made "
                                                       "with; auto picks bf16 on CPUs with native bf16)")
     args = p.parse_args(argv)
+    for picture in (args.plot, args.methods_plot):
+        Path(picture).parent.mkdir(parents=True, exist_ok=True)
     pipe = Pipeline.load(args.model, dtype=args.dtype)
     model = pipe.model
     base = evaluate(pipe, args.n)

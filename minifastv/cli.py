@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 
 from .config import INT4_GROUP_SIZES, QUANT_METHODS
 from .machine import DTYPES, physical_cores
@@ -75,8 +76,16 @@ def load_pipeline(args):
 def cmd_generate(args):
     method = pruner_from_args(args)
     pipe = load_pipeline(args)
+    generator = None if args.seed is None else torch.Generator(pipe.model.device).manual_seed(args.seed)
+    stream_text = None if args.json else (lambda t: print(t, end="", flush=True))
     r = pipe.answer(args.image, args.prompt, prune=method, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, on_text=lambda t: print(t, end="", flush=True))
+                    temperature=args.temperature, top_p=args.top_p, generator=generator, on_text=stream_text)
+    if args.json:
+        print(json.dumps({"text": r.text, "token_ids": r.token_ids, "n_prompt_tokens": r.n_prompt_tokens,
+                          "n_image_tokens": r.n_image_tokens, "kept_image_tokens": r.kept,
+                          "kept_image_slots": r.kept_image_slots, "flops": r.flops, "flops_unpruned": r.flops_unpruned,
+                          "prefill_s": r.prefill_s, "decode_s": r.decode_s, "decode_steps": r.decode_steps}))
+        return
     print()
     print(r.summary())
 
@@ -157,7 +166,7 @@ def add_output_arguments(p):
                    help=f"int4: inputs per scale and zero point, one of {', '.join(map(str, INT4_GROUP_SIZES))} "
                         f"(default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--max-shard-gb", type=float, default=2.0, help="output shard size")
+    p.add_argument("--max-shard-gb", type=float, default=2.0, help="output shard size in GB (default: %(default)s)")
 
 
 def quant_from_args(method, group_size):
@@ -195,7 +204,11 @@ def main(argv=None):
     if argv[:1] == ["bench"]:  # its own options, --help included, belong to the benchmark
         from .bench import main as bench
 
-        return bench(argv[1:])
+        try:
+            return bench(argv[1:])
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     parser = argparse.ArgumentParser(prog="python -m minifastv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -225,8 +238,14 @@ def main(argv=None):
     common(g)
     g.add_argument("--image", action="append", required=True, help="image file (repeat for several)")
     g.add_argument("--prompt", required=True, help="the question")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--max-new-tokens", type=int, default=64, help="(default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="0: greedy; above 0 the logits are divided by it before sampling (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the smallest set of tokens holding this much probability (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=None, help="seed for sampling: the same seed, the same answer")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object (text, token ids, kept image tokens, FLOPs, timings) instead")
     g.set_defaults(run=cmd_generate)
 
     d = sub.add_parser("demo", help="the shipped tiny model on the sample images, with and without FastV")

@@ -34,6 +34,9 @@ class VisionConfig:
 
     def __post_init__(self):
         _check_positive(self, "image_size", "patch_size", "dim", "n_layers", "n_heads", "intermediate_size")
+        if (self.image_size // self.patch_size) ** 2 > 1 << 16:
+            raise ConfigError(f"vision: {self.image_size // self.patch_size}^2 patches per image, beyond any real "
+                              "model: the config is damaged")
         if self.image_size % self.patch_size:
             raise ConfigError(f"vision: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.dim % self.n_heads:
@@ -168,11 +171,20 @@ def _build(cls, d, where: str, **extra):
         raise ConfigError(f"{where or 'config'}: {e}") from None
 
 
+# Far beyond any real model (LLaMA-3-405B: 126 layers, width 16384, FFN 53248, 128K vocabulary): a config.json
+# past these is damaged, and is refused before a model is built from it (a billion layers would take minutes).
+LIMITS = {"n_layers": 1024, "n_heads": 1024, "n_kv_heads": 1024, "dim": 1 << 17, "intermediate_size": 1 << 19,
+          "vocab_size": 1 << 22, "image_size": 8192, "patch_size": 8192, "max_seq_len": 1 << 24}
+
+
 def _check_positive(cfg, *names):
     for name in names:
         value = getattr(cfg, name)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"{type(cfg).__name__}.{name} must be a positive integer, got {value!r}")
+        if value > LIMITS.get(name, value):
+            raise ConfigError(f"{type(cfg).__name__}.{name} is {value}, beyond any real model (at most "
+                              f"{LIMITS[name]}): the config is damaged")
 
 
 _LLAVA_VISION = VisionConfig()  # CLIP ViT-L/14 at 336 px: 576 patches

@@ -176,7 +176,9 @@ def staging_dir(path: Path, overwrite: bool) -> Path:
         raise NotADirectoryError(f"{path}: cannot create it, {ancestor} is a file, not a directory")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private (0700); the result is the user's
+        return tmp
     except OSError as e:
         raise type(e)(e.errno, f"{path}: cannot write the output directory here ({e.strerror})") from None
 
@@ -204,3 +206,9 @@ def staged(path: Path, overwrite: bool):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -39,7 +39,7 @@ class Answer:
 
     def summary(self) -> str:
         n, t = self.decode_steps, self.decode_s
-        decode = f", decode {n} steps in {t * 1e3:.0f} ms ({n / t:.1f} tokens/s)" if n else ""
+        decode = f", decode {n} step{'' if n == 1 else 's'} in {t * 1e3:.0f} ms ({n / t:.1f} tokens/s)" if n else ""
         return (f"image tokens kept {self.kept}/{self.n_image_tokens}, theoretical prefill FLOPs "
                 f"{self.flops / self.flops_unpruned:.1%}, prefill {self.prefill_s * 1e3:.0f} ms{decode}")
 

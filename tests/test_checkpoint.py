@@ -181,3 +181,19 @@ def test_saved_tensors_start_on_64_byte_boundaries(saved):
     sizes = [e["data_offsets"][1] - e["data_offsets"][0] for name, e in header.items() if name != "__metadata__"]
     assert all(o % ALIGNMENT == 0 for o, n in zip(offsets, sizes) if n % ALIGNMENT == 0)
     assert len(header) - 1 == len(minifastv.load(saved, dtype=None).state_dict())
+
+
+def test_written_checkpoints_get_the_users_permissions(model, tok, tmp_path):
+    """Not the 0700 of a temporary directory: what the user's umask gives any new directory and file."""
+    import os
+
+    from minifastv.files import current_umask
+
+    old = os.umask(0o022)
+    try:
+        path = minifastv.save(model, tok, tmp_path / "ckpt")
+        assert current_umask() == 0o022
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o755
+    assert {f.stat().st_mode & 0o777 for f in path.iterdir()} == {0o644}

@@ -156,3 +156,63 @@ def test_analyze_prints_the_kept_patches_and_draws_every_method(model_dir, tmp_p
     assert len(printed) == 16
     with Image.open(tmp_path / "kept_patches.png") as one, Image.open(tmp_path / "kept_patches_methods.png") as every:
         assert every.width == len(METHODS) * (one.width + 8) - 8 and every.height > one.height
+
+
+def test_generate_json_is_the_models_report(model_dir, capsys):
+    import torch
+
+    from minifastv import FastV
+    from minifastv.pipeline import Pipeline
+
+    code, out, err = generate_in_process(model_dir, capsys, "--json", "--fastv-k", 2, "--fastv-ratio", 0.75)
+    assert code == 0, err
+    got = json.loads(out)
+    pipe = Pipeline.load(model_dir)
+    with torch.no_grad():
+        ref = pipe.answer([SAMPLES / SAMPLE["image"]], SAMPLE["question"], prune=FastV(2, 0.75), max_new_tokens=2)
+    assert got["text"] == ref.text and got["token_ids"] == ref.token_ids
+    assert got["kept_image_tokens"] == 16 and got["kept_image_slots"] == ref.kept_image_slots
+    assert (got["flops"], got["flops_unpruned"]) == (ref.flops, ref.flops_unpruned)
+    assert got["n_prompt_tokens"] == ref.n_prompt_tokens and got["n_image_tokens"] == 64
+
+
+def test_sampling_flags_reach_the_model_and_the_seed_reproduces(model_dir, capsys, monkeypatch):
+    from minifastv.pipeline import Pipeline
+
+    def answer_text(*options):
+        code, out, err = generate_in_process(model_dir, capsys, "--json", "--max-new-tokens", 2, *options)
+        assert code == 0, err
+        return json.loads(out)["token_ids"]
+
+    hot = ("--temperature", 50.0)
+    assert answer_text(*hot, "--seed", 1) == answer_text(*hot, "--seed", 1)
+    assert len({tuple(answer_text(*hot, "--seed", s)) for s in range(6)}) > 1   # different seeds, different draws
+    seen = []
+    real = Pipeline.answer
+    monkeypatch.setattr(Pipeline, "answer", lambda self, images, q, **k: seen.append(k) or real(self, images, q, **k))
+    answer_text("--temperature", 0.7, "--top-p", 0.3, "--seed", 5, "--max-new-tokens", 3)
+    assert seen[-1]["temperature"] == 0.7 and seen[-1]["top_p"] == 0.3 and seen[-1]["max_new_tokens"] == 3
+    assert seen[-1]["generator"].initial_seed() == 5
+
+
+def test_bench_on_a_missing_or_small_checkpoint(model_dir, capsys, tmp_path):
+    """A missing directory is a one-line error; a small converted checkpoint whose vocabulary holds the image
+    id among the first ids runs (the random prompt never draws the placeholder)."""
+    from conftest import hf_llava, to_minifastv
+
+    import minifastv
+    from minifastv.cli import main
+
+    assert main(["bench", "--model", str(tmp_path / "nothing"), "--no-hf"]) == 2
+    assert "nothing: checkpoint directory not found" in capsys.readouterr().err
+    small = to_minifastv(hf_llava(seed=2))                   # vocabulary 128, image id 127
+    minifastv.save(small, minifastv.load_tokenizer(model_dir), tmp_path / "small")
+    assert main(["bench", "--model", str(tmp_path / "small"), "--repeats", "1", "--decode-tokens", "2", "--no-hf"]) == 0
+    assert "| 0.5 |" in capsys.readouterr().out
+
+
+def test_help_shows_the_defaults():
+    result = run("generate", "--help")
+    text = " ".join(result.stdout.split())
+    for default in ("(default: 64)", "(default: 0.0)", "(default: 1.0)", "(default: auto)", "(default: cpu)"):
+        assert default in text, default

@@ -104,3 +104,27 @@ def test_right_padding_is_refused(model):
     mask[0, -1] = 0
     with pytest.raises(ValueError, match="left padding"):
         generate(model, ids, random_pixels(1), attention_mask=mask, max_new_tokens=2)
+
+
+def test_temperature_divides_the_logits_and_lower_is_sharper():
+    """Sampling at temperature T draws from softmax(logits / T): the empirical frequencies over many draws
+    match that distribution, and a lower temperature puts more mass on the best token."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(20000, -1)
+    for temperature in (0.5, 1.0, 2.0):
+        drawn = sample(logits, temperature, generator=torch.Generator().manual_seed(0))
+        freq = torch.bincount(drawn, minlength=4).float() / len(drawn)
+        expected = torch.softmax(logits[0] / temperature, dim=-1)
+        assert (freq - expected).abs().max() < 0.015, (temperature, freq, expected)
+    sharp, flat = (torch.bincount(sample(logits, t, generator=torch.Generator().manual_seed(1)), minlength=4)[0]
+                   for t in (0.5, 2.0))
+    assert sharp > flat
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(5000, -1)
+    drawn = sample(logits, 1.0, top_p=0.7, generator=torch.Generator().manual_seed(0))
+    assert set(drawn.tolist()) == {0, 1}                                  # 0.5 + 0.3 reaches 0.7
+    freq = torch.bincount(drawn, minlength=4).float() / len(drawn)
+    assert abs(float(freq[0]) - 0.5 / 0.8) < 0.03
+    drawn = sample(logits, 1.0, top_p=0.85, generator=torch.Generator().manual_seed(0))
+    assert set(drawn.tolist()) == {0, 1, 2}

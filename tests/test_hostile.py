@@ -499,3 +499,21 @@ def test_random_prompts_and_images_answer_or_raise_documented_errors():
             assert ((out >= 0) & (out < cfg.text.vocab_size)).all()
             outcomes["answered"] += 1
     assert min(outcomes.values()) >= 10, outcomes
+
+
+@pytest.mark.parametrize("section, field, value", [
+    ("text", "n_layers", 10**9), ("text", "dim", 2**40), ("text", "vocab_size", 10**12),
+    ("vision", "n_layers", 10**8), ("vision", "image_size", 10**6), ("text", "intermediate_size", 10**10),
+])
+def test_absurd_sizes_are_refused_before_anything_is_built(saved, section, field, value):
+    """A damaged config.json with a size beyond any real model is a clear error at once (the model would
+    otherwise be built layer by layer first: a billion layers take minutes)."""
+    import time
+
+    config = json.loads((saved / "config.json").read_text())
+    config[section][field] = value
+    (saved / "config.json").write_text(json.dumps(config))
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=f"{field} is {value}, beyond any real model"):
+        minifastv.load(saved)
+    assert time.perf_counter() - start < 5

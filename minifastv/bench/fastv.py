@@ -68,7 +68,8 @@ def random_model(config: LlavaConfig, dtype) -> LlavaModel:
 def prompt(config: LlavaConfig, n_system: int = 35, n_question: int = 20):
     """BOS + system tokens, the image placeholder, question tokens: LLaVA-1.5's layout."""
     g = torch.Generator().manual_seed(1)
-    text = torch.randint(4, min(config.text.vocab_size, 30000), (n_system + n_question,), generator=g).tolist()
+    text = torch.randint(4, min(config.text.vocab_size, 30000) - 1, (n_system + n_question,), generator=g)
+    text = (text + (text >= config.image_token_id).long()).tolist()  # never the image placeholder
     ids = [config.text.bos_token_id] + text[:n_system] + [config.image_token_id] + text[n_system:]
     pixels = torch.randn(1, 3, config.vision.image_size, config.vision.image_size, generator=g)
     return torch.tensor([ids]), pixels
