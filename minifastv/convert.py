@@ -235,6 +235,12 @@ def convert(src, out, *, vision_tower=None, dtype=None, tokenizer=None, force=Fa
         raise ConversionError(f"{src}: already a minifastv checkpoint (its config.json has 'text' and 'vision'); "
                               f"use it as it is (--model {src}), or `python -m minifastv quantize` to quantize it")
     tower = Path(vision_tower) if vision_tower is not None else None
+    named = source.get("mm_vision_tower")
+    if tower is None and not is_hf_layout(source) and isinstance(named, str) and named:
+        local = next((d for d in (Path(named), src / named) if (d / CONFIG).is_file()), None)
+        if local is not None:  # the original config names a CLIP directory that is here: use it
+            tower = local
+            log(f"vision tower: {tower} (mm_vision_tower in {src / CONFIG}; --vision-tower overrides it)")
     try:
         if is_hf_layout(source):
             config = config_from_hf(source)

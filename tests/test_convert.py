@@ -323,3 +323,21 @@ def test_missing_vision_tower_is_explained(hf_models, tokenizer_json, tmp_path):
     (src / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConversionError, match="no vision tower: pass --vision-tower DIR"):
         convert(src, tmp_path / "out", tokenizer=tokenizer_json, log=lambda _: None)
+
+
+def test_original_layout_uses_a_local_mm_vision_tower(hf_models, tokenizer_json, tmp_path):
+    """config.json's mm_vision_tower naming a CLIP directory that exists is the tower when --vision-tower is
+    not given, and the conversion says so; a name that is not a directory here changes nothing."""
+    hf = hf_models["gqa"]
+    src, clip = tmp_path / "llava-v1.5", tmp_path / "clip"
+    src.mkdir()
+    clip.mkdir()
+    write_original(hf, src, tower=clip)
+    write_clip(hf, clip, "vision-bare")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["mm_vision_tower"] = str(clip)
+    (src / "config.json").write_text(json.dumps(cfg))
+    result = run_script(src, tmp_path / "out", "--tokenizer", tokenizer_json)
+    assert result.returncode == 0, result.stderr
+    assert f"vision tower: {clip} (mm_vision_tower in" in result.stderr
+    check_against_hf(hf, tmp_path / "out")
