@@ -28,8 +28,11 @@ class LayerCache:
             self.v = v.new_empty(B, H, capacity, D)
             self.valid = valid.new_zeros(B, capacity)
         start, end = self.length, self.length + T
-        if end > self.k.shape[2]:
-            raise RuntimeError(f"KV cache overflow: {end} tokens for a capacity of {self.k.shape[2]}")
+        if end > self.k.shape[2]:  # a later turn of a conversation: room for it and `extra` more
+            grow = end + self.extra - self.k.shape[2]
+            self.k = torch.cat((self.k, self.k.new_empty(B, H, grow, D)), dim=2)
+            self.v = torch.cat((self.v, self.v.new_empty(B, H, grow, D)), dim=2)
+            self.valid = torch.cat((self.valid, self.valid.new_zeros(B, grow)), dim=1)
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         self.valid[:, start:end] = valid

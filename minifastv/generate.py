@@ -39,11 +39,17 @@ def _check_args(max_new_tokens, temperature, top_p):
 class Stream:
     """Iterating yields (tokens [B], logits [B, vocab]) for each generated position, stopping early once every
     sample has produced eos_token_id (a finished sample keeps emitting it). Once the first token is out,
-    `prefill` holds the prompt pass's report: kept image slots, token counts and FLOPs (llava.Prefill)."""
+    `prefill` holds the prompt pass's report: kept image slots, token counts and FLOPs (llava.Prefill).
+
+    `cache` continues a conversation: the prompt is appended to what the cache holds (positions go on from
+    `position`, the `position` of the previous Stream), and the cache is kept. After iterating, `cache` holds
+    the prompt and every generated token but the last, and `position` is the last token's position.
+    """
 
     def __init__(self, model, input_ids, pixel_values=None, *, max_new_tokens: int, attention_mask=None,
                  prune: Pruner | None = None, temperature: float = 0.0, top_p: float = 1.0,
-                 eos_token_id: int | None = None, generator: torch.Generator | None = None):
+                 eos_token_id: int | None = None, generator: torch.Generator | None = None,
+                 cache: KVCache | None = None, position: torch.Tensor | None = None):
         _check_args(max_new_tokens, temperature, top_p)
         if attention_mask is not None and not attention_mask[:, -1].bool().all():
             raise ValueError("generate needs left padding: attention_mask must be 1 at the last position of every row")
@@ -52,21 +58,27 @@ class Stream:
         self.max_new_tokens, self.prune, self.eos_token_id = max_new_tokens, prune, eos_token_id
         self.temperature, self.top_p, self.generator = temperature, top_p, generator
         self.prefill: Prefill | None = None
+        self.cache, self.position = cache, position
         # The context is checked before anything is allocated: the cache is sized by max_new_tokens.
         check_inputs(model.config, input_ids, pixel_values, attention_mask)
         _, length = model.merged_slots(input_ids)
-        if length + max_new_tokens > model.config.text.max_seq_len:
-            raise ValueError(f"prompt ({length} tokens with images) + max_new_tokens ({max_new_tokens}) "
+        held = 0 if position is None else int(position.max())
+        if held + length + max_new_tokens > model.config.text.max_seq_len:
+            before = f", after {held} in the conversation" if held else ""
+            raise ValueError(f"prompt ({length} tokens with images{before}) + max_new_tokens ({max_new_tokens}) "
                              f"exceeds the context of {model.config.text.max_seq_len}")
 
     @torch.inference_mode()
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         model, max_new = self.model, self.max_new_tokens
-        cache = KVCache(model.config.text.n_layers, extra=max_new)
+        if self.cache is None:
+            self.cache = KVCache(model.config.text.n_layers, extra=max_new)
+        cache = self.cache
         pre = model.prefill(self.input_ids, self.pixel_values, attention_mask=self.attention_mask, prune=self.prune,
-                            cache=cache, last_only=True)
+                            cache=cache, last_only=True, start_position=self.position)
         self.prefill = pre
         logits, position = pre.logits[:, -1], pre.next_position
+        self.position = position
         done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
         for step in range(max_new):
             tokens = sample(logits, self.temperature, self.top_p, self.generator)
@@ -78,6 +90,7 @@ class Stream:
                 return
             logits = model.decode_step(tokens, position, cache)
             position = position + 1  # generated tokens continue the ORIGINAL positions, pruned or not
+            self.position = position
 
 
 def stream(model, input_ids, pixel_values=None, **kwargs) -> Stream:

@@ -75,8 +75,8 @@ def encode_conversation(tokenizer: Tokenizer, turns: Sequence[tuple[str, str]], 
     ids, labels = [], []
     for t, (question, answer) in enumerate(turns):
         prompt = tokenizer.encode_prompt(chat_prompt(question, n_images=n_images)) if t == 0 else \
-            tokenizer.tok.encode(f"USER: {question} ASSISTANT:", add_special_tokens=False).ids
-        target = tokenizer.tok.encode(answer, add_special_tokens=False).ids + [tokenizer.eos_token_id]
+            tokenizer.encode_turn(question)
+        target = tokenizer.encode_text(answer) + [tokenizer.eos_token_id]
         ids += prompt + target
         labels += [IGNORE] * len(prompt) + target
     return ids, labels

@@ -152,10 +152,13 @@ class LlavaModel(nn.Module):
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(), ignore_index=IGNORE)
 
     def prefill(self, input_ids, pixel_values=None, *, attention_mask=None, prune: Pruner | None = None,
-                cache: KVCache | None = None, last_only: bool = False, attention_rows: int = 0) -> Prefill:
+                cache: KVCache | None = None, last_only: bool = False, attention_rows: int = 0,
+                start_position: torch.Tensor | None = None) -> Prefill:
         """One pass over the whole prompt (filling `cache` if given), optionally pruned by a pruning method
         (minifastv.pruning). Inputs are moved to the model's device. attention_rows=Q also keeps, per decoder
-        layer, the head-mean attention probabilities of the last Q slots over the slots that layer saw."""
+        layer, the head-mean attention probabilities of the last Q slots over the slots that layer saw.
+        A cache that already holds a conversation is continued: its tokens are attended to, and the new ones
+        take positions from start_position [B] (the previous pass's next_position) on."""
         input_ids, pixel_values, attention_mask = (None if t is None else t.to(self.device)
                                                    for t in (input_ids, pixel_values, attention_mask))
         x, valid, image_mask, vision_scores = self.embed(input_ids, pixel_values, attention_mask,
@@ -163,6 +166,8 @@ class LlavaModel(nn.Module):
         if prune is not None and not image_mask.any():
             raise ValueError(f"{type(prune).__name__} prunes image tokens, but the batch has no image")
         positions = (valid.cumsum(1) - 1).clamp(min=0)         # padding does not advance the position
+        if start_position is not None:
+            positions = positions + start_position.to(positions.device)[:, None]
         out = self.llm(x, positions, valid, cache, prune, image_mask, attention_rows, vision_scores,
                        self.config.vision.n_patches)
         h, keep, kept_valid, layer_tokens = out.hidden, out.slots, out.valid, out.layer_tokens
@@ -170,7 +175,8 @@ class LlavaModel(nn.Module):
             h = h[:, -1:]
         layer_tokens = layer_tokens.T.cpu()
         text = self.config.text
-        return Prefill(self.llm.lm_head(h), valid, image_mask, keep, kept_valid, next_position=valid.sum(1),
+        next_position = valid.sum(1) + (0 if start_position is None else start_position.to(valid.device))
+        return Prefill(self.llm.lm_head(h), valid, image_mask, keep, kept_valid, next_position=next_position,
                        layer_tokens=layer_tokens, flops=[decoder_flops(text, n) for n in layer_tokens.tolist()],
                        flops_unpruned=[decoder_flops(text, [int(n)] * text.n_layers) for n in valid.sum(1)],
                        attention=out.attention, select_s=out.select_s)

@@ -17,7 +17,7 @@ from .image import load_image
 from .inputs import Batch, questions
 from .llava import LlavaModel
 from .pruning import Pruner
-from .tokenizer import Tokenizer
+from .tokenizer import IMAGE_MARKER, Tokenizer
 
 
 @dataclass
@@ -32,6 +32,7 @@ class Answer:
     prefill_s: float                # until the first token: vision tower + prefill
     decode_s: float
     decode_steps: int
+    ended: bool = True              # False when the token budget ran out before EOS
 
     @property
     def kept(self) -> int:
@@ -66,11 +67,15 @@ class Pipeline:
                on_text: Callable[[str], None] | None = None) -> Answer:
         """Greedy (or sampled) answer. on_text(piece) gets the answer as it is produced; the pieces join to
         exactly the decoded answer (subwords and multi-byte characters included)."""
-        eos = self.model.config.text.eos_token_id
         batch = self.inputs(images, question)
-        text = self.tokenizer.text_stream()
         run = stream(self.model, **batch.model_inputs(), max_new_tokens=max_new_tokens, prune=prune,
-                     temperature=temperature, top_p=top_p, eos_token_id=eos, generator=generator)
+                     temperature=temperature, top_p=top_p, eos_token_id=self.model.config.text.eos_token_id,
+                     generator=generator)
+        return self.collect(run, on_text)
+
+    def collect(self, run, on_text=None) -> Answer:
+        """Run a one-sample Stream to its end (EOS or the token budget) into an Answer."""
+        eos, text = self.model.config.text.eos_token_id, self.tokenizer.text_stream()
         start, out, first, steps = time.perf_counter(), [], None, 0
         for tokens, _ in run:
             if first is None:  # the prefill produced the first token
@@ -86,4 +91,36 @@ class Pipeline:
         end, pre = time.perf_counter(), run.prefill
         return Answer(self.tokenizer.decode(out), out, pre.n_prompt_tokens()[0], pre.n_image_tokens()[0],
                       pre.kept_image_slots()[0], pre.flops[0], pre.flops_unpruned[0], first - start, end - first,
-                      steps)
+                      steps, ended=steps + 1 > len(out))
+
+
+class Chat:
+    """A conversation about one image in LLaVA's vicuna_v1 multi-turn format. The first question encodes the
+    image and prunes it (`prune`) once; later ones append "</s>USER: q ASSISTANT:" to the kept KV cache, so
+    only their own tokens are computed. `reset()` starts over."""
+
+    def __init__(self, pipe: Pipeline, image, *, prune: Pruner | None = None, **sampling):
+        self.pipe, self.image, self.prune, self.sampling = pipe, image, prune, sampling
+        self.reset()
+
+    def reset(self):
+        self.cache = self.position = None
+        self.pending: list[int] = []  # generated tokens not yet in the cache: the last answer's end
+
+    def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> Answer:
+        tok, eos = self.pipe.tokenizer, self.pipe.model.config.text.eos_token_id
+        if self.cache is None:
+            batch = self.pipe.inputs([self.image], question)
+            ids, pixels, prune = batch.input_ids, batch.pixel_values, self.prune
+        else:
+            if not question.strip() or IMAGE_MARKER in question:
+                raise ValueError("a later question needs text, and no <image>: the conversation has its image")
+            ids, pixels, prune = torch.tensor([self.pending + tok.encode_turn(question)]), None, None
+        run = stream(self.pipe.model, ids, pixels, prune=prune, eos_token_id=eos, cache=self.cache,
+                     position=self.position, **{"max_new_tokens": 256, **self.sampling})
+        answer = self.pipe.collect(run, on_text)
+        self.cache, self.position = run.cache, run.position
+        # The cache lacks the last token sampled: EOS, or the answer's last when the budget ran out (then an
+        # EOS follows it): in training every answer ends with </s>.
+        self.pending = [eos] if answer.ended else [answer.token_ids[-1], eos]
+        return answer

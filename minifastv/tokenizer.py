@@ -48,13 +48,21 @@ class Tokenizer:
         for i, chunk in enumerate(prompt.split(IMAGE_MARKER)):
             if i > 0:
                 ids.append(self.image_token_id)
-            encoding, chunk = self.encode_known(chunk)
-            unknown = [chunk[a:b] for t, (a, b) in zip(encoding.ids, encoding.offsets) if t == self.unk_token_id]
-            if unknown:
-                raise ValueError(f"the tokenizer does not know {', '.join(map(repr, dict.fromkeys(unknown)))}: "
-                                 f"the model cannot read them (it knows {self.vocab_size} tokens)")
-            ids.extend(encoding.ids)
+            ids.extend(self.encode_text(chunk))
         return ids
+
+    def encode_turn(self, question: str) -> list[int]:
+        """A later turn of a vicuna_v1 conversation, after the previous answer and its EOS: "USER: q ASSISTANT:"."""
+        return self.encode_text(f"USER: {question} ASSISTANT:")
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of plain text (no BOS); words the vocabulary lacks are an error that names them."""
+        encoding, text = self.encode_known(text)
+        unknown = [text[a:b] for t, (a, b) in zip(encoding.ids, encoding.offsets) if t == self.unk_token_id]
+        if unknown:
+            raise ValueError(f"the tokenizer does not know {', '.join(map(repr, dict.fromkeys(unknown)))}: "
+                             f"the model cannot read them (it knows {self.vocab_size} tokens)")
+        return encoding.ids
 
     def encode_known(self, text: str):
         """(encoding, the text encoded): a word the vocabulary lacks is tried in lower case (the tiny model's

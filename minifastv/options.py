@@ -1,0 +1,112 @@
+"""The command line's options that several subcommands share, and how they become library objects."""
+
+from __future__ import annotations
+
+from .config import INT4_GROUP_SIZES, QUANT_METHODS
+from .data import TINY_MODEL
+from .machine import DTYPES, physical_cores
+
+DEFAULT_GROUP_SIZE = 128
+
+
+def model_arguments(p, default_method="none"):
+    """--model, the pruning method, and the machine (dtype, device, threads) for subcommands that run a model."""
+    from .pruning import METHODS
+
+    p.add_argument("--model", default=str(TINY_MODEL),
+                   help="minifastv checkpoint directory (default: the shipped tiny model)")
+    p.add_argument("--prune", choices=list(METHODS),
+                   help=f"visual-token pruning method (default: {default_method})")
+    p.add_argument("--prune-ratio", type=float, help="fraction of image tokens dropped (default 0.5)")
+    p.add_argument("--prune-k", type=int,
+                   help="the layer the method prunes after, where it has one (default: the method's, 2)")
+    p.add_argument("--prune-seed", type=int, help="seed, for methods that draw at random (default 0)")
+    p.add_argument("--fastv-k", type=int, help="FastV's spelling: --prune fastv --prune-k K")
+    p.add_argument("--fastv-ratio", type=float, help="FastV's spelling: --prune-ratio R (with --fastv-k)")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="float weights' dtype; auto: bf16 where the CPU (or GPU) computes it natively, "
+                        "else fp32 (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"CPU threads (default: the physical cores, {physical_cores()} here)")
+    p.add_argument("--check-weights", action="store_true",
+                   help="scan every weight for NaN/inf while loading (conversion already does)")
+
+
+def pruner_from_args(args, default=None):
+    """The pruning method the command line asks for: --prune NAME with --prune-ratio/--prune-k/--prune-seed,
+    or FastV's own spelling --fastv-k K [--fastv-ratio R]; `default` when neither is given (and the method
+    that --prune-* settings alone apply to)."""
+    from .pruning import METHODS, FastV, make
+
+    prune_opts = [f"--prune-{n}" for n in ("ratio", "k", "seed") if getattr(args, f"prune_{n}") is not None]
+    fastv_opts = [f"--fastv-{n}" for n in ("k", "ratio") if getattr(args, f"fastv_{n}") is not None]
+    if fastv_opts and (args.prune is not None or prune_opts):
+        raise ValueError(f"{' and '.join(fastv_opts)} spell FastV's settings; with --prune use --prune-ratio "
+                         "and --prune-k")
+    name = args.prune
+    if name is None and prune_opts:
+        if default is None:
+            raise ValueError(f"{', '.join(prune_opts)} given without --prune NAME (the pruning method)")
+        name = next(key for key, cls in METHODS.items() if type(default) is cls)
+    if name is not None:
+        return make(name, 0.5 if args.prune_ratio is None else args.prune_ratio, args.prune_k, args.prune_seed)
+    if args.fastv_k is None and args.fastv_ratio is not None and default is None:
+        raise ValueError("--fastv-ratio needs --fastv-k (the layer FastV prunes after; the paper's is 2)")
+    if fastv_opts:
+        k, ratio = 2 if args.fastv_k is None else args.fastv_k, 0.5 if args.fastv_ratio is None else args.fastv_ratio
+        return FastV(k, ratio)
+    return default
+
+
+def describe(method) -> str:
+    """'FastV K=2 R=0.5': the method and its settings."""
+    from dataclasses import fields
+
+    names = {"k": "K", "ratio": "R"}
+    return type(method).__name__ + "".join(f" {names.get(f.name, f.name)}={getattr(method, f.name)}"
+                                            for f in fields(method))
+
+
+def sampling_arguments(p, max_new_tokens: int):
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="(default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0: greedy; above 0 the logits are divided by it before sampling (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the smallest set of tokens holding this much probability (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling: the same seed, the same answer")
+
+
+def add_convert_arguments(p):
+    p.add_argument("src", help="source checkpoint directory (config.json + weights)")
+    p.add_argument("out", help="output directory (must not exist unless --force)")
+    p.add_argument("--vision-tower", help="CLIP checkpoint directory, for original LLaVA checkpoints without one")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="output dtype (default: the source config's dtype, else float32)")
+    p.add_argument("--tokenizer", help="tokenizer.json to ship (default: SRC/tokenizer.json)")
+    p.add_argument("--quantize", choices=QUANT_METHODS, help="weight-only quantization of the decoder's linears "
+                   "(int8: a scale per output channel; int4: a scale and zero point per group of inputs)")
+    add_output_arguments(p)
+
+
+def add_output_arguments(p):
+    p.add_argument("--group-size", type=int, default=None,
+                   help=f"int4: inputs per scale and zero point, one of {', '.join(map(str, INT4_GROUP_SIZES))} "
+                        f"(default {DEFAULT_GROUP_SIZE})")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--max-shard-gb", type=float, default=2.0, help="output shard size in GB (default: %(default)s)")
+
+
+def quant_from_args(method, group_size):
+    from .config import ConfigError, QuantConfig
+
+    if group_size is not None and method != "int4":
+        raise ValueError("--group-size applies to int4 quantization only")
+    if method is None:
+        return None
+    if method == "int4" and group_size is None:
+        group_size = DEFAULT_GROUP_SIZE
+    try:
+        return QuantConfig(method, group_size)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None

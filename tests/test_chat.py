@@ -1,0 +1,107 @@
+"""A conversation about one image: later turns go through the kept KV cache and equal a fresh prefill of the
+whole conversation that keeps the same image tokens."""
+
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+import train_tiny
+
+from minifastv import FastV
+from minifastv.data import SAMPLES, TINY_MODEL
+from minifastv.generate import Stream
+from minifastv.pipeline import Chat, Pipeline
+from minifastv.pruning import Pruner, Stage
+
+IMAGE = SAMPLES / "heldout_0.png"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline.load(TINY_MODEL, dtype="float32")  # trained: its answers are words, then EOS
+
+
+@dataclass(frozen=True)
+class KeepIndices(Pruner):
+    """Before layer `k`, exactly these image tokens (by rank among the image tokens)."""
+
+    k: int
+    indices: tuple
+
+    def stages(self, n_layers):
+        return [Stage(self.k, len(self.indices) / 64)]
+
+    def select(self, ctx):
+        return ctx.image_mask & torch.isin(ctx.image_index(), torch.tensor(self.indices))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("budget", [3, 1], ids=["ends-at-eos-or-budget", "budget-runs-out"])
+def test_later_turns_through_the_cache_equal_a_fresh_prefill(pipe, budget, monkeypatch):
+    import minifastv.pipeline
+
+    logits_seen = []
+
+    def recording(*args, **kwargs):  # the Stream the chat runs, with the logits of every token it yields
+        run = Stream(*args, **kwargs)
+
+        class Recorded:
+            def __iter__(self):
+                for tokens, logits in run:
+                    logits_seen.append(logits[0])
+                    yield tokens, logits
+
+            def __getattr__(self, name):
+                return getattr(run, name)
+        return Recorded()
+
+    monkeypatch.setattr(minifastv.pipeline, "stream", recording)
+    chat = Chat(pipe, IMAGE, prune=FastV(2, 0.5), max_new_tokens=budget)
+    questions = ["what colour is the circle?", "which shape is in row one column one?", "how many shapes are there?"]
+    answers = [chat.ask(q) for q in questions]
+    assert all(a.token_ids for a in answers)
+    first = pipe.inputs([IMAGE], questions[0])
+    image_slot = int((first.input_ids[0] == pipe.tokenizer.image_token_id).nonzero())
+    kept = tuple(s - image_slot for s in answers[0].kept_image_slots)
+    assert len(kept) == 32
+    fixed = KeepIndices(2, kept)
+    eos = pipe.model.config.text.eos_token_id
+    seq = first.input_ids[0].tolist()
+    for question, answer in zip(questions, answers):
+        if question != questions[0]:
+            seq += pipe.tokenizer.encode_turn(question)
+        for token in answer.token_ids:                      # each answer token, recomputed from scratch
+            logits = pipe.model(torch.tensor([seq]), first.pixel_values, prune=fixed)[0, -1]
+            assert (logits - logits_seen.pop(0)).abs().max() <= 1e-4 and int(logits.argmax()) == token
+            seq.append(token)
+        if answer.ended:
+            logits_seen.pop(0)                              # the logits that chose EOS
+        seq.append(eos)                                     # every answer ends with </s>
+    assert not logits_seen
+    assert answers[1].n_image_tokens == 0 and answers[1].n_prompt_tokens < 20  # only the new turn was computed
+
+
+def test_reset_starts_over(pipe):
+    chat = Chat(pipe, IMAGE, max_new_tokens=2)
+    one = chat.ask("what colour is the circle?")
+    chat.ask("how many shapes are there?")
+    chat.reset()
+    again = chat.ask("what colour is the circle?")
+    assert again.token_ids == one.token_ids and again.n_image_tokens == 64
+
+
+def test_chat_command_reads_questions_until_end_of_input(tmp_path):
+    import minifastv
+
+    tok = train_tiny.build_tokenizer()
+    minifastv.save(train_tiny.build_model(tok, seed=4), tok, tmp_path / "m")
+    lines = "what colour is the circle?\n\nzebra?\n/reset\nhow many shapes are there?\n"
+    result = subprocess.run([sys.executable, "-m", "minifastv", "chat", "--model", str(tmp_path / "m"), "--image",
+                             str(IMAGE), "--max-new-tokens", "2"], input=lines, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("\n") == 2                   # two answers; the unknown word was an error line
+    assert "does not know 'zebra'" in result.stderr and "starts over" in result.stderr
+    assert "Traceback" not in result.stderr
