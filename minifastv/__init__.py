@@ -6,12 +6,12 @@ from .config import ConfigError, LlavaConfig, TextConfig, VisionConfig
 from .generate import generate, stream
 from .image import ImageError, load_image, preprocess
 from .llava import LlavaModel, Prefill
-from .pipeline import Answer, Pipeline
+from .pipeline import Answer, Chat, Pipeline
 from .pruning import (DART, METHODS, DivPrune, FasterVLM, FastV, Pruner, PyramidDrop, RandomDrop, Uniform,
                       theoretical_flops)
 from .tokenizer import Tokenizer, chat_prompt
 
-__all__ = ["DART", "METHODS", "DivPrune", "FasterVLM", "PyramidDrop", "Uniform", "Answer", "CheckpointError", "ConfigError", "FastV", "ImageError", "KVCache", "LlavaConfig",
-           "LlavaModel", "Pipeline", "Prefill", "Pruner", "RandomDrop", "TextConfig", "Tokenizer", "VisionConfig",
-           "chat_prompt", "generate", "load", "load_image", "load_tokenizer", "preprocess", "save", "stream",
-           "theoretical_flops"]
+__all__ = ["DART", "METHODS", "Answer", "Chat", "chat_prompt", "CheckpointError", "ConfigError", "DivPrune", "FasterVLM",
+           "FastV", "generate", "ImageError", "KVCache", "LlavaConfig", "LlavaModel", "load", "load_image",
+           "load_tokenizer", "Pipeline", "Prefill", "preprocess", "Pruner", "PyramidDrop", "RandomDrop", "save",
+           "stream", "TextConfig", "theoretical_flops", "Tokenizer", "Uniform", "VisionConfig"]

@@ -37,18 +37,79 @@ def load_pipeline(args):
     return pipe
 
 
+def report(r) -> dict:
+    return {"text": r.text, "token_ids": r.token_ids, "n_prompt_tokens": r.n_prompt_tokens,
+            "n_image_tokens": r.n_image_tokens, "kept_image_tokens": r.kept, "kept_image_slots": r.kept_image_slots,
+            "flops": r.flops, "flops_unpruned": r.flops_unpruned, "prefill_s": r.prefill_s, "decode_s": r.decode_s,
+            "decode_steps": r.decode_steps}
+
+
+def read_batch_file(path) -> list:
+    """(line number, {"image": ..., "prompt": ...}) per non-empty line, or (line number, error message)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: batch file not found")
+    out = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+                raise ValueError('expected an object with "prompt" (text) and "image" (a file or a list of files)')
+            images = item.get("image", [])
+            images = [images] if isinstance(images, str) else images
+            if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+                raise ValueError('"image" must be a file name or a list of file names')
+            out.append((number, (images, item["prompt"])))
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            out.append((number, f"{path}:{number}: {e}"))
+    return out
+
+
+def cmd_batch(args, pipe, method, generator):
+    """--batch FILE.jsonl: one JSON line per input line, in input order; a bad line is an error line."""
+    from .image import load_image
+
+    results, good = {}, []
+    for number, item in read_batch_file(args.batch):
+        if isinstance(item, str):
+            results[number] = {"line": number, "error": item}
+            continue
+        try:  # images and prompt are checked one line at a time, so a bad one spoils no batch
+            loaded = [load_image(i) for i in item[0]]
+            pipe.inputs(loaded, item[1])
+            good.append((number, (loaded, item[1])))
+        except (ValueError, OSError) as e:
+            results[number] = {"line": number, "error": str(e)}
+    for start in range(0, len(good), args.batch_size):
+        chunk = good[start:start + args.batch_size]
+        answers = pipe.answer_batch([item for _, item in chunk], prune=method, max_new_tokens=args.max_new_tokens,
+                                    temperature=args.temperature, top_p=args.top_p, generator=generator)
+        results.update({number: {"line": number, **report(a)} for (number, _), a in zip(chunk, answers)})
+    for number in sorted(results):
+        print(json.dumps(results[number]))
+    if any("error" in r for r in results.values()):
+        print(f"error: {sum('error' in r for r in results.values())} of {len(results)} lines failed (see their "
+              "JSON lines)", file=sys.stderr)
+
+
 def cmd_generate(args):
     method = pruner_from_args(args)
+    if args.batch is not None and (args.image is not None or args.prompt is not None):
+        raise ValueError("--batch FILE takes the images and prompts from the file: drop --image and --prompt")
+    if args.batch is None and (args.image is None or args.prompt is None):
+        raise ValueError("generate needs --image and --prompt, or --batch FILE.jsonl")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     pipe = load_pipeline(args)
     generator = None if args.seed is None else torch.Generator(pipe.model.device).manual_seed(args.seed)
+    if args.batch is not None:
+        return cmd_batch(args, pipe, method, generator)
     stream_text = None if args.json else (lambda t: print(t, end="", flush=True))
     r = pipe.answer(args.image, args.prompt, prune=method, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, top_p=args.top_p, generator=generator, on_text=stream_text)
     if args.json:
-        print(json.dumps({"text": r.text, "token_ids": r.token_ids, "n_prompt_tokens": r.n_prompt_tokens,
-                          "n_image_tokens": r.n_image_tokens, "kept_image_tokens": r.kept,
-                          "kept_image_slots": r.kept_image_slots, "flops": r.flops, "flops_unpruned": r.flops_unpruned,
-                          "prefill_s": r.prefill_s, "decode_s": r.decode_s, "decode_steps": r.decode_steps}))
+        print(json.dumps(report(r)))
         return
     print()
     print(r.summary())
@@ -170,8 +231,11 @@ def main(argv=None):
 
     g = sub.add_parser("generate", help="answer a question about one or more images")
     model_arguments(g)
-    g.add_argument("--image", action="append", required=True, help="image file (repeat for several)")
-    g.add_argument("--prompt", required=True, help="the question")
+    g.add_argument("--image", action="append", help="image file (repeat for several)")
+    g.add_argument("--prompt", help="the question")
+    g.add_argument("--batch", help='a JSON-lines file of {"image": FILE or [FILES], "prompt": TEXT}: one JSON line '
+                                   "out per line in, in order")
+    g.add_argument("--batch-size", type=int, default=8, help="inputs per left-padded batch (default: %(default)s)")
     sampling_arguments(g, max_new_tokens=64)
     g.add_argument("--json", action="store_true",
                    help="print one JSON object (text, token ids, kept image tokens, FLOPs, timings) instead")

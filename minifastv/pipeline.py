@@ -73,6 +73,31 @@ class Pipeline:
                      generator=generator)
         return self.collect(run, on_text)
 
+    def answer_batch(self, requests, *, prune: Pruner | None = None, max_new_tokens: int = 64,
+                     temperature: float = 0.0, top_p: float = 1.0,
+                     generator: torch.Generator | None = None) -> list[Answer]:
+        """Answers to (images, question) pairs run as one left-padded batch; each with the model's report of
+        its own sample (kept image tokens, FLOPs); the times are the batch's."""
+        names = [str(im) for images, _ in requests for im in images]
+        loaded = [([im if isinstance(im, Image.Image) else load_image(im) for im in images], q)
+                  for images, q in requests]
+        batch = questions(self.tokenizer, self.model.config, loaded, names)
+        eos = self.model.config.text.eos_token_id
+        run = stream(self.model, **batch.model_inputs(), max_new_tokens=max_new_tokens, prune=prune,
+                     temperature=temperature, top_p=top_p, eos_token_id=eos, generator=generator)
+        start = time.perf_counter()
+        steps = [tokens for tokens, _ in run]
+        end, pre = time.perf_counter(), run.prefill
+        rows = torch.stack(steps, dim=1).tolist()
+        answers = []
+        for i, row in enumerate(rows):
+            ids = row[:row.index(eos)] if eos in row else row
+            padding = pre.valid.shape[1] - pre.n_prompt_tokens()[i]   # slots count from the sample's own start
+            answers.append(Answer(self.tokenizer.decode(ids), ids, pre.n_prompt_tokens()[i], pre.n_image_tokens()[i],
+                                  [s - padding for s in pre.kept_image_slots()[i]], pre.flops[i], pre.flops_unpruned[i],
+                                  end - start, 0.0, len(steps) - 1, ended=eos in row))
+        return answers
+
     def collect(self, run, on_text=None) -> Answer:
         """Run a one-sample Stream to its end (EOS or the token budget) into an Answer."""
         eos, text = self.model.config.text.eos_token_id, self.tokenizer.text_stream()

@@ -216,3 +216,48 @@ def test_help_shows_the_defaults():
     text = " ".join(result.stdout.split())
     for default in ("(default: 64)", "(default: 0.0)", "(default: 1.0)", "(default: auto)", "(default: cpu)"):
         assert default in text, default
+
+
+def test_generate_batch_file_answers_every_line_in_order(model_dir, capsys, tmp_path):
+    """Left-padded batches of --batch-size; one JSON line per input line, in input order; bad lines are named
+    by their line number and the rest still run; each answer equals the same question asked alone."""
+    from minifastv.pipeline import Pipeline
+
+    questions = json.loads((SAMPLES / "questions.json").read_text())
+    lines = [json.dumps({"image": str(SAMPLES / q["image"]), "prompt": q["question"]}) for q in questions]
+    lines.insert(2, "{not json")
+    lines.insert(4, json.dumps({"image": str(tmp_path / "missing.png"), "prompt": "what colour"}))
+    lines.append(json.dumps({"image": [str(SAMPLES / questions[0]["image"])] * 2, "prompt": questions[0]["question"]}))
+    batch_file = tmp_path / "in.jsonl"
+    batch_file.write_text("\n".join(lines) + "\n")
+    from minifastv.cli import main
+
+    code = main(["generate", "--model", str(model_dir), "--batch", str(batch_file), "--batch-size", "2",
+                 "--max-new-tokens", "3", "--fastv-k", "2", "--dtype", "float32"])
+    out, err = capsys.readouterr()
+    results = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [r["line"] for r in results] == list(range(1, len(lines) + 1))
+    assert "line 3" not in err and "2 of 7 lines failed" in err
+    assert f"{batch_file}:3:" in results[2]["error"] and "missing.png" in results[4]["error"]
+    pipe = Pipeline.load(model_dir, dtype="float32")
+    from minifastv import FastV
+
+    for r, line in zip(results, lines):
+        if "error" in r:
+            continue
+        item = json.loads(line)
+        images = item["image"] if isinstance(item["image"], list) else [item["image"]]
+        alone = pipe.answer(images, item["prompt"], prune=FastV(2, 0.5), max_new_tokens=3)
+        assert r["token_ids"] == alone.token_ids and r["kept_image_slots"] == alone.kept_image_slots
+        assert r["kept_image_tokens"] == 32 * len(images) and r["flops"] == alone.flops
+
+
+@pytest.mark.parametrize("options, message", [
+    (("--batch", "x.jsonl", "--prompt", "what colour"), "--batch FILE takes the images and prompts from the file"),
+    ((), "generate needs --image and --prompt, or --batch FILE.jsonl"),
+])
+def test_generate_input_mistakes(model_dir, capsys, options, message):
+    from minifastv.cli import main
+
+    code = main(["generate", "--model", str(model_dir), *options])
+    assert code == 2 and message in capsys.readouterr().err

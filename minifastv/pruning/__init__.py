@@ -47,6 +47,6 @@ def make(name: str, ratio: float, k: int | None = None, seed: int | None = None)
     return METHODS[name](ratio=ratio, **settings(name, k, seed))
 
 
-__all__ = ["DART", "METHODS", "AfterLayer", "BeforeDecoder", "DivPrune", "FasterVLM", "FastV", "PruneContext", "Pruner", "PyramidDrop",
-           "RandomDrop", "Stage", "Uniform", "active_stages", "at_budget", "decoder_flops", "keep_slots", "layer_flops", "make",
-           "theoretical_flops"]
+__all__ = ["DART", "METHODS", "active_stages", "AfterLayer", "at_budget", "BeforeDecoder", "decoder_flops",
+           "DivPrune", "FasterVLM", "FastV", "keep_slots", "layer_flops", "make", "PruneContext", "Pruner",
+           "PyramidDrop", "RandomDrop", "Stage", "theoretical_flops", "Uniform"]
