@@ -218,7 +218,7 @@ def test_help_shows_the_defaults():
         assert default in text, default
 
 
-def test_generate_batch_file_answers_every_line_in_order(model_dir, capsys, tmp_path):
+def test_generate_batch_file_answers_every_line_in_order(model_dir, capsys, tmp_path, monkeypatch):
     """Left-padded batches of --batch-size; one JSON line per input line, in input order; bad lines are named
     by their line number and the rest still run; each answer equals the same question asked alone."""
     from minifastv.pipeline import Pipeline
@@ -232,12 +232,16 @@ def test_generate_batch_file_answers_every_line_in_order(model_dir, capsys, tmp_
     batch_file.write_text("\n".join(lines) + "\n")
     from minifastv.cli import main
 
+    sizes, real = [], Pipeline.answer_batch
+    monkeypatch.setattr(Pipeline, "answer_batch", lambda self, requests, **k: sizes.append(len(requests))
+                        or real(self, requests, **k))
     code = main(["generate", "--model", str(model_dir), "--batch", str(batch_file), "--batch-size", "2",
                  "--max-new-tokens", "3", "--fastv-k", "2", "--dtype", "float32"])
     out, err = capsys.readouterr()
     results = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and [r["line"] for r in results] == list(range(1, len(lines) + 1))
     assert "line 3" not in err and "2 of 7 lines failed" in err
+    assert sizes == [2, 2, 1]                                # the five good lines, --batch-size 2 at a time
     assert f"{batch_file}:3:" in results[2]["error"] and "missing.png" in results[4]["error"]
     pipe = Pipeline.load(model_dir, dtype="float32")
     from minifastv import FastV
