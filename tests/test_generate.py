@@ -128,3 +128,18 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert abs(float(freq[0]) - 0.5 / 0.8) < 0.03
     drawn = sample(logits, 1.0, top_p=0.85, generator=torch.Generator().manual_seed(0))
     assert set(drawn.tolist()) == {0, 1, 2}
+
+
+def test_a_padding_query_sees_its_own_slot_only():
+    """Left padding: a padding query attends to itself alone (else SDPA returns NaN for it, and 0 * NaN leaks
+    into later layers); real queries never see padding, and see every earlier real slot."""
+    from minifastv.llama import attention_mask
+
+    valid = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    mask = attention_mask(valid, 4)[:, 0]
+    assert mask[0, 0].tolist() == [True, False, False, False]
+    assert mask[0, 1].tolist() == [False, True, False, False]
+    assert mask[0, 3].tolist() == [False, False, True, True]
+    assert mask[1, 2].tolist() == [True, True, True, False]
+    assert attention_mask(valid[1:], 1) is None and attention_mask(valid[:1], 1)[0, 0, 0].tolist() == [False, False,
+                                                                                                      True, True]

@@ -64,3 +64,13 @@ def test_non_rgb_images_are_converted(mode, tmp_path):
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="image mode must be 'pad' or 'crop'"):
         preprocess(random_image(10, 10), 64, mode="squash")
+
+
+def test_normalisation_and_pad_colour_are_clips_published_numbers():
+    """OpenAI CLIP's published mean and std, and LLaVA's pad colour int(mean * 255) = (122, 116, 104), as
+    literal numbers: a thin black image padded to a square shows the colour in its padding, normalised."""
+    mean, std, pad = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711), (122, 116, 104)
+    x = preprocess(Image.new("RGB", (2, 4), (0, 0, 0)), 4, "pad")          # 4x4 canvas: columns 0 and 3 padding
+    for c in range(3):
+        assert x[c, 0, 0].item() == pytest.approx((pad[c] / 255 - mean[c]) / std[c], abs=1e-5)
+        assert x[c, 0, 1].item() == pytest.approx((0 - mean[c]) / std[c], abs=1e-5)
