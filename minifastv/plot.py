@@ -7,12 +7,24 @@ from PIL import Image, ImageDraw
 PALETTE = [(200, 40, 40), (40, 80, 200), (230, 150, 40), (120, 120, 120), (40, 160, 80), (0, 0, 0), (150, 60, 170)]
 
 
+LEGEND_WIDTH = 160
+
+
+def x_ticks(x0: float, x1: float, integer: bool) -> list[float]:
+    """Five even ticks, or, where every x is a whole number (layers), whole numbers only, at most 11 of them."""
+    if not integer:
+        return [x0 + (x1 - x0) * i / 4 for i in range(5)]
+    step = max(1, -(-int(x1 - x0) // 10))
+    return [float(x) for x in range(int(x0), int(x1) + 1, step)]
+
+
 def line_plot(series: dict[str, list[tuple[float, float]]], path, *, xlabel: str, ylabel: str,
               xlim: tuple[float, float] | None = None, ylim: tuple[float, float] | None = None,
               percent_y: bool = False, size=(640, 420)):
-    """One polyline with markers per named series of (x, y) points; axes, ticks and a legend."""
-    W, H = size
-    left, right, top, bottom = 64, 20, 20, 48
+    """One polyline with markers per named series of (x, y) points; axes, ticks, and a legend to the right of
+    the plot area (so it covers no line). `size` is the plot area's; the legend widens the picture."""
+    W, H = size[0] + LEGEND_WIDTH, size[1]
+    left, right, top, bottom = 64, 20 + LEGEND_WIDTH, 20, 48
     points = [p for pts in series.values() for p in pts]
     x0, x1 = xlim or (min(p[0] for p in points), max(p[0] for p in points))
     y0, y1 = ylim or (min(p[1] for p in points), max(p[1] for p in points))
@@ -21,14 +33,15 @@ def line_plot(series: dict[str, list[tuple[float, float]]], path, *, xlabel: str
     def xy(x, y):
         return (left + (x - x0) / (x1 - x0) * (W - left - right), top + (1 - (y - y0) / (y1 - y0)) * (H - top - bottom))
 
-    img = Image.new("RGB", size, "white")
+    img = Image.new("RGB", (W, H), "white")
     pen = ImageDraw.Draw(img)
     pen.rectangle((left, top, W - right, H - bottom), outline="black")
-    for i in range(5):
-        x, y = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
+    for x in x_ticks(x0, x1, integer=all(float(p[0]).is_integer() for p in points)):
         px, _ = xy(x, y0)
         pen.line((px, H - bottom, px, H - bottom + 4), fill="black")
         pen.text((px - 12, H - bottom + 6), f"{x:.2f}".rstrip("0").rstrip("."), fill="black")
+    for i in range(5):
+        y = y0 + (y1 - y0) * i / 4
         _, py = xy(x0, y)
         pen.line((left - 4, py, left, py), fill="black")
         pen.text((6, py - 6), f"{y:.0%}" if percent_y else f"{y:.3g}", fill="black")
@@ -42,7 +55,8 @@ def line_plot(series: dict[str, list[tuple[float, float]]], path, *, xlabel: str
         for p in pts:
             cx, cy = xy(*p)
             pen.ellipse((cx - 3, cy - 3, cx + 3, cy + 3), fill=colour)
-        pen.rectangle((W - right - 150, top + 8 + 14 * i, W - right - 140, top + 18 + 14 * i), fill=colour)
-        pen.text((W - right - 134, top + 7 + 14 * i), name, fill="black")
+        lx = W - LEGEND_WIDTH
+        pen.rectangle((lx, top + 8 + 14 * i, lx + 10, top + 18 + 14 * i), fill=colour)
+        pen.text((lx + 16, top + 7 + 14 * i), name, fill="black")
     img.save(path)
     return path

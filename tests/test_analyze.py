@@ -51,3 +51,22 @@ def test_kept_patches_picture():
     assert pic.getpixel((10, 10)) == (200, 100, 50)   # inside kept patch 0
     assert pic.getpixel((40, 10)) == (60, 30, 15)     # patch 1 dropped: dimmed to 30%
     assert pic.getpixel((0, 0)) == (255, 200, 0)      # kept patches are outlined
+
+
+def test_line_plot_draws_one_line_per_series_and_keeps_the_legend_off_them(tmp_path):
+    from minifastv.plot import LEGEND_WIDTH, PALETTE, line_plot, x_ticks
+
+    series = {f"s{i}": [(layer, (i + 1) / 8 + layer / 40) for layer in range(4)] for i in range(5)}
+    path = line_plot(series, tmp_path / "p.png", xlabel="layer", ylabel="share", ylim=(0.0, 1.0), size=(400, 300))
+    with Image.open(path) as im:
+        pixels = im.convert("RGB").load()
+        width, height = im.size
+        plot_colours = {pixels[x, y] for x in range(64, width - LEGEND_WIDTH - 20) for y in range(20, height - 48)}
+        legend_colours = {pixels[x, y] for x in range(width - LEGEND_WIDTH, width) for y in range(height)}
+    assert width == 400 + LEGEND_WIDTH
+    coloured = [c for c in PALETTE if c != (0, 0, 0)]                             # black is also the axes'
+    assert [c in plot_colours for c in coloured] == [True] * 5 + [False]         # a line per series ...
+    assert [c in legend_colours for c in coloured] == [True] * 5 + [False]       # ... and its legend entry, outside
+    assert x_ticks(0, 3, integer=True) == [0.0, 1.0, 2.0, 3.0]                    # layers: whole numbers only
+    assert x_ticks(0, 31, integer=True) == [0.0, 4.0, 8.0, 12.0, 16.0, 20.0, 24.0, 28.0]
+    assert x_ticks(0.0, 1.0, integer=False) == [0.0, 0.25, 0.5, 0.75, 1.0]
