@@ -76,3 +76,25 @@ def test_loss_ignores_prompt_tokens_and_counts_answers(pipe):
     answer_changed[0, int((batch.labels[0] != IGNORE).nonzero()[0])] = 5
     assert not torch.allclose(pipe.model.loss(batch.input_ids, batch.pixel_values, answer_changed,
                                               attention_mask=batch.attention_mask), loss)
+
+
+@torch.no_grad()
+def test_two_images_in_a_training_sample_keep_their_order(pipe):
+    """A dialogue about two images: the pixels go in prompt order, the loss places each answer after both
+    images' patches (merged positions), and swapping the images changes the loss."""
+    size = pipe.model.config.vision.image_size
+    a, b = (draw(conversation("train", i)[0], size) for i in (1, 2))
+    turns = conversation("train", 1)[1][:2]
+    batch = conversations(pipe.tokenizer, pipe.model.config, [([a, b], turns)])
+    swapped = conversations(pipe.tokenizer, pipe.model.config, [([b, a], turns)])
+    assert torch.equal(batch.pixel_values[0], swapped.pixel_values[1])
+    loss = pipe.model.loss(batch.input_ids, batch.pixel_values, batch.labels, attention_mask=batch.attention_mask)
+    logits = pipe.model(**batch.model_inputs())[0]
+    n_patches = pipe.model.config.vision.n_patches
+    images_before = (batch.input_ids[0] == pipe.tokenizer.image_token_id).cumsum(0)
+    terms = [F.cross_entropy(logits[t + int(images_before[t]) * (n_patches - 1) - 1].float(), batch.labels[0, t])
+             for t in range(batch.input_ids.shape[1]) if batch.labels[0, t] != IGNORE]
+    assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-6)
+    other = pipe.model.loss(swapped.input_ids, swapped.pixel_values, swapped.labels,
+                            attention_mask=swapped.attention_mask)
+    assert not torch.allclose(loss, other)
