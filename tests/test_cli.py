@@ -265,3 +265,24 @@ def test_generate_input_mistakes(model_dir, capsys, options, message):
 
     code = main(["generate", "--model", str(model_dir), *options])
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_one_decode_step_is_singular(model_dir, capsys):
+    code, out, _ = generate_in_process(model_dir, capsys)      # two new tokens: the prefill's and one step
+    assert code == 0 and "decode 1 step in" in out, out
+
+
+def test_converted_checkpoints_are_not_tracked_by_git():
+    assert "/weights/" in (ROOT / ".gitignore").read_text().split()
+
+
+def test_evaluate_tiny_writes_its_pictures_to_results_unless_told(tmp_path, monkeypatch, capsys):
+    import evaluate_tiny
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(evaluate_tiny, "BUDGETS", (0.5,))
+    monkeypatch.setattr(evaluate_tiny, "GRID_K", (2,))
+    monkeypatch.setattr(evaluate_tiny, "GRID_R", (0.5,))
+    assert evaluate_tiny.main(["--n", "4"]) == 0
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["fastv_tiny.png", "pruning_tiny.png"]
+    assert not (tmp_path / "docs").exists()

@@ -77,7 +77,7 @@ class AfterLayer(Pruner):
     def __post_init__(self):
         name = type(self).__name__
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < self.first_layer:
-            why = "layer 0 prunes before the decoder" if self.first_layer == 0 else "it reads layer k-1's attention"
+            why = "layer 0 prunes before the decoder" if self.first_layer == 0 else "it prunes after layer k-1"
             raise ValueError(f"{name} k must be an integer >= {self.first_layer} ({why}), got {self.k!r}")
         check_ratio(self, self.ratio)
 
