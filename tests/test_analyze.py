@@ -70,3 +70,17 @@ def test_line_plot_draws_one_line_per_series_and_keeps_the_legend_off_them(tmp_p
     assert x_ticks(0, 3, integer=True) == [0.0, 1.0, 2.0, 3.0]                    # layers: whole numbers only
     assert x_ticks(0, 31, integer=True) == [0.0, 4.0, 8.0, 12.0, 16.0, 20.0, 24.0, 28.0]
     assert x_ticks(0.0, 1.0, integer=False) == [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def test_the_readme_shows_the_methods_as_they_stand_in_the_code():
+    """The Architecture section's code is the code: each block appears verbatim in minifastv/pruning."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("## Architecture"):readme.index("\n## ", readme.index("## Architecture") + 5)]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    sources = "\n".join(p.read_text() for p in (root / "minifastv" / "pruning").glob("*.py"))
+    assert len(blocks) == 3 and all(block.strip() in sources for block in blocks)
+    assert all(len(block.strip().splitlines()) <= 40 for block in blocks)
