@@ -286,3 +286,16 @@ def test_evaluate_tiny_writes_its_pictures_to_results_unless_told(tmp_path, monk
     assert evaluate_tiny.main(["--n", "4"]) == 0
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["fastv_tiny.png", "pruning_tiny.png"]
     assert not (tmp_path / "docs").exists()
+
+
+def test_numpy_is_declared_so_torch_does_not_warn_on_every_run():
+    """torch prints "Failed to initialize NumPy" at each run without numpy (einops registers its torch ops,
+    which imports that path): the package declares it, and a run prints no warning."""
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(d.startswith("numpy") for d in deps)
+    result = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", "import minifastv, einops, torch; "
+                             "einops.rearrange(torch.zeros(2, 3), 'a b -> b a')"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0 and "NumPy" not in result.stderr, result.stderr
