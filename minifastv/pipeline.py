@@ -77,7 +77,7 @@ class Pipeline:
                      temperature: float = 0.0, top_p: float = 1.0,
                      generator: torch.Generator | None = None) -> list[Answer]:
         """Answers to (images, question) pairs run as one left-padded batch; each with the model's report of
-        its own sample (kept image tokens, FLOPs); the times are the batch's."""
+        its own sample (kept image tokens, FLOPs); the times (prefill, decode) are the batch's."""
         names = [str(im) for images, _ in requests for im in images]
         loaded = [([im if isinstance(im, Image.Image) else load_image(im) for im in images], q)
                   for images, q in requests]
@@ -85,8 +85,10 @@ class Pipeline:
         eos = self.model.config.text.eos_token_id
         run = stream(self.model, **batch.model_inputs(), max_new_tokens=max_new_tokens, prune=prune,
                      temperature=temperature, top_p=top_p, eos_token_id=eos, generator=generator)
-        start = time.perf_counter()
-        steps = [tokens for tokens, _ in run]
+        start, steps, first = time.perf_counter(), [], None
+        for tokens, _ in run:
+            steps.append(tokens)
+            first = first or time.perf_counter()  # the prefill produced the first tokens
         end, pre = time.perf_counter(), run.prefill
         rows = torch.stack(steps, dim=1).tolist()
         answers = []
@@ -95,7 +97,7 @@ class Pipeline:
             padding = pre.valid.shape[1] - pre.n_prompt_tokens()[i]   # slots count from the sample's own start
             answers.append(Answer(self.tokenizer.decode(ids), ids, pre.n_prompt_tokens()[i], pre.n_image_tokens()[i],
                                   [s - padding for s in pre.kept_image_slots()[i]], pre.flops[i], pre.flops_unpruned[i],
-                                  end - start, 0.0, len(steps) - 1, ended=eos in row))
+                                  first - start, end - first, len(steps) - 1, ended=eos in row))
         return answers
 
     def collect(self, run, on_text=None) -> Answer:

@@ -299,3 +299,12 @@ def test_numpy_is_declared_so_torch_does_not_warn_on_every_run():
                              "einops.rearrange(torch.zeros(2, 3), 'a b -> b a')"], capture_output=True, text=True,
                             cwd=ROOT, timeout=120)
     assert result.returncode == 0 and "NumPy" not in result.stderr, result.stderr
+
+
+def test_batch_answers_report_the_batchs_prefill_and_decode_times(model_dir):
+    from minifastv.pipeline import Pipeline
+
+    pipe = Pipeline.load(model_dir)
+    answers = pipe.answer_batch([([SAMPLES / SAMPLE["image"]], SAMPLE["question"])] * 2, max_new_tokens=3)
+    assert all(a.prefill_s > 0 and a.decode_s >= 0 and a.decode_steps == 2 for a in answers)
+    assert answers[0].prefill_s == answers[1].prefill_s
