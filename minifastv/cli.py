@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 from .config import QUANT_METHODS
 from .data import SAMPLES
 from .options import (add_convert_arguments, add_output_arguments, describe, model_arguments, pruner_from_args,
-                      quant_from_args, sampling_arguments)
+                      quant_from_args, sampling_arguments, sampling_from_args)
 
 
 def load_pipeline(args):
@@ -38,10 +38,9 @@ def load_pipeline(args):
 
 
 def report(r) -> dict:
-    return {"text": r.text, "token_ids": r.token_ids, "n_prompt_tokens": r.n_prompt_tokens,
-            "n_image_tokens": r.n_image_tokens, "kept_image_tokens": r.kept, "kept_image_slots": r.kept_image_slots,
-            "flops": r.flops, "flops_unpruned": r.flops_unpruned, "prefill_s": r.prefill_s, "decode_s": r.decode_s,
-            "decode_steps": r.decode_steps}
+    """An Answer as JSON: its fields (but `ended`) and the kept image token count."""
+    fields = {key: value for key, value in dataclasses.asdict(r).items() if key != "ended"}
+    return {**fields, "kept_image_tokens": r.kept}
 
 
 def read_batch_file(path) -> list:
@@ -66,7 +65,7 @@ def read_batch_file(path) -> list:
     return out
 
 
-def cmd_batch(args, pipe, method, generator):
+def cmd_batch(args, pipe, method, sampling):
     """--batch FILE.jsonl: one JSON line per input line, in input order; a bad line is an error line."""
     from .image import load_image
 
@@ -83,8 +82,7 @@ def cmd_batch(args, pipe, method, generator):
             results[number] = {"line": number, "error": str(e)}
     for start in range(0, len(good), args.batch_size):
         chunk = good[start:start + args.batch_size]
-        answers = pipe.answer_batch([item for _, item in chunk], prune=method, max_new_tokens=args.max_new_tokens,
-                                    temperature=args.temperature, top_p=args.top_p, generator=generator)
+        answers = pipe.answer_batch([item for _, item in chunk], prune=method, **sampling)
         results.update({number: {"line": number, **report(a)} for (number, _), a in zip(chunk, answers)})
     for number in sorted(results):
         print(json.dumps(results[number]))
@@ -102,12 +100,11 @@ def cmd_generate(args):
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     pipe = load_pipeline(args)
-    generator = None if args.seed is None else torch.Generator(pipe.model.device).manual_seed(args.seed)
+    sampling = sampling_from_args(args, pipe.model.device)
     if args.batch is not None:
-        return cmd_batch(args, pipe, method, generator)
+        return cmd_batch(args, pipe, method, sampling)
     stream_text = None if args.json else (lambda t: print(t, end="", flush=True))
-    r = pipe.answer(args.image, args.prompt, prune=method, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, top_p=args.top_p, generator=generator, on_text=stream_text)
+    r = pipe.answer(args.image, args.prompt, prune=method, on_text=stream_text, **sampling)
     if args.json:
         print(json.dumps(report(r)))
         return
@@ -121,9 +118,7 @@ def cmd_chat(args):
 
     method = pruner_from_args(args)
     pipe = load_pipeline(args)
-    generator = None if args.seed is None else torch.Generator(pipe.model.device).manual_seed(args.seed)
-    chat = Chat(pipe, args.image, prune=method, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                top_p=args.top_p, generator=generator)
+    chat = Chat(pipe, args.image, prune=method, **sampling_from_args(args, pipe.model.device))
     print("a question per line; /reset starts over; end of input (Ctrl-D) ends", file=sys.stderr)
     for line in sys.stdin:
         question = line.strip()

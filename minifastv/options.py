@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from .config import INT4_GROUP_SIZES, QUANT_METHODS
 from .data import TINY_MODEL
 from .machine import DTYPES, physical_cores
@@ -75,6 +77,13 @@ def sampling_arguments(p, max_new_tokens: int):
     p.add_argument("--top-p", type=float, default=1.0,
                    help="sample from the smallest set of tokens holding this much probability (default: %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling: the same seed, the same answer")
+
+
+def sampling_from_args(args, device) -> dict:
+    """The sampling keyword arguments of Pipeline.answer / answer_batch / Chat from sampling_arguments."""
+    generator = None if args.seed is None else torch.Generator(device).manual_seed(args.seed)
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "generator": generator}
 
 
 def add_convert_arguments(p):

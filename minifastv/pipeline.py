@@ -34,6 +34,16 @@ class Answer:
     decode_steps: int
     ended: bool = True              # False when the token budget ran out before EOS
 
+    @classmethod
+    def of(cls, tokenizer: Tokenizer, pre, i: int, ids: list[int], prefill_s: float, decode_s: float, steps: int,
+           ended: bool) -> Answer:
+        """Sample i of a Stream's run: its generated ids and what the prefill `pre` reports of it, kept image
+        slots counted from the sample's own first slot (a batch left-pads it)."""
+        padding = pre.valid.shape[1] - pre.n_prompt_tokens()[i]
+        return cls(tokenizer.decode(ids), ids, pre.n_prompt_tokens()[i], pre.n_image_tokens()[i],
+                   [s - padding for s in pre.kept_image_slots()[i]], pre.flops[i], pre.flops_unpruned[i],
+                   prefill_s, decode_s, steps, ended)
+
     @property
     def kept(self) -> int:
         return len(self.kept_image_slots)
@@ -58,9 +68,16 @@ class Pipeline:
 
     def inputs(self, images: Sequence[str | Path | Image.Image], question: str) -> Batch:
         """The single-turn prompt and the preprocessed images of one question (image files are read here)."""
-        names = [str(im) if not isinstance(im, Image.Image) else f"image {i}" for i, im in enumerate(images)]
-        images = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
-        return questions(self.tokenizer, self.model.config, [(images, question)], names)
+        return self.questions([(images, question)])
+
+    def questions(self, requests) -> Batch:
+        """inputs.questions for (images, question) pairs whose images may be files (read here, and named by
+        their path in error messages) or PIL images."""
+        names = [str(im) if not isinstance(im, Image.Image) else f"image {i}"
+                 for i, im in enumerate(im for images, _ in requests for im in images)]
+        loaded = [([im if isinstance(im, Image.Image) else load_image(im) for im in images], q)
+                  for images, q in requests]
+        return questions(self.tokenizer, self.model.config, loaded, names)
 
     def answer(self, images, question: str, *, prune: Pruner | None = None, max_new_tokens: int = 64,
                temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
@@ -78,10 +95,7 @@ class Pipeline:
                      generator: torch.Generator | None = None) -> list[Answer]:
         """Answers to (images, question) pairs run as one left-padded batch; each with the model's report of
         its own sample (kept image tokens, FLOPs); the times (prefill, decode) are the batch's."""
-        names = [str(im) for images, _ in requests for im in images]
-        loaded = [([im if isinstance(im, Image.Image) else load_image(im) for im in images], q)
-                  for images, q in requests]
-        batch = questions(self.tokenizer, self.model.config, loaded, names)
+        batch = self.questions(requests)
         eos = self.model.config.text.eos_token_id
         run = stream(self.model, **batch.model_inputs(), max_new_tokens=max_new_tokens, prune=prune,
                      temperature=temperature, top_p=top_p, eos_token_id=eos, generator=generator)
@@ -91,14 +105,8 @@ class Pipeline:
             first = first or time.perf_counter()  # the prefill produced the first tokens
         end, pre = time.perf_counter(), run.prefill
         rows = torch.stack(steps, dim=1).tolist()
-        answers = []
-        for i, row in enumerate(rows):
-            ids = row[:row.index(eos)] if eos in row else row
-            padding = pre.valid.shape[1] - pre.n_prompt_tokens()[i]   # slots count from the sample's own start
-            answers.append(Answer(self.tokenizer.decode(ids), ids, pre.n_prompt_tokens()[i], pre.n_image_tokens()[i],
-                                  [s - padding for s in pre.kept_image_slots()[i]], pre.flops[i], pre.flops_unpruned[i],
-                                  first - start, end - first, len(steps) - 1, ended=eos in row))
-        return answers
+        return [Answer.of(self.tokenizer, pre, i, row[:row.index(eos)] if eos in row else row, first - start,
+                          end - first, len(steps) - 1, eos in row) for i, row in enumerate(rows)]
 
     def collect(self, run, on_text=None) -> Answer:
         """Run a one-sample Stream to its end (EOS or the token budget) into an Answer."""
@@ -115,10 +123,8 @@ class Pipeline:
             piece = text.push(out[-1])
             if on_text is not None and piece:
                 on_text(piece)
-        end, pre = time.perf_counter(), run.prefill
-        return Answer(self.tokenizer.decode(out), out, pre.n_prompt_tokens()[0], pre.n_image_tokens()[0],
-                      pre.kept_image_slots()[0], pre.flops[0], pre.flops_unpruned[0], first - start, end - first,
-                      steps, ended=steps + 1 > len(out))
+        end = time.perf_counter()
+        return Answer.of(self.tokenizer, run.prefill, 0, out, first - start, end - first, steps, steps + 1 > len(out))
 
 
 class Chat:

@@ -20,7 +20,9 @@ METHODS: dict[str, type[Pruner]] = {"fastv": FastV, "random": RandomDrop, "unifo
 
 
 def settings(name: str, k: int | None, seed: int | None) -> dict:
-    """k and seed for the methods that have them; an error for the others."""
+    """k and seed for the methods that have them; an error for the others (and for an unknown name)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown pruning method {name!r}; choose from {', '.join(METHODS)}")
     fields = {f.name for f in dataclasses.fields(METHODS[name])}
     out = {}
     for key, value in (("k", k), ("seed", seed)):
@@ -34,17 +36,15 @@ def settings(name: str, k: int | None, seed: int | None) -> dict:
 def at_budget(name: str, kept: float, k: int | None = None, seed: int | None = None) -> Pruner:
     """The method called `name` leaving the fraction `kept` of the image tokens after its last stage (for
     comparisons at equal budgets; PyramidDrop prunes three times to get there)."""
-    if name not in METHODS:
-        raise ValueError(f"unknown pruning method {name!r}; choose from {', '.join(METHODS)}")
-    return METHODS[name].keeping(kept, **settings(name, k, seed))
+    extra = settings(name, k, seed)
+    return METHODS[name].keeping(kept, **extra)
 
 
 def make(name: str, ratio: float, k: int | None = None, seed: int | None = None) -> Pruner:
     """The method called `name` (a key of METHODS) dropping the fraction `ratio` of image tokens; `k` (the
     layer it prunes after) and `seed` go to the methods that have them, and are an error for the others."""
-    if name not in METHODS:
-        raise ValueError(f"unknown pruning method {name!r}; choose from {', '.join(METHODS)}")
-    return METHODS[name](ratio=ratio, **settings(name, k, seed))
+    extra = settings(name, k, seed)
+    return METHODS[name](ratio=ratio, **extra)
 
 
 __all__ = ["DART", "METHODS", "active_stages", "AfterLayer", "at_budget", "BeforeDecoder", "decoder_flops",
