@@ -200,3 +200,22 @@ def write_samples(directory, n: int = 4, size: int = 64) -> None:
         ex.image(size).save(directory / f"heldout_{i}.png")
         entries.append({"image": f"heldout_{i}.png", "question": ex.question, "answer": ex.answer})
     (directory / "questions.json").write_text(json.dumps(entries, indent=2) + "\n")
+
+
+def write_task_data(path, n: int = 400, size: int = 64) -> None:
+    """The first n held-out examples as JSON lines for the lmms-eval task minifastv_shapes: id, kind, question,
+    answer and the image as base64 PNG (lossless: the model sees the pixels evaluate() draws):
+    python -c "from shapes import write_task_data; write_task_data('minifastv/eval/tasks/minifastv_shapes/heldout.jsonl')"."""
+    import base64
+    import io
+    import json
+    from pathlib import Path
+
+    lines = []
+    for i in range(n):
+        ex = example("heldout", i)
+        png = io.BytesIO()
+        ex.image(size).save(png, format="PNG")
+        lines.append(json.dumps({"id": i, "kind": ex.kind, "question": ex.question, "answer": ex.answer,
+                                 "image": base64.b64encode(png.getvalue()).decode()}))
+    Path(path).write_text("\n".join(lines) + "\n")
