@@ -28,11 +28,12 @@ def randomize(model: torch.nn.Module, seed: int, scale: float = 0.2):
     return model
 
 
-def hf_llava(*, n_kv_heads=4, rms_eps=1e-5, rope_theta=10000.0, seed=0, feature_layer=-2, text_layers=3):
+def hf_llava(*, n_kv_heads=4, rms_eps=1e-5, rope_theta=10000.0, seed=0, feature_layer=-2, text_layers=3, text_dim=64,
+             text_intermediate=96):
     """A small random transformers LlavaForConditionalGeneration in fp32 with eager attention."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    text = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=text_layers,
+    text = LlamaConfig(vocab_size=VOCAB, hidden_size=text_dim, intermediate_size=text_intermediate, num_hidden_layers=text_layers,
                        num_attention_heads=4, num_key_value_heads=n_kv_heads, rms_norm_eps=rms_eps,
                        max_position_embeddings=512, pad_token_id=0,
                        rope_parameters={"rope_type": "default", "rope_theta": rope_theta})

@@ -84,12 +84,20 @@ def test_later_turns_through_the_cache_equal_a_fresh_prefill(pipe, budget, monke
 
 
 def test_reset_starts_over(pipe):
-    chat = Chat(pipe, IMAGE, max_new_tokens=2)
-    one = chat.ask("what colour is the circle?")
+    """After /reset the next answer is a fresh chat's first: the same tokens, the image encoded and pruned
+    again, the prompt as long as a first turn's (no history) and the positions counted from the start."""
+    prune = FastV(2, 0.75)
+    fresh = Chat(pipe, IMAGE, prune=prune, max_new_tokens=2)
+    first = fresh.ask("what colour is the circle?")
+    chat = Chat(pipe, IMAGE, prune=prune, max_new_tokens=2)
     chat.ask("how many shapes are there?")
+    chat.ask("which shape is in row one column one?")
     chat.reset()
+    assert chat.cache is None and chat.position is None and chat.pending == []
     again = chat.ask("what colour is the circle?")
-    assert again.token_ids == one.token_ids and again.n_image_tokens == 64
+    assert again.token_ids == first.token_ids and again.kept_image_slots == first.kept_image_slots
+    assert (again.n_prompt_tokens, again.n_image_tokens, again.kept) == (first.n_prompt_tokens, 64, 16)
+    assert torch.equal(chat.position, fresh.position) and chat.cache.lengths() == fresh.cache.lengths()
 
 
 def test_chat_command_reads_questions_until_end_of_input(tmp_path):
@@ -97,11 +105,20 @@ def test_chat_command_reads_questions_until_end_of_input(tmp_path):
 
     tok = train_tiny.build_tokenizer()
     minifastv.save(train_tiny.build_model(tok, seed=4), tok, tmp_path / "m")
-    lines = "what colour is the circle?\n\nzebra?\n/reset\nhow many shapes are there?\n"
+    lines = "what colour is the circle?\n\nzebra?\nhow many shapes are there?\n/reset\nwhat colour is the circle?\n"
     result = subprocess.run([sys.executable, "-m", "minifastv", "chat", "--model", str(tmp_path / "m"), "--image",
-                             str(IMAGE), "--max-new-tokens", "2"], input=lines, capture_output=True, text=True,
+                             str(IMAGE), "--max-new-tokens", "2", "--prune", "fastv"], input=lines, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("\n") == 2                   # two answers; the unknown word was an error line
+    assert result.stdout.count("\n") == 3                   # three answers; the unknown word was an error line
+    answers = result.stdout.splitlines()
+    fresh = subprocess.run([sys.executable, "-m", "minifastv", "chat", "--model", str(tmp_path / "m"), "--image",
+                            str(IMAGE), "--max-new-tokens", "2", "--prune", "fastv"],
+                           input="what colour is the circle?\n",
+                           capture_output=True, text=True, timeout=120)
+    assert answers[2] == answers[0] == fresh.stdout.strip()  # after /reset: the first turn's answer again
+    # the turn after /reset encodes and prunes the image again: kept tokens and FLOPs are a first turn's
+    heads = [line.split(", prefill ")[0] for line in result.stderr.splitlines() if line.startswith("image tokens")]
+    assert heads[2] == heads[0] and "kept 32/64" in heads[0] and heads[1] != heads[0]
     assert "does not know 'zebra'" in result.stderr and "starts over" in result.stderr
     assert "Traceback" not in result.stderr

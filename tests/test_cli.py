@@ -127,14 +127,48 @@ def test_pruning_flag_mistakes_are_one_line_errors(model_dir, capsys, options, m
 
 
 def test_bench_measures_the_method_asked_for(capsys):
-    """bench on the shipped tiny model: the pruning flags reach its table, whose kept counts are the model's."""
-    from minifastv.cli import main
+    """bench on the shipped tiny model: the pruning flags reach its table, whose kept counts and theoretical
+    FLOPs are the model's report of the setting asked for, and whose label is the setting that ran."""
+    import torch
 
-    assert main(["bench", "--repeats", "1", "--decode-tokens", "2", "--no-hf", "--prune", "random",
+    from minifastv import RandomDrop, load
+    from minifastv.bench.fastv import prompt
+    from minifastv.cli import main
+    from minifastv.data import TINY_MODEL
+
+    assert main(["bench", "--repeats", "2", "--decode-tokens", "3", "--no-hf", "--prune", "random",
                  "--prune-k", "1"]) == 0
     out = capsys.readouterr().out
-    assert "RandomDrop(k=1, ratio=R, seed=0)" in out
-    assert "| 0.5 | 32 |" in out and "| 0.75 | 16 |" in out
+    assert "RandomDrop(k=1, ratio=R, seed=0)" in out and "3 new tokens, median of 2" in out
+    model = load(TINY_MODEL)
+    with torch.inference_mode():
+        for ratio, kept in ((0.5, 32), (0.75, 16)):
+            pre = model.prefill(*prompt(model.config), prune=RandomDrop(1, ratio))
+            assert f"| {ratio} | {kept} | {pre.flops[0] / pre.flops_unpruned[0]:.1%} |" in out
+    assert "prefill = vision tower + decoder, median of 2" in out
+
+
+def test_bench_against_transformers_on_the_shipped_model(capsys):
+    """The comparison runs on the tiny model, whose random prompt may use any id: transformers' placeholder
+    is one it does not use. One new token: no decode rate, no error."""
+    from minifastv.cli import main
+
+    assert main(["bench", "--repeats", "1", "--decode-tokens", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "greedy tokens identical over 8 steps: True" in out and "1 new token," in out
+    assert "| minifastv speedup |" in out
+
+
+@pytest.mark.parametrize("flags,message", [(["--repeats", "0"], "--repeats must be at least 1, got 0"),
+                                           (["--decode-tokens", "0"], "--decode-tokens must be at least 1"),
+                                           (["--threads", "0"], "--threads must be at least 1"),
+                                           (["--layers", "2"], "--layers sets the depth of --model 7b")])
+def test_bench_refuses_settings_it_cannot_use(capsys, flags, message):
+    from minifastv.cli import main
+
+    assert main(["bench", "--no-hf", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 def test_analyze_prints_the_kept_patches_and_draws_every_method(model_dir, tmp_path):
@@ -308,3 +342,27 @@ def test_batch_answers_report_the_batchs_prefill_and_decode_times(model_dir):
     answers = pipe.answer_batch([([SAMPLES / SAMPLE["image"]], SAMPLE["question"])] * 2, max_new_tokens=3)
     assert all(a.prefill_s > 0 and a.decode_s >= 0 and a.decode_steps == 2 for a in answers)
     assert answers[0].prefill_s == answers[1].prefill_s
+
+
+@pytest.mark.parametrize("budget", [6, 1], ids=["ends-at-eos", "budget-runs-out"])
+def test_token_ids_follow_one_eos_convention(capsys, tmp_path, budget):
+    """generate --json, generate --batch, Pipeline.answer and Pipeline.answer_batch give the same ids for the
+    same question: the generated tokens without the EOS that ended them, and the text they decode to."""
+    from minifastv.cli import main
+    from minifastv.data import TINY_MODEL
+    from minifastv.pipeline import Pipeline
+
+    image, question = SAMPLES / SAMPLE["image"], SAMPLE["question"]
+    options = ["--max-new-tokens", str(budget), "--dtype", "float32"]
+    assert main(["generate", "--image", str(image), "--prompt", question, "--json", *options]) == 0
+    single = json.loads(capsys.readouterr().out)
+    (tmp_path / "b.jsonl").write_text(json.dumps({"image": str(image), "prompt": question}) + "\n")
+    assert main(["generate", "--batch", str(tmp_path / "b.jsonl"), *options]) == 0
+    batched = json.loads(capsys.readouterr().out)
+    pipe = Pipeline.load(TINY_MODEL, dtype="float32")
+    alone = pipe.answer([image], question, max_new_tokens=budget)
+    together = pipe.answer_batch([([image], question)], max_new_tokens=budget)[0]
+    eos = pipe.model.config.text.eos_token_id
+    assert single["token_ids"] == batched["token_ids"] == alone.token_ids == together.token_ids
+    assert single["text"] == batched["text"] == alone.text == together.text == SAMPLE["answer"]
+    assert eos not in single["token_ids"] and len(single["token_ids"]) == 1

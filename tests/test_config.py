@@ -31,9 +31,31 @@ def test_llava_presets_have_the_published_shapes():
     (lambda: VisionConfig(feature_layer=-30), r"feature_layer -30 is outside \[-25, 24\]"),
     (lambda: LlavaConfig(projector_type="mlp3x"), "projector_type 'mlp3x' is not one of"),
     (lambda: LlavaConfig(image_token_id=2), "image_token_id 2 collides with a special token id"),
+    (lambda: TextConfig(vocab_size=100, bos_token_id=100), r"bos_token_id 100 is outside the vocabulary \[0, 100\)"),
+    (lambda: TextConfig(vocab_size=100, eos_token_id=100), r"eos_token_id 100 is outside the vocabulary \[0, 100\)"),
+    (lambda: TextConfig(vocab_size=100, pad_token_id=100), r"pad_token_id 100 is outside the vocabulary \[0, 100\)"),
+    (lambda: TextConfig(vocab_size=100, eos_token_id=-1), r"eos_token_id -1 is outside the vocabulary"),
     (lambda: LlavaConfig.from_dict({"vision": {"layers": 3}}), r"vision: unknown field\(s\) \['layers'\]"),
     (lambda: LlavaConfig.from_dict({"text": [1, 2]}), "text: expected an object, got list"),
 ])
 def test_bad_configs(build, message):
     with pytest.raises(ConfigError, match=message):
         build()
+
+
+def test_the_image_id_need_not_be_a_vocabulary_entry():
+    """Unlike bos/eos/pad, the image placeholder is never looked up: the original LLaVA marks images with -200,
+    llava-hf with 32000 inside its padded 32064-row table. The vocabulary size itself works as well as -200."""
+    import torch
+
+    from minifastv import load
+    from minifastv.data import TINY_MODEL
+
+    model = load(TINY_MODEL, dtype="float32")
+    vocab = model.config.text.vocab_size
+    ids = torch.tensor([[1, 5, 6, model.config.image_token_id, 7, 8]])
+    pixels = torch.zeros(1, 3, 64, 64)
+    expected = model(ids, pixels)
+    for image_id in (vocab, -200):
+        model.config = LlavaConfig(vision=model.config.vision, text=model.config.text, image_token_id=image_id)
+        torch.testing.assert_close(model(ids.masked_fill(ids == 3, image_id), pixels), expected, rtol=0, atol=0)

@@ -143,3 +143,14 @@ def test_a_padding_query_sees_its_own_slot_only():
     assert mask[1, 2].tolist() == [True, True, True, False]
     assert attention_mask(valid[1:], 1) is None and attention_mask(valid[:1], 1)[0, 0, 0].tolist() == [False, False,
                                                                                                       True, True]
+
+
+def test_a_prompt_that_fills_the_context_exactly_runs(model):
+    """The context holds prompt + max_new_tokens slots: exactly full runs every step, one more is refused."""
+    ids = torch.tensor([random_prompt(torch.Generator().manual_seed(6), 6, [2])])
+    _, length = model.merged_slots(ids)
+    room = model.config.text.max_seq_len - length
+    out = generate(model, ids, random_pixels(1), max_new_tokens=room)
+    assert out.shape[1] == room  # no EOS given: every step runs
+    with pytest.raises(ValueError, match="exceeds the context"):
+        generate(model, ids, random_pixels(1), max_new_tokens=room + 1)

@@ -44,8 +44,12 @@ def test_pad_matches_llava(w, h, size):
     assert (got - ref).abs().max() <= 1e-6
 
 
-@pytest.mark.parametrize("w, h", [(300, 171), (171, 300), (400, 400), (337, 1000)], ids=["wide", "tall", "square", "odd"])
+@pytest.mark.parametrize("w, h", [(300, 171), (171, 300), (400, 400), (337, 1000), (200, 301), (301, 200), (50, 1001),
+                                  (1001, 50)],
+                         ids=["wide", "tall", "square", "odd", "tall-rounds-up", "wide-rounds-up", "thin-20x", "flat-20x"])
 def test_crop_matches_clip_processor(w, h):
+    """Where the long side's 336 * long / short has a fraction of .5 or more (505.68, 6726.72), rounding and
+    truncation give different sizes: the processor truncates."""
     img = random_image(w, h, seed=w + h)
     ref = clip_processor(336)(images=img, return_tensors="pt")["pixel_values"][0]
     got = preprocess(img, 336, mode="crop")

@@ -56,6 +56,13 @@ def test_chat_prompt_is_vicuna_v1():
                                  "Q? ASSISTANT:")
 
 
+def test_later_turn_is_vicuna_v1(tok):
+    """LLaVA's vicuna_v1 template (roles USER and ASSISTANT, sep " ", sep2 "</s>") writes a later turn, after
+    the previous answer's </s>, as "USER: q ASSISTANT:"."""
+    roles, sep = ("USER", "ASSISTANT"), " "
+    assert tok.encode_turn("Is it red?") == tok.encode_text(f"{roles[0]}: Is it red?{sep}{roles[1]}:")
+
+
 def test_decode_skips_special_and_image_ids(tok):
     ids = tok.encode_prompt("USER: <image>\nwhat colour") + [2]
     # Two spaces: "USER: " ends in one, and the chunk after the image starts with its own.

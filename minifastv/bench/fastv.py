@@ -90,17 +90,23 @@ def model_flops(config: LlavaConfig, layer_tokens: list[int]) -> float:
     return vision + sum(layer(m) for m in layer_tokens) + 2 * t.dim * t.vocab_size
 
 
-def timed(generate_fn, repeats: int) -> tuple[float, float]:
-    """Median prefill seconds (until the first token) and median decode tokens/s (the tokens after it) over
-    `repeats` runs after a warm-up. generate_fn(on_token) must call on_token() as each token appears."""
+def timed(generate_fn, repeats: int) -> tuple[float, float | None, int]:
+    """Median prefill seconds (until the first token), median decode tokens/s (the tokens after it; None
+    when only one token was generated) over `repeats` runs after a warm-up, and the tokens a run generated.
+    generate_fn(on_token) must call on_token() as each token appears."""
     prefills, rates = [], []
     for i in range(repeats + 1):
         stamps = [time.perf_counter()]
         generate_fn(lambda: stamps.append(time.perf_counter()))
         if i:  # run 0 is the warm-up
             prefills.append(stamps[1] - stamps[0])
-            rates.append((len(stamps) - 2) / (stamps[-1] - stamps[1]))
-    return statistics.median(prefills), statistics.median(rates)
+            if len(stamps) > 2:
+                rates.append((len(stamps) - 2) / (stamps[-1] - stamps[1]))
+    return statistics.median(prefills), statistics.median(rates) if rates else None, len(stamps) - 1
+
+
+def rate(tokens_per_s: float | None) -> str:
+    return "-" if tokens_per_s is None else f"{tokens_per_s:.1f}"
 
 
 def minifastv_generate(model, ids, pixels, n: int, prune=None):
@@ -115,10 +121,10 @@ def bench_fastv(model, ids, pixels, repeats: int, decode_tokens: int, method=mak
                 k: int | None = None):
     """Prefill and decode speed of pruning method `name` at R in 0 / 0.25 / 0.5 / 0.75 (make(name, R, k))."""
     cfg = model.config
-    rows = []
+    rows, prunes = [], {}
     for ratio in (0.0, 0.25, 0.5, 0.75):
-        prune = None if ratio == 0 else method(name, ratio, k)
-        t_prefill, decode = timed(minifastv_generate(model, ids, pixels, decode_tokens, prune), repeats)
+        prune = prunes[ratio] = None if ratio == 0 else method(name, ratio, k)
+        t_prefill, decode, generated = timed(minifastv_generate(model, ids, pixels, decode_tokens, prune), repeats)
         with torch.inference_mode():
             cache = KVCache(cfg.text.n_layers, extra=decode_tokens)
             pre = model.prefill(ids, pixels, prune=prune, cache=cache, last_only=True)
@@ -126,8 +132,8 @@ def bench_fastv(model, ids, pixels, repeats: int, decode_tokens: int, method=mak
                          prefill=t_prefill, decode=decode, cache=cache.nbytes(),
                          flops=model_flops(cfg, pre.layer_tokens[0].tolist())))
     base, n, n_image = rows[0], pre.n_prompt_tokens()[0], pre.n_image_tokens()[0]
-    label = repr(method(name, 0.5, k)).replace("ratio=0.5", "ratio=R")
-    print(f"\n{label}, prompt of {n} tokens ({n_image} image tokens), decode {decode_tokens} tokens")
+    label = repr(prunes[0.5]).replace("ratio=0.5", "ratio=R")  # the settings that ran
+    print(f"\n{label}, prompt of {n} tokens ({n_image} image tokens), {generated} new token{'' if generated == 1 else 's'}, median of {repeats}")
     print("theoretical: the paper's decoder-only formula; model FLOPs: every matmul, vision tower included")
     print("| R | image tokens kept | theoretical FLOPs | model FLOPs | prefill ms | measured speedup | "
           "theoretical speedup | measured/theoretical | measured/model-FLOPs speedup | decode tok/s | "
@@ -137,7 +143,7 @@ def bench_fastv(model, ids, pixels, repeats: int, decode_tokens: int, method=mak
         speedup, ideal, model_ideal = base["prefill"] / r["prefill"], 1 / r["theory"], base["flops"] / r["flops"]
         print(f"| {r['ratio']} | {r['kept']} | {r['theory']:.1%} | {r['flops'] / base['flops']:.1%} | "
               f"{r['prefill'] * 1e3:.1f} | {speedup:.2f}x | {ideal:.2f}x | {speedup / ideal:.2f} | "
-              f"{speedup / model_ideal:.2f} | {r['decode']:.1f} | {r['cache'] / 2**20:.1f} |")
+              f"{speedup / model_ideal:.2f} | {rate(r['decode'])} | {r['cache'] / 2**20:.1f} |")
     return rows
 
 
@@ -202,6 +208,12 @@ def main(argv=None) -> int:
                                                                            "(default: %(default)s)")
     p.add_argument("--prune-k", type=int, default=None, help="its layer, where it has one (default: its own, 2)")
     args = p.parse_args(argv)
+    for flag, value in (("--repeats", args.repeats), ("--decode-tokens", args.decode_tokens),
+                        ("--threads", args.threads), ("--layers", args.layers)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    if args.layers is not None and args.model != "7b":
+        raise ValueError("--layers sets the depth of --model 7b; a checkpoint has its own")
     torch.set_num_threads(args.threads)
     if args.model == "7b":
         base = LlavaConfig.from_name("llava-1.5-7b")

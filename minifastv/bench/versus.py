@@ -9,13 +9,14 @@ import torch
 from ..convert import map_key
 from ..generate import generate
 from ..llava import LlavaModel
-from .fastv import minifastv_generate, timed
+from .fastv import minifastv_generate, rate, timed
 
 
-def to_transformers(model: LlavaModel):
-    """transformers' LlavaForConditionalGeneration over the SAME tensors (no copy). Tensors minifastv does
-    not hold (the tower's last block and post-LayerNorm, which transformers computes but LLaVA ignores) get
-    random values."""
+def to_transformers(model: LlavaModel, image_token: int):
+    """transformers' LlavaForConditionalGeneration over the SAME tensors (no copy), with `image_token` as its
+    image placeholder (transformers embeds the placeholder, so it must be a vocabulary id; one the prompt does
+    not use). Tensors minifastv does not hold (the tower's last block and post-LayerNorm, which transformers
+    computes but LLaVA ignores) get random values."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig as HFLlavaConfig, LlavaForConditionalGeneration
 
     c = model.config
@@ -28,7 +29,6 @@ def to_transformers(model: LlavaModel):
                               num_hidden_layers=c.vision.n_layers, num_attention_heads=c.vision.n_heads,
                               image_size=c.vision.image_size, patch_size=c.vision.patch_size,
                               layer_norm_eps=c.vision.norm_eps)
-    image_token = c.text.vocab_size - 1  # transformers embeds the placeholder, so it must be a vocabulary id
     cfg = HFLlavaConfig(text_config=text, vision_config=vision, image_token_index=image_token,
                         vision_feature_layer=c.vision.feature_layer, image_seq_length=c.vision.n_patches)
     with torch.device("meta"):
@@ -50,11 +50,12 @@ def to_transformers(model: LlavaModel):
     leftover = [name for name, b in hf.named_buffers() if b.is_meta]
     if leftover:
         raise RuntimeError(f"transformers buffers left unset: {leftover}")
-    return hf.eval(), image_token
+    return hf.eval()
 
 
 def bench_transformers(model, ids, pixels, repeats: int, decode_tokens: int):
-    hf, image_token = to_transformers(model)
+    image_token = max(set(range(model.config.text.vocab_size)) - set(ids[0].tolist()))
+    hf = to_transformers(model, image_token)
     n_image = model.config.vision.n_patches
     expanded = torch.tensor([[x for t in ids[0].tolist()
                               for x in ([image_token] * n_image if t == model.config.image_token_id else [t])]])
@@ -79,16 +80,16 @@ def bench_transformers(model, ids, pixels, repeats: int, decode_tokens: int):
 
     print(f"\nminifastv vs transformers {__import__('transformers').__version__} (sdpa), same tensors, "
           f"{str(model.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads, "
-          f"prompt of {expanded.shape[1]} tokens, {decode_tokens} new tokens")
+          f"prompt of {expanded.shape[1]} tokens, {decode_tokens} new token{'' if decode_tokens == 1 else 's'}")
     print("| | prefill ms | decode tok/s |\n|---|---|---|")
     results = {
         "minifastv": timed(minifastv_generate(model, ids, pixels, decode_tokens), repeats),
         "transformers": timed(lambda on_token: hf_generate(decode_tokens, on_token), repeats),
     }
-    for name, (prefill, decode) in results.items():
-        print(f"| {name} | {prefill * 1e3:.1f} | {decode:.2f} |")
-    (p_ours, d_ours), (p_hf, d_hf) = results["minifastv"], results["transformers"]
-    print(f"| minifastv speedup | {p_hf / p_ours:.2f}x | {d_ours / d_hf:.2f}x |")
+    for name, (prefill, decode, _) in results.items():
+        print(f"| {name} | {prefill * 1e3:.1f} | {rate(decode)} |")
+    (p_ours, d_ours, _), (p_hf, d_hf, _) = results["minifastv"], results["transformers"]
+    print(f"| minifastv speedup | {p_hf / p_ours:.2f}x | {'-' if d_ours is None else f'{d_ours / d_hf:.2f}x'} |")
     ours = generate(model, ids, pixels, max_new_tokens=8)[0].tolist()
     same = ours == hf_generate(8)[0, expanded.shape[1]:].tolist()
     print(f"greedy tokens identical over 8 steps: {same}")
