@@ -376,9 +376,15 @@ def test_bad_pixels_and_ids(tiny):
     with pytest.raises(ValueError, match="pixel_values contains NaN"):
         generate(tiny.model, prompt_ids(tiny), bad, max_new_tokens=1)
     ids = prompt_ids(tiny)
-    ids[0, 2] = 10**6
-    with pytest.raises(ValueError, match=r"token id 1000000 is outside the vocabulary"):
-        generate(tiny.model, ids, pixels(1), max_new_tokens=1)
+    vocab = tiny.model.config.text.vocab_size
+    for bad_id in (10**6, vocab, -1):  # the vocabulary size itself is one past the last id
+        ids = prompt_ids(tiny)
+        ids[0, 2] = bad_id
+        with pytest.raises(ValueError, match=rf"token id {bad_id} is outside the vocabulary \[0, {vocab}\)"):
+            generate(tiny.model, ids, pixels(1), max_new_tokens=1)
+    ids = prompt_ids(tiny)
+    ids[0, 2] = vocab - 1  # the last id is a word
+    generate(tiny.model, ids, pixels(1), max_new_tokens=1)
 
 
 # --- the command line ------------------------------------------------------------------------------------

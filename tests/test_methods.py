@@ -220,3 +220,25 @@ def test_pyramiddrop_follows_the_last_tokens_attention_at_each_stage(pair, ratio
         tokens.append(n_text + len(present))
     assert pre.kept_image_slots()[0] == present
     assert pre.layer_tokens[0].tolist() == tokens
+
+
+@pytest.mark.parametrize("kept", [0.5, 0.25, 0.125, 1 / 27])
+def test_pyramiddrop_keeping_sets_each_stages_lambda_to_the_cube_root(kept):
+    """keeping(kept): three stages, each keeping lambda = kept^(1/3) of the image tokens present, leave `kept`
+    after the last one (on the tiny model's 64 tokens, within the rounding of each stage)."""
+    from minifastv import load
+    from minifastv.data import TINY_MODEL
+    from minifastv.pruning import PyramidDrop
+
+    method = PyramidDrop.keeping(kept)
+    stages = method.stages(32)
+    assert [s.layer for s in stages] == [8, 16, 24]
+    assert all(s.keep == pytest.approx(kept ** (1 / 3), abs=1e-12) for s in stages)
+    model = load(TINY_MODEL, dtype="float32")
+    ids = torch.tensor([[1, 5, 6, model.config.image_token_id, 7, 8]])
+    with torch.no_grad():
+        pre = model.prefill(ids, torch.zeros(1, 3, 64, 64), prune=method)
+    n = 64
+    for _ in range(3):
+        n = round(n * kept ** (1 / 3))
+    assert len(pre.kept_image_slots()[0]) == n and abs(n - 64 * kept) <= 1.5

@@ -369,3 +369,21 @@ def test_the_documented_default_int4_group_size_is_the_one_used(tmp_path):
     for out in ("direct", "q"):
         quant = json.loads((tmp_path / out / "config.json").read_text())["quant"]
         assert quant == {"method": "int4", "group_size": documented}
+
+
+def test_int4_groups_keep_zero_in_their_range():
+    """Each group's grid runs from min(w, 0) to max(w, 0): zero is a grid point (exact zeros stay exact),
+    and groups that lie wholly above or below zero are still covered, each weight within half a step."""
+    torch.manual_seed(0)
+    mixed = torch.randn(32)
+    mixed[::7] = 0.0
+    above, below, small = torch.rand(32) + 1.0, -torch.rand(32) - 1.0, torch.rand(32) * 0.01 + 0.01
+    w = torch.stack([torch.cat([above, below, mixed, small]), torch.cat([mixed, small, above, below])])
+    stored = quantize_weight(w, QuantConfig("int4", 32))                       # 2 x 128, groups of 32
+    q = unpack_int4(stored["weight"]).float().view(2, 4, 32)
+    scale, zero = stored["scale"].float(), stored["zero"].float()
+    back = ((q - zero[..., None]) * scale[..., None]).view(2, 128)
+    assert (w == 0).sum() == 10 and torch.equal(back[w == 0], torch.zeros(10))  # 5 zeros a row, exact
+    lo, hi = -zero * scale, (15 - zero) * scale                                 # each group's grid ends
+    assert (lo <= 0).all() and (hi >= 0).all()
+    assert ((back - w).abs().view(2, 4, 32) <= scale[..., None] * 0.5 + 1e-6).all()

@@ -109,6 +109,20 @@ def test_streamed_text_is_the_full_decode():
     assert " ".join(tok.decode([i]) for i in ids) != tok.decode(ids)  # what decoding token by token gave
 
 
+def test_streamed_text_never_decodes_an_image_placeholder():
+    """An image id among the generated ids (a model may emit it: it is a vocabulary entry in llava-hf) is not
+    text: the stream skips it as decode() does, and the text around it is unchanged."""
+    inner = llama_style_tokenizer()
+    image = inner.token_to_id("hello")  # a vocabulary entry whose text would show if it were decoded
+    tok = Tokenizer(inner, bos_token_id=1, eos_token_id=2, image_token_id=image)
+    words = tok.tok.encode("world wide", add_special_tokens=False).ids
+    ids = words[:1] + [image] + words[1:] + [image]
+    text = tok.text_stream()
+    streamed = [text.push(i) for i in ids]
+    assert streamed[1] == streamed[-1] == ""
+    assert "".join(streamed) == tok.decode(ids) == tok.decode(words) == "world wide"
+
+
 def test_cli_streams_the_full_decode(monkeypatch):
     """The generate command's streamed pieces join to the text it reports, on the same tokenizer."""
     import torch
