@@ -11,7 +11,7 @@ from minifastv.cli import main as cli_main
 
 
 def main(argv=None) -> int:
-    return cli_main(["convert", *(sys.argv[1:] if argv is None else argv)])
+    return cli_main(["convert", *(sys.argv[1:] if argv is None else argv)], convert_prog="python convert_weights.py")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from .generate import generate, stream
 from .image import ImageError, load_image, preprocess
 from .llava import LlavaModel, Prefill
 from .pipeline import Answer, Chat, Pipeline
-from .pruning import (DART, METHODS, DivPrune, FasterVLM, FastV, Pruner, PyramidDrop, RandomDrop, Uniform,
+from .pruning import (DART, METHODS, DivPrune, FasterVLM, FastV, Pool, Pruner, PyramidDrop, RandomDrop, Uniform,
                       theoretical_flops)
 from .tokenizer import Tokenizer, chat_prompt
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from .config import QUANT_METHODS
 from .data import SAMPLES
 from .options import (add_convert_arguments, add_output_arguments, describe, model_arguments, pruner_from_args,
-                      quant_from_args, sampling_arguments, sampling_from_args)
+                      quant_from_args, sampling_arguments, sampling_from_args, shard_bytes)
 
 
 def load_pipeline(args):
@@ -47,18 +47,23 @@ def read_batch_file(path) -> list:
     """(line number, {"image": ..., "prompt": ...}) per non-empty line, or (line number, error message)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: batch file not found")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file; --batch takes JSON lines, one "
+                         '{"image": FILE, "prompt": TEXT} per line') from None
     out = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
-            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or "image" not in item:
                 raise ValueError('expected an object with "prompt" (text) and "image" (a file or a list of files)')
-            images = item.get("image", [])
+            images = item["image"]
             images = [images] if isinstance(images, str) else images
-            if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-                raise ValueError('"image" must be a file name or a list of file names')
+            if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
+                raise ValueError('"image" must be a file name or a non-empty list of file names')
             out.append((number, (images, item["prompt"])))
         except ValueError as e:  # json.JSONDecodeError is a ValueError
             out.append((number, f"{path}:{number}: {e}"))
@@ -70,7 +75,10 @@ def cmd_batch(args, pipe, method, sampling):
     from .image import load_image
 
     results, good = {}, []
-    for number, item in read_batch_file(args.batch):
+    lines = read_batch_file(args.batch)
+    if not lines:
+        raise ValueError(f"{args.batch}: no lines to answer (the file is empty)")
+    for number, item in lines:
         if isinstance(item, str):
             results[number] = {"line": number, "error": item}
             continue
@@ -86,9 +94,10 @@ def cmd_batch(args, pipe, method, sampling):
         results.update({number: {"line": number, **report(a)} for (number, _), a in zip(chunk, answers)})
     for number in sorted(results):
         print(json.dumps(results[number]))
-    if any("error" in r for r in results.values()):
-        print(f"error: {sum('error' in r for r in results.values())} of {len(results)} lines failed (see their "
-              "JSON lines)", file=sys.stderr)
+    failed = sum("error" in r for r in results.values())
+    if failed:
+        print(f"error: {failed} of {len(results)} lines failed (see their JSON lines)", file=sys.stderr)
+        return 1
 
 
 def cmd_generate(args):
@@ -113,15 +122,32 @@ def cmd_generate(args):
 
 
 def cmd_chat(args):
-    """A conversation about one image: a question per line on standard input, /reset to start over."""
+    """A conversation about one image: a question per line on standard input, /reset to start over. On a
+    terminal: a "> " prompt, line editing and history (readline), Ctrl-C stops an answer, Ctrl-C or Ctrl-D at
+    the prompt leaves."""
+    from .image import load_image
     from .pipeline import Chat
 
+    if len(args.image) > 1:
+        raise ValueError(f"chat is about one image, got {len(args.image)} --image options")
     method = pruner_from_args(args)
+    image = load_image(args.image[0])  # a missing or broken file is an error now, not after a question
     pipe = load_pipeline(args)
-    chat = Chat(pipe, args.image, prune=method, **sampling_from_args(args, pipe.model.device))
+    chat = Chat(pipe, image, prune=method, **sampling_from_args(args, pipe.model.device))
+    terminal = sys.stdin.isatty()
+    if terminal:
+        try:
+            import readline  # noqa: F401 - input() gets line editing and history where the module exists
+        except ImportError:
+            pass
     print("a question per line; /reset starts over; end of input (Ctrl-D) ends", file=sys.stderr)
-    for line in sys.stdin:
-        question = line.strip()
+    while True:
+        try:
+            question = input("> " if terminal else "").strip()
+        except (EOFError, KeyboardInterrupt):
+            if terminal:
+                print(file=sys.stderr)
+            return
         if not question:
             continue
         if question == "/reset":
@@ -130,8 +156,13 @@ def cmd_chat(args):
             continue
         try:
             r = chat.ask(question, on_text=lambda t: print(t, end="", flush=True))
+        except KeyboardInterrupt:  # the answer stops; its half-written turn cannot be continued
+            chat.reset()
+            print("\n(answer interrupted; the conversation starts over)", file=sys.stderr)
+            continue
         except ValueError as e:  # a bad question ends neither the conversation nor the program
-            print(f"error: {e}", file=sys.stderr)
+            hint = "; /reset starts a new conversation" if "context" in str(e) else ""
+            print(f"error: {e}{hint}", file=sys.stderr)
             continue
         print()
         print(r.summary(), file=sys.stderr)
@@ -201,17 +232,18 @@ def cmd_convert(args):
 
     convert(args.src, args.out, vision_tower=args.vision_tower, dtype=args.dtype, tokenizer=args.tokenizer,
             force=args.force, quant=quant_from_args(args.quantize, args.group_size),
-            max_shard_bytes=int(args.max_shard_gb * 2**30))
+            max_shard_bytes=shard_bytes(args))
 
 
 def cmd_quantize(args):
     from .checkpoint import quantize_checkpoint
 
     quantize_checkpoint(args.src, args.out, quant_from_args(args.method, args.group_size), overwrite=args.force,
-                        max_shard_bytes=int(args.max_shard_gb * 2**30))
+                        max_shard_bytes=shard_bytes(args))
 
 
-def main(argv=None):
+def main(argv=None, *, convert_prog: str | None = None):
+    """The command line; convert_prog names the convert command in its usage (convert_weights.py's own)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # its own options, --help included, belong to the benchmark
         from .bench import main as bench
@@ -238,7 +270,7 @@ def main(argv=None):
 
     c = sub.add_parser("chat", help="a conversation about one image: questions on standard input")
     model_arguments(c)
-    c.add_argument("--image", required=True, help="image file")
+    c.add_argument("--image", required=True, action="append", help="image file (one)")
     sampling_arguments(c, max_new_tokens=256)
     c.set_defaults(run=cmd_chat)
 
@@ -253,7 +285,8 @@ def main(argv=None):
     a.add_argument("--out-dir", default="analysis", help="where the PNG files go (default: %(default)s)")
     a.set_defaults(run=cmd_analyze)
 
-    c = sub.add_parser("convert", help="convert a LLaVA-1.5 checkpoint (same as convert_weights.py)")
+    c = sub.add_parser("convert", help="convert a LLaVA-1.5 checkpoint (same as convert_weights.py)",
+                       **({"prog": convert_prog} if convert_prog else {}))
     add_convert_arguments(c)
     c.set_defaults(run=cmd_convert)
 
@@ -269,8 +302,7 @@ def main(argv=None):
 
     args = parser.parse_args(argv)
     try:
-        args.run(args)
+        return args.run(args) or 0  # 1: some of the work failed (generate --batch's bad lines)
     except (ValueError, OSError) as e:  # our errors name the file, key or value at fault
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0

@@ -192,7 +192,7 @@ class Llama(nn.Module):
                                    keys=lambda: layer.attn.k_proj(layer.attn_norm(x)),  # noqa: B023
                                    vision_attention=vision_attention)
                 start = time.perf_counter()
-                keep, valid = keep_slots(prune, ctx)
+                keep, valid, x = keep_slots(prune, ctx)  # x: merged, for methods that merge tokens
                 select_s += time.perf_counter() - start
                 x, cos, sin, positions, image_mask = (take(t, keep) for t in (x, cos, sin, positions, image_mask))
                 vision_attention = None if vision_attention is None else take(vision_attention, keep)

@@ -106,6 +106,13 @@ def add_output_arguments(p):
     p.add_argument("--max-shard-gb", type=float, default=2.0, help="output shard size in GB (default: %(default)s)")
 
 
+def shard_bytes(args) -> int:
+    """--max-shard-gb in bytes; a size of 0 or less would write one file per tensor."""
+    if not args.max_shard_gb > 0:
+        raise ValueError(f"--max-shard-gb must be above 0, got {args.max_shard_gb}")
+    return int(args.max_shard_gb * 2**30)
+
+
 def quant_from_args(method, group_size):
     from .config import ConfigError, QuantConfig
 

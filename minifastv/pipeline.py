@@ -3,6 +3,7 @@ report of what the model did (image tokens kept, FLOPs, times)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -94,19 +95,22 @@ class Pipeline:
                      temperature: float = 0.0, top_p: float = 1.0,
                      generator: torch.Generator | None = None) -> list[Answer]:
         """Answers to (images, question) pairs run as one left-padded batch; each with the model's report of
-        its own sample (kept image tokens, FLOPs); the times (prefill, decode) are the batch's."""
+        its own sample (kept image tokens, FLOPs), the batch's prefill time, and its own decode: the steps
+        until its answer was complete (its EOS, or the token budget) and the time they took."""
         batch = self.questions(requests)
         eos = self.model.config.text.eos_token_id
         run = stream(self.model, **batch.model_inputs(), max_new_tokens=max_new_tokens, prune=prune,
                      temperature=temperature, top_p=top_p, eos_token_id=eos, generator=generator)
-        start, steps, first = time.perf_counter(), [], None
+        start, steps, stamps = time.perf_counter(), [], []
         for tokens, _ in run:
             steps.append(tokens)
-            first = first or time.perf_counter()  # the prefill produced the first tokens
-        end, pre = time.perf_counter(), run.prefill
-        rows = torch.stack(steps, dim=1).tolist()
-        return [Answer.of(self.tokenizer, pre, i, row[:row.index(eos)] if eos in row else row, first - start,
-                          end - first, len(steps) - 1, eos in row) for i, row in enumerate(rows)]
+            stamps.append(time.perf_counter())  # stamps[0]: the prefill produced the first tokens
+        rows, answers = torch.stack(steps, dim=1).tolist(), []
+        for i, row in enumerate(rows):
+            last = row.index(eos) if eos in row else len(row) - 1  # the step that completed this answer
+            answers.append(Answer.of(self.tokenizer, run.prefill, i, row[:last + (eos not in row)],
+                                     stamps[0] - start, stamps[last] - stamps[0], last, eos in row))
+        return answers
 
     def collect(self, run, on_text=None) -> Answer:
         """Run a one-sample Stream to its end (EOS or the token budget) into an Answer."""
@@ -139,6 +143,7 @@ class Chat:
     def reset(self):
         self.cache = self.position = None
         self.pending: list[int] = []  # generated tokens not yet in the cache: the last answer's end
+        self.image_report: tuple[int, list[int]] | None = None  # the first turn's image tokens and kept slots
 
     def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> Answer:
         tok, eos = self.pipe.tokenizer, self.pipe.model.config.text.eos_token_id
@@ -152,6 +157,11 @@ class Chat:
         run = stream(self.pipe.model, ids, pixels, prune=prune, eos_token_id=eos, cache=self.cache,
                      position=self.position, **{"max_new_tokens": 256, **self.sampling})
         answer = self.pipe.collect(run, on_text)
+        if self.image_report is None:
+            self.image_report = answer.n_image_tokens, answer.kept_image_slots
+        else:  # a later turn's prefill sees no image; the cache holds the first turn's kept image tokens
+            answer = dataclasses.replace(answer, n_image_tokens=self.image_report[0],
+                                         kept_image_slots=self.image_report[1])
         self.cache, self.position = run.cache, run.position
         # The cache lacks the last token sampled: EOS, or the answer's last when the budget ran out (then an
         # EOS follows it): in training every answer ends with </s>.

@@ -80,7 +80,9 @@ def test_later_turns_through_the_cache_equal_a_fresh_prefill(pipe, budget, monke
             logits_seen.pop(0)                              # the logits that chose EOS
         seq.append(eos)                                     # every answer ends with </s>
     assert not logits_seen
-    assert answers[1].n_image_tokens == 0 and answers[1].n_prompt_tokens < 20  # only the new turn was computed
+    assert answers[1].n_prompt_tokens < 20                 # only the new turn was computed
+    # ... and its report is the conversation's image, as the cache holds it: 32 of 64 kept, the first turn's
+    assert all((a.n_image_tokens, a.kept_image_slots) == (64, answers[0].kept_image_slots) for a in answers[1:])
 
 
 def test_reset_starts_over(pipe):
@@ -122,3 +124,83 @@ def test_chat_command_reads_questions_until_end_of_input(tmp_path):
     assert heads[2] == heads[0] and "kept 32/64" in heads[0] and heads[1] != heads[0]
     assert "does not know 'zebra'" in result.stderr and "starts over" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def chat_in_process(monkeypatch, capsys, lines, *options, ask=None):
+    """`chat` on the shipped model with `lines` as standard input (ask: a stand-in for Chat.ask)."""
+    import io
+
+    from minifastv.cli import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
+    if ask is not None:
+        monkeypatch.setattr(Chat, "ask", ask)
+    code = main(["chat", "--image", str(IMAGE), "--max-new-tokens", "3", "--dtype", "float32", *options])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("image,message", [("missing.png", "missing.png: image file not found"),
+                                           ("broken.png", "broken.png: not a readable image")])
+def test_chat_checks_its_image_before_the_first_question(monkeypatch, capsys, tmp_path, image, message):
+    from minifastv.cli import main
+
+    (tmp_path / "broken.png").write_bytes(IMAGE.read_bytes()[:40])
+    asked = []
+    monkeypatch.setattr(Chat, "ask", lambda self, *a, **k: asked.append(a))
+    code = main(["chat", "--image", str(tmp_path / image)])
+    assert code == 2 and message in capsys.readouterr().err and not asked
+
+
+def test_chat_takes_one_image(capsys):
+    from minifastv.cli import main
+
+    assert main(["chat", "--image", str(IMAGE), "--image", str(IMAGE)]) == 2
+    assert "chat is about one image, got 2 --image options" in capsys.readouterr().err
+
+
+def test_a_full_context_says_to_reset(monkeypatch, capsys):
+    code, out, err = chat_in_process(monkeypatch, capsys, "what colour is the circle?\n", "--max-new-tokens", "500")
+    assert code == 0 and "exceeds the context of 512; /reset starts a new conversation" in err
+
+
+def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(monkeypatch, capsys):
+    real, calls = Chat.ask, []
+
+    def ask(self, question, on_text=None):
+        calls.append(question)
+        if len(calls) == 1:
+            self.cache = "half-written"                        # what an interrupted turn leaves behind
+            raise KeyboardInterrupt
+        return real(self, question, on_text)
+
+    code, out, err = chat_in_process(monkeypatch, capsys, "which shape is in row one column one?\n"
+                                     "what colour is the circle?\n", ask=ask)
+    assert code == 0 and "answer interrupted; the conversation starts over" in err and "Traceback" not in err
+    fresh = Chat(Pipeline.load(TINY_MODEL, dtype="float32"), IMAGE, max_new_tokens=3).ask("what colour is the circle?")
+    assert out.strip() == fresh.text                            # the next question starts a fresh conversation
+
+
+def test_ctrl_c_at_the_prompt_leaves(monkeypatch, capsys):
+    def interrupted(prompt=""):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("builtins.input", interrupted)
+    code, out, err = chat_in_process(monkeypatch, capsys, "")
+    assert code == 0 and "Traceback" not in err
+
+
+def test_a_terminal_gets_a_prompt_marker(tmp_path):
+    """On a terminal (a pseudo-terminal here) each question is asked for with "> "; piped input gets none."""
+    import os
+    import pty
+
+    main_fd, child_fd = pty.openpty()
+    result = subprocess.Popen([sys.executable, "-m", "minifastv", "chat", "--image", str(IMAGE), "--max-new-tokens",
+                               "2"], stdin=child_fd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    os.close(child_fd)
+    os.write(main_fd, b"what colour is the circle?\n\x04")
+    out, err = result.communicate(timeout=120)
+    os.close(main_fd)
+    assert result.returncode == 0, err
+    assert out.startswith("> ") and out.count("> ") == 2  # asked twice: the question, then end of input

@@ -273,7 +273,7 @@ def test_generate_batch_file_answers_every_line_in_order(model_dir, capsys, tmp_
                  "--max-new-tokens", "3", "--fastv-k", "2", "--dtype", "float32"])
     out, err = capsys.readouterr()
     results = [json.loads(line) for line in out.splitlines()]
-    assert code == 0 and [r["line"] for r in results] == list(range(1, len(lines) + 1))
+    assert code == 1 and [r["line"] for r in results] == list(range(1, len(lines) + 1))  # 1: some lines failed
     assert "line 3" not in err and "2 of 7 lines failed" in err
     assert sizes == [2, 2, 1]                                # the five good lines, --batch-size 2 at a time
     assert f"{batch_file}:3:" in results[2]["error"] and "missing.png" in results[4]["error"]
@@ -335,13 +335,64 @@ def test_numpy_is_declared_so_torch_does_not_warn_on_every_run():
     assert result.returncode == 0 and "NumPy" not in result.stderr, result.stderr
 
 
-def test_batch_answers_report_the_batchs_prefill_and_decode_times(model_dir):
+def test_batch_answers_report_the_batchs_prefill_and_their_own_decode(model_dir):
+    """Each answer of a batch has the batch's prefill time and its own decode: the steps until it was
+    complete (a one-word answer ends at its EOS while a longer one goes on) and the time they took."""
+    from minifastv.data import TINY_MODEL
     from minifastv.pipeline import Pipeline
 
     pipe = Pipeline.load(model_dir)
     answers = pipe.answer_batch([([SAMPLES / SAMPLE["image"]], SAMPLE["question"])] * 2, max_new_tokens=3)
     assert all(a.prefill_s > 0 and a.decode_s >= 0 and a.decode_steps == 2 for a in answers)
     assert answers[0].prefill_s == answers[1].prefill_s
+    trained = Pipeline.load(TINY_MODEL, dtype="float32")           # its answers are a word, then EOS
+    short, long = trained.answer_batch([([SAMPLES / SAMPLE["image"]], SAMPLE["question"]),
+                                        ([SAMPLES / SAMPLE["image"]], "describe the image.")], max_new_tokens=12)
+    alone = trained.answer([SAMPLES / SAMPLE["image"]], SAMPLE["question"], max_new_tokens=12)
+    assert short.decode_steps == alone.decode_steps == len(short.token_ids) == 1 and short.ended
+    assert long.decode_steps > short.decode_steps and long.decode_s > short.decode_s
+
+
+@pytest.mark.parametrize("content,message", [
+    ("", "no lines to answer"),
+    ('{"prompt": "what colour is the circle?"}\n', 'expected an object with "prompt" (text) and "image"'),
+    ('{"prompt": "what colour is the circle?", "image": []}\n', "a non-empty list of file names"),
+    (None, "not a text file; --batch takes JSON lines"),
+])
+def test_batch_files_that_cannot_be_answered(model_dir, capsys, tmp_path, content, message):
+    """A line without an image is an error line (not a text-only answer); every line failing is exit 1; an
+    empty file, or an image given as the batch file, is a one-line error naming the file."""
+    from minifastv.cli import main
+
+    batch = tmp_path / "in.jsonl"
+    if content is None:
+        batch.write_bytes((SAMPLES / SAMPLE["image"]).read_bytes())          # a PNG where JSON lines belong
+    else:
+        batch.write_text(content)
+    code = main(["generate", "--model", str(model_dir), "--batch", str(batch)])
+    out, err = capsys.readouterr()
+    if content:
+        assert code == 1 and message in json.loads(out)["error"] and "1 of 1 lines failed" in err
+    else:
+        assert code == 2 and message in err and str(batch) in err and not out
+
+
+@pytest.mark.parametrize("size", ["0", "-1"])
+def test_a_shard_size_of_zero_or_less_is_refused(model_dir, capsys, tmp_path, size):
+    from minifastv.cli import main
+
+    assert main(["quantize", str(model_dir), str(tmp_path / "q"), "--method", "int8", "--max-shard-gb", size]) == 2
+    assert f"--max-shard-gb must be above 0, got {float(size)}" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("command,usage", [(["convert_weights.py"], "usage: python convert_weights.py"),
+                                           (["-m", "minifastv", "bench", "--quant", "int8"],
+                                            "usage: python -m minifastv bench --quant")])
+def test_help_names_the_command_that_was_run(command, usage):
+    result = subprocess.run([sys.executable, *command, "--help"], capture_output=True, text=True, cwd=ROOT,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith(usage), result.stdout[:200]
 
 
 @pytest.mark.parametrize("budget", [6, 1], ids=["ends-at-eos", "budget-runs-out"])

@@ -80,6 +80,9 @@ class Replay(Pruner):
         index = ctx.image_index()
         return ctx.image_mask & torch.isin(index, torch.tensor(self.memory[ctx.layer]))
 
+    def merge(self, ctx, chosen):
+        return self.inner.merge(ctx, chosen)
+
 
 @torch.no_grad()
 @pytest.mark.parametrize("name", ALL)
@@ -104,7 +107,7 @@ def test_reported_flops_follow_the_schedule(pair, name):
     pre = ours.prefill(ids, px, prune=method(name, 0.75))
     n = pre.n_prompt_tokens()[0]
     assert (pre.flops[0], pre.flops_unpruned[0]) == theoretical_flops(ours.config.text, n, 32, method(name, 0.75))
-    if name in ("uniform", "fastervlm", "divprune"):
+    if name in ("uniform", "fastervlm", "divprune", "pool"):
         assert pre.layer_tokens[0].tolist() == [n - 24] * 4
 
 
@@ -146,6 +149,50 @@ def test_uniform_matches_the_plain_grid(pair, ratio):
     k = round((1 - ratio) * 32)
     expected = [int(slots[j, p]) for j in range(2) for p in plain_uniform(k // 2 + (j < k % 2))]
     assert pre.kept_image_slots()[0] == sorted(expected)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("ratio,rows", [(0.5, 2), (0.6875, 2), (0.75, 2), (0.875, 1)])  # per image 8, 5, 4, 2
+def test_pool_averages_even_bins_into_their_centre_patches(pair, ratio, rows):
+    """Per image, `rows` bands of the 4 x 4 grid (2 x 4 bins for 8; 3 + 2 for 5, which no grid fits), each
+    band's bins the means torch's adaptive average pooling takes; a mean sits at its bin's centre patch."""
+    ours = pair[1]
+    ids, px = inputs(6)
+    features = ours.encode_images(px)                                                   # 2, 16, C
+    slots = ours.prefill(ids, px).image_mask[0].nonzero()[:, 0].view(2, N_PATCHES)
+    k = round((1 - ratio) * 32)
+    centres, means = [], []
+    for j in range(2):
+        grid, n = features[j].T.reshape(-1, GRID, GRID), k // 2 + (j < k % 2)
+        for band in range(rows):
+            r0, r1 = band * GRID // rows, -(-(band + 1) * GRID // rows)
+            cols = n // rows + (band < n % rows)
+            pooled = F.adaptive_avg_pool2d(grid[:, r0:r1, :], (1, cols))[:, 0]          # C, cols
+            for c in range(cols):
+                c0, c1 = c * GRID // cols, -(-(c + 1) * GRID // cols)
+                centres.append(int(slots[j, (r0 + r1 - 1) // 2 * GRID + (c0 + c1 - 1) // 2]))
+                means.append(pooled[:, c])
+    pre = ours.prefill(ids, px, prune=make("pool", ratio))
+    assert pre.kept_image_slots()[0] == sorted(centres)
+    # gather and rerun: the text and the means at their centre slots, at the slots' own positions
+    x, valid, image_mask, _ = ours.embed(ids, px)
+    x[0, centres] = torch.stack(means)
+    keep = sorted(set(valid[0].nonzero()[:, 0].tolist()) - set(image_mask[0].nonzero()[:, 0].tolist()) | set(centres))
+    positions = (valid.cumsum(1) - 1)[:, keep]
+    hidden = ours.llm(x[:, keep], positions, valid[:, keep]).hidden
+    torch.testing.assert_close(pre.logits, ours.llm.lm_head(hidden), rtol=1e-5, atol=1e-5)
+
+
+def test_pool_bins_cover_the_grid_as_evenly_as_the_budget_allows():
+    from minifastv.pruning.pool import bins
+
+    layout = {k: [sum(1 for b in bins(24, k) if b[0] == r0) for r0 in sorted({b[0] for b in bins(24, k)})]
+              for k in (64, 128, 192, 67)}
+    assert layout[64] == [8] * 8 and layout[128] == [16] * 8 and layout[192] == [16] * 12  # LLaVA's budgets
+    assert layout[67] == [9] * 3 + [8] * 5                       # 67 is prime: 8 bands of 9 or 8 bins
+    for side, k in ((24, 64), (24, 128), (24, 67), (4, 5), (4, 16), (3, 1)):
+        cells = [(r, c) for r0, r1, c0, c1 in bins(side, k) for r in range(r0, r1) for c in range(c0, c1)]
+        assert len(bins(side, k)) == k and set(cells) == {(r, c) for r in range(side) for c in range(side)}
 
 
 @torch.no_grad()

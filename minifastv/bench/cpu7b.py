@@ -186,7 +186,8 @@ def report(args, results: dict, reference: dict, peer: dict | None):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m minifastv bench --quant", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quant", nargs="+", choices=list(METHODS), default=["int8", "int4"])
     p.add_argument("--layers", type=int, default=32, help="decoder layers (LLaVA-1.5-7B has 32)")
     p.add_argument("--ref-layers", type=int, default=4, help="decoder layers of the float reference")

@@ -11,12 +11,13 @@ from .dart import DART
 from .divprune import DivPrune
 from .fastervlm import FasterVLM
 from .fastv import FastV
+from .pool import Pool
 from .pyramiddrop import PyramidDrop
 from .random import RandomDrop
 from .uniform import Uniform
 
 METHODS: dict[str, type[Pruner]] = {"fastv": FastV, "random": RandomDrop, "uniform": Uniform, "fastervlm": FasterVLM,
-                                    "divprune": DivPrune, "dart": DART, "pyramiddrop": PyramidDrop}
+                                    "divprune": DivPrune, "dart": DART, "pyramiddrop": PyramidDrop, "pool": Pool}
 
 
 def settings(name: str, k: int | None, seed: int | None) -> dict:
@@ -48,5 +49,5 @@ def make(name: str, ratio: float, k: int | None = None, seed: int | None = None)
 
 
 __all__ = ["DART", "METHODS", "active_stages", "AfterLayer", "at_budget", "BeforeDecoder", "decoder_flops",
-           "DivPrune", "FasterVLM", "FastV", "keep_slots", "layer_flops", "make", "PruneContext", "Pruner",
-           "PyramidDrop", "RandomDrop", "Stage", "theoretical_flops", "Uniform"]
+           "DivPrune", "FasterVLM", "FastV", "keep_slots", "layer_flops", "make", "Pool", "PruneContext",
+           "Pruner", "PyramidDrop", "RandomDrop", "Stage", "theoretical_flops", "Uniform"]

@@ -64,6 +64,12 @@ class Pruner:
         kept image slots (exactly n_keep per sample)."""
         raise NotImplementedError
 
+    def merge(self, ctx: PruneContext, chosen: torch.Tensor) -> torch.Tensor | None:
+        """For methods that merge tokens rather than only drop them: the hidden states [B, S, C] to go on with,
+        given the kept image slots `chosen` [B, S] (what a kept slot carries may now stand for dropped ones
+        too); None, the default, keeps every hidden state as it is."""
+        return None
+
 
 @dataclass(frozen=True)
 class AfterLayer(Pruner):
@@ -128,10 +134,10 @@ def n_kept(stage: Stage, n_image: int) -> int:
     return round(stage.keep * n_image)
 
 
-def keep_slots(method: Pruner, ctx: PruneContext) -> tuple[torch.Tensor, torch.Tensor]:
+def keep_slots(method: Pruner, ctx: PruneContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """THE rule: every valid non-image slot survives, and each sample's chosen image slots. Samples may keep
     different counts, so the result is left-padded again: keep [B, L] (slot indices, in slot order) and
-    kept_valid [B, L]."""
+    kept_valid [B, L]; and the hidden states [B, S, C] to gather them from (the method's merge, if any)."""
     image_mask, valid = ctx.image_mask, ctx.valid
     choice = method.select(ctx)
     name = type(method).__name__
@@ -151,11 +157,16 @@ def keep_slots(method: Pruner, ctx: PruneContext) -> tuple[torch.Tensor, torch.T
             top = scores.topk(k_max, dim=1).indices                                          # B, k_max
             first = torch.arange(k_max, device=top.device)[None, :] < ctx.n_keep[:, None]
             chosen = chosen.scatter(1, top, first)
+    hidden = method.merge(ctx, chosen)
+    if hidden is None:
+        hidden = ctx.hidden
+    elif hidden.shape != ctx.hidden.shape:
+        raise ValueError(f"{name}.merge returned shape {list(hidden.shape)}, expected {list(ctx.hidden.shape)}")
     keep_mask = (valid & ~image_mask) | chosen
     # A stable sort of the 0/1 mask puts dropped slots first and kept slots last, both in slot order.
     L = int(keep_mask.sum(1).max())
     keep = torch.sort(keep_mask.to(torch.uint8), dim=1, stable=True).indices[:, -L:]
-    return keep, keep_mask.gather(1, keep)
+    return keep, keep_mask.gather(1, keep), hidden
 
 
 def layer_flops(n: int, d: int, m: int) -> int:
