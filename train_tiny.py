@@ -4,7 +4,10 @@ Each training dialogue asks one question of every type about an image and includ
 turn at a random place, which ties words to image regions densely, as LLaVA's detailed-description data
 does; with one question per image the model stays on the answer prior for the whole default run.
 
-    python train_tiny.py [--steps 1250] [--batch-size 32] [--out minifastv/data/tiny] [--seed 0] [--force]
+    python train_tiny.py [--steps 1250] [--batch-size 32] [--out results/tiny] [--seed 0] [--force]
+
+The shipped model (minifastv/data/tiny) is what this wrote with --threads 1; the default output is a new
+directory, so that a run never replaces the model inside an installed package by accident.
 
 Uses the same model code as inference and writes a minifastv checkpoint with minifastv.save.
 """
@@ -119,7 +122,7 @@ def train(steps: int, seed: int, batch_size: int = 32, lr: float = 2e-3, log_eve
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=1250)
-    p.add_argument("--out", default="minifastv/data/tiny")
+    p.add_argument("--out", default="results/tiny", help="output directory (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -130,7 +133,7 @@ def main(argv=None) -> int:
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
     if Path(args.out).exists() and not args.force:
-        print(f"error: {args.out}: already exists (pass --force to replace it)", file=sys.stderr)
+        print(f"error: {args.out}: already exists (--force replaces it)", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -177,6 +177,8 @@ def quantize_checkpoint(src: str | Path, out: str | Path, quant: QuantConfig, *,
     """Write a weight-only quantized copy of the float checkpoint `src` at `out` (minifastv/quant.py), reading
     and writing one tensor at a time; every weight is checked for NaN and infinity on the way."""
     src, out = Path(src), Path(out)
+    if src.is_file():
+        raise NotADirectoryError(f"{src}: a file; the source is a checkpoint directory (config.json and weights)")
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: checkpoint directory not found")
     config = load_config(src)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -12,8 +11,9 @@ from pathlib import Path
 
 from .config import QUANT_METHODS
 from .data import SAMPLES
-from .options import (add_convert_arguments, add_output_arguments, describe, model_arguments, pruner_from_args,
-                      quant_from_args, sampling_arguments, sampling_from_args, shard_bytes)
+from .options import (add_convert_arguments, add_output_arguments, check_pruning, describe, model_arguments,
+                      pruner_from_args, pruning_asked, quant_from_args, sampling_arguments, sampling_from_args,
+                      shard_bytes)
 
 
 def load_pipeline(args):
@@ -37,69 +37,6 @@ def load_pipeline(args):
     return pipe
 
 
-def report(r) -> dict:
-    """An Answer as JSON: its fields (but `ended`) and the kept image token count."""
-    fields = {key: value for key, value in dataclasses.asdict(r).items() if key != "ended"}
-    return {**fields, "kept_image_tokens": r.kept}
-
-
-def read_batch_file(path) -> list:
-    """(line number, {"image": ..., "prompt": ...}) per non-empty line, or (line number, error message)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: batch file not found")
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a text file; --batch takes JSON lines, one "
-                         '{"image": FILE, "prompt": TEXT} per line') from None
-    out = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or "image" not in item:
-                raise ValueError('expected an object with "prompt" (text) and "image" (a file or a list of files)')
-            images = item["image"]
-            images = [images] if isinstance(images, str) else images
-            if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
-                raise ValueError('"image" must be a file name or a non-empty list of file names')
-            out.append((number, (images, item["prompt"])))
-        except ValueError as e:  # json.JSONDecodeError is a ValueError
-            out.append((number, f"{path}:{number}: {e}"))
-    return out
-
-
-def cmd_batch(args, pipe, method, sampling):
-    """--batch FILE.jsonl: one JSON line per input line, in input order; a bad line is an error line."""
-    from .image import load_image
-
-    results, good = {}, []
-    lines = read_batch_file(args.batch)
-    if not lines:
-        raise ValueError(f"{args.batch}: no lines to answer (the file is empty)")
-    for number, item in lines:
-        if isinstance(item, str):
-            results[number] = {"line": number, "error": item}
-            continue
-        try:  # images and prompt are checked one line at a time, so a bad one spoils no batch
-            loaded = [load_image(i) for i in item[0]]
-            pipe.inputs(loaded, item[1])
-            good.append((number, (loaded, item[1])))
-        except (ValueError, OSError) as e:
-            results[number] = {"line": number, "error": str(e)}
-    for start in range(0, len(good), args.batch_size):
-        chunk = good[start:start + args.batch_size]
-        answers = pipe.answer_batch([item for _, item in chunk], prune=method, **sampling)
-        results.update({number: {"line": number, **report(a)} for (number, _), a in zip(chunk, answers)})
-    for number in sorted(results):
-        print(json.dumps(results[number]))
-    failed = sum("error" in r for r in results.values())
-    if failed:
-        print(f"error: {failed} of {len(results)} lines failed (see their JSON lines)", file=sys.stderr)
-        return 1
-
-
 def cmd_generate(args):
     method = pruner_from_args(args)
     if args.batch is not None and (args.image is not None or args.prompt is not None):
@@ -109,13 +46,16 @@ def cmd_generate(args):
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     pipe = load_pipeline(args)
+    check_pruning(method, pipe.model.config, pruning_asked(args))
     sampling = sampling_from_args(args, pipe.model.device)
     if args.batch is not None:
-        return cmd_batch(args, pipe, method, sampling)
+        from .batch import answer_file
+
+        return answer_file(args.batch, args.batch_size, pipe, method, sampling)
     stream_text = None if args.json else (lambda t: print(t, end="", flush=True))
     r = pipe.answer(args.image, args.prompt, prune=method, on_text=stream_text, **sampling)
     if args.json:
-        print(json.dumps(report(r)))
+        print(json.dumps(r.as_json()))
         return
     print()
     print(r.summary())
@@ -133,6 +73,7 @@ def cmd_chat(args):
     method = pruner_from_args(args)
     image = load_image(args.image[0])  # a missing or broken file is an error now, not after a question
     pipe = load_pipeline(args)
+    check_pruning(method, pipe.model.config, pruning_asked(args))
     chat = Chat(pipe, image, prune=method, **sampling_from_args(args, pipe.model.device))
     terminal = sys.stdin.isatty()
     if terminal:
@@ -174,6 +115,7 @@ def cmd_demo(args):
 
     method = pruner_from_args(args, default=FastV(2, 0.5))
     pipe = load_pipeline(args)
+    check_pruning(method, pipe.model.config, pruning_asked(args))
     samples = json.loads((SAMPLES / "questions.json").read_text())
     for s in samples:
         print(f"\n{s['image']}: {s['question']}  (expected: {s['answer']})")
@@ -191,11 +133,14 @@ def cmd_analyze(args):
     from .plot import line_plot
 
     out = Path(args.out_dir)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out}: --out-dir is a file, not a directory")
+    blocking = next((p for p in (out, *out.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        where = "is a file" if blocking == out else f"is under {blocking}, a file"
+        raise NotADirectoryError(f"{out}: --out-dir {where}, not a directory")
     method = pruner_from_args(args, default=FastV(2, 0.5))
     out.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(args)
+    check_pruning(method, pipe.model.config, pruning_asked(args))
     model, cfg = pipe.model, pipe.model.config
     if len(args.image) > 1:
         raise ValueError(f"analyze looks at one image, got {len(args.image)} --image options")

@@ -135,8 +135,11 @@ class LlavaConfig:
         if self.quant is not None and self.quant.group_size is not None:
             for name in ("dim", "intermediate_size"):  # the in_features of the quantized linears
                 if getattr(self.text, name) % self.quant.group_size:
+                    fits = [g for g in INT4_GROUP_SIZES
+                            if not self.text.dim % g and not self.text.intermediate_size % g]
                     raise ConfigError(f"int4 group_size {self.quant.group_size} does not divide text {name} "
-                                      f"{getattr(self.text, name)}; choose a group size that does")
+                                      f"{getattr(self.text, name)}; group sizes that divide this model's widths: "
+                                      f"{', '.join(map(str, fits)) or 'none (quantize it to int8)'}")
 
     @classmethod
     def from_name(cls, name: str) -> LlavaConfig:

@@ -228,6 +228,8 @@ def convert(src, out, *, vision_tower=None, dtype=None, tokenizer=None, force=Fa
     `dtype` is then the float parts' dtype). Every tensor is checked for NaN and infinity on the way. Nothing
     appears at `out` unless conversion succeeds."""
     src, out = Path(src), Path(out)
+    if src.is_file():
+        raise NotADirectoryError(f"{src}: a file; the source is a checkpoint directory (config.json and weights)")
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: source checkpoint directory not found")
     source = read_json(src / CONFIG)

@@ -168,7 +168,8 @@ class ShardWriter:
 def staging_dir(path: Path, overwrite: bool) -> Path:
     """A fresh hidden sibling of `path` to write into before `publish` renames it into place."""
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: already exists (pass overwrite=True / --force to replace it)")
+        raise FileExistsError(f"{path}: already exists (--force on the command line, overwrite=True in Python, "
+                              "replaces it)")
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent

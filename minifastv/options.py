@@ -42,10 +42,11 @@ def pruner_from_args(args, default=None):
     from .pruning import METHODS, FastV, make
 
     prune_opts = [f"--prune-{n}" for n in ("ratio", "k", "seed") if getattr(args, f"prune_{n}") is not None]
+    check_seed("--prune-seed", args.prune_seed)
     fastv_opts = [f"--fastv-{n}" for n in ("k", "ratio") if getattr(args, f"fastv_{n}") is not None]
     if fastv_opts and (args.prune is not None or prune_opts):
-        raise ValueError(f"{' and '.join(fastv_opts)} spell FastV's settings; with --prune use --prune-ratio "
-                         "and --prune-k")
+        raise ValueError(f"{' and '.join(fastv_opts)} {'is' if len(fastv_opts) == 1 else 'are'} FastV's own "
+                         "spelling and cannot be mixed with --prune: use --prune-ratio and --prune-k")
     name = args.prune
     if name is None and prune_opts:
         if default is None:
@@ -59,6 +60,38 @@ def pruner_from_args(args, default=None):
         k, ratio = 2 if args.fastv_k is None else args.fastv_k, 0.5 if args.fastv_ratio is None else args.fastv_ratio
         return FastV(k, ratio)
     return default
+
+
+def check_pruning(method, config, asked: bool) -> None:
+    """A pruning setting that changes nothing on this model: an error when the command line asked for it (a
+    layer at or past the decoder's depth cannot be meant), a warning when it is a subcommand's default. One
+    that keeps no image token at all is said once, on stderr."""
+    import sys
+
+    from .pruning import active_stages
+    from .pruning.base import n_kept
+
+    if method is None:
+        return
+    n_layers = config.text.n_layers
+    stages = active_stages(method, n_layers)
+    if not stages:
+        message = (f"{describe(method)} prunes nothing here: the model has {n_layers} decoder layers and the "
+                   "method's pruning falls after the last one")
+        if asked:
+            raise ValueError(message + (f" (--prune-k must be below {n_layers})" if hasattr(method, "k") else ""))
+        print(f"warning: {message}", file=sys.stderr)
+        return
+    n = config.vision.n_patches
+    for stage in stages.values():
+        n = n_kept(stage, n)
+    if n == 0:
+        print(f"warning: {describe(method)} keeps 0 of an image's {config.vision.n_patches} tokens: the model "
+              "answers without seeing the image", file=sys.stderr)
+
+
+def pruning_asked(args) -> bool:
+    return any(getattr(args, name) is not None for name in ("prune", "prune_k", "prune_ratio", "fastv_k", "fastv_ratio"))
 
 
 def describe(method) -> str:
@@ -79,8 +112,17 @@ def sampling_arguments(p, max_new_tokens: int):
     p.add_argument("--seed", type=int, default=None, help="seed for sampling: the same seed, the same answer")
 
 
+SEED_RANGE = 2**64  # what torch.Generator.manual_seed takes
+
+
+def check_seed(flag: str, seed: int | None):
+    if seed is not None and not 0 <= seed < SEED_RANGE:
+        raise ValueError(f"{flag} must be in [0, 2**64), got {seed}")
+
+
 def sampling_from_args(args, device) -> dict:
     """The sampling keyword arguments of Pipeline.answer / answer_batch / Chat from sampling_arguments."""
+    check_seed("--seed", args.seed)
     generator = None if args.seed is None else torch.Generator(device).manual_seed(args.seed)
     return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
             "generator": generator}

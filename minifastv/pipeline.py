@@ -34,20 +34,37 @@ class Answer:
     decode_s: float
     decode_steps: int
     ended: bool = True              # False when the token budget ran out before EOS
+    image_starts: list[int] = dataclasses.field(default_factory=list)  # each image's first slot, as kept_image_slots
 
     @classmethod
     def of(cls, tokenizer: Tokenizer, pre, i: int, ids: list[int], prefill_s: float, decode_s: float, steps: int,
-           ended: bool) -> Answer:
+           ended: bool, n_patches: int) -> Answer:
         """Sample i of a Stream's run: its generated ids and what the prefill `pre` reports of it, kept image
-        slots counted from the sample's own first slot (a batch left-pads it)."""
+        slots counted from the sample's own first slot (a batch left-pads it); n_patches: tokens per image."""
         padding = pre.valid.shape[1] - pre.n_prompt_tokens()[i]
+        starts = (pre.image_mask[i].nonzero()[:, 0] - padding)[::n_patches].tolist()  # each image's first slot
         return cls(tokenizer.decode(ids), ids, pre.n_prompt_tokens()[i], pre.n_image_tokens()[i],
                    [s - padding for s in pre.kept_image_slots()[i]], pre.flops[i], pre.flops_unpruned[i],
-                   prefill_s, decode_s, steps, ended)
+                   prefill_s, decode_s, steps, ended, starts)
 
     @property
     def kept(self) -> int:
         return len(self.kept_image_slots)
+
+    def as_json(self) -> dict:
+        """What generate --json prints: the fields (but `ended` and `image_starts`), the kept image token
+        count and the kept patches per image."""
+        fields = {key: value for key, value in dataclasses.asdict(self).items() if key not in ("ended", "image_starts")}
+        return {**fields, "kept_image_tokens": self.kept, "kept_patches": self.kept_patches}
+
+    @property
+    def kept_patches(self) -> list[list[int]]:
+        """Per image, the kept patches as row-major indices of its patch grid (what `analyze` prints), where
+        kept_image_slots are positions in the prompt."""
+        if not self.image_starts:
+            return []
+        n = self.n_image_tokens // len(self.image_starts)
+        return [[s - start for s in self.kept_image_slots if start <= s < start + n] for start in self.image_starts]
 
     def summary(self) -> str:
         n, t = self.decode_steps, self.decode_s
@@ -109,7 +126,8 @@ class Pipeline:
         for i, row in enumerate(rows):
             last = row.index(eos) if eos in row else len(row) - 1  # the step that completed this answer
             answers.append(Answer.of(self.tokenizer, run.prefill, i, row[:last + (eos not in row)],
-                                     stamps[0] - start, stamps[last] - stamps[0], last, eos in row))
+                                     stamps[0] - start, stamps[last] - stamps[0], last, eos in row,
+                                     self.model.config.vision.n_patches))
         return answers
 
     def collect(self, run, on_text=None) -> Answer:
@@ -128,7 +146,8 @@ class Pipeline:
             if on_text is not None and piece:
                 on_text(piece)
         end = time.perf_counter()
-        return Answer.of(self.tokenizer, run.prefill, 0, out, first - start, end - first, steps, steps + 1 > len(out))
+        return Answer.of(self.tokenizer, run.prefill, 0, out, first - start, end - first, steps, steps + 1 > len(out),
+                         self.model.config.vision.n_patches)
 
 
 class Chat:

@@ -60,8 +60,11 @@ class Tokenizer:
         encoding, text = self.encode_known(text)
         unknown = [text[a:b] for t, (a, b) in zip(encoding.ids, encoding.offsets) if t == self.unk_token_id]
         if unknown:
-            raise ValueError(f"the tokenizer does not know {', '.join(map(repr, dict.fromkeys(unknown)))}: "
-                             f"the model cannot read them (it knows {self.vocab_size} tokens)")
+            unknown = list(dict.fromkeys(unknown))
+            words = sorted(w for w in self.tok.get_vocab() if not (w.startswith("<") and w.endswith(">") and len(w) > 2))
+            raise ValueError(f"the tokenizer does not know {', '.join(map(repr, unknown))}: the model cannot read "
+                             f"{'it' if len(unknown) == 1 else 'them'}. Its vocabulary is these {len(words)} words and "
+                             f"signs: {' '.join(words)}")
         return encoding.ids
 
     def encode_known(self, text: str):

@@ -118,7 +118,7 @@ def test_pruning_flags_reach_the_model(model_dir, capsys, monkeypatch, options, 
 @pytest.mark.parametrize("options, message", [
     (("--fastv-ratio", 0.5), "--fastv-ratio needs --fastv-k"),
     (("--prune-ratio", 0.5), "--prune-ratio given without --prune NAME"),
-    (("--prune", "fastv", "--fastv-k", 2), "--fastv-k spell FastV's settings"),
+    (("--prune", "fastv", "--fastv-k", 2), "--fastv-k is FastV's own spelling and cannot be mixed with --prune"),
     (("--prune", "fastv", "--prune-seed", 1), "'fastv' takes no seed"),
 ])
 def test_pruning_flag_mistakes_are_one_line_errors(model_dir, capsys, options, message):
@@ -307,7 +307,12 @@ def test_one_decode_step_is_singular(model_dir, capsys):
 
 
 def test_converted_checkpoints_are_not_tracked_by_git():
-    assert "/weights/" in (ROOT / ".gitignore").read_text().split()
+    """weights/ holds converted checkpoints: git ignores all of it but its README."""
+    def ignored(path):
+        return subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=ROOT).returncode == 0
+
+    assert (ROOT / "weights" / "README.md").is_file() and not ignored("weights/README.md")
+    assert ignored("weights/llava-1.5-7b/model.safetensors") and ignored("weights/tiny")
 
 
 def test_evaluate_tiny_writes_its_pictures_to_results_unless_told(tmp_path, monkeypatch, capsys):
@@ -417,3 +422,59 @@ def test_token_ids_follow_one_eos_convention(capsys, tmp_path, budget):
     assert single["token_ids"] == batched["token_ids"] == alone.token_ids == together.token_ids
     assert single["text"] == batched["text"] == alone.text == together.text == SAMPLE["answer"]
     assert eos not in single["token_ids"] and len(single["token_ids"]) == 1
+
+
+def test_pruning_that_changes_nothing_is_refused_or_said(model_dir, capsys, tmp_path):
+    """A layer at or past the decoder's depth, asked for, is an error; as a subcommand's default (demo's FastV
+    K=2 on a 2-layer decoder) it is a warning; a ratio that keeps no image token is a warning."""
+    import dataclasses
+
+    import train_tiny
+
+    import minifastv
+    from minifastv.cli import main
+
+    code, out, err = generate_in_process(model_dir, capsys, "--prune", "fastv", "--prune-k", "4")
+    assert code == 2 and "prunes nothing here: the model has 4 decoder layers" in err
+    assert "--prune-k must be below 4" in err
+    code, out, err = generate_in_process(model_dir, capsys, "--prune", "dart", "--prune-ratio", "0.999")
+    assert code == 0 and "warning: DART K=2 R=0.999 keeps 0 of an image's 64 tokens" in err
+    code, out, err = generate_in_process(model_dir, capsys, "--prune", "dart", "--prune-ratio", "0.99")
+    assert code == 0 and "warning" not in err                   # round(0.01 * 64) = 1 token is still an image
+    tok = train_tiny.build_tokenizer()
+    model = train_tiny.build_model(tok, seed=0)
+    shallow = minifastv.LlavaModel(dataclasses.replace(model.config, text=dataclasses.replace(model.config.text,
+                                                                                                n_layers=2)))
+    shallow.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("llm.layers.2")
+                             and not k.startswith("llm.layers.3")})
+    minifastv.save(shallow, tok, tmp_path / "two")
+    assert main(["demo", "--model", str(tmp_path / "two")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: FastV K=2 R=0.5 prunes nothing here: the model has 2 decoder layers") == 1
+
+
+def test_json_gives_kept_patches_as_analyze_prints_them(capsys, tmp_path):
+    """--json's kept_image_slots are positions in the prompt; its kept_patches are each image's row-major
+    patch indices, the numbers analyze prints for the same image and method; two images, two lists."""
+    from minifastv.cli import main
+
+    image, question = SAMPLES / SAMPLE["image"], SAMPLE["question"]
+    common = ["--prompt", question, "--prune", "fastv", "--prune-ratio", "0.75", "--dtype", "float32"]
+    assert main(["generate", "--image", str(image), "--json", *common]) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert main(["analyze", "--image", str(image), "--out-dir", str(tmp_path), *common]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("kept patches: "))
+    assert single["kept_patches"] == [[int(p) for p in line.removeprefix("kept patches: ").split(", ")]]
+    start = single["kept_image_slots"][0] - single["kept_patches"][0][0]
+    assert [start + p for p in single["kept_patches"][0]] == single["kept_image_slots"]
+    assert main(["generate", "--image", str(image), "--image", str(image), "--json", *common]) == 0
+    double = json.loads(capsys.readouterr().out)
+    assert len(double["kept_patches"]) == 2 and sum(map(len, double["kept_patches"])) == 32
+
+
+def test_the_readmes_tiny_model_example_runs(capsys):
+    """The Use section's lines for the shipped model, as the README prints them, answer "red"."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("# The tiny model that ships inside the package")[1].split("```")[0]
+    exec(compile("from minifastv import Pipeline\n#" + block, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "red"

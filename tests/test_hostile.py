@@ -232,10 +232,21 @@ def test_training_arguments(tmp_path, capsys):
 
     (tmp_path / "out").mkdir()
     assert train_tiny.main(["--steps", "1", "--out", str(tmp_path / "out")]) == 2
-    assert "out: already exists (pass --force to replace it)" in capsys.readouterr().err
+    assert "out: already exists (--force replaces it)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train_tiny.main(["--steps", "0", "--out", str(tmp_path / "new")])
     assert "--steps must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_training_writes_a_new_directory_by_default(tmp_path, monkeypatch):
+    """The README's `python train_tiny.py`, run twice, never touches the shipped model: it writes results/tiny."""
+    import train_tiny
+
+    shipped = (TINY_MODEL / "model.safetensors").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    assert train_tiny.main(["--steps", "1", "--batch-size", "2", "--eval-every", "0"]) == 0
+    assert (tmp_path / "results" / "tiny" / "model.safetensors").is_file()
+    assert (TINY_MODEL / "model.safetensors").read_bytes() == shipped
 
 
 # --- images --------------------------------------------------------------------------------------------
@@ -410,7 +421,15 @@ def cli(saved, capsys):
     ("zero tokens", ["--prompt", "what colour", "--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
     ("image marker", ["--prompt", "<image> hi"], "images are passed separately (--image"),
     ("huge token budget", ["--prompt", "what colour", "--max-new-tokens", "1000000000"], "exceeds the context"),
-    ("unknown word", ["--prompt", "is there a Zebra?"], "the tokenizer does not know 'zebra'"),
+    ("unknown word", ["--prompt", "is there a Zebra?"], "the tokenizer does not know 'zebra': the model cannot "
+                                                        "read it. Its vocabulary is these 64 words and signs: ' , . :"),
+    ("unknown words", ["--prompt", "zebra unicorn?"], "does not know 'zebra', 'unicorn': the model cannot read them."),
+    ("seed too big", ["--prompt", "what colour", "--seed", str(2**64)], "--seed must be in [0, 2**64), got 1844"),
+    ("negative seed", ["--prompt", "what colour", "--seed", "-1"], "--seed must be in [0, 2**64), got -1"),
+    ("prune seed too big", ["--prompt", "what colour", "--prune", "random", "--prune-seed", str(2**70)],
+     "--prune-seed must be in [0, 2**64)"),
+    ("fastv and prune", ["--prompt", "what colour", "--prune", "dart", "--fastv-k", "2", "--fastv-ratio", "0.5"],
+     "--fastv-k and --fastv-ratio are FastV's own spelling and cannot be mixed with --prune"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_cli_generate_errors(cli, case, extra, message):
     run, model, image = cli
@@ -448,6 +467,22 @@ def test_an_unconverted_checkpoint_says_how_to_convert_it(cli, hf_source, tmp_pa
     assert code == 2 and f"python convert_weights.py {hf_source} weights/NAME" in err, err
     code, err = run("convert", model, tmp_path / "again")
     assert code == 2 and "already a minifastv checkpoint" in err and not (tmp_path / "again").exists(), err
+
+
+def test_files_where_directories_belong_and_what_to_pass_to_replace(cli, tmp_path):
+    """A file given as a conversion or quantization source, an --out-dir under a file, an output that
+    exists, and int4 groups that do not fit: one line each, saying what to do."""
+    run, model, image = cli
+    for command in (["convert", image, tmp_path / "out"], ["quantize", image, tmp_path / "out", "--method", "int8"]):
+        code, err = run(*command)
+        assert code == 2 and f"{image}: a file; the source is a checkpoint directory" in err, err
+    code, err = run("analyze", "--model", model, "--image", image, "--prompt", "what colour", "--out-dir",
+                    image / "pictures")
+    assert code == 2 and f"--out-dir is under {image}, a file, not a directory" in err, err
+    code, err = run("quantize", model, tmp_path, "--method", "int8")
+    assert code == 2 and "already exists (--force on the command line, overwrite=True in Python" in err, err
+    code, err = run("quantize", model, tmp_path / "q4", "--method", "int4")
+    assert code == 2 and "group sizes that divide this model's widths: 32" in err and not (tmp_path / "q4").exists()
 
 
 def test_capitals_read_as_the_lower_case_words_the_tiny_model_knows():

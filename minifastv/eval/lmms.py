@@ -170,7 +170,7 @@ class MiniFastV(lmms):
         target = torch.tensor(ids, device=logits.device)
         loss = float(torch.nn.functional.cross_entropy(logits, target))
         answer = Answer.of(self.pipe.tokenizer, pre, 0, ids, middle - start, time.perf_counter() - middle,
-                           len(ids) - 1, True)
+                           len(ids) - 1, True, model.config.vision.n_patches)
         return loss, bool((logits.argmax(-1) == target).all()), answer
 
     def generate_until_multi_round(self, requests) -> list[list[str]]:

@@ -1,0 +1,67 @@
+"""generate --batch FILE.jsonl: lines of {"image": FILE or [FILES], "prompt": TEXT} in, one JSON line out per
+line in, in input order; a bad line becomes an error line and the others still run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def read_batch_file(path) -> list:
+    """(line number, {"image": ..., "prompt": ...}) per non-empty line, or (line number, error message)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: batch file not found")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file; --batch takes JSON lines, one "
+                         '{"image": FILE, "prompt": TEXT} per line') from None
+    out = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or "image" not in item:
+                raise ValueError('expected an object with "prompt" (text) and "image" (a file or a list of files)')
+            images = item["image"]
+            images = [images] if isinstance(images, str) else images
+            if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
+                raise ValueError('"image" must be a file name or a non-empty list of file names')
+            out.append((number, (images, item["prompt"])))
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            out.append((number, f"{path}:{number}: {e}"))
+    return out
+
+
+def answer_file(path, batch_size: int, pipe, method, sampling) -> int:
+    """Print one JSON line per input line of `path`, in input order; a bad line is an error line. Returns the
+    exit status: 1 when a line failed."""
+    from .image import load_image
+
+    results, good = {}, []
+    lines = read_batch_file(path)
+    if not lines:
+        raise ValueError(f"{path}: no lines to answer (the file is empty)")
+    for number, item in lines:
+        if isinstance(item, str):
+            results[number] = {"line": number, "error": item}
+            continue
+        try:  # images and prompt are checked one line at a time, so a bad one spoils no batch
+            loaded = [load_image(i) for i in item[0]]
+            pipe.inputs(loaded, item[1])
+            good.append((number, (loaded, item[1])))
+        except (ValueError, OSError) as e:
+            results[number] = {"line": number, "error": str(e)}
+    for start in range(0, len(good), batch_size):
+        chunk = good[start:start + batch_size]
+        answers = pipe.answer_batch([item for _, item in chunk], prune=method, **sampling)
+        results.update({number: {"line": number, **a.as_json()} for (number, _), a in zip(chunk, answers)})
+    for number in sorted(results):
+        print(json.dumps(results[number]))
+    failed = sum("error" in r for r in results.values())
+    if failed:
+        print(f"error: {failed} of {len(results)} lines failed (see their JSON lines)", file=sys.stderr)
+        return 1
+    return 0
