@@ -8,10 +8,10 @@ from .image import ImageError, load_image, preprocess
 from .llava import LlavaModel, Prefill
 from .pipeline import Answer, Chat, Pipeline
 from .pruning import (DART, METHODS, DivPrune, FasterVLM, FastV, Pool, Pruner, PyramidDrop, RandomDrop, Uniform,
-                      theoretical_flops)
+                      VisionZip, theoretical_flops)
 from .tokenizer import Tokenizer, chat_prompt
 
 __all__ = ["DART", "METHODS", "Answer", "Chat", "chat_prompt", "CheckpointError", "ConfigError", "DivPrune", "FasterVLM",
            "FastV", "generate", "ImageError", "KVCache", "LlavaConfig", "LlavaModel", "load", "load_image",
-           "load_tokenizer", "Pipeline", "Prefill", "preprocess", "Pruner", "PyramidDrop", "RandomDrop", "save",
-           "stream", "TextConfig", "theoretical_flops", "Tokenizer", "Uniform", "VisionConfig"]
+           "load_tokenizer", "Pipeline", "Pool", "Prefill", "preprocess", "Pruner", "PyramidDrop", "RandomDrop", "save",
+           "stream", "TextConfig", "theoretical_flops", "Tokenizer", "Uniform", "VisionConfig", "VisionZip"]

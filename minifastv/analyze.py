@@ -4,7 +4,7 @@ picture of the image patches FastV keeps."""
 from __future__ import annotations
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 SEGMENTS = ("system", "image", "instruction")
 
@@ -65,13 +65,29 @@ def kept_patches(model, input_ids, pixel_values, method) -> list[int]:
     return [s - first for s in pre.kept_image_slots()[0] if s - first < n]
 
 
-def side_by_side(pictures: list[tuple[str, Image.Image]], gap: int = 8) -> Image.Image:
-    """Labelled pictures of one size in a row, on white."""
+LEGEND = "outlined: kept; dimmed: dropped"
+
+
+def label_font(size: int):
+    """Pillow's own font at `size` pixels (Pillow >= 10.1), else its small bitmap font."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def picture_grid(pictures: list[tuple[str, Image.Image]], columns: int = 3, gap: int = 12) -> Image.Image:
+    """Labelled pictures of one size on a grid of `columns`, on white, with the legend of the kept-patches
+    pictures below."""
     w, h = pictures[0][1].size
-    label = 18
-    out = Image.new("RGB", (len(pictures) * (w + gap) - gap, h + label), (255, 255, 255))
+    font, label = label_font(22), 30
+    rows = -(-len(pictures) // columns)
+    columns = min(columns, len(pictures))
+    out = Image.new("RGB", (columns * (w + gap) - gap, rows * (h + label + gap) + label), (255, 255, 255))
     pen = ImageDraw.Draw(out)
     for i, (name, picture) in enumerate(pictures):
-        out.paste(picture, (i * (w + gap), label))
-        pen.text((i * (w + gap) + 2, 3), name, fill=(0, 0, 0))
+        x, y = (i % columns) * (w + gap), (i // columns) * (h + label + gap)
+        out.paste(picture, (x, y + label))
+        pen.text((x + 2, y + 3), name, fill=(0, 0, 0), font=font)
+    pen.text((2, out.height - label + 4), LEGEND, fill=(0, 0, 0), font=font)
     return out

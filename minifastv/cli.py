@@ -127,7 +127,7 @@ def cmd_demo(args):
 def cmd_analyze(args):
     """Attention shares per layer (table + PNG), the patches a pruning method keeps (PNG and a `kept patches:`
     line, row-major indices in the first image's grid), and the patches every method keeps, side by side."""
-    from .analyze import SEGMENTS, attention_shares, kept_patches, kept_patches_picture, side_by_side
+    from .analyze import SEGMENTS, attention_shares, kept_patches, kept_patches_picture, picture_grid
     from .pruning import METHODS, FastV, at_budget
     from .image import load_image, model_view
     from .plot import line_plot
@@ -161,13 +161,14 @@ def cmd_analyze(args):
     grid = cfg.vision.image_size // cfg.vision.patch_size
     scale = max(1, 384 // cfg.vision.image_size)
     kept = kept_patches(model, ids, pixels, method)
-    kept_patches_picture(view, grid, kept, scale=scale).save(out / "kept_patches.png")
+    picture_grid([(describe(method), kept_patches_picture(view, grid, kept, scale=scale))], columns=1).save(
+        out / "kept_patches.png")
     print(f"\n{describe(method)} keeps {len(kept)} of {grid * grid} patches")
     print("kept patches: " + ", ".join(map(str, kept)))
     share = len(kept) / (grid * grid)  # every method at the same budget, K=2 where it has a layer
     every = [(f"{name} ({len(k)})", kept_patches_picture(view, grid, k, scale=scale))
              for name, k in ((name, kept_patches(model, ids, pixels, at_budget(name, share))) for name in METHODS)]
-    side_by_side(every).save(out / "kept_patches_methods.png")
+    picture_grid(every).save(out / "kept_patches_methods.png")
     print(f"wrote {out / 'attention_shares.png'}, {out / 'kept_patches.png'} and {out / 'kept_patches_methods.png'} "
           f"(every method keeping {share:.1%} of the patches)")
 

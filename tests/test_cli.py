@@ -189,7 +189,8 @@ def test_analyze_prints_the_kept_patches_and_draws_every_method(model_dir, tmp_p
         assert printed == kept_patches(pipe.model, batch.input_ids, batch.pixel_values, DivPrune(0.75))
     assert len(printed) == 16
     with Image.open(tmp_path / "kept_patches.png") as one, Image.open(tmp_path / "kept_patches_methods.png") as every:
-        assert every.width == len(METHODS) * (one.width + 8) - 8 and every.height > one.height
+        rows = -(-len(METHODS) // 3)                           # three to a row, each with its label
+        assert every.width == 3 * (one.width + 12) - 12 and every.height == rows * (one.height - 30) + 30
 
 
 def test_generate_json_is_the_models_report(model_dir, capsys):

@@ -107,7 +107,7 @@ def test_reported_flops_follow_the_schedule(pair, name):
     pre = ours.prefill(ids, px, prune=method(name, 0.75))
     n = pre.n_prompt_tokens()[0]
     assert (pre.flops[0], pre.flops_unpruned[0]) == theoretical_flops(ours.config.text, n, 32, method(name, 0.75))
-    if name in ("uniform", "fastervlm", "divprune", "pool"):
+    if name in ("uniform", "fastervlm", "divprune", "pool", "visionzip"):
         assert pre.layer_tokens[0].tolist() == [n - 24] * 4
 
 
@@ -174,13 +174,47 @@ def test_pool_averages_even_bins_into_their_centre_patches(pair, ratio, rows):
                 means.append(pooled[:, c])
     pre = ours.prefill(ids, px, prune=make("pool", ratio))
     assert pre.kept_image_slots()[0] == sorted(centres)
-    # gather and rerun: the text and the means at their centre slots, at the slots' own positions
-    x, valid, image_mask, _ = ours.embed(ids, px)
-    x[0, centres] = torch.stack(means)
-    keep = sorted(set(valid[0].nonzero()[:, 0].tolist()) - set(image_mask[0].nonzero()[:, 0].tolist()) | set(centres))
+    torch.testing.assert_close(pre.logits, gather_and_rerun(ours, ids, px, centres, means), rtol=1e-5, atol=1e-5)
+
+
+def gather_and_rerun(model, ids, px, slots, rows):
+    """The decoder run by hand on the text and the image slots `slots`, each carrying its row of `rows`, at
+    the slots' own positions: the logits of a method that keeps and merges exactly that."""
+    x, valid, image_mask, _ = model.embed(ids, px)
+    x[0, slots] = torch.stack(rows).to(x.dtype)
+    keep = sorted(set(valid[0].nonzero()[:, 0].tolist()) - set(image_mask[0].nonzero()[:, 0].tolist()) | set(slots))
     positions = (valid.cumsum(1) - 1)[:, keep]
-    hidden = ours.llm(x[:, keep], positions, valid[:, keep]).hidden
-    torch.testing.assert_close(pre.logits, ours.llm.lm_head(hidden), rtol=1e-5, atol=1e-5)
+    return model.llm.lm_head(model.llm(x[:, keep], positions, valid[:, keep]).hidden)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75, 0.84375])  # per image 12 = 10 + 2 contextual, 7 + 1, 3 + 1, 3 + 0
+def test_visionzip_keeps_dominant_tokens_and_merges_the_rest(pair, ratio):
+    """Dominant tokens by transformers' own CLIP class-token attention at the feature layer; contextual
+    targets every n-th of the rest, each the mean of itself and the tokens most similar to it; written out."""
+    hf, ours = pair
+    ids, px = inputs(9)
+    cls = hf.model.vision_tower(px, output_attentions=True).attentions[-2][:, :, 0, 1:].mean(1)  # 2, 16
+    features = ours.encode_images(px)                                                        # 2, 16, C
+    slots = ours.prefill(ids, px).image_mask[0].nonzero()[:, 0].view(2, N_PATCHES)
+    k = round((1 - ratio) * 32)
+    kept, rows = [], []
+    for j in range(2):
+        n = k // 2 + (j < k % 2)
+        n_context = round(n * 10 / 64)
+        dominant = sorted(range(N_PATCHES), key=lambda i: -float(cls[j, i]))[:n - n_context]
+        rest = [i for i in range(N_PATCHES) if i not in dominant]
+        targets = rest[::max(1, len(rest) // n_context)][:n_context] if n_context else []
+        groups = {t: [t] for t in targets}
+        for i in rest:
+            if targets and i not in targets:
+                groups[max(targets, key=lambda t: 1 - cosine_distance(features[j, i], features[j, t]))].append(i)
+        for i in dominant + targets:
+            kept.append(int(slots[j, i]))
+            rows.append(features[j, groups.get(i, [i])].mean(0))
+    pre = ours.prefill(ids, px, prune=make("visionzip", ratio))
+    assert pre.kept_image_slots()[0] == sorted(kept)
+    torch.testing.assert_close(pre.logits, gather_and_rerun(ours, ids, px, kept, rows), rtol=1e-5, atol=1e-5)
 
 
 def test_pool_bins_cover_the_grid_as_evenly_as_the_budget_allows():

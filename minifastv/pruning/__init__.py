@@ -15,9 +15,11 @@ from .pool import Pool
 from .pyramiddrop import PyramidDrop
 from .random import RandomDrop
 from .uniform import Uniform
+from .visionzip import VisionZip
 
 METHODS: dict[str, type[Pruner]] = {"fastv": FastV, "random": RandomDrop, "uniform": Uniform, "fastervlm": FasterVLM,
-                                    "divprune": DivPrune, "dart": DART, "pyramiddrop": PyramidDrop, "pool": Pool}
+                                    "divprune": DivPrune, "dart": DART, "pyramiddrop": PyramidDrop, "pool": Pool,
+                                    "visionzip": VisionZip}
 
 
 def settings(name: str, k: int | None, seed: int | None) -> dict:
@@ -50,4 +52,5 @@ def make(name: str, ratio: float, k: int | None = None, seed: int | None = None)
 
 __all__ = ["DART", "METHODS", "active_stages", "AfterLayer", "at_budget", "BeforeDecoder", "decoder_flops",
            "DivPrune", "FasterVLM", "FastV", "keep_slots", "layer_flops", "make", "Pool", "PruneContext",
-           "Pruner", "PyramidDrop", "RandomDrop", "Stage", "theoretical_flops", "Uniform"]
+           "Pruner", "PyramidDrop", "RandomDrop", "Stage", "theoretical_flops", "Uniform",
+           "VisionZip"]

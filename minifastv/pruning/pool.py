@@ -9,9 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
-from .base import BeforeDecoder
+from .base import MergeBeforeDecoder, image_budgets
 
 
 def edges(size: int, n: int, i: int) -> tuple[int, int]:
@@ -37,34 +35,19 @@ def bins(side: int, k: int) -> list[tuple[int, int, int, int]]:
 
 
 @dataclass(frozen=True)
-class Pool(BeforeDecoder):
+class Pool(MergeBeforeDecoder):
     """Keep the fraction 1 - `ratio` of image tokens before the decoder as averages of even bins of each
     image's patches (a sample's budget shared equally among its images, the first ones taking the remainder);
     each average sits at its bin's centre patch."""
 
-    def plan(self, ctx) -> list[list[tuple[int, list[int]]]]:
-        """Per sample, (the slot a pooled token takes, the slots it averages) for every bin of every image."""
+    def plan(self, ctx):
         out = []
         for b in range(len(ctx.image_mask)):
-            images = ctx.image_mask[b].nonzero()[:, 0].split(ctx.n_patches)
-            budget, mine = int(ctx.n_keep[b]), []
-            for j, image in enumerate(images):
+            mine = []
+            for image, k in image_budgets(ctx, b):
                 side = math.isqrt(len(image))
-                for r0, r1, c0, c1 in bins(side, budget // len(images) + (j < budget % len(images))):
+                for r0, r1, c0, c1 in bins(side, k):
                     centre = image[(r0 + r1 - 1) // 2 * side + (c0 + c1 - 1) // 2]
                     mine.append((int(centre), [int(image[r * side + c]) for r in range(r0, r1) for c in range(c0, c1)]))
             out.append(mine)
         return out
-
-    def select(self, ctx):
-        chosen = torch.zeros_like(ctx.image_mask)
-        for b, pooled in enumerate(self.plan(ctx)):
-            chosen[b, [centre for centre, _ in pooled]] = True
-        return chosen
-
-    def merge(self, ctx, chosen):
-        hidden = ctx.hidden.clone()
-        for b, pooled in enumerate(self.plan(ctx)):
-            for centre, cell in pooled:
-                hidden[b, centre] = ctx.hidden[b, cell].float().mean(0).to(hidden.dtype)
-        return hidden
