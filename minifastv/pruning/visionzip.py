@@ -26,13 +26,15 @@ def zip_image(features, cls_attention, k: int) -> list[tuple[int, list[int]]]:
     kept tokens: the dominant ones (each alone), then the contextual targets with their groups."""
     n_context = min(k, round(k * CONTEXTUAL_SHARE))
     dominant = cls_attention.topk(k - n_context).indices.sort().values.tolist()
-    rest = [i for i in range(len(features)) if i not in set(dominant)]
+    taken = set(dominant)
+    rest = [i for i in range(len(features)) if i not in taken]
     out = [(i, [i]) for i in dominant]
     if n_context == 0:
         return out
     step = max(1, len(rest) // n_context)
     targets = rest[::step][:n_context]
-    others = [i for i in rest if i not in set(targets)]
+    taken.update(targets)
+    others = [i for i in rest if i not in taken]
     groups = {t: [t] for t in targets}
     if others:
         unit = F.normalize(features.float(), dim=-1)
