@@ -479,3 +479,21 @@ def test_the_readmes_tiny_model_example_runs(capsys):
     block = readme.split("# The tiny model that ships inside the package")[1].split("```")[0]
     exec(compile("from minifastv import Pipeline\n#" + block, "README.md", "exec"), {})
     assert capsys.readouterr().out.strip() == "red"
+
+
+def test_bench_quant_says_what_it_is_doing(monkeypatch, capsys, tmp_path):
+    """The full-depth run takes many minutes: each step (which checkpoint, which settings) is said on stderr
+    with the time since the start. The heavy steps are stood in for here."""
+    import minifastv.bench.cpu7b as cpu7b
+
+    monkeypatch.setattr(cpu7b, "build_checkpoint", lambda path, config, log: log(f"built {path.name}") or path)
+    monkeypatch.setattr(cpu7b, "measure_in_child", lambda *args: {})
+    monkeypatch.setattr(cpu7b, "float_reference", lambda args, log: {})
+    monkeypatch.setattr(cpu7b, "report", lambda *args: None)
+    assert cpu7b.main(["--quant", "int8", "int4", "--layers", "2", "--workdir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split("] ", 1)[1].split(":")[0] for line in lines if line.startswith("[")] == [
+        "built int8-2layers", "int8", "int8", "built int4-2layers", "int4", "int4", "float reference",
+        "float reference"]
+    assert all(line[:1] == "[" and line.split("]")[0].endswith(" s") for line in lines)
+    assert "int8: measuring off" in "\n".join(lines)

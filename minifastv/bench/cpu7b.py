@@ -61,7 +61,9 @@ def write_tokenizer(path: Path):
 def build_checkpoint(path: Path, config: LlavaConfig, log) -> Path:
     """Random weights for `config`, written one tensor at a time; kept if it already exists."""
     if (path / CONFIG).is_file() and LlavaConfig.from_dict(json.loads((path / CONFIG).read_text())) == config:
+        log(f"{path}: the checkpoint is there already, used as it is")
         return path
+    log(f"{path}: writing a random checkpoint, one tensor at a time")
     start, g = time.perf_counter(), torch.Generator().manual_seed(0)
     float_config = dataclasses.replace(config, quant=None)
     with staged(path, True) as tmp:
@@ -205,15 +207,19 @@ def main(argv=None) -> int:
         print(json.dumps(measure(Path(args.child), args.settings, args.repeats, args.decode_tokens, args.threads,
                                  args.dtype)))
         return 0
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    start = time.perf_counter()
+    log = lambda msg: print(f"[{time.perf_counter() - start:7.1f} s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     print(describe(args.threads))
     print(f"command: python -m minifastv bench {' '.join(sys.argv[1:] if argv is None else argv)}")
     results = {}
     for method in args.quant:
         path = build_checkpoint(Path(args.workdir) / f"{method}-{args.layers}layers",
                                 config_7b(args.layers, METHODS[method]), log)
+        log(f"{method}: measuring {', '.join(SETTINGS)} ({args.repeats} runs after a first one, {args.decode_tokens} "
+            f"new tokens) in a child process")
         results[method] = measure_in_child(path, list(SETTINGS), args, args.dtype)
         log(f"{method}: {json.dumps(results[method])}")
+    log(f"float reference: {args.ref_layers} decoder layers")
     reference = float_reference(args, log)
     log(f"float reference: {json.dumps(reference)}")
     peer = peer_llama_cpp(args, log) if args.peer else None
