@@ -329,10 +329,14 @@ def test_requests_without_an_image_and_padding_requests():
     m.task_dict["t"]["test"] = [doc]
     assert m.generate_until([generation(0)]) == [""]
     assert "no image" in m.records[("t", 0, 0)]["error"]
-    m = model(require_image=False)
-    m.task_dict["t"]["test"] = [doc]
-    m.generate_until([generation(0)])
+    m = model(require_image=False, prune="fastv", prune_kept=16)  # text-only requests beside pruned ones
+    m.task_dict["t"]["test"] = [doc] + docs(2)[1:]
+    m.generate_until([generation(0), generation(1)])
     assert "error" not in m.records[("t", 0, 0)] and m.records[("t", 0, 0)]["image_tokens"] == 0  # text-only
+    assert m.records[("t", 1, 0)]["kept_image_tokens"] == 16
+    (loss, _), = [r.text for r in m.loglikelihood([request("loglikelihood", (doc["question"], " red", visual, 0, "t",
+                                                                                    "test"))])]
+    assert 0 < loss < float("inf")
     m = model()
     m.generate_until([generation(0), generation(0, padding=True), generation(1)])
     assert sorted(m.records) == [("t", 0, 0), ("t", 1, 0)] and len(m.records) == 2

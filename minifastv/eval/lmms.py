@@ -109,16 +109,18 @@ class MiniFastV(lmms):
                 self.failed(req, e)
                 continue
             ready.append((i, images, question, sampling, length))
-        # Batches of one sampling setting, longest prompts first (less padding, an over-long batch fails early).
-        groups: dict[Sampling, list] = {}
+        # Batches of one sampling setting, longest prompts first (less padding, an over-long batch fails early);
+        # text-only requests (require_image=false) apart, as pruning has nothing to prune there.
+        groups: dict[tuple[Sampling, bool], list] = {}
         for r in sorted(ready, key=lambda r: -r[4]):
-            groups.setdefault(r[3], []).append(r)
+            groups.setdefault((r[3], bool(r[1])), []).append(r)
         chunks = [g[s:s + self.batch_size] for g in groups.values() for s in range(0, len(g), self.batch_size)]
         for chunk in tqdm(chunks, disable=self.rank != 0, desc="minifastv generate_until"):
             sampling = chunk[0][3]
             room = min(self.room(r[4], 1) for r in chunk)
             max_new = min(sampling.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, room)
-            answers = self.pipe.answer_batch([(r[1], r[2]) for r in chunk], prune=self.prune, max_new_tokens=max_new,
+            prune = self.prune if chunk[0][1] else None
+            answers = self.pipe.answer_batch([(r[1], r[2]) for r in chunk], prune=prune, max_new_tokens=max_new,
                                              temperature=sampling.temperature, top_p=sampling.top_p,
                                              generator=self.generator)
             for (i, *_), answer in zip(chunk, answers):
@@ -160,7 +162,8 @@ class MiniFastV(lmms):
         self.room(model.merged_slots(batch.input_ids)[1], len(ids))
         cache = KVCache(model.config.text.n_layers, extra=len(ids))
         start = time.perf_counter()
-        pre = model.prefill(**batch.model_inputs(), prune=self.prune, cache=cache, last_only=True)
+        prune = self.prune if batch.pixel_values is not None else None  # a text-only request has nothing to prune
+        pre = model.prefill(**batch.model_inputs(), prune=prune, cache=cache, last_only=True)
         logits = [pre.logits[0, -1:]]
         middle = time.perf_counter()
         if len(ids) > 1:  # the continuation but its last token, through the (pruned) cache
