@@ -24,6 +24,7 @@ import statistics
 import importlib.util
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -90,10 +91,16 @@ def model_flops(config: LlavaConfig, layer_tokens: list[int]) -> float:
     return vision + sum(layer(m) for m in layer_tokens) + 2 * t.dim * t.vocab_size
 
 
-def timed(generate_fn, repeats: int) -> tuple[float, float | None, int]:
-    """Median prefill seconds (until the first token), median decode tokens/s (the tokens after it; None
-    when only one token was generated) over `repeats` runs after a warm-up, and the tokens a run generated.
-    generate_fn(on_token) must call on_token() as each token appears."""
+class Timing(NamedTuple):
+    prefill_s: float                 # median seconds until the first token
+    decode_tok_s: float | None       # median tokens/s after it (None when a run generates one token)
+    tokens: int                      # tokens a run generated
+    runs: int                        # runs the medians are taken over (after a warm-up)
+
+
+def timed(generate_fn, repeats: int) -> Timing:
+    """Prefill and decode speed over `repeats` runs after a warm-up. generate_fn(on_token) must call
+    on_token() as each token appears."""
     prefills, rates = [], []
     for i in range(repeats + 1):
         stamps = [time.perf_counter()]
@@ -102,7 +109,8 @@ def timed(generate_fn, repeats: int) -> tuple[float, float | None, int]:
             prefills.append(stamps[1] - stamps[0])
             if len(stamps) > 2:
                 rates.append((len(stamps) - 2) / (stamps[-1] - stamps[1]))
-    return statistics.median(prefills), statistics.median(rates) if rates else None, len(stamps) - 1
+    return Timing(statistics.median(prefills), statistics.median(rates) if rates else None, len(stamps) - 1,
+                  len(prefills))
 
 
 def rate(tokens_per_s: float | None) -> str:
@@ -124,7 +132,8 @@ def bench_fastv(model, ids, pixels, repeats: int, decode_tokens: int, method=mak
     rows, prunes = [], {}
     for ratio in (0.0, 0.25, 0.5, 0.75):
         prune = prunes[ratio] = None if ratio == 0 else method(name, ratio, k)
-        t_prefill, decode, generated = timed(minifastv_generate(model, ids, pixels, decode_tokens, prune), repeats)
+        timing = timed(minifastv_generate(model, ids, pixels, decode_tokens, prune), repeats)
+        t_prefill, decode = timing.prefill_s, timing.decode_tok_s
         with torch.inference_mode():
             cache = KVCache(cfg.text.n_layers, extra=decode_tokens)
             pre = model.prefill(ids, pixels, prune=prune, cache=cache, last_only=True)
@@ -133,7 +142,8 @@ def bench_fastv(model, ids, pixels, repeats: int, decode_tokens: int, method=mak
                          flops=model_flops(cfg, pre.layer_tokens[0].tolist())))
     base, n, n_image = rows[0], pre.n_prompt_tokens()[0], pre.n_image_tokens()[0]
     label = repr(prunes[0.5]).replace("ratio=0.5", "ratio=R")  # the settings that ran
-    print(f"\n{label}, prompt of {n} tokens ({n_image} image tokens), {generated} new token{'' if generated == 1 else 's'}, median of {repeats}")
+    new = f"{timing.tokens} new token{'' if timing.tokens == 1 else 's'}"
+    print(f"\n{label}, prompt of {n} tokens ({n_image} image tokens), {new}, median of {timing.runs}")
     print("theoretical: the paper's decoder-only formula; model FLOPs: every matmul, vision tower included")
     print("| R | image tokens kept | theoretical FLOPs | model FLOPs | prefill ms | measured speedup | "
           "theoretical speedup | measured/theoretical | measured/model-FLOPs speedup | decode tok/s | "
@@ -161,16 +171,16 @@ def bench_methods(model, ids, pixels, repeats: int, kept: float = 0.25):
             start = time.perf_counter()
             reports.append(prefill(method))
             times.append(time.perf_counter() - start)
-        return statistics.median(times), statistics.median(r.select_s for r in reports), reports[0]
+        return statistics.median(times), statistics.median(r.select_s for r in reports), reports[0], len(times)
 
-    base, _, _ = run(None)
+    base, _, _, runs = run(None)
     print(f"\nevery pruning method keeping {kept:.0%} of the image tokens (K=2 where a method has a layer); "
-          f"prefill = vision tower + decoder, median of {repeats}")
+          f"prefill = vision tower + decoder, median of {runs}")
     print("| method | image tokens kept (last stage) | theoretical FLOPs | prefill ms | speedup | selection ms | "
           "selection / prefill |\n|---|---|---|---|---|---|---|")
     print(f"| none | {model.config.vision.n_patches} | 100.0% | {base * 1e3:.1f} | 1.00x | - | - |")
     for name in METHODS:
-        seconds, select, pre = run(at_budget(name, kept))
+        seconds, select, pre, _ = run(at_budget(name, kept))
         print(f"| {name} | {len(pre.kept_image_slots()[0])} | {pre.flops[0] / pre.flops_unpruned[0]:.1%} | "
               f"{seconds * 1e3:.1f} | {base / seconds:.2f}x | {select * 1e3:.2f} | {select / seconds:.1%} |")
 

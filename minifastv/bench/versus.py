@@ -86,9 +86,9 @@ def bench_transformers(model, ids, pixels, repeats: int, decode_tokens: int):
         "minifastv": timed(minifastv_generate(model, ids, pixels, decode_tokens), repeats),
         "transformers": timed(lambda on_token: hf_generate(decode_tokens, on_token), repeats),
     }
-    for name, (prefill, decode, _) in results.items():
+    for name, (prefill, decode, _, _) in results.items():
         print(f"| {name} | {prefill * 1e3:.1f} | {rate(decode)} |")
-    (p_ours, d_ours, _), (p_hf, d_hf, _) = results["minifastv"], results["transformers"]
+    (p_ours, d_ours, *_), (p_hf, d_hf, *_) = results["minifastv"], results["transformers"]
     print(f"| minifastv speedup | {p_hf / p_ours:.2f}x | {'-' if d_ours is None else f'{d_ours / d_hf:.2f}x'} |")
     ours = generate(model, ids, pixels, max_new_tokens=8)[0].tolist()
     same = ours == hf_generate(8)[0, expanded.shape[1]:].tolist()
