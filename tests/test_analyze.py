@@ -65,11 +65,23 @@ def test_line_plot_draws_one_line_per_series_and_keeps_the_legend_off_them(tmp_p
         legend_colours = {pixels[x, y] for x in range(width - LEGEND_WIDTH, width) for y in range(height)}
     assert width == 400 + LEGEND_WIDTH
     coloured = [c for c in PALETTE if c != (0, 0, 0)]                             # black is also the axes'
-    assert [c in plot_colours for c in coloured] == [True] * 5 + [False]         # a line per series ...
-    assert [c in legend_colours for c in coloured] == [True] * 5 + [False]       # ... and its legend entry, outside
+    assert [c in plot_colours for c in coloured] == [True] * 5 + [False] * (len(coloured) - 5)  # a line a series
+    assert [c in legend_colours for c in coloured] == [True] * 5 + [False] * (len(coloured) - 5)  # legend outside
     assert x_ticks(0, 3, integer=True) == [0.0, 1.0, 2.0, 3.0]                    # layers: whole numbers only
     assert x_ticks(0, 31, integer=True) == [0.0, 4.0, 8.0, 12.0, 16.0, 20.0, 24.0, 28.0]
-    assert x_ticks(0.0, 1.0, integer=False) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert x_ticks(0.0, 1.0, integer=False) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+
+
+def test_plots_tell_every_method_apart_on_round_ticks():
+    """Every series of the methods' comparison (the methods and the unpruned model) has a colour of its own,
+    and ticks fall on round values (not 26%, 44%)."""
+    from minifastv.plot import MARKERS, PALETTE, nice_ticks
+    from minifastv.pruning import METHODS
+
+    assert len(set(PALETTE)) == len(PALETTE) >= len(METHODS) + 1 and len(MARKERS) >= 3
+    assert nice_ticks(0.0, 1.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert nice_ticks(0.26, 0.94) == [0.4, 0.6, 0.8] and nice_ticks(0, 35) == [0, 10, 20, 30]
+    assert nice_ticks(0.5, 1.0) == [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 
 
 def test_the_readme_shows_the_methods_as_they_stand_in_the_code():
