@@ -162,7 +162,7 @@ class Chat:
     def reset(self):
         self.cache = self.position = None
         self.pending: list[int] = []  # generated tokens not yet in the cache: the last answer's end
-        self.image_report: tuple[int, list[int]] | None = None  # the first turn's image tokens and kept slots
+        self.image_report: dict | None = None  # the first turn's image tokens, kept slots and image starts
 
     def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> Answer:
         tok, eos = self.pipe.tokenizer, self.pipe.model.config.text.eos_token_id
@@ -177,10 +177,10 @@ class Chat:
                      position=self.position, **{"max_new_tokens": 256, **self.sampling})
         answer = self.pipe.collect(run, on_text)
         if self.image_report is None:
-            self.image_report = answer.n_image_tokens, answer.kept_image_slots
+            self.image_report = {key: getattr(answer, key) for key in ("n_image_tokens", "kept_image_slots",
+                                                                        "image_starts")}
         else:  # a later turn's prefill sees no image; the cache holds the first turn's kept image tokens
-            answer = dataclasses.replace(answer, n_image_tokens=self.image_report[0],
-                                         kept_image_slots=self.image_report[1])
+            answer = dataclasses.replace(answer, **self.image_report)
         self.cache, self.position = run.cache, run.position
         # The cache lacks the last token sampled: EOS, or the answer's last when the budget ran out (then an
         # EOS follows it): in training every answer ends with </s>.

@@ -82,7 +82,9 @@ def test_later_turns_through_the_cache_equal_a_fresh_prefill(pipe, budget, monke
     assert not logits_seen
     assert answers[1].n_prompt_tokens < 20                 # only the new turn was computed
     # ... and its report is the conversation's image, as the cache holds it: 32 of 64 kept, the first turn's
-    assert all((a.n_image_tokens, a.kept_image_slots) == (64, answers[0].kept_image_slots) for a in answers[1:])
+    assert all((a.n_image_tokens, a.kept_image_slots, a.kept_patches) ==
+               (64, answers[0].kept_image_slots, answers[0].kept_patches) for a in answers[1:])
+    assert len(answers[2].kept_patches[0]) == 32
 
 
 def test_reset_starts_over(pipe):
