@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 
 from .config import ConfigError, LlavaConfig, QuantConfig
 from .files import (ALIGNMENT, STORED_DTYPES, CheckpointError, ShardWriter, read_header, read_into_memory, read_json,
-                    read_tensors, staged, weight_files)
+                    read_tensors, source_dir, staged, weight_files)
 from .llava import LlavaModel, empty_model
 from .machine import release_free_memory, resolve_device, resolve_dtype
 from .quant import Int4Linear, Int8Linear, pack_for_device, quantized_modules, quantized_tensors
@@ -176,11 +176,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, quant: QuantConfig, *,
                         max_shard_bytes: int = 2 << 30, log=lambda msg: print(msg, file=sys.stderr)) -> Path:
     """Write a weight-only quantized copy of the float checkpoint `src` at `out` (minifastv/quant.py), reading
     and writing one tensor at a time; every weight is checked for NaN and infinity on the way."""
-    src, out = Path(src), Path(out)
-    if src.is_file():
-        raise NotADirectoryError(f"{src}: a file; the source is a checkpoint directory (config.json and weights)")
-    if not src.is_dir():
-        raise FileNotFoundError(f"{src}: checkpoint directory not found")
+    src, out = source_dir(Path(src), "checkpoint"), Path(out)
     config = load_config(src)
     if config.quant is not None:
         raise CheckpointError(f"{src / CONFIG}: the checkpoint is already quantized ({config.quant.method}); "

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CONFIG, TOKENIZER
-from .files import PICKLED, SAFETENSORS, CheckpointError, ShardWriter, read_json, read_tensors, staged, weight_files
+from .files import (PICKLED, SAFETENSORS, CheckpointError, ShardWriter, read_json, read_tensors, source_dir, staged,
+                    weight_files)
 from .config import ConfigError, LlavaConfig, QuantConfig, TextConfig, VisionConfig
 from .llava import empty_model
 from .machine import parse_dtype
@@ -227,11 +228,7 @@ def convert(src, out, *, vision_tower=None, dtype=None, tokenizer=None, force=Fa
     checkpoint at `out`, streaming tensor by tensor, optionally with the decoder's linears quantized (`quant`;
     `dtype` is then the float parts' dtype). Every tensor is checked for NaN and infinity on the way. Nothing
     appears at `out` unless conversion succeeds."""
-    src, out = Path(src), Path(out)
-    if src.is_file():
-        raise NotADirectoryError(f"{src}: a file; the source is a checkpoint directory (config.json and weights)")
-    if not src.is_dir():
-        raise FileNotFoundError(f"{src}: source checkpoint directory not found")
+    src, out = source_dir(Path(src), "source checkpoint"), Path(out)
     source = read_json(src / CONFIG)
     if "text" in source and "vision" in source:
         raise ConversionError(f"{src}: already a minifastv checkpoint (its config.json has 'text' and 'vision'); "

@@ -165,6 +165,15 @@ class ShardWriter:
         (self.dir / INDEX).write_text(json.dumps({"weight_map": weight_map}, indent=2) + "\n")
 
 
+def source_dir(path: Path, what: str) -> Path:
+    """`path` if it is a directory; else an error that says what it is instead (`what`: "source checkpoint")."""
+    if path.is_file():
+        raise NotADirectoryError(f"{path}: a file; the source is a checkpoint directory (config.json and weights)")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: {what} directory not found")
+    return path
+
+
 def staging_dir(path: Path, overwrite: bool) -> Path:
     """A fresh hidden sibling of `path` to write into before `publish` renames it into place."""
     if path.exists() and not overwrite:
