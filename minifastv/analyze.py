@@ -4,7 +4,9 @@ picture of the image patches FastV keeps."""
 from __future__ import annotations
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+
+from .plot import label_font
 
 SEGMENTS = ("system", "image", "instruction")
 
@@ -66,14 +68,6 @@ def kept_patches(model, input_ids, pixel_values, method) -> list[int]:
 
 
 LEGEND = "outlined: kept; dimmed: dropped"
-
-
-def label_font(size: int):
-    """Pillow's own font at `size` pixels (Pillow >= 10.1), else its small bitmap font."""
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:
-        return ImageFont.load_default()
 
 
 def picture_grid(pictures: list[tuple[str, Image.Image]], columns: int = 3, gap: int = 12) -> Image.Image:

@@ -57,7 +57,6 @@ class Sampling:
         return text
 
 
-
 def pruner(name, ratio, kept, k, seed, n_patches: int):
     """The pruning method of the model args: prune_ratio drops a fraction; prune_kept keeps that many image
     tokens per image after the method's last stage (PyramidDrop's three stages included)."""

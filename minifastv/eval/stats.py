@@ -7,6 +7,11 @@ import os
 from pathlib import Path
 
 
+def mean(values):
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
 def summarize(records: list[dict], **header) -> dict:
     """Per task: requests, failures, and the means over the requests that ran of the image tokens, those kept,
     the prefill FLOPs relative to unpruned, prefill and decode seconds and decode steps."""
@@ -14,11 +19,6 @@ def summarize(records: list[dict], **header) -> dict:
     for task in sorted({r["task"] for r in records}):
         mine = [r for r in records if r["task"] == task]
         ran = [r for r in mine if "error" not in r]
-
-        def mean(values):
-            values = list(values)
-            return sum(values) / len(values) if values else None
-
         tasks[task] = {"requests": len(mine), "failed": len(mine) - len(ran),
                        "image_tokens": mean(r["image_tokens"] for r in ran),
                        "kept_image_tokens": mean(r["kept_image_tokens"] for r in ran),

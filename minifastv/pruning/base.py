@@ -7,7 +7,7 @@ selection in left-padded batches and the FLOPs count without knowing about them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,6 +36,7 @@ class PruneContext:
     keys: Callable[[], torch.Tensor]   # this layer's keys [B, S, H_kv * D] before rotary, computed on call
     vision_attention: torch.Tensor | None = None  # [B, S] the vision tower's class-token attention at image
     #   slots, at its feature layer (needs_vision_attention); at layer 0 `hidden` holds the projected features
+    memo: dict = field(default_factory=dict)  # what a method's select works out for its merge, at this stage
 
     def image_index(self) -> torch.Tensor:
         """[B, S]: the rank of each image slot among its sample's image tokens (0, 1, ...; -1 elsewhere)."""
@@ -114,15 +115,21 @@ class MergeBeforeDecoder(BeforeDecoder):
         """Per sample, (a kept slot, the slots whose mean it carries) for every kept image token."""
         raise NotImplementedError
 
+    def planned(self, ctx):
+        """The plan, worked out once per stage: select and merge both read it."""
+        if "plan" not in ctx.memo:
+            ctx.memo["plan"] = self.plan(ctx)
+        return ctx.memo["plan"]
+
     def select(self, ctx):
         chosen = torch.zeros_like(ctx.image_mask)
-        for b, kept in enumerate(self.plan(ctx)):
+        for b, kept in enumerate(self.planned(ctx)):
             chosen[b, [slot for slot, _ in kept]] = True
         return chosen
 
     def merge(self, ctx, chosen):
         hidden = ctx.hidden.clone()
-        for b, kept in enumerate(self.plan(ctx)):
+        for b, kept in enumerate(self.planned(ctx)):
             for slot, group in kept:
                 if len(group) > 1:
                     hidden[b, slot] = ctx.hidden[b, group].float().mean(0).to(hidden.dtype)

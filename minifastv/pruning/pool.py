@@ -45,9 +45,9 @@ class Pool(MergeBeforeDecoder):
         for b in range(len(ctx.image_mask)):
             mine = []
             for image, k in image_budgets(ctx, b):
-                side = math.isqrt(len(image))
+                side, image = math.isqrt(len(image)), image.tolist()
                 for r0, r1, c0, c1 in bins(side, k):
                     centre = image[(r0 + r1 - 1) // 2 * side + (c0 + c1 - 1) // 2]
-                    mine.append((int(centre), [int(image[r * side + c]) for r in range(r0, r1) for c in range(c0, c1)]))
+                    mine.append((centre, [image[r * side + c] for r in range(r0, r1) for c in range(c0, c1)]))
             out.append(mine)
         return out

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import BeforeDecoder
+from .base import BeforeDecoder, image_budgets
 
 
 def grid_subsample(side: int, k: int) -> list[int]:
@@ -32,10 +32,6 @@ class Uniform(BeforeDecoder):
     def select(self, ctx):
         chosen = torch.zeros_like(ctx.image_mask)
         for b in range(len(chosen)):
-            slots = ctx.image_mask[b].nonzero()[:, 0]
-            images = slots.split(ctx.n_patches)
-            budget = int(ctx.n_keep[b])
-            for j, image in enumerate(images):
-                share = budget // len(images) + (j < budget % len(images))
+            for image, share in image_budgets(ctx, b):
                 chosen[b, image[grid_subsample(math.isqrt(len(image)), share)]] = True
         return chosen

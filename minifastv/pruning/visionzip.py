@@ -58,6 +58,7 @@ class VisionZip(MergeBeforeDecoder):
             mine = []
             for slots, k in image_budgets(ctx, b):
                 zipped = zip_image(ctx.hidden[b, slots], ctx.vision_attention[b, slots], k)
-                mine += [(int(slots[i]), [int(slots[g]) for g in group]) for i, group in zipped]
+                slots = slots.tolist()
+                mine += [(slots[i], [slots[g] for g in group]) for i, group in zipped]
             out.append(mine)
         return out
