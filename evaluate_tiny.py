@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     for name in METHODS:
         cells = []
         for r in (x for x in methods if x["method"] == name):
-            note = f", {r['kept']:.0%} on average" if name == "pyramiddrop" else ""
+            note = f", {r['kept']:.0%} on average" if name.startswith("pyramiddrop") else ""
             cells.append(f"{r['acc']:.1%} ({r['flops']:.1%}{note})")
         print(f"| {name} | " + " | ".join(cells) + " |")
     series = {name: [(r["flops"], r["acc"]) for r in methods if r["method"] == name] + [(1.0, base["all"])]

@@ -18,6 +18,7 @@ class LayerCache:
         self.k = self.v = self.valid = None
         self.length = 0
         self.segment = 0  # the stretch of layers between pruning stages it belongs to (one attention mask each)
+        self.shift = None  # [B] positions given up by renumbering stages before it (None: positions are original)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor):
         """Append k, v [B, H, T, D] and valid [B, T]; return everything cached so far."""

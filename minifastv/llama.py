@@ -23,7 +23,7 @@ from torch import nn
 from .cache import KVCache, LayerCache
 from .config import TextConfig
 from .pruning import PruneContext, Pruner, active_stages, keep_slots
-from .pruning.base import n_kept
+from .pruning.base import stage_counts
 
 
 class DecoderOutput(NamedTuple):
@@ -110,11 +110,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
+    def heads(self, t):
+        return rearrange(t, "b t (h d) -> b h t d", d=self.head_dim)
+
+    def rotated_keys(self, x, cos, sin):
+        """The keys [B, T, H_kv * D] of x (normed input) after rotary, as the cache holds them."""
+        return rearrange(apply_rope(self.heads(self.k_proj(x)), cos, sin), "b h t d -> b t (h d)")
+
+    def last_row(self, x, cos, sin, valid):
+        """[B, T]: the head-mean attention of the last slot over all slots of x (normed input), as this layer
+        would compute it."""
+        q = apply_rope(self.heads(self.q_proj(x[:, -1:])), cos[:, -1:], sin[:, -1:])
+        return query_attention(q, apply_rope(self.heads(self.k_proj(x)), cos, sin), valid)[:, 0]
+
     def project(self, x, cos, sin):
         """q [B, H, T, D], k and v [B, H_kv, T, D], rotary embeddings applied to q and k."""
-        q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
-        k = rearrange(self.k_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
-        v = rearrange(self.v_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
+        q, k, v = (self.heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(self, x, cos, sin, valid, mask, cache: LayerCache | None = None, n_rows: int = 0):
@@ -182,32 +193,52 @@ class Llama(nn.Module):
         are handed to the pruning method.
         """
         stages = active_stages(prune, len(self.layers))
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        rope = lambda p: rope_cos_sin(p, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)  # noqa: E731
+        cos, sin = rope(positions)
         slots, row, segment, mask_segment, counts, rows, select_s = None, None, 0, None, [], [], 0.0
+        n_first = image_mask.sum(1).tolist() if stages else None
+        shift = applied = None  # renumbering methods: positions each sample gave up (prefill; applied: later passes)
+        x_in = x                # the previous layer's input
         for i, layer in enumerate(self.layers):
             if i in stages:
-                n_keep = [n_kept(stages[i], n) for n in image_mask.sum(1).tolist()]
+                n_keep = stage_counts(prune, stages[i], image_mask.sum(1).tolist(), n_first)
+                before = self.layers[i - 1]
                 ctx = PruneContext(i, x, image_mask, valid, positions, torch.tensor(n_keep, device=x.device),
                                    n_patches, row,
                                    keys=lambda: layer.attn.k_proj(layer.attn_norm(x)),  # noqa: B023
-                                   vision_attention=vision_attention)
+                                   vision_attention=vision_attention,
+                                   previous_keys=lambda: before.attn.rotated_keys(before.attn_norm(x_in), cos, sin),  # noqa: B023
+                                   attention_here=lambda: layer.attn.last_row(layer.attn_norm(x), cos, sin, valid),  # noqa: B023
+                                   final_norm=self.norm)
                 start = time.perf_counter()
-                keep, valid, x = keep_slots(prune, ctx)  # x: merged, for methods that merge tokens
+                keep, kept_valid, x = keep_slots(prune, ctx)  # x: merged, for methods that merge tokens
                 select_s += time.perf_counter() - start
+                if prune.renumber:  # each kept slot moves back by the valid slots dropped before it
+                    dropped = valid & ~torch.zeros_like(valid).scatter(1, keep, kept_valid)
+                    positions = positions - dropped.long().cumsum(1)
+                    shift = dropped.sum(1) + (0 if shift is None else shift)
+                valid = kept_valid
                 x, cos, sin, positions, image_mask = (take(t, keep) for t in (x, cos, sin, positions, image_mask))
+                if prune.renumber:
+                    cos, sin = rope(positions)
                 vision_attention = None if vision_attention is None else take(vision_attention, keep)
                 image_mask = image_mask & valid        # the padding of a pruned batch may point at a dropped image slot
                 slots = keep if slots is None else slots.gather(1, keep)
                 segment += 1
             layer_cache = cache[i] if cache is not None else None
             if layer_cache is not None and layer_cache.length == 0:
-                layer_cache.segment = segment                  # prefill: the layer caches this segment's slots
+                layer_cache.segment, layer_cache.shift = segment, shift  # prefill: this segment's slots and shift
+            elif layer_cache is not None and layer_cache.shift is not applied:
+                # A later pass: the layers after a renumbering stage see positions moved back by its shift.
+                applied = layer_cache.shift
+                cos, sin = rope(positions if applied is None else positions - applied[:, None])
             # Layers between two stages attend over the same slots: one mask serves all of them.
             layer_segment = segment if layer_cache is None else layer_cache.segment
             if layer_segment != mask_segment:
                 kv_valid = valid if layer_cache is None else layer_cache.valid_after(valid)
                 mask, mask_segment = attention_mask(kv_valid, x.shape[1]), layer_segment
             need_row = prune is not None and prune.needs_attention and i + 1 in stages
+            x_in = x
             x, layer_rows = layer(x, cos, sin, valid, mask, layer_cache, max(attention_rows, int(need_row)))
             row = layer_rows[:, -1] if need_row else None
             counts.append(valid.sum(1))

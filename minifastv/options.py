@@ -69,7 +69,7 @@ def check_pruning(method, config, asked: bool) -> None:
     import sys
 
     from .pruning import active_stages
-    from .pruning.base import n_kept
+    from .pruning.base import stage_counts
 
     if method is None:
         return
@@ -84,7 +84,7 @@ def check_pruning(method, config, asked: bool) -> None:
         return
     n = config.vision.n_patches
     for stage in stages.values():
-        n = n_kept(stage, n)
+        n = stage_counts(method, stage, [n], [config.vision.n_patches])[0]
     if n == 0:
         print(f"warning: {describe(method)} keeps 0 of an image's {config.vision.n_patches} tokens: the model "
               "answers without seeing the image", file=sys.stderr)

@@ -29,7 +29,7 @@ def inputs(seed=0, image_at=(2, 7)):
 
 
 def method(name, ratio):
-    return make(name, ratio, k=1 if name in ("fastv", "random", "dart") else None)
+    return make(name, ratio, k=1 if name in ("fastv", "random", "dart", "dart-official") else None)
 
 
 @torch.no_grad()
@@ -67,8 +67,15 @@ class Replay(Pruner):
     def needs_vision_attention(self):
         return self.inner.needs_vision_attention
 
+    @property
+    def renumber(self):
+        return self.inner.renumber
+
     def stages(self, n_layers):
         return self.inner.stages(n_layers)
+
+    def count(self, stage, n_image, n_first):
+        return self.inner.count(stage, n_image, n_first)
 
     def select(self, ctx):
         if ctx.layer not in self.memory:
@@ -279,6 +286,92 @@ def test_dart_matches_the_plain_pivots_and_shares(pair, ratio):
         by_similarity = sorted(slots, key=lambda s: 1 - cosine_distance(h[pivot], h[s]))
         kept += [s for s in by_similarity if s not in kept][:share]
     assert pre.kept_image_slots()[0] == sorted(kept)
+
+
+def official_run(hf, ids, px):
+    """transformers' decoder layers and inputs for a plain run: (layers, their rotary, expanded ids, the
+    hidden states entering each layer, the image slots)."""
+    from conftest import IMAGE_TOKEN, expand_images
+
+    expanded = torch.tensor([expand_images(ids[0].tolist(), N_PATCHES)])
+    states = hf(input_ids=expanded, pixel_values=px, output_hidden_states=True).hidden_states
+    image = [s for s, t in enumerate(expanded[0].tolist()) if t == IMAGE_TOKEN]
+    return hf.model.language_model, expanded, [h[0] for h in states], image
+
+
+def rotated(layer, lm, h, which):
+    """Layer's queries or keys [H, T, D] of its input h [T, C], rotary at positions 0..T-1, as the layer computes
+    them."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn, T = layer.self_attn, len(h)
+    proj = attn.q_proj if which == "q" else attn.k_proj
+    t = proj(layer.input_layernorm(h)).view(1, T, -1, attn.head_dim).transpose(1, 2)
+    cos, sin = lm.rotary_emb(h[None], torch.arange(T)[None])
+    return apply_rotary_pos_emb(t, t, cos, sin)[0][0]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("ratio, kept", [(0.5, 20), (0.75, 12), (0.875, 4)])  # budgets 16, 8, 4
+def test_dart_official_matches_the_official_pivots_and_shares(pair, ratio, kept):
+    """K=2: pivots by the L1 norm of layer 1's rotated keys (4 image, 4 text after the image), floor(budget/8)
+    tokens per pivot on top of the image pivots, least cosine-similar after the final norm, the pivots
+    visited in the order of a Python set of their indices; all from transformers' model."""
+    hf, ours = pair
+    ids, px = inputs(7)
+    lm, expanded, states, image = official_run(hf, ids, px)
+    key_norm = rotated(lm.layers[1], lm, states[1], "k").abs().sum((0, 2))          # T
+    hidden = lm.norm(states[2])
+    after = [s for s in range(len(hidden)) if s > max(image)]
+    image_pivots = sorted(image, key=lambda s: -float(key_norm[s]))[:4]
+    text_pivots = sorted(after, key=lambda s: -float(key_norm[s]))[:4]
+    per_pivot = round((1 - ratio) * 32) // 8
+    left, taken = [s for s in image if s not in image_pivots], []
+    for pivot in set(image_pivots + text_pivots):
+        similar = F.cosine_similarity(hidden[pivot][None], hidden[left], dim=-1)
+        chosen = [left[i] for i in (-similar).topk(per_pivot).indices.tolist()]
+        taken += chosen
+        left = [s for s in left if s not in chosen]
+    pre = ours.prefill(ids, px, prune=make("dart-official", ratio, k=2))
+    assert pre.kept_image_slots()[0] == sorted(image_pivots + taken) and len(image_pivots + taken) == kept
+
+
+def test_dart_officials_budget_of_128_keeps_132():
+    from minifastv.pruning import Stage
+    from minifastv.pruning.dart import DARTOfficial
+
+    counts = {budget: DARTOfficial().count(Stage(2, budget / 576), 576, 576) for budget in (64, 128, 192, 3)}
+    assert counts == {64: 68, 128: 132, 192: 196, 3: 4}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("ratio", [0.5, 0.3])
+def test_pyramiddrop_official_matches_the_official_loop(pair, ratio):
+    """transformers' decoder layers run by hand as the official code runs them: before layers 1, 2, 3 the next
+    layer's q and k rank the image tokens by the last token's head-mean attention, floor(32 lambda^s) of them
+    stay, and the survivors are renumbered 0, 1, ..."""
+    hf, ours = pair
+    ids, px = inputs(8)
+    lm, expanded, states, image = official_run(hf, ids, px)
+    h, slots, lam, tokens = states[0], list(range(len(states[0]))), 1 - ratio, []
+    for i, layer in enumerate(lm.layers):
+        if i in (1, 2, 3):
+            q, k = rotated(layer, lm, h, "q"), rotated(layer, lm, h, "k")
+            k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
+            row = ((q[:, -1:] @ k.transpose(1, 2)) / math.sqrt(q.shape[-1])).softmax(-1).mean(0)[0]
+            present = [j for j, s in enumerate(slots) if s in image]
+            top = sorted(present, key=lambda j: -float(row[j]))[:int(32 * [lam, lam ** 2, lam ** 3][i - 1] + 1e-9)]
+            keep = sorted(set(range(len(slots))) - set(present) | set(top))
+            h, slots = h[keep], [slots[j] for j in keep]
+        T = len(h)
+        cos, sin = lm.rotary_emb(h[None], torch.arange(T)[None])
+        causal = torch.full((T, T), float("-inf")).triu(1)[None, None]
+        h = layer(h[None], attention_mask=causal, position_embeddings=(cos, sin))[0]
+        tokens.append(T)
+    pre = ours.prefill(ids, px, prune=make("pyramiddrop-official", ratio))
+    assert pre.kept_image_slots()[0] == [s for s in slots if s in image]
+    assert pre.layer_tokens[0].tolist() == tokens
+    torch.testing.assert_close(pre.logits[0, -1], hf.lm_head(lm.norm(h))[-1], rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()

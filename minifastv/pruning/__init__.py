@@ -7,19 +7,20 @@ import dataclasses
 
 from .base import (AfterLayer, BeforeDecoder, PruneContext, Pruner, Stage, active_stages, decoder_flops, keep_slots,
                    layer_flops, theoretical_flops)
-from .dart import DART
+from .dart import DART, DARTOfficial
 from .divprune import DivPrune
 from .fastervlm import FasterVLM
 from .fastv import FastV
 from .pool import Pool
-from .pyramiddrop import PyramidDrop
+from .pyramiddrop import PyramidDrop, PyramidDropOfficial
 from .random import RandomDrop
 from .uniform import Uniform
 from .visionzip import VisionZip
 
 METHODS: dict[str, type[Pruner]] = {"fastv": FastV, "random": RandomDrop, "uniform": Uniform, "fastervlm": FasterVLM,
                                     "divprune": DivPrune, "dart": DART, "pyramiddrop": PyramidDrop, "pool": Pool,
-                                    "visionzip": VisionZip}
+                                    "visionzip": VisionZip, "dart-official": DARTOfficial,
+                                    "pyramiddrop-official": PyramidDropOfficial}
 
 
 def settings(name: str, k: int | None, seed: int | None) -> dict:
@@ -50,7 +51,7 @@ def make(name: str, ratio: float, k: int | None = None, seed: int | None = None)
     return METHODS[name](ratio=ratio, **extra)
 
 
-__all__ = ["DART", "METHODS", "active_stages", "AfterLayer", "at_budget", "BeforeDecoder", "decoder_flops",
+__all__ = ["DART", "DARTOfficial", "METHODS", "active_stages", "AfterLayer", "at_budget", "BeforeDecoder", "decoder_flops",
            "DivPrune", "FasterVLM", "FastV", "keep_slots", "layer_flops", "make", "Pool", "PruneContext",
-           "Pruner", "PyramidDrop", "RandomDrop", "Stage", "theoretical_flops", "Uniform",
+           "Pruner", "PyramidDrop", "PyramidDropOfficial", "RandomDrop", "Stage", "theoretical_flops", "Uniform",
            "VisionZip"]

@@ -15,10 +15,12 @@ import torch
 @dataclass(frozen=True)
 class Stage:
     """Before decoder layer `layer` runs (0: before the decoder), keep round(keep * n) of the n image tokens
-    that each sample still has."""
+    that each sample still has (the method's `count` may say otherwise). `index`: the stage's place in its
+    schedule (0 for the first)."""
 
     layer: int
     keep: float
+    index: int = 0
 
 
 @dataclass
@@ -37,6 +39,10 @@ class PruneContext:
     vision_attention: torch.Tensor | None = None  # [B, S] the vision tower's class-token attention at image
     #   slots, at its feature layer (needs_vision_attention); at layer 0 `hidden` holds the projected features
     memo: dict = field(default_factory=dict)  # what a method's select works out for its merge, at this stage
+    # Recomputed on call, for the methods that follow an official code's choice of inputs:
+    previous_keys: Callable[[], torch.Tensor] | None = None     # layer - 1's keys [B, S, H_kv * D] after rotary
+    attention_here: Callable[[], torch.Tensor] | None = None    # [B, S] like `attention`, from this layer's q and k
+    final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None  # the decoder's final RMSNorm
 
     def image_index(self) -> torch.Tensor:
         """[B, S]: the rank of each image slot among its sample's image tokens (0, 1, ...; -1 elsewhere)."""
@@ -50,6 +56,7 @@ class Pruner:
 
     needs_attention = False
     needs_vision_attention = False
+    renumber = False  # True: after each stage the kept slots take consecutive positions again (0, 1, ...)
 
     def stages(self, n_layers: int) -> list[Stage]:
         """The stages for a decoder of n_layers layers."""
@@ -59,6 +66,11 @@ class Pruner:
     def keeping(cls, kept: float, **settings) -> Pruner:
         """The method configured to leave the fraction `kept` of the image tokens after its last stage."""
         return cls(ratio=1 - kept, **settings)
+
+    def count(self, stage: Stage, n_image: int, n_first: int) -> int:
+        """Image tokens a sample keeps at `stage`, when it has n_image of them now and had n_first before any
+        stage: round(keep * n_image) (Python's round, half to even)."""
+        return n_kept(stage, n_image)
 
     def select(self, ctx: PruneContext) -> torch.Tensor:
         """[B, S] scores (each sample keeps its n_keep best-scored image slots) or a bool [B, S] mask of the
@@ -173,6 +185,15 @@ def n_kept(stage: Stage, n_image: int) -> int:
     return round(stage.keep * n_image)
 
 
+def stage_counts(method: Pruner, stage: Stage, n_image: list[int], n_first: list[int]) -> list[int]:
+    """method.count for each sample, checked: a sample keeps between 0 and the image tokens it has."""
+    counts = [method.count(stage, n, n0) for n, n0 in zip(n_image, n_first)]
+    for n, c in zip(n_image, counts):
+        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= n:
+            raise ValueError(f"{type(method).__name__}.count at layer {stage.layer} gave {c!r} for {n} image tokens")
+    return counts
+
+
 def keep_slots(method: Pruner, ctx: PruneContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """THE rule: every valid non-image slot survives, and each sample's chosen image slots. Samples may keep
     different counts, so the result is left-padded again: keep [B, L] (slot indices, in slot order) and
@@ -220,10 +241,10 @@ def decoder_flops(cfg, layer_tokens: list[int]) -> int:
 
 def scheduled_tokens(method: Pruner | None, n_layers: int, n_tokens: int, n_image: int) -> list[int]:
     """Tokens each decoder layer sees for a prompt of n_tokens with n_image image tokens, pruned by `method`."""
-    stages, out = active_stages(method, n_layers), []
+    stages, out, n_first = active_stages(method, n_layers), [], n_image
     for i in range(n_layers):
         if i in stages:
-            dropped = n_image - n_kept(stages[i], n_image)
+            dropped = n_image - stage_counts(method, stages[i], [n_image], [n_first])[0]
             n_tokens, n_image = n_tokens - dropped, n_image - dropped
         out.append(n_tokens)
     return out

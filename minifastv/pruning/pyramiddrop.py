@@ -1,10 +1,17 @@
 """PyramidDrop (Xing et al., arXiv 2410.17247, "PyramidDrop: Accelerating Your Large Vision-Language Models
 via Pyramid Visual Redundancy Reduction"): the decoder in four stages; at the end of each of the first
 three, keep the fraction lambda of the image tokens still present, ranked by the attention of the last
-prompt token (head mean) at the stage's last layer. Image tokens thin out as the layers deepen."""
+prompt token (head mean) at the stage's last layer. Image tokens thin out as the layers deepen.
+
+`pyramiddrop-official` (PyramidDropOfficial) follows the official code's conventions instead: it ranks with the
+next layer's own query and key projections (the first layer of the new stage, on its input), keeps
+floor(n * lambda^s) of the n image tokens the sample started with at stage s, and renumbers positions
+after each drop, so the kept tokens sit at consecutive positions (and generated tokens after them).
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .base import Pruner, Stage, check_ratio
@@ -27,7 +34,22 @@ class PyramidDrop(Pruner):
         return cls(ratio=1 - kept ** (1 / 3), **settings)
 
     def stages(self, n_layers):
-        return [Stage(q * n_layers // 4, 1 - self.ratio) for q in (1, 2, 3)] if n_layers >= 4 else []
+        return [Stage(q * n_layers // 4, 1 - self.ratio, q - 1) for q in (1, 2, 3)] if n_layers >= 4 else []
 
     def select(self, ctx):
         return ctx.attention
+
+
+@dataclass(frozen=True)
+class PyramidDropOfficial(PyramidDrop):
+    """PyramidDrop with the official code's conventions (module docstring): the same knobs as PyramidDrop."""
+
+    needs_attention = False
+    renumber = True
+
+    def count(self, stage, n_image, n_first):
+        # floor, as the official int(); 1e-9 absorbs the float error of 1 - ratio (1 - 0.7 = 0.30000000000000004)
+        return min(n_image, math.floor(n_first * stage.keep ** (stage.index + 1) + 1e-9))
+
+    def select(self, ctx):
+        return ctx.attention_here()
