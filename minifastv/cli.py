@@ -244,6 +244,13 @@ def main(argv=None, *, convert_prog: str | None = None):
     add_output_arguments(q)
     q.set_defaults(run=cmd_quantize)
 
+    from .serve import add_arguments as serve_arguments, cmd_serve
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible server and a web page that shows the kept patches "
+                                     "(needs the [serve] extra)")
+    serve_arguments(s)
+    s.set_defaults(run=cmd_serve)
+
     sub.add_parser("bench", help="FastV and minifastv speed; --quant int8 int4: 7B on a CPU (--help for options)")
 
     args = parser.parse_args(argv)

@@ -1,0 +1,344 @@
+"""`python -m minifastv serve` on the shipped tiny model, in a subprocess, through the official openai client and
+raw HTTP: the answers are generate's, batched requests get what they get alone, the queue, disconnects,
+limits, keys and bad input behave as the README says."""
+
+import base64
+import concurrent.futures
+import http.client
+import json
+import signal
+import threading
+import time
+
+import pytest
+import torch
+from serving import SAMPLE, Server, data_url, image_message
+
+from minifastv import Pipeline, generate
+from minifastv.data import SAMPLES, TINY_MODEL
+from minifastv.pruning import METHODS, make
+
+openai = pytest.importorskip("openai")
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline.load(TINY_MODEL, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def ask(client, i, method=None, ratio=0.5, stream=False, **kwargs):
+    s = SAMPLE[i]
+    extra = {"prune": method or "none", **({"prune_ratio": ratio} if method else {})}
+    reply = client.chat.completions.create(model="tiny", messages=[image_message(SAMPLES / s["image"], s["question"])],
+                                           temperature=0, stream=stream, extra_body=extra, **kwargs)
+    if not stream:
+        return reply.choices[0].message.content, reply.usage, reply.choices[0].finish_reason
+    text, usage, reason = "", None, None
+    for chunk in reply:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            reason = choice.finish_reason or reason
+    return text, usage, reason
+
+
+@pytest.mark.parametrize("method", ["none", *METHODS])
+def test_the_openai_client_gets_generates_greedy_text(client, pipe, method):
+    """Streamed and not, every pruning method: the text, the kept patches and the FLOPs of generate."""
+    for i in (0, 1):
+        s = SAMPLE[i]
+        prune = None if method == "none" else make(method, 0.75)
+        alone = pipe.answer([SAMPLES / s["image"]], s["question"], prune=prune)
+        for stream in (False, True):
+            text, usage, reason = ask(client, i, None if method == "none" else method, 0.75, stream=stream,
+                                      **({"stream_options": {"include_usage": True}} if stream else {}))
+            extra = usage.model_extra
+            assert (text, reason) == (alone.text, "stop")
+            assert extra["kept_patches"] == alone.kept_patches and extra["image_tokens_kept"] == alone.kept
+            assert (extra["prefill_flops"], extra["prefill_flops_unpruned"]) == (alone.flops, alone.flops_unpruned)
+            assert (usage.prompt_tokens, usage.completion_tokens) == (alone.n_prompt_tokens, len(alone.token_ids) + 1)
+
+
+def test_eight_concurrent_clients_get_what_they_get_alone(server, pipe, capsys):
+    """Different images, questions, methods and lengths at once (ignore_eos keeps them going for different
+    numbers of steps, so requests leave and join a running batch); then the load alone and together."""
+    jobs = [(i % 4, [None, "fastv", "dart", "pool"][i % 4], 20 + 7 * i) for i in range(8)]
+    expected = []
+    for i, method, n in jobs:
+        batch = pipe.inputs([SAMPLES / SAMPLE[i]["image"]], SAMPLE[i]["question"])
+        ids = generate(pipe.model, **batch.model_inputs(), max_new_tokens=n, prune=method and make(method, 0.5))
+        expected.append(pipe.tokenizer.decode(ids[0].tolist()))
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+    def one(job):
+        i, method, n = job
+        message = image_message(SAMPLES / SAMPLE[i]["image"], SAMPLE[i]["question"])
+        return client.chat.completions.create(model="tiny", messages=[message], temperature=0, max_tokens=n,
+                                              extra_body={"prune": method or "none", "ignore_eos": True,
+                                                          **({"prune_ratio": 0.5} if method else {})})
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        start = time.perf_counter()
+        together = list(pool.map(one, jobs))
+        together_s = time.perf_counter() - start
+    assert [r.choices[0].message.content for r in together] == expected
+    assert all(r.choices[0].finish_reason == "length" and r.usage.completion_tokens == n
+               for r, (_, _, n) in zip(together, jobs))
+    start = time.perf_counter()
+    for job in jobs:
+        one(job)
+    alone_s = time.perf_counter() - start
+    with capsys.disabled():
+        print(f"\n8 requests ({sum(n for _, _, n in jobs)} tokens): one at a time {alone_s:.2f} s, "
+              f"concurrently {together_s:.2f} s ({alone_s / together_s:.2f}x)")
+
+
+def long_request(server, stream=True):
+    """A request that runs to the context's end unless stopped (ignore_eos), on a raw connection."""
+    s = SAMPLE[0]
+    body = {"messages": [image_message(SAMPLES / s["image"], s["question"])], "temperature": 0, "stream": stream,
+            "max_tokens": 400, "ignore_eos": True}
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    return conn
+
+
+def wait_for(condition, seconds=30):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_full_queue_answers_429_and_a_disconnect_frees_the_slot():
+    server = Server("--max-batch", "1", "--max-queue", "1")
+    try:
+        running = long_request(server)
+        reply = running.getresponse()
+        assert reply.status == 200 and reply.readline().startswith(b"data: ")     # decoding, in the one slot
+        waiting = long_request(server, stream=False)                               # the one place in the queue
+        wait_for(lambda: server.health()["waiting"] == 1)
+        status, headers, body = server.request("POST", "/v1/chat/completions", {"messages": [
+            image_message(SAMPLES / SAMPLE[1]["image"], SAMPLE[1]["question"])]})
+        assert status == 429 and headers["Retry-After"] == "1" and body["error"]["code"] == "queue_full"
+        waiting.close()                        # gone before its turn: never run
+        running.close()                        # gone mid-stream: its row is freed at the next step
+        wait_for(lambda: server.health()["running"] == 0 and server.health()["waiting"] == 0)
+        health = server.health()
+        assert health["cancelled"] == 1 and health["decode_steps"] < 300   # 400 tokens were asked for
+        status, _, body = server.request("POST", "/v1/chat/completions", {"messages": [
+            image_message(SAMPLES / SAMPLE[1]["image"], SAMPLE[1]["question"])], "temperature": 0})
+        assert status == 200 and body["choices"][0]["message"]["content"] == SAMPLE[1]["answer"]
+    finally:
+        server.stop()
+
+
+def test_sigterm_ends_in_flight_requests_cleanly_and_refuses_new_ones():
+    server = Server("--shutdown-grace", "0.5")
+    conn = long_request(server)
+    reply = conn.getresponse()
+    assert reply.readline().startswith(b"data: ")
+    server.proc.send_signal(signal.SIGTERM)
+    events = [line for line in reply.read().decode().split("\n\n") if line]
+    last = json.loads(events[-2].removeprefix("data: "))
+    assert events[-1] == "data: [DONE]" and last["choices"][0]["finish_reason"] == "length"
+    assert server.proc.wait(30) == 0 and "server stopped" in server.proc.stderr.read()
+    with pytest.raises(OSError):
+        server.request("GET", "/health", timeout=2)
+    server.stop()
+
+
+PNG = data_url(SAMPLES / "heldout_0.png")
+
+
+def user(*parts):
+    return {"role": "user", "content": list(parts)}
+
+
+def picture(url):
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def text(t):
+    return {"type": "text", "text": t}
+
+
+QUESTION = user(picture(PNG), text("which shape is in row one column one?"))
+GOOD = {"messages": [QUESTION], "max_tokens": 4}
+MALFORMED = [  # (what is wrong, method, path, body (bytes as sent), status, code or param the error names)
+    ("not JSON", "POST", "/v1/chat/completions", b"{messages: [", 400, "invalid_json"),
+    ("not UTF-8", "POST", "/v1/chat/completions", b"\xff\xfe{}", 400, "invalid_json"),
+    ("empty body", "POST", "/v1/chat/completions", b"", 400, "invalid_json"),
+    ("a JSON array", "POST", "/v1/chat/completions", [GOOD], 400, "invalid_type"),
+    ("no messages", "POST", "/v1/chat/completions", {"max_tokens": 4}, 400, "messages"),
+    ("messages not a list", "POST", "/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
+    ("empty messages", "POST", "/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("a message not an object", "POST", "/v1/chat/completions", {"messages": ["hi"]}, 400, "messages[0]"),
+    ("unknown role", "POST", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400,
+     "messages[0].role"),
+    ("assistant last", "POST", "/v1/chat/completions",
+     {"messages": [QUESTION, {"role": "assistant", "content": "square"}]}, 400, "messages[1].role"),
+    ("two user messages in a row", "POST", "/v1/chat/completions", {"messages": [QUESTION, QUESTION]}, 400,
+     "messages[1].role"),
+    ("system not first", "POST", "/v1/chat/completions",
+     {"messages": [QUESTION, {"role": "system", "content": "x"}]}, 400, "messages[1].role"),
+    ("content a number", "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400,
+     "messages[0].content"),
+    ("unknown part type", "POST", "/v1/chat/completions",
+     {"messages": [user({"type": "audio", "audio": "x"})]}, 400, "messages[0].content[0]"),
+    ("no text", "POST", "/v1/chat/completions", {"messages": [user(picture(PNG))]}, 400, "messages[0].content"),
+    ("an <image> marker in the text", "POST", "/v1/chat/completions",
+     {"messages": [user(picture(PNG), text("<image> which shape"))]}, 400, "messages[0].content"),
+    ("image_url not an object", "POST", "/v1/chat/completions",
+     {"messages": [user({"type": "image_url", "image_url": 7}, text("which shape"))]}, 400,
+     "messages[0].content[0].image_url"),
+    ("an http URL", "POST", "/v1/chat/completions",
+     {"messages": [user(picture("https://example.com/a.png"), text("which shape"))]}, 400, "url_not_allowed"),
+    ("bad base64", "POST", "/v1/chat/completions",
+     {"messages": [user(picture("data:image/png;base64,@@@@"), text("which shape"))]}, 400, "invalid_base64"),
+    ("a data URL without base64", "POST", "/v1/chat/completions",
+     {"messages": [user(picture("data:image/png,abc"), text("which shape"))]}, 400, "invalid_image"),
+    ("not an image", "POST", "/v1/chat/completions",
+     {"messages": [user(picture("data:image/png;base64,aGVsbG8gd29ybGQ="), text("which shape"))]}, 400,
+     "invalid_image"),
+    ("a truncated PNG", "POST", "/v1/chat/completions",
+     {"messages": [user(picture("data:image/png;base64," + base64.b64encode((SAMPLES / "heldout_0.png").read_bytes()[:300])
+                            .decode()), text("which shape"))]}, 400, "invalid_image"),
+    ("a local path without --allow-files", "POST", "/v1/chat/completions",
+     {"messages": [user(picture("/etc/passwd"), text("which shape"))]}, 403, "file_not_allowed"),
+    ("an image in an assistant message", "POST", "/v1/chat/completions",
+     {"messages": [QUESTION, {"role": "assistant", "content": [picture(PNG)]}, QUESTION]}, 400,
+     "messages[1].content[0]"),
+    ("too many images", "POST", "/v1/chat/completions",
+     {"messages": [user(*[picture(PNG)] * 5, text("which shape"))]}, 400, "messages"),
+    ("a word the model does not know", "POST", "/v1/chat/completions",
+     {"messages": [user(picture(PNG), text("bonjour"))]}, 400, "unknown_words"),
+    ("unknown model", "POST", "/v1/chat/completions", {**GOOD, "model": "gpt-4"}, 404, "model_not_found"),
+    ("max_tokens 0", "POST", "/v1/chat/completions", {**GOOD, "max_tokens": 0}, 400, "max_tokens"),
+    ("max_tokens a string", "POST", "/v1/chat/completions", {**GOOD, "max_tokens": "4"}, 400, "max_tokens"),
+    ("max_tokens over the cap", "POST", "/v1/chat/completions", {**GOOD, "max_tokens": 100000}, 400, "max_tokens"),
+    ("temperature negative", "POST", "/v1/chat/completions", {**GOOD, "temperature": -1}, 400, "temperature"),
+    ("temperature a boolean", "POST", "/v1/chat/completions", {**GOOD, "temperature": True}, 400, "temperature"),
+    ("top_p 0", "POST", "/v1/chat/completions", {**GOOD, "top_p": 0}, 400, "top_p"),
+    ("seed negative", "POST", "/v1/chat/completions", {**GOOD, "seed": -5}, 400, "seed"),
+    ("seed a float", "POST", "/v1/chat/completions", {**GOOD, "seed": 1.5}, 400, "seed"),
+    ("stop an empty string", "POST", "/v1/chat/completions", {**GOOD, "stop": ""}, 400, "stop"),
+    ("five stop strings", "POST", "/v1/chat/completions", {**GOOD, "stop": list("abcde")}, 400, "stop"),
+    ("stream a string", "POST", "/v1/chat/completions", {**GOOD, "stream": "yes"}, 400, "stream"),
+    ("n 2", "POST", "/v1/chat/completions", {**GOOD, "n": 2}, 400, "n"),
+    ("unknown pruning method", "POST", "/v1/chat/completions", {**GOOD, "prune": "magic"}, 400, "unknown_method"),
+    ("prune_ratio 1", "POST", "/v1/chat/completions", {**GOOD, "prune": "fastv", "prune_ratio": 1}, 400,
+     "prune_ratio"),
+    ("prune_k on a method without k", "POST", "/v1/chat/completions",
+     {**GOOD, "prune": "pool", "prune_k": 2}, 400, "prune_k"),
+    ("prune_ratio without a method", "POST", "/v1/chat/completions", {**GOOD, "prune_ratio": 0.5}, 400,
+     "prune_ratio"),
+    ("prune_k 0 for FastV", "POST", "/v1/chat/completions", {**GOOD, "prune": "fastv", "prune_k": 0}, 400,
+     "prune_k"),
+    ("GET on the completions", "GET", "/v1/chat/completions", None, 405, "method_not_allowed"),
+    ("no such endpoint", "POST", "/v1/completions", GOOD, 404, "not_found"),
+    ("a body over the cap", "POST", "/v1/chat/completions", b"{" + b" " * (21 * 2**20) + b"}", 413,
+     "body_too_large"),
+]
+
+
+def test_malformed_requests_get_their_documented_4xx_and_the_server_stays_up(server):
+    assert len(MALFORMED) >= 30
+    for what, method, path, body, status, named in MALFORMED:
+        got, _, reply = server.request(method, path, body)
+        assert got == status, (what, reply)
+        error = reply["error"]
+        assert named in (error["code"], error["param"]) and error["message"] and "Traceback" not in error["message"], \
+            (what, error)
+        assert server.proc.poll() is None and server.health()["status"] == "ok", what
+    assert server.request("POST", "/v1/chat/completions", GOOD)[0] == 200
+
+
+def test_local_files_only_under_allow_files_and_the_api_key_is_enforced(tmp_path, pipe):
+    inside, outside = tmp_path / "served", tmp_path / "private"
+    inside.mkdir(), outside.mkdir()
+    (inside / "a.png").write_bytes((SAMPLES / "heldout_1.png").read_bytes())
+    (outside / "b.png").write_bytes((SAMPLES / "heldout_1.png").read_bytes())
+    (inside / "link.png").symlink_to(outside / "b.png")
+    server = Server("--allow-files", str(inside), "--api-key", "sesame", "--prune", "fastv", "--prune-ratio", "0.75")
+    key = {"Authorization": "Bearer sesame"}
+
+    def asking(url, headers=key):
+        body = {"messages": [user(picture(url), text(SAMPLE[1]["question"]))], "temperature": 0}
+        return server.request("POST", "/v1/chat/completions", body, headers)
+
+    expected = pipe.answer([SAMPLES / "heldout_1.png"], SAMPLE[1]["question"], prune=make("fastv", 0.75)).text
+    try:
+        for url in ("a.png", f"file://{inside / 'a.png'}"):                     # the server's pruning by default
+            status, _, body = asking(url)
+            assert status == 200 and body["choices"][0]["message"]["content"] == expected
+            assert body["usage"]["image_tokens_kept"] == 16 and body["usage"]["pruning"] == "FastV K=2 R=0.75"
+        for url in ("../private/b.png", str(outside / "b.png"), f"file://{outside / 'b.png'}", "link.png"):
+            status, _, body = asking(url)
+            assert status == 403 and body["error"]["code"] == "file_not_allowed", url
+        assert asking("missing.png")[2]["error"]["code"] == "file_not_found"
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sesame"}):
+            status, reply_headers, body = asking("a.png", headers)
+            assert status == 401 and body["error"]["code"] == "invalid_api_key"
+            assert reply_headers["WWW-Authenticate"] == "Bearer"
+        assert server.request("GET", "/v1/models")[0] == 401
+        assert server.request("GET", "/v1/models", headers=key)[2]["data"][0]["id"] == "tiny"
+        assert server.request("GET", "/health")[0] == 200          # the health check needs no key
+    finally:
+        server.stop()
+
+
+def test_every_request_knob_changes_the_answer(client, pipe):
+    """max_tokens, stop, temperature, top_p, seed, ignore_eos and the system message each do what they say."""
+    def run(**kwargs):
+        extra = {k: kwargs.pop(k) for k in ("ignore_eos", "prune") if k in kwargs}
+        messages = kwargs.pop("messages", [image_message(SAMPLES / SAMPLE[0]["image"], SAMPLE[0]["question"])])
+        reply = client.chat.completions.create(model="tiny", messages=messages, extra_body=extra, **kwargs)
+        return reply.choices[0].message.content, reply.choices[0].finish_reason, reply.usage.completion_tokens
+
+    batch = pipe.inputs([SAMPLES / SAMPLE[0]["image"]], SAMPLE[0]["question"])
+    ids = generate(pipe.model, **batch.model_inputs(), max_new_tokens=12)[0].tolist()      # EOS not special
+    words = pipe.tokenizer.decode(ids).split()
+    assert run(temperature=0, max_tokens=12, ignore_eos=True) == (" ".join(words), "length", 12)
+    assert run(temperature=0, max_tokens=5, ignore_eos=True)[1:] == ("length", 5)
+    assert run(temperature=0) == (SAMPLE[0]["answer"], "stop", 2)                           # "red", EOS
+    cut = run(temperature=0, max_tokens=12, ignore_eos=True, stop=[" " + words[3]])
+    assert cut[0] == " ".join(words[:3]) and cut[1] == "stop"
+    sampled = {run(temperature=2.0, seed=seed, max_tokens=12, ignore_eos=True)[0] for seed in range(4)}
+    assert len(sampled) > 1                                                                 # temperature, seed
+    assert run(temperature=2.0, seed=7, max_tokens=12, ignore_eos=True) == \
+        run(temperature=2.0, seed=7, max_tokens=12, ignore_eos=True)                        # seed reproduces
+    assert run(temperature=2.0, top_p=1e-6, seed=3, max_tokens=12, ignore_eos=True)[0] == " ".join(words)
+    system = [{"role": "system", "content": "a chat"}, image_message(SAMPLES / SAMPLE[0]["image"],
+                                                                    SAMPLE[0]["question"])]
+    prompt = pipe.tokenizer.encode_prompt("a chat USER: <image>\n" + SAMPLE[0]["question"] + " ASSISTANT:")
+    pixels = pipe.inputs([SAMPLES / SAMPLE[0]["image"]], "x").pixel_values
+    alone = generate(pipe.model, torch.tensor([prompt]), pixels, max_new_tokens=6)[0].tolist()
+    assert run(messages=system, temperature=0, max_tokens=6, ignore_eos=True)[0] == pipe.tokenizer.decode(alone)
+
+
+def test_a_conversation_continues_as_chat_does(client, pipe):
+    from minifastv import Chat
+
+    chat = Chat(pipe, SAMPLES / SAMPLE[1]["image"], temperature=0.0)
+    questions = [SAMPLE[1]["question"], "which shape is in row two column two?", "what colour is the square?"]
+    messages = []
+    for i, question in enumerate(questions):
+        expected = chat.ask(question).text
+        content = image_message(SAMPLES / SAMPLE[1]["image"], question)["content"] if i == 0 else question
+        messages.append({"role": "user", "content": content})
+        got = client.chat.completions.create(model="tiny", messages=messages, temperature=0).choices[0].message.content
+        assert got == expected
+        messages.append({"role": "assistant", "content": got})

@@ -1,0 +1,72 @@
+"""The server's web page in a real headless browser (Debian's chromium and chromedriver, driven by selenium):
+pick an image, ask, and the streamed answer and the kept-patch overlay are the model's."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from serving import SAMPLE, Server
+
+from minifastv import Pipeline
+from minifastv.data import SAMPLES, TINY_MODEL
+from minifastv.pruning import make
+
+webdriver = pytest.importorskip("selenium.webdriver")
+BROWSER, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+if not (BROWSER and DRIVER):
+    if os.environ.get("MINIFASTV_REQUIRE_BROWSER"):   # .ci/run installs them: there, a missing browser fails
+        raise RuntimeError("chromium and chromedriver are needed: apt-get install chromium chromium-driver")
+    pytest.skip("no chromium/chromedriver on this machine (apt-get install chromium chromium-driver)",
+                allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = BROWSER
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1100,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_the_page_streams_the_answer_and_outlines_the_kept_patches(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    pipe = Pipeline.load(TINY_MODEL, dtype="float32")
+    server = Server()
+    try:
+        browser.get(server.url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda d: len(Select(d.find_element(By.ID, "method")).options) > 1)
+        browser.find_element(By.ID, "file").send_keys(str(SAMPLES / SAMPLE[0]["image"]))
+        wait.until(lambda d: d.find_element(By.ID, "image").get_attribute("src").startswith("data:image/png"))
+        Select(browser.find_element(By.ID, "method")).select_by_value("fastv")
+        ratio = browser.find_element(By.ID, "ratio")
+        ratio.clear()
+        ratio.send_keys("0.75")
+        answers = []
+        for turn, question in enumerate([SAMPLE[0]["question"], "which shape is in row four column four?"]):
+            browser.find_element(By.ID, "question").send_keys(question)
+            browser.find_element(By.ID, "send").click()
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#turns li.assistant.done")) == turn + 1)
+            answers.append(browser.execute_script(
+                "const li = [...document.querySelectorAll('#turns li.assistant')].pop(); return li.firstChild.data;"))
+            assert browser.find_element(By.ID, "error").get_attribute("hidden") is not None
+        first = pipe.answer([SAMPLES / SAMPLE[0]["image"]], SAMPLE[0]["question"], prune=make("fastv", 0.75))
+        assert answers[0] == first.text
+        kept = browser.find_elements(By.CSS_SELECTOR, "#overlay rect.kept")
+        dropped = browser.find_elements(By.CSS_SELECTOR, "#overlay rect.dropped")
+        reported = browser.find_element(By.ID, "kept").text                    # "16 / 64", from the last answer
+        assert reported == f"{len(kept)} / 64" and len(kept) + len(dropped) == 64 and len(kept) == 16
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#turns li.user")) == 2
+        shot = Path(os.environ.get("MINIFASTV_SCREENSHOT", tmp_path / "page.png"))
+        assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    finally:
+        server.stop()
