@@ -7,7 +7,6 @@ import concurrent.futures
 import http.client
 import json
 import signal
-import threading
 import time
 
 import pytest
@@ -74,7 +73,7 @@ def test_the_openai_client_gets_generates_greedy_text(client, pipe, method):
 def test_eight_concurrent_clients_get_what_they_get_alone(server, pipe, capsys):
     """Different images, questions, methods and lengths at once (ignore_eos keeps them going for different
     numbers of steps, so requests leave and join a running batch); then the load alone and together."""
-    jobs = [(i % 4, [None, "fastv", "dart", "pool"][i % 4], 20 + 7 * i) for i in range(8)]
+    jobs = [(i % 4, [None, "fastv", "pool", "pyramiddrop-official"][i // 2], 20 + 7 * i) for i in range(8)]
     expected = []
     for i, method, n in jobs:
         batch = pipe.inputs([SAMPLES / SAMPLE[i]["image"]], SAMPLE[i]["question"])
@@ -89,11 +88,14 @@ def test_eight_concurrent_clients_get_what_they_get_alone(server, pipe, capsys):
                                               extra_body={"prune": method or "none", "ignore_eos": True,
                                                           **({"prune_ratio": 0.5} if method else {})})
 
+    decoded = server.health()["decoded_tokens"]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         start = time.perf_counter()
         together = list(pool.map(one, jobs))
         together_s = time.perf_counter() - start
     assert [r.choices[0].message.content for r in together] == expected
+    # A request leaves the batch with its last token: no row decodes past its request's end.
+    assert server.health()["decoded_tokens"] - decoded == sum(n - 1 for _, _, n in jobs)
     assert all(r.choices[0].finish_reason == "length" and r.usage.completion_tokens == n
                for r, (_, _, n) in zip(together, jobs))
     start = time.perf_counter()
@@ -109,7 +111,7 @@ def long_request(server, stream=True):
     """A request that runs to the context's end unless stopped (ignore_eos), on a raw connection."""
     s = SAMPLE[0]
     body = {"messages": [image_message(SAMPLES / s["image"], s["question"])], "temperature": 0, "stream": stream,
-            "max_tokens": 400, "ignore_eos": True}
+            "max_tokens": 400, "ignore_eos": True, "stream_options": {"include_usage": True}}
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
     return conn
@@ -152,8 +154,9 @@ def test_sigterm_ends_in_flight_requests_cleanly_and_refuses_new_ones():
     assert reply.readline().startswith(b"data: ")
     server.proc.send_signal(signal.SIGTERM)
     events = [line for line in reply.read().decode().split("\n\n") if line]
-    last = json.loads(events[-2].removeprefix("data: "))
+    last, usage = (json.loads(event.removeprefix("data: ")) for event in events[-3:-1])
     assert events[-1] == "data: [DONE]" and last["choices"][0]["finish_reason"] == "length"
+    assert usage["usage"]["completion_tokens"] < 400                      # ended by the grace period
     assert server.proc.wait(30) == 0 and "server stopped" in server.proc.stderr.read()
     with pytest.raises(OSError):
         server.request("GET", "/health", timeout=2)
@@ -342,3 +345,53 @@ def test_a_conversation_continues_as_chat_does(client, pipe):
         got = client.chat.completions.create(model="tiny", messages=messages, temperature=0).choices[0].message.content
         assert got == expected
         messages.append({"role": "assistant", "content": got})
+
+
+def test_the_caps_and_settings_on_the_command_line_are_applied(tmp_path):
+    import io
+
+    from PIL import Image
+
+    big = io.BytesIO()
+    Image.new("RGB", (100, 100), "white").save(big, format="PNG")           # 10,000 pixels in a few hundred bytes
+    big_url = "data:image/png;base64," + base64.b64encode(big.getvalue()).decode()
+    small = io.BytesIO()
+    Image.new("RGB", (10, 10), "white").save(small, format="PNG")
+    small_url = "data:image/png;base64," + base64.b64encode(small.getvalue()).decode()
+    server = Server("--max-tokens", "8", "--max-image-pixels", "5000", "--max-images", "1", "--max-image-mb",
+                    f"{(len(big.getvalue()) + 10) / 2**20}", "--max-body-mb", "0.1", "--batch-wait-ms", "600",
+                    "--served-name", "shapes")
+    question = text(SAMPLE[0]["question"])
+    try:
+        assert server.request("GET", "/v1/models")[2]["data"][0]["id"] == "shapes"
+        cases = [({"messages": [user(picture(big_url), question)]}, 413, "image_too_large"),           # pixels
+                 ({"messages": [user(picture(PNG), question)]}, 413, "image_too_large"),               # bytes
+                 ({"messages": [user(picture(small_url), picture(small_url), question)]}, 400, "messages"),
+                 ({"messages": [user(question)], "max_tokens": 9}, 400, "max_tokens"),
+                 ({"messages": [user(question)], "pad": "x" * 120_000}, 413, "body_too_large")]
+        for body, status, named in cases:
+            got, _, reply = server.request("POST", "/v1/chat/completions", body)
+            assert got == status and named in (reply["error"]["code"], reply["error"]["param"]), reply
+        start = time.perf_counter()
+        got, _, reply = server.request("POST", "/v1/chat/completions", {"messages": [user(question)],
+                                                                         "model": "shapes", "ignore_eos": True})
+        assert got == 200 and reply["usage"]["completion_tokens"] == 8                 # the cap is the default
+        assert time.perf_counter() - start >= 0.6                                     # waited for company
+    finally:
+        server.stop()
+
+
+def test_serve_defaults_to_loopback_and_refuses_bad_settings(capsys):
+    import argparse
+
+    from minifastv.cli import main
+    from minifastv.serve import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert p.parse_args([]).host == "127.0.0.1"
+    for flags, message in ((["--max-batch", "0"], "--max-batch must be positive"),
+                           (["--max-queue", "-1"], "--max-queue must be 0 or more"),
+                           (["--port", "70000"], "--port must be in 0..65535"),
+                           (["--allow-files", "/nonexistent"], "not a directory")):
+        assert main(["serve", *flags]) == 2 and message in capsys.readouterr().err

@@ -95,7 +95,8 @@ def create_app(engine: Engine, limits: Limits, *, model_name: str, default_prune
     async def health(request: Request):
         return JSONResponse({"status": "ok" if engine.accepting else "shutting down", "model": model_name,
                              "waiting": len(engine.waiting), "running": engine.running,
-                             "decode_steps": engine.steps, "cancelled": engine.cancelled},
+                             "decode_steps": engine.steps, "decoded_tokens": engine.decoded,
+                             "cancelled": engine.cancelled},
                             status_code=200 if engine.accepting else 503)
 
     async def page(request: Request):

@@ -73,7 +73,8 @@ class Engine:
         self.waiting: collections.deque[Job] = collections.deque()
         self.cond = threading.Condition()
         self.accepting, self.closed, self.deadline = True, False, None
-        self.steps = self.running = self.cancelled = 0  # decode steps run, requests decoding, requests dropped
+        # decode steps run, tokens they decoded (rows x steps), requests decoding, requests whose client went
+        self.steps = self.decoded = self.running = self.cancelled = 0
         self.thread = threading.Thread(target=self.run, name="minifastv-engine", daemon=True)
 
     def start(self):
@@ -159,7 +160,7 @@ class Engine:
     def step(self, running: Running) -> Running | None:
         logits = self.model.decode_step(running.tokens, running.position, running.cache)
         running.position = running.position + 1   # generated tokens continue the original positions
-        self.steps += 1
+        self.steps, self.decoded = self.steps + 1, self.decoded + len(running.jobs)
         return self.advance(running, logits)
 
     def advance(self, running: Running, logits: torch.Tensor) -> Running | None:
