@@ -184,6 +184,9 @@ MALFORMED = [  # (what is wrong, method, path, body (bytes as sent), status, cod
     ("not JSON", "POST", "/v1/chat/completions", b"{messages: [", 400, "invalid_json"),
     ("not UTF-8", "POST", "/v1/chat/completions", b"\xff\xfe{}", 400, "invalid_json"),
     ("empty body", "POST", "/v1/chat/completions", b"", 400, "invalid_json"),
+    ("nested 100,000 deep", "POST", "/v1/chat/completions", b"[" * 100_000, 400, "invalid_json"),
+    ("temperature NaN", "POST", "/v1/chat/completions", json.dumps({**GOOD, "temperature": float("nan")}).encode(),
+     400, "temperature"),
     ("a JSON array", "POST", "/v1/chat/completions", [GOOD], 400, "invalid_type"),
     ("no messages", "POST", "/v1/chat/completions", {"max_tokens": 4}, 400, "messages"),
     ("messages not a list", "POST", "/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
@@ -395,3 +398,26 @@ def test_serve_defaults_to_loopback_and_refuses_bad_settings(capsys):
                            (["--port", "70000"], "--port must be in 0..65535"),
                            (["--allow-files", "/nonexistent"], "not a directory")):
         assert main(["serve", *flags]) == 2 and message in capsys.readouterr().err
+
+
+def test_a_failing_pass_tells_its_requests_and_the_engine_goes_on(pipe, monkeypatch):
+    import queue
+
+    from minifastv.serve.engine import Engine, Job
+
+    engine = Engine(pipe, batch_wait=0).start()
+    ids = pipe.inputs([SAMPLES / SAMPLE[1]["image"]], SAMPLE[1]["question"])
+    events = queue.Queue()
+    job = lambda: Job(ids.input_ids[0].tolist(), ids.pixel_values, None, 4, events.put)  # noqa: E731
+    real = pipe.model.prefill
+    monkeypatch.setattr(pipe.model, "prefill", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    engine.submit(job())
+    assert events.get(timeout=30) == ("error", "RuntimeError: out of memory")
+    monkeypatch.setattr(pipe.model, "prefill", real)
+    engine.submit(job())
+    kind, *rest = events.get(timeout=30)
+    while kind == "text":
+        kind, *rest = events.get(timeout=30)
+    assert kind == "done" and rest[0].text == SAMPLE[1]["answer"] and engine.running == 0
+    engine.drain(0)
+    engine.close()

@@ -60,6 +60,8 @@ def create_app(engine: Engine, limits: Limits, *, model_name: str, default_prune
             return json.loads(b"".join(chunks))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON ({e})", None, "invalid_json") from None
+        except RecursionError:
+            raise ApiError(400, "the request body nests too deeply to read", None, "invalid_json") from None
 
     async def chat_completions(request: Request):
         check_key(request)

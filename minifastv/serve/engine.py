@@ -127,9 +127,9 @@ class Engine:
                         running = self.step(running)
                     self.running = 0 if running is None else len(running.jobs)
                 except Exception as e:  # never leave a client waiting: whatever failed, its requests hear of it
-                    for job in new + ([] if running is None else running.jobs):
+                    for job in dict.fromkeys(new + ([] if running is None else running.jobs)):
                         job.send(("error", f"{type(e).__name__}: {e}"))
-                    running = None
+                    running, self.running = None, 0
 
     def take(self, room: int) -> list[Job]:
         with self.cond:
