@@ -278,19 +278,25 @@ def test_local_files_only_under_allow_files_and_the_api_key_is_enforced(tmp_path
     (inside / "a.png").write_bytes((SAMPLES / "heldout_1.png").read_bytes())
     (outside / "b.png").write_bytes((SAMPLES / "heldout_1.png").read_bytes())
     (inside / "link.png").symlink_to(outside / "b.png")
-    server = Server("--allow-files", str(inside), "--api-key", "sesame", "--prune", "fastv", "--prune-ratio", "0.75")
+    server = Server("--allow-files", str(inside), "--api-key", "sesame", "--prune", "fastv", "--prune-ratio", "0.75",
+                    "--prune-k", "1")
     key = {"Authorization": "Bearer sesame"}
 
     def asking(url, headers=key):
         body = {"messages": [user(picture(url), text(SAMPLE[1]["question"]))], "temperature": 0}
         return server.request("POST", "/v1/chat/completions", body, headers)
 
-    expected = pipe.answer([SAMPLES / "heldout_1.png"], SAMPLE[1]["question"], prune=make("fastv", 0.75)).text
+    expected = pipe.answer([SAMPLES / "heldout_1.png"], SAMPLE[1]["question"], prune=make("fastv", 0.75, 1)).text
     try:
         for url in ("a.png", f"file://{inside / 'a.png'}"):                     # the server's pruning by default
             status, _, body = asking(url)
             assert status == 200 and body["choices"][0]["message"]["content"] == expected
-            assert body["usage"]["image_tokens_kept"] == 16 and body["usage"]["pruning"] == "FastV K=2 R=0.75"
+            assert body["usage"]["image_tokens_kept"] == 16 and body["usage"]["pruning"] == "FastV K=1 R=0.75"
+        for extra, pruning in (({"prune": "fastv"}, "FastV K=1 R=0.75"), ({"prune_ratio": 0.5}, "FastV K=1 R=0.5"),
+                               ({"prune": "pool"}, "Pool R=0.5"), ({"prune": None}, "none"),
+                               ({"prune": "dart", "prune_k": 3}, "DART K=3 R=0.5")):
+            body = {"messages": [user(picture("a.png"), text(SAMPLE[1]["question"]))], "max_tokens": 1, **extra}
+            assert server.request("POST", "/v1/chat/completions", body, key)[2]["usage"]["pruning"] == pruning
         for url in ("../private/b.png", str(outside / "b.png"), f"file://{outside / 'b.png'}", "link.png"):
             status, _, body = asking(url)
             assert status == 403 and body["error"]["code"] == "file_not_allowed", url

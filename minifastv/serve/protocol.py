@@ -136,9 +136,11 @@ def read_pruning(body, default):
     if name not in METHODS:
         raise bad(f"unknown pruning method {name!r:.80}; choose from none, {', '.join(METHODS)}", "prune",
                   "unknown_method")
-    ratio = get(body, "prune_ratio", (int, float), getattr(default, "ratio", 0.5) if type(default) is METHODS[name]
-                else 0.5, lambda v: 0 <= v < 1, "a number in [0, 1) (the fraction of image tokens dropped)")
-    k = get(body, "prune_k", (int,), None, lambda v: v >= 0, "a non-negative integer")
+    same = type(default) is METHODS[name]            # the server's method: its settings are the defaults
+    ratio = get(body, "prune_ratio", (int, float), default.ratio if same else 0.5, lambda v: 0 <= v < 1,
+                "a number in [0, 1) (the fraction of image tokens dropped)")
+    k = get(body, "prune_k", (int,), getattr(default, "k", None) if same else None, lambda v: v >= 0,
+            "a non-negative integer")
     try:
         return make(name, float(ratio), k)
     except ValueError as e:
