@@ -96,19 +96,6 @@ def query_attention(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor) -> to
     return scores.softmax(dim=-1).mean(dim=(1, 2))
 
 
-def one_query_attention(q, k, v, mask):
-    """SDPA for one query per sample (a decode step) on a CPU, q [B, H, 1, D], k and v [B, H_kv, S, D], mask
-    [B, 1, 1, S] or None: an elementwise product and a sum read each key and value once. torch's CPU SDPA does
-    this as batched matrix-vector products well below the memory bandwidth, and with a fixed cost of
-    about a millisecond a call, most of a small model's step (README, "Where a decode step goes")."""
-    B, H, _, D = q.shape
-    q = q.view(B, k.shape[1], H // k.shape[1], 1, D)                              # query head h: kv head h // g
-    scores = (k[:, :, None] * q).sum(-1) * D ** -0.5                               # B, H_kv, g, S
-    if mask is not None:
-        scores = scores.masked_fill(~mask.view(B, 1, 1, -1), float("-inf"))
-    return (scores.softmax(-1)[..., None] * v[:, :, None]).sum(-2).view(B, H, 1, D)
-
-
 def take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """t [B, S] or [B, S, C] at slots index [B, L] -> [B, L] or [B, L, C]."""
     return t.gather(1, index if t.ndim == 2 else index[..., None].expand(-1, -1, t.shape[-1]))
@@ -154,11 +141,8 @@ class Attention(nn.Module):
             q, k, v = q.float(), k.float(), v.float()
         if cache is not None:
             k, v, valid = cache.update(k, v, valid)                # now S >= T slots
-        if T == 1 and x.device.type == "cpu":
-            y = one_query_attention(q, k, v, mask)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               enable_gqa=self.n_kv_heads != self.n_heads)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
         rows = query_attention(q[:, :, -n_rows:], k, valid) if n_rows else None
         return self.o_proj(rearrange(y, "b h t d -> b t (h d)").to(x.dtype)), rows
 
