@@ -121,7 +121,8 @@ def read_checkpoint(path: Path, model: LlavaModel, dtype: torch.dtype | None, de
 def load(path: str | Path, *, dtype="auto", device="cpu", check: bool = False) -> LlavaModel:
     """Load a minifastv checkpoint directory.
 
-    dtype: "auto" (bf16 where the device computes it natively, else fp32; see machine.auto_dtype), a dtype name,
+    dtype: "auto" (bf16 where the device computes it natively, else fp32, and fp32 for a model too small for bf16
+    to pay on a CPU; see machine.auto_dtype), a dtype name,
     or None to keep the stored dtype. It applies to float weights; quantized weights keep their stored form.
     check: also scan every weight for NaN and infinity (conversion and quantization already did, so by
     default loading does not read the weights at all: they are memory-mapped).
@@ -133,8 +134,8 @@ def load(path: str | Path, *, dtype="auto", device="cpu", check: bool = False) -
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: checkpoint directory not found")
     device = resolve_device(device)
-    dtype, _ = resolve_dtype(dtype, device)
     config = load_config(path)
+    dtype, _ = resolve_dtype(dtype, device, config)
     if not (path / TOKENIZER).is_file():
         raise FileNotFoundError(f"{path / TOKENIZER}: file not found")
     model = empty_model(config)

@@ -23,10 +23,11 @@ def load_pipeline(args):
 
     threads = set_threads(args.threads)
     device = resolve_device(args.device)
-    dtype, why = resolve_dtype(args.dtype, device)
+    resolve_dtype(args.dtype, device)  # a bad name is an error before anything is read
     start = time.perf_counter()
-    pipe = Pipeline.load(args.model, dtype=dtype, device=device, check=args.check_weights)
+    pipe = Pipeline.load(args.model, dtype=args.dtype, device=device, check=args.check_weights)
     model = pipe.model
+    why = resolve_dtype(args.dtype, device, model.config)[1]
     seconds, rss = time.perf_counter() - start, peak_rss_bytes()
     quant = model.config.quant
     print(f"{args.model}: {'float' if quant is None else quant.method} decoder linears, "

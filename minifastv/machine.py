@@ -40,8 +40,22 @@ def cpu_has_native_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-def auto_dtype(device: torch.device) -> tuple[torch.dtype, str]:
-    """The float dtype to compute in on `device`, and why."""
+# Below this many bytes of fp32 decoder weights, bf16 is slower than fp32 on a CPU even with native bf16: the
+# weights fit in cache, so halving the bytes saves nothing, and the casts around each op cost (decode, 2 cores,
+# bf16/fp32 speed: 0.81 at 4 MiB (the tiny model's shape), 0.92 at 14 MiB, 1.39 at 43 MiB, 1.56 at 102 MiB;
+# README, "Float dtype").
+SMALL_DECODER_BYTES = 32 << 20
+
+
+def decoder_fp32_bytes(text) -> int:
+    """Bytes of the decoder's weights (layers, final norm, lm_head) in fp32: what a decode step reads."""
+    attention = text.dim * text.head_dim * (2 * text.n_heads + 2 * text.n_kv_heads)
+    layer = attention + 3 * text.dim * text.intermediate_size + 2 * text.dim
+    return 4 * (text.n_layers * layer + text.dim + text.vocab_size * text.dim)
+
+
+def auto_dtype(device: torch.device, config=None) -> tuple[torch.dtype, str]:
+    """The float dtype to compute in on `device` (for the model of `config`, when given), and why."""
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16, "CUDA device with bf16"
@@ -49,6 +63,10 @@ def auto_dtype(device: torch.device) -> tuple[torch.dtype, str]:
     if device.type == "mps":
         return torch.float16, "MPS device"
     if cpu_has_native_bf16():
+        if config is not None and config.quant is None and decoder_fp32_bytes(config.text) < SMALL_DECODER_BYTES:
+            size = decoder_fp32_bytes(config.text) / 2**20
+            return torch.float32, (f"a small model: {size:.0f} MiB of fp32 decoder weights, under the "
+                                   f"{SMALL_DECODER_BYTES >> 20} MiB where bf16 starts to pay on a CPU")
         return torch.bfloat16, "the CPU has native bf16 (AVX512-BF16 or AMX)"
     return torch.float32, "the CPU has no native bf16, so bf16 would be emulated and slow"
 
@@ -62,11 +80,11 @@ def parse_dtype(dtype) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def resolve_dtype(dtype, device: torch.device) -> tuple[torch.dtype | None, str]:
-    """The float dtype to load into, and why: "auto" (chosen for the device), a name or torch.dtype, or None
-    (keep the stored dtype)."""
+def resolve_dtype(dtype, device: torch.device, config=None) -> tuple[torch.dtype | None, str]:
+    """The float dtype to load into, and why: "auto" (chosen for the device and, given its config, the model),
+    a name or torch.dtype, or None (keep the stored dtype)."""
     if dtype == "auto":
-        return auto_dtype(device)
+        return auto_dtype(device, config)
     if dtype is not None and not isinstance(dtype, torch.dtype) and dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
     return parse_dtype(dtype), "as asked" if dtype is not None else "as stored"

@@ -27,6 +27,7 @@ def half_ckpt(tmp_path_factory):
 @pytest.mark.parametrize("native, expected", [(False, torch.float32), (True, torch.bfloat16)])
 def test_auto_dtype_follows_native_bf16(half_ckpt, monkeypatch, native, expected):
     monkeypatch.setattr(machine, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(machine, "SMALL_DECODER_BYTES", 0)   # the tiny preset stands for a large model here
     model = minifastv.load(half_ckpt)  # dtype="auto" is the default
     table = model.llm.embed_tokens.weight
     assert {p.dtype for p in model.parameters() if p is not table} == {expected}  # the vision tower included
@@ -37,6 +38,23 @@ def test_auto_dtype_follows_native_bf16(half_ckpt, monkeypatch, native, expected
     ids = torch.tensor([[1, 5, 9]])
     assert model.embed_tokens(ids).dtype == expected
     assert torch.equal(model.embed_tokens(ids), table[ids].to(expected))
+
+
+def test_auto_keeps_a_model_too_small_for_bf16_in_fp32(half_ckpt, monkeypatch):
+    """With native bf16, a decoder whose fp32 weights are under SMALL_DECODER_BYTES (the tiny model's 3 MiB)
+    stays fp32; the 7B, float or quantized, computes in bf16. The size is what the model holds."""
+    monkeypatch.setattr(machine, "cpu_has_native_bf16", lambda: True)
+    model = minifastv.load(half_ckpt)
+    assert model.dtype == torch.float32
+    held = sum(p.numel() for name, p in model.llm.named_parameters() if not name.startswith("embed_tokens"))
+    assert machine.decoder_fp32_bytes(model.config.text) == 4 * held
+    dtype, why = machine.auto_dtype(torch.device("cpu"), model.config)
+    assert dtype == torch.float32 and "a small model: 3 MiB" in why
+    big = minifastv.LlavaConfig.from_name("llava-1.5-7b")
+    assert machine.auto_dtype(torch.device("cpu"), big)[0] == torch.bfloat16
+    assert machine.decoder_fp32_bytes(big.text) > 25e9
+    monkeypatch.setattr(machine, "SMALL_DECODER_BYTES", machine.decoder_fp32_bytes(model.config.text))
+    assert minifastv.load(half_ckpt).dtype == torch.bfloat16           # at the threshold: not small
 
 
 def test_dtype_none_keeps_the_stored_dtype(half_ckpt):
@@ -104,15 +122,18 @@ def test_cli_options_reach_the_model(half_ckpt, capsys, monkeypatch):
     try:
         code, _, err = generate(capsys, half_ckpt, "--threads", 1, "--check-weights")
         assert code == 0 and torch.get_num_threads() == 1 and "1 threads" in err
-        assert seen[-1]["dtype"] == torch.float32 and seen[-1]["check"] is True
+        assert seen[-1]["dtype"] == "auto" and seen[-1]["check"] is True
         assert "float32 float weights (the CPU has no native bf16" in err and "peak RSS" in err
         code, _, err = generate(capsys, half_ckpt, "--dtype", "bfloat16")
-        assert code == 0 and seen[-1]["dtype"] == torch.bfloat16 and seen[-1]["check"] is False
+        assert code == 0 and seen[-1]["dtype"] == "bfloat16" and seen[-1]["check"] is False
         assert "bfloat16 float weights (as asked)" in err
         assert f"{machine.physical_cores()} threads" in err and torch.get_num_threads() == machine.physical_cores()
         monkeypatch.setattr(machine, "cpu_has_native_bf16", lambda: True)
         code, _, err = generate(capsys, half_ckpt)
-        assert code == 0 and seen[-1]["dtype"] == torch.bfloat16 and "native bf16" in err
+        assert code == 0 and "float32 float weights (a small model: 3 MiB" in err
+        monkeypatch.setattr(machine, "SMALL_DECODER_BYTES", 0)
+        code, _, err = generate(capsys, half_ckpt)
+        assert code == 0 and "bfloat16 float weights (the CPU has native bf16" in err
     finally:
         torch.set_num_threads(before)
 

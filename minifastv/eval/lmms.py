@@ -64,8 +64,8 @@ class MiniFastV(lmms):
         self._device = resolve_device(device)
         if self._device.type == "cpu":
             set_threads(threads or max(1, physical_cores() // local_world))
-        torch_dtype, _ = resolve_dtype(dtype, self._device)
-        self.pipe = Pipeline.load(pretrained, dtype=torch_dtype, device=self._device)
+        resolve_dtype(dtype, self._device)  # a bad name is an error before anything is read
+        self.pipe = Pipeline.load(pretrained, dtype=dtype, device=self._device)
         self.prune = pruner(prune, prune_ratio, prune_kept, prune_k, prune_seed, self.pipe.model.config.vision.n_patches)
         self.batch_size_per_gpu = int(batch_size)
         if self.batch_size_per_gpu < 1:
