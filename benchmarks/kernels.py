@@ -8,6 +8,7 @@ prompt after FastV drops half of the image tokens), prints the median time of ea
   int8 kern  torch._weight_int8pack_mm, bf16 activations (one byte per weight read)
   int8 block minifastv's blockwise path: convert a cache-sized block of rows to the compute dtype, GEMM, scale
   int8 whole dequantize the whole weight to the compute dtype, then F.linear (the first prototype)
+  int8 act   int8 activations: each row rounded to int8, torch._int_mm, both scales (--activations int8)
   int4 kern  torch._weight_int4pack_mm_for_cpu, bf16 activations, group size 128
   int4 block the blockwise path for int4, reading the kernel's packed layout (unpack nibbles, scale, offset)
 
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from minifastv.config import QuantConfig  # noqa: E402
 from minifastv.machine import resolve_dtype, set_threads  # noqa: E402
+from minifastv.int8act import int8_activation_matmul  # noqa: E402
 from minifastv.quant import LINEARS, quantize_weight  # noqa: E402
 from minifastv.bench.machine import describe  # noqa: E402
 
@@ -67,6 +69,7 @@ def paths(weight: torch.Tensor, dtype: torch.dtype) -> dict:
         "int8 kern": lambda x: torch._weight_int8pack_mm(x.to(torch.bfloat16), int8.weight, int8.scale).to(dtype),
         "int8 block": int8.blockwise_matmul,
         "int8 whole": lambda x: F.linear(x, int8.dequantize(dtype)),
+        "int8 act": lambda x: int8_activation_matmul(x, int8.weight, int8.scale),
         "int4 kern": lambda x: torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, 128, table).to(dtype),
         "int4 block": int4.blockwise_matmul,
     }

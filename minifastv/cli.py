@@ -28,9 +28,14 @@ def load_pipeline(args):
     pipe = Pipeline.load(args.model, dtype=args.dtype, device=device, check=args.check_weights)
     model = pipe.model
     why = resolve_dtype(args.dtype, device, model.config)[1]
+    if args.activations != "float":
+        from .int8act import set_activations
+
+        set_activations(model, args.activations)
     seconds, rss = time.perf_counter() - start, peak_rss_bytes()
     quant = model.config.quant
-    print(f"{args.model}: {'float' if quant is None else quant.method} decoder linears, "
+    print(f"{args.model}: {'float' if quant is None else quant.method} decoder linears"
+          f"{', int8 activations at prefill' if args.activations == 'int8' else ''}, "
           f"{str(model.dtype).removeprefix('torch.')} float weights ({why}), {device}"
           + (f", {threads} threads" if device.type == "cpu" else "")
           + f"; loaded in {seconds:.2f} s" + ("" if rss is None else f", peak RSS {rss / 2**30:.2f} GiB"),

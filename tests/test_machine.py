@@ -150,3 +150,22 @@ def test_cli_quantize_then_generate(half_ckpt, capsys, tmp_path):
         assert code == 2 and message in err and not (tmp_path / "bad").exists(), err
     code, _, err = run(capsys, "quantize", half_ckpt, tmp_path / "q8", "--method", "int8", "--group-size", 32)
     assert code == 2 and "--group-size applies to int4" in err
+
+
+def test_cli_activations_int8_reaches_the_prefill(half_ckpt, capsys, tmp_path, monkeypatch):
+    import minifastv.int8act
+    import minifastv.quant
+
+    assert run(capsys, "quantize", half_ckpt, tmp_path / "q8", "--method", "int8")[0] == 0
+    calls, real = [], minifastv.quant.int8_activation_matmul
+    monkeypatch.setattr(minifastv.quant, "int8_activation_matmul", lambda *a: calls.append(a[0].shape) or real(*a))
+    code, out, err = generate(capsys, tmp_path / "q8")
+    assert code == 0 and not calls and "int8 activations" not in err                 # weight-only by default
+    code, out, err = generate(capsys, tmp_path / "q8", "--activations", "int8")
+    assert code == 0 and "int8 decoder linears, int8 activations at prefill" in err and "image tokens kept" in out
+    assert calls and all(rows > minifastv.quant.INT8_KERNEL_MAX_ROWS for rows, _ in calls)  # the prefill's linears
+    code, _, err = generate(capsys, half_ckpt, "--activations", "int8")
+    assert code == 2 and "int8 activations need an int8-quantized checkpoint" in err
+    monkeypatch.setattr(minifastv.int8act, "int8_gemm_exact", lambda: False)
+    code, _, err = generate(capsys, tmp_path / "q8", "--activations", "int8")
+    assert code == 2 and "not available on this CPU" in err

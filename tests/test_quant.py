@@ -70,6 +70,82 @@ def test_logits_close_to_fp32_as_the_noise_model_predicts(fp32, method, pack):
     assert err.mean() <= (0.05 if method.method == "int8" else 0.5) * s
 
 
+def activation_noise(model, seed: int):
+    """Gaussian noise of variance step^2 / 12 on the inputs of every quantized linear in a pass of more than
+    INT8_KERNEL_MAX_ROWS rows, step = the row's absmax / 127: what rounding the activations to int8 adds."""
+    g = torch.Generator().manual_seed(seed)
+
+    def add(module, args):
+        x = args[0]
+        if x.flatten(0, -2).shape[0] <= quant.INT8_KERNEL_MAX_ROWS:
+            return None
+        step = x.abs().amax(-1, keepdim=True) / 127
+        return (x + torch.randn(x.shape, generator=g) * step / 12**0.5,)
+
+    for _, linear in quantized_modules(model):
+        linear.register_forward_pre_hook(add)
+    return model
+
+
+@torch.no_grad()
+def test_int8_activations_stay_within_their_noise_twin(fp32):
+    """int8 activations at prefill: the logits' error against fp32 stays within what the twin with both noises
+    (weights and activations) shows, as the weight-only test bounds it."""
+    from minifastv.int8act import set_activations
+
+    ids = torch.tensor([random_prompt(torch.Generator().manual_seed(0), 20, [5, 12])])   # 53 rows: prefill path
+    px = random_pixels(2, seed=1)
+    ref = fp32(ids, px)
+    q = quantize_model(copy.deepcopy(fp32), INT8)
+    weight_only = (q(ids, px) - ref).abs()
+    set_activations(q, "int8")
+    err = (q(ids, px) - ref).abs()
+    twins = [(activation_noise(noise_twin(fp32, q, seed), seed)(ids, px) - ref).abs() for seed in range(3)]
+    twin_mean, twin_max = (sum(getattr(t, f)() for t in twins) / 3 for f in ("mean", "max"))
+    assert err.mean() <= 1.3 * twin_mean and err.max() <= 2 * twin_max, (err.mean(), twin_mean, err.max(), twin_max)
+    assert err.mean() > weight_only.mean()                     # the activations were rounded too
+    assert err.max() <= 0.4 * ref.std() and err.mean() <= 0.05 * ref.std()
+
+
+def test_int8_activation_matmul_is_the_rounded_product():
+    """Each row rounded to int8 on its own absmax / 127, the exact integer product, both scales: written out."""
+    from minifastv.int8act import int8_activation_matmul
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 96, generator=g) * torch.linspace(0.1, 10, 40)[:, None]
+    q = quantize_weight(torch.randn(24, 96, generator=g), INT8)
+    step = x.double().abs().amax(1, keepdim=True) / 127
+    rounded = (x.double() / step).round()
+    want = (rounded @ q["weight"].double().t()) * step * q["scale"].double()
+    torch.testing.assert_close(int8_activation_matmul(x, q["weight"], q["scale"]).double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_int8_activations_are_refused_where_they_cannot_run(float_ckpt, monkeypatch):
+    import minifastv.int8act as int8act
+
+    with pytest.raises(ValueError, match="need an int8-quantized checkpoint .* this one is float"):
+        int8act.set_activations(minifastv.load(float_ckpt), "int8")
+    with pytest.raises(ValueError, match="activations must be one of float, int8"):
+        int8act.set_activations(minifastv.load(float_ckpt), "int4")
+    int8_model = quantize_model(minifastv.load(float_ckpt, dtype="float32"), INT8)
+    monkeypatch.setattr(int8act, "int8_gemm_exact", lambda: False)
+    with pytest.raises(ValueError, match="not available on this CPU: its integer GEMM"):
+        int8act.set_activations(int8_model, "int8")
+    monkeypatch.setattr(int8act, "int8_gemm_exact", lambda: True)
+    int8act.set_activations(int8_model, "int8")
+    assert {m.activations for m in int8_model.modules() if isinstance(m, Int8Linear)} == {"int8"}
+    int8act.set_activations(int8_model, "float")
+    assert {m.activations for m in int8_model.modules() if isinstance(m, Int8Linear)} == {"float"}
+
+
+def test_int8_gemm_exactness_probe_matches_this_machine():
+    from minifastv.int8act import int8_gemm_exact
+
+    g = torch.Generator().manual_seed(1)
+    x, w = (torch.randint(-127, 128, shape, dtype=torch.int8, generator=g) for shape in ((48, 1024), (96, 1024)))
+    assert int8_gemm_exact() == torch.equal(torch._int_mm(x, w.t()).long(), x.long() @ w.long().t())
+
+
 def test_quantized_generation_with_cache_equals_recompute(fp32):
     """The decode steps (one row: the weight-only kernels) agree with full prefills (many rows: the blockwise
     path) on the same quantized weights."""
