@@ -497,3 +497,30 @@ def test_bench_quant_says_what_it_is_doing(monkeypatch, capsys, tmp_path):
         "float reference"]
     assert all(line[:1] == "[" and line.split("]")[0].endswith(" s") for line in lines)
     assert "int8: measuring off" in "\n".join(lines)
+
+
+def test_bench_quant_activations_reach_the_int8_checkpoints_prefill(monkeypatch, tmp_path):
+    """--activations int8 goes to the child that measures the int8 checkpoint (int4 and float stay as they are)."""
+    import minifastv.bench.cpu7b as cpu7b
+    from minifastv.checkpoint import quantize_checkpoint
+    from minifastv.config import QuantConfig
+    from minifastv.data import TINY_MODEL
+
+    quantize_checkpoint(TINY_MODEL, tmp_path / "q8", QuantConfig("int8"))
+    import types
+
+    children = []
+    monkeypatch.setattr(cpu7b, "build_checkpoint", lambda path, config, log: path)
+    monkeypatch.setattr(cpu7b, "warm_page_cache", lambda path: None)
+    monkeypatch.setattr(cpu7b.subprocess, "run", lambda cmd, **kw: children.append(cmd) or types.SimpleNamespace(
+        stdout="{}"))
+    monkeypatch.setattr(cpu7b, "float_reference", lambda args, log: {})
+    monkeypatch.setattr(cpu7b, "report", lambda *args: None)
+    cpu7b.main(["--quant", "int8", "--layers", "2", "--workdir", str(tmp_path), "--activations", "int8"])
+    assert [cmd[cmd.index("--activations") + 1] for cmd in children] == ["int8"]
+    seen = []
+    monkeypatch.setattr(cpu7b, "set_activations", lambda model, kind: seen.append(kind))
+    cpu7b.measure(tmp_path / "q8", ["off"], 1, 2, 1, "float32", "int8")
+    cpu7b.measure(tmp_path / "q8", ["off"], 1, 2, 1, "float32", "float")
+    cpu7b.measure(TINY_MODEL, ["off"], 1, 2, 1, "float32", "int8")          # a float checkpoint: weight-only
+    assert seen == ["int8"]

@@ -36,6 +36,7 @@ from ..checkpoint import CONFIG, TOKENIZER
 from ..config import QuantConfig
 from ..files import ShardWriter, staged
 from ..generate import stream
+from ..int8act import set_activations
 from ..llava import empty_model
 from ..machine import auto_dtype, peak_rss_bytes, physical_cores, set_threads
 from ..quant import quantized_tensors
@@ -92,11 +93,15 @@ def random_prompt(config: LlavaConfig):
 
 
 @torch.inference_mode()
-def measure(path: Path, settings: list[str], repeats: int, decode_tokens: int, threads: int, dtype: str) -> dict:
-    """Run in a fresh process: load the checkpoint, then time each FastV setting."""
+def measure(path: Path, settings: list[str], repeats: int, decode_tokens: int, threads: int, dtype: str,
+            activations: str = "float") -> dict:
+    """Run in a fresh process: load the checkpoint, then time each FastV setting (int8 activations for an int8
+    checkpoint's prefill if asked)."""
     set_threads(threads)
     start = time.perf_counter()
     model = load(path, dtype=dtype)
+    if activations == "int8" and model.config.quant is not None and model.config.quant.method == "int8":
+        set_activations(model, "int8")
     result = {"load_s": time.perf_counter() - start, "rss_after_load": peak_rss_bytes(),
               "dtype": str(model.dtype).removeprefix("torch."), "settings": {}}
     ids, pixels = random_prompt(model.config)
@@ -133,7 +138,8 @@ def measure_in_child(path: Path, settings, args, dtype: str = "auto") -> dict:
     warm_page_cache(path)
     cmd = [sys.executable, "-m", "minifastv.bench.cpu7b", "--child", str(path), "--settings", *settings,
            "--repeats", str(args.repeats),
-           "--decode-tokens", str(args.decode_tokens), "--threads", str(args.threads), "--dtype", dtype]
+           "--decode-tokens", str(args.decode_tokens), "--threads", str(args.threads), "--dtype", dtype,
+           "--activations", getattr(args, "activations", "float")]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -163,7 +169,8 @@ def report(args, results: dict, reference: dict, peer: dict | None):
     for method, r in results.items():
         off = r["settings"]["off"]["ttft_s"]
         for name, s in r["settings"].items():
-            print(f"| {method} | {r['dtype']} | {name} | {s['kept']} | {r['load_s']:.1f} | {s['first_ttft_s']:.1f} | "
+            label = method + (" + int8 activations" if method == "int8" and args.activations == "int8" else "")
+            print(f"| {label} | {r['dtype']} | {name} | {s['kept']} | {r['load_s']:.1f} | {s['first_ttft_s']:.1f} | "
                   f"{s['ttft_s']:.1f} ({s['ttft_spread_s']:.1f}) | {off / s['ttft_s']:.2f}x | "
                   f"{s['decode_tok_s']:.2f} | {r['peak_rss'] / GiB:.2f} |")
     for ref in reference.values():
@@ -202,10 +209,12 @@ def main(argv=None) -> int:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="auto", help="float weights' dtype (default: auto, as minifastv.load picks)")
+    p.add_argument("--activations", choices=["float", "int8"], default="float",
+                   help="int8: the int8 checkpoint's prefill with int8 activations (int4 stays weight-only)")
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(measure(Path(args.child), args.settings, args.repeats, args.decode_tokens, args.threads,
-                                 args.dtype)))
+                                 args.dtype, args.activations)))
         return 0
     start = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - start:7.1f} s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
