@@ -42,7 +42,7 @@ def pruner_from_args(args, default=None):
     """The pruning method the command line asks for: --prune NAME with --prune-ratio/--prune-k/--prune-seed,
     or FastV's own spelling --fastv-k K [--fastv-ratio R]; `default` when neither is given (and the method
     that --prune-* settings alone apply to)."""
-    from .pruning import METHODS, FastV, make
+    from .pruning import FastV, make, name_of
 
     prune_opts = [f"--prune-{n}" for n in ("ratio", "k", "seed") if getattr(args, f"prune_{n}") is not None]
     check_seed("--prune-seed", args.prune_seed)
@@ -54,7 +54,7 @@ def pruner_from_args(args, default=None):
     if name is None and prune_opts:
         if default is None:
             raise ValueError(f"{', '.join(prune_opts)} given without --prune NAME (the pruning method)")
-        name = next(key for key, cls in METHODS.items() if type(default) is cls)
+        name = name_of(default)
     if name is not None:
         return make(name, 0.5 if args.prune_ratio is None else args.prune_ratio, args.prune_k, args.prune_seed)
     if args.fastv_k is None and args.fastv_ratio is not None and default is None:

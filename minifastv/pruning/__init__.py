@@ -23,6 +23,11 @@ METHODS: dict[str, type[Pruner]] = {"fastv": FastV, "random": RandomDrop, "unifo
                                     "pyramiddrop-official": PyramidDropOfficial}
 
 
+def name_of(method: Pruner) -> str:
+    """The METHODS key of a configured method ("fastv" for FastV(2, 0.5))."""
+    return next(key for key, cls in METHODS.items() if type(method) is cls)
+
+
 def settings(name: str, k: int | None, seed: int | None) -> dict:
     """k and seed for the methods that have them; an error for the others (and for an unknown name)."""
     if name not in METHODS:
@@ -52,6 +57,6 @@ def make(name: str, ratio: float, k: int | None = None, seed: int | None = None)
 
 
 __all__ = ["DART", "DARTOfficial", "METHODS", "active_stages", "AfterLayer", "at_budget", "BeforeDecoder", "decoder_flops",
-           "DivPrune", "FasterVLM", "FastV", "keep_slots", "layer_flops", "make", "Pool", "PruneContext",
+           "DivPrune", "FasterVLM", "FastV", "keep_slots", "layer_flops", "make", "name_of", "Pool", "PruneContext",
            "Pruner", "PyramidDrop", "PyramidDropOfficial", "RandomDrop", "Stage", "theoretical_flops", "Uniform",
            "VisionZip"]

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..options import describe
-from ..pruning import METHODS
+from ..pruning import METHODS, name_of
 from .engine import Engine, Job, QueueFull, ShuttingDown
 from .protocol import ApiError, Limits, read_request
 
@@ -110,7 +110,7 @@ def create_app(engine: Engine, limits: Limits, *, model_name: str, default_prune
         return JSONResponse({"model": model_name, "patch_grid": config.vision.image_size // config.vision.patch_size,
                              "methods": ["none", *METHODS],
                              "default_prune": None if default_prune is None else {
-                                 "method": next(k for k, c in METHODS.items() if type(default_prune) is c),
+                                 "method": name_of(default_prune),
                                  "ratio": default_prune.ratio,
                                  "k": getattr(default_prune, "k", None)},
                              "image_mode": config.image_mode, "image_mean": list(config.image_mean),

@@ -15,7 +15,7 @@ from PIL import Image
 
 from ..image import ImageError, to_rgb
 from ..inputs import check_inputs, image_pixels
-from ..pruning import METHODS, make
+from ..pruning import METHODS, make, name_of
 from ..tokenizer import IMAGE_MARKER, VICUNA_SYSTEM
 
 ROLES = ("system", "user", "assistant")
@@ -128,7 +128,7 @@ def read_pruning(body, default):
         if default is None:
             raise bad(f"{', '.join(given)} given without prune (the method; this server prunes nothing by default)",
                       next(iter(given)))
-        name = next(key for key, cls in METHODS.items() if type(default) is cls)
+        name = name_of(default)
     if name == "none":
         if given:
             raise bad(f"{', '.join(given)} given with prune none", next(iter(given)))
