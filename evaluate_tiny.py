@@ -67,7 +67,7 @@ def fastv_position_bias(pipe, n: int, kept: float = 0.25) -> tuple[float, float,
     attention that the kept ones take."""
     batch, _ = make_batch(pipe, "heldout", range(n))
     pre = pipe.model.prefill(**batch.model_inputs(), attention_rows=1)
-    side = pipe.model.config.vision.image_size // pipe.model.config.vision.patch_size
+    side = pipe.model.config.vision.grid
     rhos, rows, shares = [], [], []
     for row, image in zip(pre.attention[K - 1][:, -1], pre.image_mask):
         scores = row[image].float()                                            # patch order
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
               xlim=(0.0, 1.0), ylim=(0.0, 1.0), percent_y=True)
 
     rho, row, share = fastv_position_bias(pipe, min(args.n, 200))
-    side = model.config.vision.image_size // model.config.vision.patch_size
+    side = model.config.vision.grid
     print(f"\nFastV's ranking (layer {K - 1} attention of the last prompt token), {min(args.n, 200)} prompts: "
           f"Spearman correlation of score with patch index {rho:+.2f}; the top 25% sit on grid row {row:.2f} on "
           f"average (0..{side - 1}; an unbiased choice averages {(side - 1) / 2:.1f}) and take {share:.0%} of the "

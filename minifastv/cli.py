@@ -164,7 +164,7 @@ def cmd_analyze(args):
     line_plot(series, out / "attention_shares.png", xlabel="layer", ylabel="share of attention",
               ylim=(0.0, 1.0), percent_y=True)
     view = model_view(image, cfg.vision.image_size, cfg.image_mode, cfg.image_mean)
-    grid = cfg.vision.image_size // cfg.vision.patch_size
+    grid = cfg.vision.grid
     scale = max(1, 384 // cfg.vision.image_size)
     kept = kept_patches(model, ids, pixels, method)
     picture_grid([(describe(method), kept_patches_picture(view, grid, kept, scale=scale))], columns=1).save(

@@ -34,8 +34,8 @@ class VisionConfig:
 
     def __post_init__(self):
         _check_positive(self, "image_size", "patch_size", "dim", "n_layers", "n_heads", "intermediate_size")
-        if (self.image_size // self.patch_size) ** 2 > 1 << 16:
-            raise ConfigError(f"vision: {self.image_size // self.patch_size}^2 patches per image, beyond any real "
+        if self.n_patches > 1 << 16:
+            raise ConfigError(f"vision: {self.grid}^2 patches per image, beyond any real "
                               "model: the config is damaged")
         if self.image_size % self.patch_size:
             raise ConfigError(f"vision: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
@@ -45,8 +45,13 @@ class VisionConfig:
             raise ConfigError(f"vision: feature_layer {self.feature_layer} is outside [-{self.n_layers + 1}, {self.n_layers}]")
 
     @property
+    def grid(self) -> int:
+        """Patches along each side of the image."""
+        return self.image_size // self.patch_size
+
+    @property
     def n_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        return self.grid ** 2
 
     @property
     def n_used_layers(self) -> int:

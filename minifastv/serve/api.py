@@ -107,7 +107,7 @@ def create_app(engine: Engine, limits: Limits, *, model_name: str, default_prune
 
     async def settings(request: Request):
         """What the page needs to know: the model, its patch grid, the pruning methods and the defaults."""
-        return JSONResponse({"model": model_name, "patch_grid": config.vision.image_size // config.vision.patch_size,
+        return JSONResponse({"model": model_name, "patch_grid": config.vision.grid,
                              "methods": ["none", *METHODS],
                              "default_prune": None if default_prune is None else {
                                  "method": name_of(default_prune),
@@ -159,7 +159,7 @@ class Reply:
         return {"prompt_tokens": answer.n_prompt_tokens, "completion_tokens": completion,
                 "total_tokens": answer.n_prompt_tokens + completion,
                 "image_tokens": answer.n_image_tokens, "image_tokens_kept": answer.kept,
-                "kept_patches": answer.kept_patches, "patch_grid": self.vision.image_size // self.vision.patch_size,
+                "kept_patches": answer.kept_patches, "patch_grid": self.vision.grid,
                 "prefill_flops": answer.flops, "prefill_flops_unpruned": answer.flops_unpruned,
                 "prefill_s": round(answer.prefill_s, 6), "decode_s": round(answer.decode_s, 6), "pruning": self.method}
 
