@@ -421,7 +421,10 @@ def test_a_failing_pass_tells_its_requests_and_the_engine_goes_on(pipe, monkeypa
     real = pipe.model.prefill
     monkeypatch.setattr(pipe.model, "prefill", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory")))
     engine.submit(job())
-    assert events.get(timeout=30) == ("error", "RuntimeError: out of memory")
+    kind, error = events.get(timeout=30)
+    assert kind == "error" and (error.status, error.code, error.message) == (500, "generation_failed",
+                                                                             "RuntimeError: out of memory")
+    assert error.body()["error"]["type"] == "server_error"
     monkeypatch.setattr(pipe.model, "prefill", real)
     engine.submit(job())
     kind, *rest = events.get(timeout=30)

@@ -127,8 +127,7 @@ def create_app(engine: Engine, limits: Limits, *, model_name: str, default_prune
         return error(e)
 
     async def on_other_error(request, exc: Exception):  # a bug of ours: said, without a traceback to the client
-        return JSONResponse({"error": {"message": f"internal error: {type(exc).__name__}: {exc}", "type": "server_error",
-                                       "param": None, "code": None}}, status_code=500)
+        return error(ApiError(500, f"internal error: {type(exc).__name__}: {exc}"))
 
     routes = [Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/models", models, methods=["GET"]), Route("/health", health, methods=["GET"]),
@@ -169,8 +168,7 @@ class Reply:
     async def next(self):
         event = await self.events.get()
         if event[0] == "error":
-            raise ApiError(503 if "shutting down" in event[1] else 500, event[1], None,
-                           "shutting_down" if "shutting down" in event[1] else "generation_failed")
+            raise event[1]
         return event
 
     async def whole(self) -> dict:

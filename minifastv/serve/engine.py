@@ -25,6 +25,9 @@ from ..inputs import left_pad
 from ..pipeline import Answer
 from ..pruning import Pruner
 from ..tokenizer import TextStream
+from .protocol import ApiError
+
+GONE = ApiError(499, "cancelled: the client went away", None, "cancelled")  # nobody is left to read it
 
 
 class QueueFull(Exception):
@@ -39,7 +42,7 @@ class ShuttingDown(Exception):
 class Job:
     """One chat completion: its prompt, its settings, and `send`, which hands events to the request's handler
     from the engine's thread: ("text", piece) as the answer grows, then ("done", Answer, finish_reason) or
-    ("error", message)."""
+    ("error", ApiError) with the status the request ends with."""
 
     ids: list[int]
     pixels: torch.Tensor | None          # [n_images, 3, S, S]
@@ -95,7 +98,7 @@ class Engine:
         with self.cond:
             self.accepting, self.deadline = False, time.monotonic() + grace
             for job in self.waiting:
-                job.send(("error", "the server is shutting down"))
+                job.send(("error", ApiError(503, "the server is shutting down", None, "shutting_down")))
             self.waiting.clear()
             self.cond.notify()
 
@@ -128,7 +131,7 @@ class Engine:
                     self.running = 0 if running is None else len(running.jobs)
                 except Exception as e:  # never leave a client waiting: whatever failed, its requests hear of it
                     for job in dict.fromkeys(new + ([] if running is None else running.jobs)):
-                        job.send(("error", f"{type(e).__name__}: {e}"))
+                        job.send(("error", ApiError(500, f"{type(e).__name__}: {e}", None, "generation_failed")))
                     running, self.running = None, 0
 
     def take(self, room: int) -> list[Job]:
@@ -137,7 +140,7 @@ class Engine:
             while self.waiting and len(jobs) < room:
                 job = self.waiting.popleft()
                 if job.cancelled.is_set():
-                    job.send(("error", "cancelled: the client went away"))
+                    job.send(("error", GONE))
                 else:
                     jobs.append(job)
             return jobs
@@ -180,7 +183,7 @@ class Engine:
         """Hand `token` to its request; True once the request is complete (or gone)."""
         if job.cancelled.is_set():
             self.cancelled += 1
-            job.send(("error", "cancelled: the client went away"))  # ends a handler still waiting
+            job.send(("error", GONE))  # ends a handler still waiting
             return True
         reason = None
         if token == self.eos and not job.ignore_eos:

@@ -28,7 +28,8 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 413: "invalid_request_error",
-                429: "rate_limit_error", 503: "service_unavailable"}.get(self.status, "invalid_request_error")
+                429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}.get(self.status,
+                                                                                           "invalid_request_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
