@@ -18,8 +18,9 @@ def int8_activation_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.T
     """x [M, in] @ (weight * scale).T with x rounded too: each row to int8 on its own scale (absmax / 127), the
     product in int32 by torch._int_mm, then both scales applied. The activations' rounding is the only error
     added to the weight-only path's."""
-    step = x.float().abs().amax(1, keepdim=True).clamp(min=1e-30) / 127
-    rounded = x.float().div(step).round_().to(torch.int8)           # fresh tensors: x itself is never written
+    xf = x.float()
+    step = xf.abs().amax(1, keepdim=True).clamp(min=1e-30) / 127
+    rounded = xf.div(step).round_().to(torch.int8)                  # div makes a new tensor: x is never written
     y = torch._int_mm(rounded, weight.t()).float()
     return y.mul_(step).mul_(scale.float()).to(x.dtype)
 

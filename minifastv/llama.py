@@ -202,12 +202,13 @@ class Llama(nn.Module):
         for i, layer in enumerate(self.layers):
             if i in stages:
                 n_keep = stage_counts(prune, stages[i], image_mask.sum(1).tolist(), n_first)
-                before = self.layers[i - 1]
+                before = self.layers[i - 1] if i else None   # before the decoder there is no earlier layer
                 ctx = PruneContext(i, x, image_mask, valid, positions, torch.tensor(n_keep, device=x.device),
                                    n_patches, row,
                                    keys=lambda: layer.attn.k_proj(layer.attn_norm(x)),  # noqa: B023
                                    vision_attention=vision_attention,
-                                   previous_keys=lambda: before.attn.rotated_keys(before.attn_norm(x_in), cos, sin),  # noqa: B023
+                                   previous_keys=None if before is None else lambda: before.attn.rotated_keys(
+                                       before.attn_norm(x_in), cos, sin),  # noqa: B023
                                    attention_here=lambda: layer.attn.last_row(layer.attn_norm(x), cos, sin, valid),  # noqa: B023
                                    final_norm=self.norm)
                 start = time.perf_counter()
