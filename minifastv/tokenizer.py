@@ -51,9 +51,10 @@ class Tokenizer:
             ids.extend(self.encode_text(chunk))
         return ids
 
-    def encode_turn(self, question: str) -> list[int]:
-        """A later turn of a vicuna_v1 conversation, after the previous answer and its EOS: "USER: q ASSISTANT:"."""
-        return self.encode_text(f"USER: {question} ASSISTANT:")
+    def encode_turn(self, question: str, n_images: int = 0) -> list[int]:
+        """A later turn of a vicuna_v1 conversation, after the previous answer and its EOS: "USER: q ASSISTANT:",
+        its images (if any) first, each on its own line, as in chat_prompt."""
+        return self.encode_prompt(f"USER: {(IMAGE_MARKER + chr(10)) * n_images}{question} ASSISTANT:")[1:]
 
     def encode_text(self, text: str) -> list[int]:
         """Ids of plain text (no BOS); words the vocabulary lacks are an error that names them."""

@@ -61,6 +61,11 @@ def test_later_turn_is_vicuna_v1(tok):
     the previous answer's </s>, as "USER: q ASSISTANT:"."""
     roles, sep = ("USER", "ASSISTANT"), " "
     assert tok.encode_turn("Is it red?") == tok.encode_text(f"{roles[0]}: Is it red?{sep}{roles[1]}:")
+    # With images (a server's later user message may carry them): each first, on its own line, split as LLaVA
+    # splits a prompt at "<image>"
+    assert tok.encode_turn("Is it red?", 2) == (tok.encode_text(f"{roles[0]}: ") + [IMAGE_ID]
+                                               + tok.encode_text("\n") + [IMAGE_ID]
+                                               + tok.encode_text(f"\nIs it red?{sep}{roles[1]}:"))
 
 
 def test_decode_skips_special_and_image_ids(tok):

@@ -16,7 +16,7 @@ from PIL import Image
 from ..image import ImageError, to_rgb
 from ..inputs import check_inputs, image_pixels
 from ..pruning import METHODS, make, name_of
-from ..tokenizer import IMAGE_MARKER, VICUNA_SYSTEM
+from ..tokenizer import IMAGE_MARKER, VICUNA_SYSTEM, chat_prompt
 
 ROLES = ("system", "user", "assistant")
 
@@ -185,8 +185,8 @@ def read_messages(messages, tok, eos: int, limits: Limits):
     ids = []
     try:
         for t, (n_images, question, answer) in enumerate(turns):
-            prompt = f"{system} USER: " if t == 0 else "USER: "
-            ids += tok.encode_prompt(f"{prompt}{(IMAGE_MARKER + chr(10)) * n_images}{question} ASSISTANT:")[t > 0:]
+            ids += (tok.encode_prompt(chat_prompt(question, n_images, system)) if t == 0 else
+                    tok.encode_turn(question, n_images))
             if answer is not None:
                 ids += tok.encode_text(answer) + [eos]
     except ValueError as e:
