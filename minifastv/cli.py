@@ -23,7 +23,6 @@ def load_pipeline(args):
 
     threads = set_threads(args.threads)
     device = resolve_device(args.device)
-    resolve_dtype(args.dtype, device)  # a bad name is an error before anything is read
     start = time.perf_counter()
     pipe = Pipeline.load(args.model, dtype=args.dtype, device=device, check=args.check_weights)
     model = pipe.model
