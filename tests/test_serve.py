@@ -160,7 +160,10 @@ def test_sigterm_ends_in_flight_requests_cleanly_and_refuses_new_ones(grace):
     assert events[-1] == "data: [DONE]" and last["choices"][0]["finish_reason"] == "length"
     tokens = usage["usage"]["completion_tokens"]
     assert tokens < 200 if grace == 0 else tokens == 400
-    assert server.proc.wait(30) == 0 and "server stopped" in server.proc.stderr.read()
+    stderr = server.proc.stderr.read()
+    assert server.proc.wait(30) == 0 and "server stopped" in stderr
+    assert ("limits: body 20 MiB, image 10 MiB and 16.7772 Mpixels, 4 images a request, max_tokens 512, no local "
+            "files; no API key") in stderr                                   # the caps, said at start
     with pytest.raises(OSError):
         server.request("GET", "/health", timeout=2)
     server.stop()
