@@ -7,7 +7,7 @@ KV cache filled with random keys and values for a --context-token prompt; then -
 timed without a profiler (the step time) and once more under torch.profiler, each part of the step marked
 by a record_function range (their inclusive times; the rest is the step minus the parts).
 
-    python benchmarks/decode_profile.py [--quant int8 int4] [--layers 32] [--context 632] [--steps 8]
+    python benchmarks/decode_profile.py [--quant int8 int8-act int4] [--layers 32] [--context 632] [--steps 8]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from minifastv.bench.machine import describe  # noqa: E402
 from minifastv.cache import KVCache, LayerCache  # noqa: E402
 from minifastv.config import LlavaConfig, QuantConfig  # noqa: E402
 from minifastv.llava import empty_model  # noqa: E402
+from minifastv.int8act import set_activations  # noqa: E402
 from minifastv.machine import auto_dtype  # noqa: E402
 from minifastv.quant import QuantLinear, pack_for_device  # noqa: E402
 
@@ -137,6 +138,8 @@ def steps(model, cache, position, n):
 @torch.inference_mode()
 def profile_one(name, quant, args, dtype):
     model = random_decoder(quant, args.layers, dtype)
+    if name == "int8-act":
+        set_activations(model, "int8")
     n_bytes = weight_bytes(model)
     cache = fill_cache(model, args.context)
     position = torch.tensor([args.context])
@@ -171,7 +174,8 @@ def profile_one(name, quant, args, dtype):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quant", nargs="+", choices=["int8", "int4", "none"], default=["int8", "int4"])
+    p.add_argument("--quant", nargs="+", choices=["int8", "int8-act", "int4", "none"], default=["int8", "int4"],
+                   help="int8-act: int8 weights with int8 activations (--activations int8)")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--context", type=int, default=632, help="tokens in the cache (LLaVA's prompt with one image)")
     p.add_argument("--steps", type=int, default=8)
@@ -185,7 +189,8 @@ def main():
     print(describe())
     print(f"LLaVA-1.5-7B decoder shape, {args.layers} layers, {args.context} tokens in the cache, float parts "
           f"{str(dtype).removeprefix('torch.')}; median of {args.repeats} runs of {args.steps} steps")
-    quants = {"int8": QuantConfig("int8"), "int4": QuantConfig("int4", 128), "none": None}
+    quants = {"int8": QuantConfig("int8"), "int8-act": QuantConfig("int8"), "int4": QuantConfig("int4", 128),
+              "none": None}
     for name in args.quant:
         profile_one(name, quants[name], args, dtype)
 

@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from .config import ConfigError, LlavaConfig, QuantConfig
 from .files import (ALIGNMENT, STORED_DTYPES, CheckpointError, ShardWriter, read_header, read_into_memory, read_json,
                     read_tensors, source_dir, staged, weight_files)
+from .int4cpu import read_cpu_layout, use_cpu_layout
 from .llava import LlavaModel, empty_model
 from .machine import release_free_memory, resolve_device, resolve_dtype
 from .quant import Int4Linear, Int8Linear, pack_for_device, quantized_modules, quantized_tensors
@@ -65,12 +66,13 @@ def check_finite(name: str, tensor: torch.Tensor, where):
 
 
 def read_checkpoint(path: Path, model: LlavaModel, dtype: torch.dtype | None, device: torch.device,
-                    check: bool) -> dict[str, torch.Tensor]:
+                    check: bool, repack: bool = True) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint at `path`, checked against `model` (built on the meta device).
 
     A tensor used as stored is memory-mapped: the OS reads it on first use and may drop it again under memory
     pressure. A tensor that will be transformed (cast to another dtype, or int4 repacked for the CPU kernel)
-    is read into memory instead, and the read copy is freed once transformed, so no weight is held twice (a
+    is read into memory instead (repack=False: int4 weights will be replaced by a packed file, so they are
+    mapped and never read), and the read copy is freed once transformed, so no weight is held twice (a
     file's mapping, with every page read through it, lives as long as any tensor mapped from it). So is an
     int8 weight that the file does not place on a 64-byte boundary (files written by `save` do): torch's int8
     kernel reads its weight with aligned vector loads. Quantized tensors keep their stored dtype, and so do
@@ -82,7 +84,7 @@ def read_checkpoint(path: Path, model: LlavaModel, dtype: torch.dtype | None, de
     linears = quantized_modules(model)
     aligned = {f"{name}.weight" for name, m in linears if isinstance(m, Int8Linear)}
     repacked = {f"{name}.{b}" for name, m in linears if isinstance(m, Int4Linear) and device.type == "cpu"
-                for b in ("weight", "scale", "zero")}
+                and repack for b in ("weight", "scale", "zero")}
     tables = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
     state = {}
     for file in weight_files(path):
@@ -139,7 +141,10 @@ def load(path: str | Path, *, dtype="auto", device="cpu", check: bool = False) -
     if not (path / TOKENIZER).is_file():
         raise FileNotFoundError(f"{path / TOKENIZER}: file not found")
     model = empty_model(config)
-    model.load_state_dict(read_checkpoint(path, model, dtype, device, check), assign=True)
+    packed = read_cpu_layout(path, model) if device.type == "cpu" else None  # int4: a packed file beside it
+    model.load_state_dict(read_checkpoint(path, model, dtype, device, check, repack=packed is None), assign=True)
+    if packed is not None:
+        use_cpu_layout(model, packed)
     pack_for_device(model)
     release_free_memory()
     return model.eval()

@@ -34,7 +34,7 @@ def load_pipeline(args):
     seconds, rss = time.perf_counter() - start, peak_rss_bytes()
     quant = model.config.quant
     print(f"{args.model}: {'float' if quant is None else quant.method} decoder linears"
-          f"{', int8 activations at prefill' if args.activations == 'int8' else ''}, "
+          f"{', int8 activations' if args.activations == 'int8' else ''}, "
           f"{str(model.dtype).removeprefix('torch.')} float weights ({why}), {device}"
           + (f", {threads} threads" if device.type == "cpu" else "")
           + f"; loaded in {seconds:.2f} s" + ("" if rss is None else f", peak RSS {rss / 2**30:.2f} GiB"),
@@ -193,6 +193,16 @@ def cmd_quantize(args):
                         max_shard_bytes=shard_bytes(args))
 
 
+def cmd_pack_cpu(args):
+    from .checkpoint import load
+    from .int4cpu import write_cpu_layout
+
+    start = time.perf_counter()
+    file = write_cpu_layout(args.checkpoint, load(args.checkpoint, dtype=None))
+    print(f"wrote {file} ({file.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - start:.1f} s; "
+          "loading on this CPU maps it instead of repacking")
+
+
 def main(argv=None, *, convert_prog: str | None = None):
     """The command line; convert_prog names the convert command in its usage (convert_weights.py's own)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -248,6 +258,11 @@ def main(argv=None, *, convert_prog: str | None = None):
                    help="int8: a scale per output channel; int4: a scale and zero point per group of inputs")
     add_output_arguments(q)
     q.set_defaults(run=cmd_quantize)
+
+    p = sub.add_parser("pack-cpu", help="store an int4 checkpoint's weights in this CPU's kernel layout beside it, "
+                                        "so that loading maps them instead of repacking")
+    p.add_argument("checkpoint", help="int4 minifastv checkpoint directory (written into)")
+    p.set_defaults(run=cmd_pack_cpu)
 
     from .serve import add_arguments as serve_arguments, cmd_serve
 

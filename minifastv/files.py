@@ -88,12 +88,12 @@ STORED_NAMES = {dtype: name for name, dtype in STORED_DTYPES.items()}
 ALIGNMENT = 64  # bytes: where `save` starts tensors, so that mapped weights suit aligned vector loads
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], file: Path):
+def write_safetensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str] | None = None):
     """Write a safetensors file in which every tensor whose size is a multiple of 64 bytes (all weight
     matrices of real models) starts at a 64-byte offset: those come first, after a header padded with spaces,
     and the rest follow by descending element size, so each stays aligned to its own element size."""
     order = sorted(tensors, key=lambda n: (tensors[n].nbytes % ALIGNMENT != 0, -tensors[n].element_size()))
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
     for name in order:
         t = tensors[name]
         header[name] = {"dtype": STORED_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}

@@ -29,8 +29,8 @@ def model_arguments(p, default_method="none"):
                    help="float weights' dtype; auto: bf16 where the CPU (or GPU) computes it natively, "
                         "else fp32 (default: %(default)s)")
     p.add_argument("--activations", choices=["float", "int8"], default="float",
-                   help="int8: an int8 checkpoint's prefill rounds the activations to int8 too and multiplies in "
-                        "integers (needs AVX-512 VNNI; default: %(default)s, weight-only)")
+                   help="int8: an int8 checkpoint rounds the activations to int8 too and multiplies in integers, "
+                        "prefill and decode (needs AVX-512 VNNI; default: %(default)s, weight-only)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
                    help=f"CPU threads (default: the physical cores, {physical_cores()} here)")

@@ -127,16 +127,16 @@ class QuantLinear(nn.Module):
 
 
 class Int8Linear(QuantLinear):
-    activations = "float"  # "int8": many rows are quantized too and multiplied in integers (set_activations)
+    activations = "float"  # "int8": the activations are quantized too and multiplied in integers (set_activations)
 
     def dequantize_rows(self, start, end, dtype):
         return self.weight[start:end].to(dtype).mul_(self.scale[start:end, None])
 
     def matmul(self, x):
-        if x.device.type == "cpu" and x.shape[0] <= INT8_KERNEL_MAX_ROWS:
-            return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scale).to(x.dtype)
         if self.activations == "int8":
             return int8_activation_matmul(x, self.weight, self.scale)
+        if x.device.type == "cpu" and x.shape[0] <= INT8_KERNEL_MAX_ROWS:
+            return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scale).to(x.dtype)
         return self.blockwise_matmul(x)
 
 

@@ -488,19 +488,21 @@ def test_bench_quant_says_what_it_is_doing(monkeypatch, capsys, tmp_path):
 
     monkeypatch.setattr(cpu7b, "build_checkpoint", lambda path, config, log: log(f"built {path.name}") or path)
     monkeypatch.setattr(cpu7b, "measure_in_child", lambda *args: {})
+    monkeypatch.setattr(cpu7b, "pack_for_this_cpu", lambda path, log: log(f"packed {path.name}"))
     monkeypatch.setattr(cpu7b, "float_reference", lambda args, log: {})
     monkeypatch.setattr(cpu7b, "report", lambda *args: None)
     assert cpu7b.main(["--quant", "int8", "int4", "--layers", "2", "--workdir", str(tmp_path)]) == 0
     lines = capsys.readouterr().err.splitlines()
     assert [line.split("] ", 1)[1].split(":")[0] for line in lines if line.startswith("[")] == [
-        "built int8-2layers", "int8", "int8", "built int4-2layers", "int4", "int4", "float reference",
-        "float reference"]
+        "built int8-2layers", "int8", "int8", "built int4-2layers", "int4", "packed int4-2layers", "int4",
+        "float reference", "float reference"]
     assert all(line[:1] == "[" and line.split("]")[0].endswith(" s") for line in lines)
     assert "int8: measuring off" in "\n".join(lines)
 
 
 def test_bench_quant_activations_reach_the_int8_checkpoints_prefill(monkeypatch, tmp_path):
-    """--activations int8 goes to the child that measures the int8 checkpoint (int4 and float stay as they are)."""
+    """--activations int8 goes to the child that measures the int8 checkpoint (int4 and float stay as they are);
+    --activations float int8 measures it twice."""
     import minifastv.bench.cpu7b as cpu7b
     from minifastv.checkpoint import quantize_checkpoint
     from minifastv.config import QuantConfig
@@ -518,9 +520,44 @@ def test_bench_quant_activations_reach_the_int8_checkpoints_prefill(monkeypatch,
     monkeypatch.setattr(cpu7b, "report", lambda *args: None)
     cpu7b.main(["--quant", "int8", "--layers", "2", "--workdir", str(tmp_path), "--activations", "int8"])
     assert [cmd[cmd.index("--activations") + 1] for cmd in children] == ["int8"]
+    children.clear()
+    cpu7b.main(["--quant", "int8", "--layers", "2", "--workdir", str(tmp_path), "--activations", "float", "int8"])
+    assert [cmd[cmd.index("--activations") + 1] for cmd in children] == ["float", "int8"]
     seen = []
     monkeypatch.setattr(cpu7b, "set_activations", lambda model, kind: seen.append(kind))
     cpu7b.measure(tmp_path / "q8", ["off"], 1, 2, 1, "float32", "int8")
     cpu7b.measure(tmp_path / "q8", ["off"], 1, 2, 1, "float32", "float")
     cpu7b.measure(TINY_MODEL, ["off"], 1, 2, 1, "float32", "int8")          # a float checkpoint: weight-only
     assert seen == ["int8"]
+
+
+def test_bench_quant_packs_int4_once_and_reports_ratios_to_llama_cpp(capsys, tmp_path):
+    """The int4 checkpoint gets its packed file before it is measured (and keeps a fresh one); the report divides
+    each configuration's TTFT by llama.cpp's prompt time and its decode speed by llama.cpp's."""
+    import argparse
+
+    import minifastv.bench.cpu7b as cpu7b
+    from minifastv.checkpoint import quantize_checkpoint
+    from minifastv.config import QuantConfig
+    from minifastv.data import TINY_MODEL
+    from minifastv.quant import cpu_int4_block
+
+    path = quantize_checkpoint(TINY_MODEL, tmp_path / "q4", QuantConfig("int4", 32))
+    cpu7b.pack_for_this_cpu(path, print)
+    packed = list(path.glob("cpu-int4-b*.safetensors"))
+    assert len(packed) == (cpu_int4_block() is not None)
+    if packed:
+        mtime = packed[0].stat().st_mtime_ns
+        cpu7b.pack_for_this_cpu(path, print)
+        assert packed[0].stat().st_mtime_ns == mtime                       # fresh: not written again
+    capsys.readouterr()
+    setting = {"kept": 288, "first_ttft_s": 9.0, "ttft_s": 6.32, "ttft_spread_s": 0.1, "decode_tok_s": 3.0}
+    run = {"dtype": "bfloat16", "load_s": 2.0, "peak_rss": 8 << 30, "settings": {"off": dict(setting, ttft_s=12.64), "K=2 R=0.5": setting}}
+    peer = {"build": "test", "runs": {"Q8_0": {"pp_tok_s": 50.0, "tg_tok_s": 6.0, "peak_rss": 7 << 30}}}
+    args = argparse.Namespace(layers=32, ref_layers=4, decode_tokens=16, repeats=2)
+    cpu7b.report(args, {"int8": run, "int8 + int8 activations": run}, {"x": {"vision_s": 2.0, "dtype": "float32",
+                                                                              "settings": {}}}, peer)
+    out = capsys.readouterr().out
+    assert "minifastv int8 / llama.cpp Q8_0: TTFT / prompt time off 1.00x, K=2 R=0.5 0.50x; decode speed 0.50x, 0.50x" in out
+    assert "minifastv int8 + int8 activations / llama.cpp Q8_0: TTFT" in out
+    assert "| int8 + int8 activations | bfloat16 | K=2 R=0.5 | 288 |" in out

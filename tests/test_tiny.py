@@ -79,7 +79,7 @@ def test_quantized_shipped_model_keeps_its_accuracy(shipped):
 
 
 def test_int8_activations_keep_the_shipped_models_accuracy(shipped):
-    """int8 weights and int8 activations at prefill within 1 point of fp32 on the 400 held-out examples
+    """int8 weights and int8 activations (prefill and decode) within 1 point of fp32 on the 400 held-out examples
     (measured: 93.75% fp32, 93.50% int8 weight-only, 93.25% with int8 activations)."""
     import copy
 

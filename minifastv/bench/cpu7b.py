@@ -39,7 +39,7 @@ from ..generate import stream
 from ..int8act import set_activations
 from ..llava import empty_model
 from ..machine import auto_dtype, peak_rss_bytes, physical_cores, set_threads
-from ..quant import quantized_tensors
+from ..quant import cpu_int4_block, quantized_tensors
 from .machine import describe
 
 METHODS = {"int8": QuantConfig("int8"), "int4": QuantConfig("int4", 128)}
@@ -96,7 +96,7 @@ def random_prompt(config: LlavaConfig):
 def measure(path: Path, settings: list[str], repeats: int, decode_tokens: int, threads: int, dtype: str,
             activations: str = "float") -> dict:
     """Run in a fresh process: load the checkpoint, then time each FastV setting (int8 activations for an int8
-    checkpoint's prefill if asked)."""
+    checkpoint if asked)."""
     set_threads(threads)
     start = time.perf_counter()
     model = load(path, dtype=dtype)
@@ -134,14 +134,27 @@ def warm_page_cache(path: Path):
                 pass
 
 
-def measure_in_child(path: Path, settings, args, dtype: str = "auto") -> dict:
+def measure_in_child(path: Path, settings, args, dtype: str = "auto", activations: str = "float") -> dict:
     warm_page_cache(path)
     cmd = [sys.executable, "-m", "minifastv.bench.cpu7b", "--child", str(path), "--settings", *settings,
            "--repeats", str(args.repeats),
            "--decode-tokens", str(args.decode_tokens), "--threads", str(args.threads), "--dtype", dtype,
-           "--activations", getattr(args, "activations", "float")]
+           "--activations", activations]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def pack_for_this_cpu(path: Path, log):
+    """Store the int4 checkpoint's weights in this CPU's kernel layout beside it (int4cpu.py), as a user would
+    with `pack-cpu`, so that the load measured maps them; a fresh packed file is kept."""
+    from ..checkpoint import load_config
+    from ..int4cpu import read_cpu_layout
+
+    if cpu_int4_block() is None or read_cpu_layout(path, empty_model(load_config(path))) is not None:
+        return
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "minifastv", "pack-cpu", str(path)], check=True, capture_output=True)
+    log(f"{path}: wrote the int4 weights in this CPU's kernel layout in {time.perf_counter() - start:.0f} s")
 
 
 def float_reference(args, log) -> dict:
@@ -166,10 +179,9 @@ def report(args, results: dict, reference: dict, peer: dict | None):
     print("| linears | float dtype | FastV | image tokens kept | load s | first TTFT s | TTFT s (spread) | "
           "TTFT vs off | decode tok/s | peak RSS GiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for method, r in results.items():
+    for label, r in results.items():
         off = r["settings"]["off"]["ttft_s"]
         for name, s in r["settings"].items():
-            label = method + (" + int8 activations" if method == "int8" and args.activations == "int8" else "")
             print(f"| {label} | {r['dtype']} | {name} | {s['kept']} | {r['load_s']:.1f} | {s['first_ttft_s']:.1f} | "
                   f"{s['ttft_s']:.1f} ({s['ttft_spread_s']:.1f}) | {off / s['ttft_s']:.2f}x | "
                   f"{s['decode_tok_s']:.2f} | {r['peak_rss'] / GiB:.2f} |")
@@ -186,12 +198,13 @@ def report(args, results: dict, reference: dict, peer: dict | None):
         print("| llama.cpp | prompt 632 tokens s | decode tok/s | peak RSS GiB |\n|---|---|---|---|")
         for name, p in peer["runs"].items():
             print(f"| {name} | {632 / p['pp_tok_s']:.1f} | {p['tg_tok_s']:.2f} | {p['peak_rss'] / GiB:.2f} |")
-        for method, r in results.items():
-            peer_name = {"int8": "Q8_0", "int4": "Q4_0"}[method]
+        for label, r in results.items():
+            peer_name = {"int8": "Q8_0", "int4": "Q4_0"}[label.split()[0]]
             if peer_name in peer["runs"]:
-                pp = 632 / peer["runs"][peer_name]["pp_tok_s"]
-                cells = ", ".join(f"{name} {s['ttft_s'] / pp:.2f}x" for name, s in r["settings"].items())
-                print(f"minifastv {method} TTFT / llama.cpp {peer_name} prompt time: {cells}")
+                p = peer["runs"][peer_name]
+                cells = ", ".join(f"{name} {s['ttft_s'] * p['pp_tok_s'] / 632:.2f}x" for name, s in r["settings"].items())
+                decode = ", ".join(f"{s['decode_tok_s'] / p['tg_tok_s']:.2f}x" for s in r["settings"].values())
+                print(f"minifastv {label} / llama.cpp {peer_name}: TTFT / prompt time {cells}; decode speed {decode}")
 
 
 def main(argv=None) -> int:
@@ -209,12 +222,13 @@ def main(argv=None) -> int:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="auto", help="float weights' dtype (default: auto, as minifastv.load picks)")
-    p.add_argument("--activations", choices=["float", "int8"], default="float",
-                   help="int8: the int8 checkpoint's prefill with int8 activations (int4 stays weight-only)")
+    p.add_argument("--activations", nargs="+", choices=["float", "int8"], default=["float"],
+                   help="the int8 checkpoint measured with each: float (weight-only) and/or int8 activations "
+                        "(int4 stays weight-only)")
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(measure(Path(args.child), args.settings, args.repeats, args.decode_tokens, args.threads,
-                                 args.dtype, args.activations)))
+                                 args.dtype, args.activations[0])))
         return 0
     start = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - start:7.1f} s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
@@ -225,9 +239,13 @@ def main(argv=None) -> int:
         path = build_checkpoint(Path(args.workdir) / f"{method}-{args.layers}layers",
                                 config_7b(args.layers, METHODS[method]), log)
         log(f"{method}: measuring {', '.join(SETTINGS)} ({args.repeats} runs after a first one, {args.decode_tokens} "
-            f"new tokens) in a child process")
-        results[method] = measure_in_child(path, list(SETTINGS), args, args.dtype)
-        log(f"{method}: {json.dumps(results[method])}")
+            f"new tokens) in a child process per activation type")
+        if method == "int4":
+            pack_for_this_cpu(path, log)
+        for activations in args.activations if method == "int8" else ["float"]:
+            label = method + (" + int8 activations" if activations == "int8" else "")
+            results[label] = measure_in_child(path, list(SETTINGS), args, args.dtype, activations)
+            log(f"{label}: {json.dumps(results[label])}")
     log(f"float reference: {args.ref_layers} decoder layers")
     reference = float_reference(args, log)
     log(f"float reference: {json.dumps(reference)}")
