@@ -68,9 +68,12 @@ def read_cpu_layout(path: Path, model) -> dict[str, tuple[torch.Tensor, torch.Te
     """name -> (packed weight, table), mapped, for the int4 linears of `model` (on the meta device) that the CPU
     kernel runs, from the checkpoint at `path`; None where there is no fresh packed file for this CPU. A file
     whose tensors do not fit the model is an error."""
-    quant, block = model.config.quant, cpu_int4_block()
-    file = None if block is None or quant is None or quant.method != "int4" else layout_file(path, block)
-    if file is None or not file.is_file():
+    quant = model.config.quant
+    if quant is None or quant.method != "int4" or cpu_int4_block() is None:
+        return None
+    block = cpu_int4_block()
+    file = layout_file(path, block)
+    if not file.is_file():
         return None
     expected, linears = {}, packable(model, block)
     for name, m in linears.items():
