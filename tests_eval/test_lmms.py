@@ -347,10 +347,27 @@ def test_requests_without_an_image_and_padding_requests():
                                          ({"prune": "fastv", "prune_kept": 65}, "has 64 tokens"),
                                          ({"prune_k": 2}, "need prune=METHOD"),
                                          ({"prune": "nope"}, "unknown pruning method"),
-                                         ({"batch_size": 0}, "batch_size")])
+                                         ({"batch_size": 0}, "batch_size"),
+                                         ({"activations": "int4"}, "activations must be one of float, int8"),
+                                         ({"activations": "int8"}, "int8 activations need an int8-quantized")])
 def test_bad_model_args_are_named(bad, message):
     with pytest.raises(ValueError, match=message):
         model(**bad)
+
+
+def test_activations_int8_reaches_an_int8_checkpoint(tmp_path):
+    """activations=int8 sets the int8 checkpoint's linears to integer activations (weight-only by default)."""
+    from minifastv.checkpoint import quantize_checkpoint
+    from minifastv.config import QuantConfig
+    from minifastv.data import TINY_MODEL
+    from minifastv.int8act import int8_gemm_exact
+    from minifastv.quant import Int8Linear
+
+    q8 = quantize_checkpoint(TINY_MODEL, tmp_path / "q8", QuantConfig("int8"), log=lambda _: None)
+    kinds = lambda m: {x.activations for x in m.pipe.model.modules() if isinstance(x, Int8Linear)}  # noqa: E731
+    assert kinds(model(pretrained=str(q8))) == {"float"}
+    if int8_gemm_exact():
+        assert kinds(model(pretrained=str(q8), activations="int8")) == {"int8"}
 
 
 @pytest.mark.parametrize("bad,message", [({"num_beams": 4}, "no beam search"), ({"penalty": 1}, "penalty"),
