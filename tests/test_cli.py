@@ -523,6 +523,11 @@ def test_bench_quant_activations_reach_the_int8_checkpoints_prefill(monkeypatch,
     children.clear()
     cpu7b.main(["--quant", "int8", "--layers", "2", "--workdir", str(tmp_path), "--activations", "float", "int8"])
     assert [cmd[cmd.index("--activations") + 1] for cmd in children] == ["float", "int8"]
+    children.clear()
+    monkeypatch.setattr(cpu7b, "int8_gemm_exact", lambda: False)           # AVX2 without VNNI: refused up front
+    with pytest.raises(ValueError, match="--activations int8: not available on this CPU"):
+        cpu7b.main(["--quant", "int8", "--layers", "2", "--workdir", str(tmp_path), "--activations", "int8"])
+    assert not children
     seen = []
     monkeypatch.setattr(cpu7b, "set_activations", lambda model, kind: seen.append(kind))
     cpu7b.measure(tmp_path / "q8", ["off"], 1, 2, 1, "float32", "int8")

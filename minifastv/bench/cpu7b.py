@@ -36,7 +36,7 @@ from ..checkpoint import CONFIG, TOKENIZER
 from ..config import QuantConfig
 from ..files import ShardWriter, staged
 from ..generate import stream
-from ..int8act import set_activations
+from ..int8act import int8_gemm_exact, set_activations
 from ..llava import empty_model
 from ..machine import auto_dtype, peak_rss_bytes, physical_cores, set_threads
 from ..quant import cpu_int4_block, quantized_tensors
@@ -226,6 +226,9 @@ def main(argv=None) -> int:
                    help="the int8 checkpoint measured with each: float (weight-only) and/or int8 activations "
                         "(int4 stays weight-only)")
     args = p.parse_args(argv)
+    if "int8" in args.activations and "int8" in args.quant and not int8_gemm_exact():
+        raise ValueError("--activations int8: not available on this CPU (its integer GEMM saturates on full-range "
+                         "int8 weights; see minifastv/int8act.py); measure with --activations float")
     if args.child:
         print(json.dumps(measure(Path(args.child), args.settings, args.repeats, args.decode_tokens, args.threads,
                                  args.dtype, args.activations[0])))
