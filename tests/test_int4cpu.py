@@ -11,10 +11,9 @@ from safetensors.torch import load_file, save_file
 import minifastv
 import minifastv.checkpoint as checkpoint
 import minifastv.quant as quant
-from minifastv.checkpoint import quantize_checkpoint
+from minifastv.checkpoint import load_config, quantize_checkpoint
 from minifastv.cli import main
 from minifastv.config import QuantConfig
-from minifastv.checkpoint import load_config
 from minifastv.data import TINY_MODEL as TINY
 from minifastv.int4cpu import fingerprint, layout_file, read_cpu_layout, write_cpu_layout
 from minifastv.llava import empty_model
