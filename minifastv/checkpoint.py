@@ -25,8 +25,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import ConfigError, LlavaConfig, QuantConfig
-from .files import (ALIGNMENT, STORED_DTYPES, CheckpointError, ShardWriter, read_header, read_into_memory, read_json,
-                    read_tensors, source_dir, staged, weight_files)
+from .files import (ALIGNMENT, STORED_DTYPES, CheckpointError, ShardWriter, check_stored, read_header, read_into_memory,
+                    read_json, read_tensors, source_dir, staged, weight_files)
 from .int4cpu import read_cpu_layout, use_cpu_layout
 from .llava import LlavaModel, empty_model
 from .machine import release_free_memory, resolve_device, resolve_dtype
@@ -47,17 +47,6 @@ def load_config(path: str | Path) -> LlavaConfig:
         return LlavaConfig.from_dict(data)
     except ConfigError as e:
         raise CheckpointError(f"{file}: {e}") from None
-
-
-def check_stored(name: str, shape, dtype: torch.dtype, expected: torch.Tensor, exact: bool, where):
-    """A stored tensor has the shape the config implies and a dtype the model can use: any float dtype for
-    float weights (they are cast), exactly the expected one for quantized weights, scales and zero points."""
-    if tuple(shape) != tuple(expected.shape):
-        raise CheckpointError(f"{where}: {name} has shape {list(shape)}, the config implies {list(expected.shape)}")
-    if exact and dtype != expected.dtype:
-        raise CheckpointError(f"{where}: {name} has dtype {dtype}, expected {expected.dtype}")
-    if not exact and not dtype.is_floating_point:
-        raise CheckpointError(f"{where}: {name} has dtype {dtype}, expected floating point")
 
 
 def check_finite(name: str, tensor: torch.Tensor, where):
@@ -84,7 +73,7 @@ def read_checkpoint(path: Path, model: LlavaModel, dtype: torch.dtype | None, de
     linears = quantized_modules(model)
     aligned = {f"{name}.weight" for name, m in linears if isinstance(m, Int8Linear)}
     repacked = {f"{name}.{b}" for name, m in linears if isinstance(m, Int4Linear) and device.type == "cpu"
-                and repack for b in ("weight", "scale", "zero")}
+                for b in ("weight", "scale", "zero")} if repack else set()
     tables = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
     state = {}
     for file in weight_files(path):

@@ -88,6 +88,17 @@ STORED_NAMES = {dtype: name for name, dtype in STORED_DTYPES.items()}
 ALIGNMENT = 64  # bytes: where `save` starts tensors, so that mapped weights suit aligned vector loads
 
 
+def check_stored(name: str, shape, dtype: torch.dtype, expected: torch.Tensor, exact: bool, where):
+    """A stored tensor has the shape the config implies and a dtype the model can use: any float dtype for
+    float weights (they are cast), exactly the expected one for quantized weights, scales and zero points."""
+    if tuple(shape) != tuple(expected.shape):
+        raise CheckpointError(f"{where}: {name} has shape {list(shape)}, the config implies {list(expected.shape)}")
+    if exact and dtype != expected.dtype:
+        raise CheckpointError(f"{where}: {name} has dtype {dtype}, expected {expected.dtype}")
+    if not exact and not dtype.is_floating_point:
+        raise CheckpointError(f"{where}: {name} has dtype {dtype}, expected floating point")
+
+
 def write_safetensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str] | None = None):
     """Write a safetensors file in which every tensor whose size is a multiple of 64 bytes (all weight
     matrices of real models) starts at a 64-byte offset: those come first, after a header padded with spaces,

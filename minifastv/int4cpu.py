@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .files import CheckpointError, weight_files, write_safetensors
+from .files import CheckpointError, check_stored, weight_files, write_safetensors
 from .quant import Int4Linear, cpu_int4_block
 
 
@@ -69,17 +69,15 @@ def read_cpu_layout(path: Path, model) -> dict[str, tuple[torch.Tensor, torch.Te
     kernel runs, from the checkpoint at `path`; None where there is no fresh packed file for this CPU. A file
     whose tensors do not fit the model is an error."""
     quant = model.config.quant
-    if quant is None or quant.method != "int4" or cpu_int4_block() is None:
-        return None
-    block = cpu_int4_block()
-    file = layout_file(path, block)
-    if not file.is_file():
+    block = None if quant is None or quant.method != "int4" else cpu_int4_block()
+    file = None if block is None else layout_file(path, block)
+    if file is None or not file.is_file():
         return None
     expected, linears = {}, packable(model, block)
     for name, m in linears.items():
         groups = m.in_features // m.quant.group_size
-        expected[f"{name}.packed"] = ((m.out_features, m.in_features // 2), torch.uint8)
-        expected[f"{name}.table"] = ((groups, m.out_features, 2), torch.bfloat16)
+        expected[f"{name}.packed"] = torch.empty(m.out_features, m.in_features // 2, dtype=torch.uint8, device="meta")
+        expected[f"{name}.table"] = torch.empty(groups, m.out_features, 2, dtype=torch.bfloat16, device="meta")
     try:
         with safe_open(str(file), "pt") as mapped:
             metadata = mapped.metadata() or {}
@@ -94,10 +92,8 @@ def read_cpu_layout(path: Path, model) -> dict[str, tuple[torch.Tensor, torch.Te
             tensors = {name: mapped.get_tensor(name) for name in expected}
     except SafetensorError as e:
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
-    for name, (shape, dtype) in expected.items():
-        if tuple(tensors[name].shape) != shape or tensors[name].dtype != dtype:
-            raise CheckpointError(f"{file}: {name} has shape {list(tensors[name].shape)} and dtype "
-                                  f"{tensors[name].dtype}, the model needs {list(shape)} and {dtype}")
+    for name, tensor in tensors.items():
+        check_stored(name, tensor.shape, tensor.dtype, expected[name], True, file)
     return {name: (tensors[f"{name}.packed"], tensors[f"{name}.table"]) for name in linears}
 
 

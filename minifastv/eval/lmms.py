@@ -48,8 +48,8 @@ class MiniFastV(lmms):
     def __init__(self, pretrained: str = str(TINY_MODEL), prune: str | None = None, prune_ratio: float | None = None,
                  prune_kept: int | None = None, prune_k: int | None = None, prune_seed: int | None = None,
                  dtype: str = "auto", activations: str = "float", device: str | None = None,
-                 threads: int | None = None, batch_size: int | str = 1, seed: int = 0, require_image: bool = True, stats: str | None = None,
-                 max_batch_size=None, **unknown):
+                 threads: int | None = None, batch_size: int | str = 1, seed: int = 0, require_image: bool = True,
+                 stats: str | None = None, max_batch_size=None, **unknown):
         super().__init__()
         if unknown:
             raise ValueError(f"unknown minifastv model_args: {', '.join(sorted(unknown))}")
