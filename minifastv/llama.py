@@ -1,18 +1,17 @@
 """LLaMA decoder: RMSNorm, rotary embeddings at explicit positions, SDPA attention with GQA, SwiGLU.
 
 The decoder takes embeddings rather than token ids, because LLaVA splices image features into the
-sequence before the first layer. Every layer sees `positions` (rotary position of each slot) and `valid`
-(False at padding) explicitly: after pruning the positions are no longer 0..T-1.
-
-Pruning happens in Llama.forward, by one rule for every method (pruning/base.py): before a stage's layer,
-gather the kept slots' hidden states, rotary tables, validity and positions; later layers then cache and
-attend over the kept slots only.
+sequence before the first layer. What a layer runs on is one value, a `Sequence`: hidden states, the
+rotary position of each slot (after pruning they are no longer 0..T-1), its rotary tables, validity (False
+at padding) and which slots hold image tokens. A pruning stage (pruning/schedule.py) maps it to a shorter
+one before its layer; the layers after it then cache and attend over the kept slots only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import time
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -22,17 +21,7 @@ from torch import nn
 
 from .cache import KVCache, LayerCache
 from .config import TextConfig
-from .pruning import PruneContext, Pruner, active_stages, keep_slots
-from .pruning.base import stage_counts
-
-
-class DecoderOutput(NamedTuple):
-    hidden: torch.Tensor                     # [B, T', C] after the final norm
-    slots: torch.Tensor | None               # [B, T'] input slot of each output slot; None when nothing was pruned
-    valid: torch.Tensor                      # [B, T'] validity of the output slots
-    layer_tokens: torch.Tensor               # [n_layers, B] tokens each layer ran on
-    attention: list[torch.Tensor] | None     # per layer [B, Q, S] with attention_rows = Q > 0
-    select_s: float                          # seconds spent choosing the kept tokens (the methods' select + rule)
+from .pruning import Pruner, Schedule
 
 
 class RMSNorm(nn.Module):
@@ -49,14 +38,19 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos and sin [B, T, head_dim] for integer positions [B, T], computed in fp32 (bf16 positions past 256
-    are not even exact integers)."""
-    exponent = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64).float() / head_dim
-    inv_freq = 1.0 / (theta ** exponent)                      # head_dim/2
-    freqs = positions.float()[..., None] * inv_freq            # B, T, head_dim/2
-    emb = torch.cat((freqs, freqs), dim=-1)                    # rotate-half layout: both halves share a frequency
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+class Rotary:
+    """Rotary tables (cos, sin) [B, T, head_dim] for integer positions [B, T], computed in fp32 (bf16 positions
+    past 256 are not even exact integers), in the rotate-half layout: both halves share a frequency."""
+
+    def __init__(self, head_dim: int, theta: float):
+        self.head_dim, self.theta = head_dim, theta
+
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        exponent = torch.arange(0, self.head_dim, 2, device=positions.device, dtype=torch.int64).float() / self.head_dim
+        inv_freq = 1.0 / (self.theta ** exponent)                 # head_dim/2
+        freqs = positions.float()[..., None] * inv_freq            # B, T, head_dim/2
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x, cos, sin):
@@ -85,8 +79,8 @@ def query_attention(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor) -> to
     """Head-averaged attention probabilities of the last Q queries over all S keys, in fp32.
 
     q [B, H, Q, D] (the queries of the last Q slots), k [B, H_kv, S, D] (rotary already applied), valid
-    [B, S]. Returns [B, Q, S]. Cost: Q rows, O(Q S) per head, next to SDPA, instead of the S x S matrix
-    that eager attention would build; FastV needs one row (Q = 1), where causality reduces to the padding.
+    [B, S]. Returns [B, Q, S]. Cost: Q rows, O(Q S) per head, instead of the S x S matrix that eager
+    attention would build; FastV needs one row (Q = 1), where causality reduces to the padding.
     """
     H_kv, Q, D, S = k.shape[1], q.shape[2], k.shape[-1], k.shape[2]
     q = rearrange(q.float(), "b (hk g) q d -> b hk g q d", hk=H_kv)  # query head h uses kv head h // g
@@ -101,6 +95,69 @@ def take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return t.gather(1, index if t.ndim == 2 else index[..., None].expand(-1, -1, t.shape[-1]))
 
 
+@dataclass(frozen=True)
+class Sequence:
+    """The slots a decoder layer runs on, B samples of T slots each. A pruning stage maps it to a shorter one."""
+
+    x: torch.Tensor                      # [B, T, C] hidden states
+    positions: torch.Tensor              # [B, T] rotary positions
+    cos: torch.Tensor                    # [B, T, head_dim] rotary tables at `positions` (less `shift`, see there)
+    sin: torch.Tensor
+    valid: torch.Tensor                  # [B, T] False at padding
+    image: torch.Tensor | None = None    # [B, T] slots that hold image tokens (prefill)
+    vision_attention: torch.Tensor | None = None  # [B, T] the vision tower's class-token attention at image slots
+    n_patches: int = 0                   # tokens per image (before the decoder, each image's are consecutive)
+    slots: torch.Tensor | None = None    # [B, T] the input slot of each slot; None while nothing is pruned
+    segment: int = 0                     # stages applied: the layers of one segment attend over the same slots
+    # [B] positions given up by renumbering stages (pruning methods with `renumber`). In the prefill they are
+    # already taken off `positions`; in a later pass each layer's cache says which shift its tables apply.
+    shift: torch.Tensor | None = None
+    masks: dict = field(default_factory=dict, compare=False, repr=False)  # attention masks by segment
+
+    def mask(self, cache: LayerCache | None):
+        """The attention mask (attention_mask) over the cached and new slots, made once per segment."""
+        segment = self.segment if cache is None else cache.segment
+        if segment not in self.masks:
+            kv_valid = self.valid if cache is None else cache.valid_after(self.valid)
+            self.masks[segment] = attention_mask(kv_valid, self.x.shape[1])
+        return self.masks[segment]
+
+    def entering(self, cache: LayerCache | None, rotary: Rotary) -> Sequence:
+        """The sequence as the layer owning `cache` runs on it. A prefill marks the cache with the segment and
+        the shift; a later pass moves the rotary tables back by the shift the cache was filled with."""
+        if cache is not None and cache.length == 0:
+            cache.segment, cache.shift = self.segment, self.shift
+        if cache is None or cache.shift is self.shift:
+            return self
+        positions = self.positions if cache.shift is None else self.positions - cache.shift[:, None]
+        cos, sin = rotary(positions, self.x.dtype)
+        return dataclasses.replace(self, cos=cos, sin=sin, shift=cache.shift)
+
+    def renumbered(self, dropped: torch.Tensor, rotary: Rotary) -> Sequence:
+        """Each slot moved back by the `dropped` [B, T] slots before it, as if they had never been there."""
+        positions = self.positions - dropped.long().cumsum(1)
+        shift = dropped.sum(1) + (0 if self.shift is None else self.shift)
+        cos, sin = rotary(positions, self.x.dtype)
+        return dataclasses.replace(self, positions=positions, cos=cos, sin=sin, shift=shift)
+
+    def gather(self, keep: torch.Tensor, kept_valid: torch.Tensor, x: torch.Tensor) -> Sequence:
+        """The slots `keep` [B, L] (validity kept_valid [B, L]) of this sequence, hidden states taken from x."""
+        vision_attention = None if self.vision_attention is None else take(self.vision_attention, keep)
+        return Sequence(take(x, keep), take(self.positions, keep), take(self.cos, keep), take(self.sin, keep),
+                        kept_valid, take(self.image, keep) & kept_valid,  # padding may point at a dropped image slot
+                        vision_attention, self.n_patches, keep if self.slots is None else self.slots.gather(1, keep),
+                        self.segment + 1, self.shift)
+
+
+class DecoderOutput(NamedTuple):
+    hidden: torch.Tensor                     # [B, T', C] after the final norm
+    slots: torch.Tensor | None               # [B, T'] input slot of each output slot; None when nothing was pruned
+    valid: torch.Tensor                      # [B, T'] validity of the output slots
+    layer_tokens: torch.Tensor               # [n_layers, B] tokens each layer ran on
+    attention: list[torch.Tensor] | None     # per layer [B, Q, S] with attention_rows = Q > 0
+    select_s: float                          # seconds spent choosing the kept tokens (the methods' select + rule)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -113,38 +170,34 @@ class Attention(nn.Module):
     def heads(self, t):
         return rearrange(t, "b t (h d) -> b h t d", d=self.head_dim)
 
-    def rotated_keys(self, x, cos, sin):
-        """The keys [B, T, H_kv * D] of x (normed input) after rotary, as the cache holds them."""
-        return rearrange(apply_rope(self.heads(self.k_proj(x)), cos, sin), "b h t d -> b t (h d)")
+    def keys(self, x, cos, sin):
+        """The keys [B, H_kv, T, D] of x (normed input) after rotary, as attention uses them."""
+        return apply_rope(self.heads(self.k_proj(x)), cos, sin)
 
-    def last_row(self, x, cos, sin, valid):
-        """[B, T]: the head-mean attention of the last slot over all slots of x (normed input), as this layer
-        would compute it."""
-        q = apply_rope(self.heads(self.q_proj(x[:, -1:])), cos[:, -1:], sin[:, -1:])
-        return query_attention(q, apply_rope(self.heads(self.k_proj(x)), cos, sin), valid)[:, 0]
+    def rows(self, x, seq: Sequence, n: int, cache: LayerCache | None = None):
+        """[B, n, S]: the head-mean attention of the last n slots over all slots, as this layer computes it
+        (x: the layer's normed input). Once the layer has run, its cache holds the keys, so they are reused."""
+        q = apply_rope(self.heads(self.q_proj(x[:, -n:])), seq.cos[:, -n:], seq.sin[:, -n:])
+        if cache is not None and cache.length:
+            return query_attention(q, cache.k[:, :, :cache.length], cache.valid[:, :cache.length])
+        return query_attention(q, self.keys(x, seq.cos, seq.sin), seq.valid)
 
-    def project(self, x, cos, sin):
-        """q [B, H, T, D], k and v [B, H_kv, T, D], rotary embeddings applied to q and k."""
-        q, k, v = (self.heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-    def forward(self, x, cos, sin, valid, mask, cache: LayerCache | None = None, n_rows: int = 0):
-        """x [B, T, C] at slots with validity `valid` [B, T]; `mask` from attention_mask over the cached and new
-        slots. Returns the output [B, T, C] and, if n_rows > 0, the head-mean attention of the last n_rows
-        queries over all keys [B, n_rows, S] (else None)."""
+    def forward(self, x, seq: Sequence, cache: LayerCache | None = None):
+        """x [B, T, C] (normed input) at the slots of `seq`; the cache, if any, gets the new keys and values."""
         T = x.shape[1]
-        q, k, v = self.project(x, cos, sin)
+        q, k, v = (self.heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = apply_rope(q, seq.cos, seq.sin), apply_rope(k, seq.cos, seq.sin)
         if x.device.type == "cpu":
             # torch's CPU attention kernel takes as long for a whole prefill in fp32 as in bf16, but one bf16
             # query (a decode step) runs ~9x slower than one fp32 query: on a CPU attention and the KV cache
             # are fp32 (measured at 632 keys, README "Running LLaVA-1.5-7B on a CPU").
             q, k, v = q.float(), k.float(), v.float()
+        mask = seq.mask(cache)                                     # over the cached slots and these
         if cache is not None:
-            k, v, valid = cache.update(k, v, valid)                # now S >= T slots
+            k, v, _ = cache.update(k, v, seq.valid)                # now S >= T slots
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
-        rows = query_attention(q[:, :, -n_rows:], k, valid) if n_rows else None
-        return self.o_proj(rearrange(y, "b h t d -> b t (h d)").to(x.dtype)), rows
+        return self.o_proj(rearrange(y, "b h t d -> b t (h d)").to(x.dtype))
 
 
 class MLP(nn.Module):
@@ -166,83 +219,48 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, valid, mask, cache=None, n_rows=0):
-        h, rows = self.attn(self.attn_norm(x), cos, sin, valid, mask, cache, n_rows)
-        x = x + h
-        return x + self.mlp(self.mlp_norm(x)), rows
+    def forward(self, seq: Sequence, cache: LayerCache | None = None) -> torch.Tensor:
+        x = seq.x + self.attn(self.attn_norm(seq.x), seq, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def attention_rows(self, seq: Sequence, n: int, cache: LayerCache | None = None) -> torch.Tensor:
+        """[B, n, S]: the head-mean attention of seq's last n slots in this block (seq: its input)."""
+        return self.attn.rows(self.attn_norm(seq.x), seq, n, cache)
+
+    def keys(self, seq: Sequence) -> torch.Tensor:
+        """[B, S, H_kv * D]: this block's keys after rotary for its input seq, as its cache holds them."""
+        return rearrange(self.attn.keys(self.attn_norm(seq.x), seq.cos, seq.sin), "b h t d -> b t (h d)")
 
 
 class Llama(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
-    def forward(self, x, positions, valid, cache: KVCache | None = None, prune: Pruner | None = None,
-                image_mask: torch.Tensor | None = None, attention_rows: int = 0,
-                vision_attention: torch.Tensor | None = None, n_patches: int = 0):
-        """Run the decoder on embeddings x [B, T, C] at `positions` [B, T], with `valid` [B, T] False at padding.
+    def sequence(self, x, positions, valid, **slots) -> Sequence:
+        """Embeddings x [B, T, C] at `positions` [B, T], `valid` [B, T] False at padding, as the first layer's
+        Sequence; `slots` are its other fields (image, vision_attention, n_patches)."""
+        return Sequence(x, positions, *self.rotary(positions, x.dtype), valid, **slots)
 
-        With `prune` (prefill only; `image_mask` [B, T] marks the image slots), each stage's layer and the
-        layers after it run on the kept slots. Returns a DecoderOutput; with attention_rows = Q > 0 it holds
-        each layer's head-mean attention of the last Q queries [B, Q, S].
-        vision_attention [B, T] (the class token's attention at image slots) and n_patches (tokens per image)
-        are handed to the pruning method.
-        """
-        stages = active_stages(prune, len(self.layers))
-        rope = lambda p: rope_cos_sin(p, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)  # noqa: E731
-        cos, sin = rope(positions)
-        slots, row, segment, mask_segment, counts, rows, select_s = None, None, 0, None, [], [], 0.0
-        n_first = image_mask.sum(1).tolist() if stages else None
-        shift = applied = None  # renumbering methods: positions each sample gave up (prefill; applied: later passes)
-        x_in = x                # the previous layer's input
+    def forward(self, seq: Sequence, cache: KVCache | None = None, prune: Pruner | None = None,
+                attention_rows: int = 0) -> DecoderOutput:
+        """Run the decoder on `seq` (filling or continuing `cache`). With `prune` (prefill only) each of the
+        method's stages shortens the sequence before its layer. attention_rows = Q > 0 also returns each layer's
+        head-mean attention of the last Q slots over the slots it saw [B, Q, S] (analyze)."""
+        schedule = Schedule(prune, self, seq)
+        before, tokens, rows = None, [], []       # before: the sequence that entered the previous layer
         for i, layer in enumerate(self.layers):
-            if i in stages:
-                n_keep = stage_counts(prune, stages[i], image_mask.sum(1).tolist(), n_first)
-                before = self.layers[i - 1] if i else None   # before the decoder there is no earlier layer
-                ctx = PruneContext(i, x, image_mask, valid, positions, torch.tensor(n_keep, device=x.device),
-                                   n_patches, row,
-                                   keys=lambda: layer.attn.k_proj(layer.attn_norm(x)),  # noqa: B023
-                                   vision_attention=vision_attention,
-                                   previous_keys=None if before is None else lambda: before.attn.rotated_keys(
-                                       before.attn_norm(x_in), cos, sin),  # noqa: B023
-                                   attention_here=lambda: layer.attn.last_row(layer.attn_norm(x), cos, sin, valid),  # noqa: B023
-                                   final_norm=self.norm)
-                start = time.perf_counter()
-                keep, kept_valid, x = keep_slots(prune, ctx)  # x: merged, for methods that merge tokens
-                select_s += time.perf_counter() - start
-                if prune.renumber:  # each kept slot moves back by the valid slots dropped before it
-                    dropped = valid & ~torch.zeros_like(valid).scatter(1, keep, kept_valid)
-                    positions = positions - dropped.long().cumsum(1)
-                    shift = dropped.sum(1) + (0 if shift is None else shift)
-                valid = kept_valid
-                x, cos, sin, positions, image_mask = (take(t, keep) for t in (x, cos, sin, positions, image_mask))
-                if prune.renumber:
-                    cos, sin = rope(positions)
-                vision_attention = None if vision_attention is None else take(vision_attention, keep)
-                image_mask = image_mask & valid        # the padding of a pruned batch may point at a dropped image slot
-                slots = keep if slots is None else slots.gather(1, keep)
-                segment += 1
-            layer_cache = cache[i] if cache is not None else None
-            if layer_cache is not None and layer_cache.length == 0:
-                layer_cache.segment, layer_cache.shift = segment, shift  # prefill: this segment's slots and shift
-            elif layer_cache is not None and layer_cache.shift is not applied:
-                # A later pass: the layers after a renumbering stage see positions moved back by its shift.
-                applied = layer_cache.shift
-                cos, sin = rope(positions if applied is None else positions - applied[:, None])
-            # Layers between two stages attend over the same slots: one mask serves all of them.
-            layer_segment = segment if layer_cache is None else layer_cache.segment
-            if layer_segment != mask_segment:
-                kv_valid = valid if layer_cache is None else layer_cache.valid_after(valid)
-                mask, mask_segment = attention_mask(kv_valid, x.shape[1]), layer_segment
-            need_row = prune is not None and prune.needs_attention and i + 1 in stages
-            x_in = x
-            x, layer_rows = layer(x, cos, sin, valid, mask, layer_cache, max(attention_rows, int(need_row)))
-            row = layer_rows[:, -1] if need_row else None
-            counts.append(valid.sum(1))
-            rows.append(layer_rows)
-        return DecoderOutput(self.norm(x), slots, valid, torch.stack(counts), rows if attention_rows else None,
-                             select_s)
+            seq = schedule.stage(i, seq, before, cache)
+            layer_cache = None if cache is None else cache[i]
+            before = seq = seq.entering(layer_cache, self.rotary)
+            seq = dataclasses.replace(seq, x=layer(seq, layer_cache))
+            if attention_rows:
+                rows.append(layer.attention_rows(before, attention_rows, layer_cache))
+            tokens.append(seq.valid.sum(1))
+        return DecoderOutput(self.norm(seq.x), seq.slots, seq.valid, torch.stack(tokens), rows or None,
+                             schedule.select_s)

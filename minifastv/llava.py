@@ -168,8 +168,9 @@ class LlavaModel(nn.Module):
         positions = (valid.cumsum(1) - 1).clamp(min=0)         # padding does not advance the position
         if start_position is not None:
             positions = positions + start_position.to(positions.device)[:, None]
-        out = self.llm(x, positions, valid, cache, prune, image_mask, attention_rows, vision_scores,
-                       self.config.vision.n_patches)
+        seq = self.llm.sequence(x, positions, valid, image=image_mask, vision_attention=vision_scores,
+                                n_patches=self.config.vision.n_patches)
+        out = self.llm(seq, cache, prune, attention_rows)
         h, keep, kept_valid, layer_tokens = out.hidden, out.slots, out.valid, out.layer_tokens
         if last_only:
             h = h[:, -1:]
@@ -189,7 +190,7 @@ class LlavaModel(nn.Module):
         """One token per sample ([B] ids at rotary positions [B]) through the cached decoder -> logits [B, vocab]."""
         x = self.embed_tokens(tokens[:, None])
         valid = torch.ones_like(tokens, dtype=torch.bool)[:, None]
-        h = self.llm(x, positions[:, None], valid, cache)[0]
+        h = self.llm(self.llm.sequence(x, positions[:, None], valid), cache).hidden
         return self.llm.lm_head(h[:, -1])
 
 

@@ -88,7 +88,7 @@ def test_printed_kept_count_and_flops_come_from_the_model(model_dir, capsys, mon
 
     code, honest, _ = generate_in_process(model_dir, capsys, "--fastv-k", 2, "--fastv-ratio", 0.5)
     assert code == 0 and "image tokens kept 32/64" in honest
-    monkeypatch.setattr(minifastv.llama, "stage_counts", lambda method, stage, n, n_first: [i // 4 for i in n])
+    monkeypatch.setattr(minifastv.pruning.schedule, "stage_counts", lambda method, stage, n, n_first: [i // 4 for i in n])
     code, broken, _ = generate_in_process(model_dir, capsys, "--fastv-k", 2, "--fastv-ratio", 0.5)
     assert code == 0 and "image tokens kept 16/64" in broken
     flops = [float(text.split("theoretical prefill FLOPs ")[1].split("%")[0]) for text in (honest, broken)]

@@ -191,7 +191,7 @@ def gather_and_rerun(model, ids, px, slots, rows):
     x[0, slots] = torch.stack(rows).to(x.dtype)
     keep = sorted(set(valid[0].nonzero()[:, 0].tolist()) - set(image_mask[0].nonzero()[:, 0].tolist()) | set(slots))
     positions = (valid.cumsum(1) - 1)[:, keep]
-    return model.llm.lm_head(model.llm(x[:, keep], positions, valid[:, keep]).hidden)
+    return model.llm.lm_head(model.llm(model.llm.sequence(x[:, keep], positions, valid[:, keep])).hidden)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from .fastv import FastV
 from .pool import Pool
 from .pyramiddrop import PyramidDrop, PyramidDropOfficial
 from .random import RandomDrop
+from .schedule import Schedule
 from .uniform import Uniform
 from .visionzip import VisionZip
 
@@ -58,5 +59,5 @@ def make(name: str, ratio: float, k: int | None = None, seed: int | None = None)
 
 __all__ = ["DART", "DARTOfficial", "METHODS", "active_stages", "AfterLayer", "at_budget", "BeforeDecoder", "decoder_flops",
            "DivPrune", "FasterVLM", "FastV", "keep_slots", "layer_flops", "make", "name_of", "Pool", "PruneContext",
-           "Pruner", "PyramidDrop", "PyramidDropOfficial", "RandomDrop", "Stage", "theoretical_flops", "Uniform",
+           "Pruner", "PyramidDrop", "PyramidDropOfficial", "RandomDrop", "Schedule", "Stage", "theoretical_flops", "Uniform",
            "VisionZip"]

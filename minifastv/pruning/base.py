@@ -6,8 +6,8 @@ selection in left-padded batches and the FLOPs count without knowing about them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -25,24 +25,72 @@ class Stage:
 
 @dataclass
 class PruneContext:
-    """What a method may look at when it selects, for a batch of B samples over the S current slots."""
+    """What a method may look at when it selects, for a batch of B samples over the S current slots. The
+    decoder's own parts (its layers, its cache, its final norm) are there for the methods that read them; the
+    attention, keys and norms below are computed when a method asks, never on every pass."""
 
-    layer: int                         # the stage's layer: its input is `hidden`
-    hidden: torch.Tensor               # [B, S, C] hidden states entering `layer` (at layer 0: the embeddings)
-    image_mask: torch.Tensor           # [B, S] slots that hold image tokens
-    valid: torch.Tensor                # [B, S] False at padding
-    positions: torch.Tensor            # [B, S] original rotary positions of the slots
+    layer: int                         # the stage's layer: its input is `seq`
+    seq: Any                           # the decoder's Sequence entering `layer` (models/llama.py)
     n_keep: torch.Tensor               # [B] image tokens each sample keeps at this stage
-    n_patches: int                     # tokens per image (before the decoder, each image's are consecutive)
-    attention: torch.Tensor | None     # [B, S] head-mean attention of the last prompt token at layer - 1
-    keys: Callable[[], torch.Tensor]   # this layer's keys [B, S, H_kv * D] before rotary, computed on call
-    vision_attention: torch.Tensor | None = None  # [B, S] the vision tower's class-token attention at image
-    #   slots, at its feature layer (needs_vision_attention); at layer 0 `hidden` holds the projected features
+    decoder: Any                       # the Llama decoder
+    before: Any = None                 # the Sequence that entered layer - 1 (the same slots); None at layer 0
+    cache: Any = None                  # the KVCache the pass fills, if any
     memo: dict = field(default_factory=dict)  # what a method's select works out for its merge, at this stage
-    # Recomputed on call, for the methods that follow an official code's choice of inputs:
-    previous_keys: Callable[[], torch.Tensor] | None = None     # layer - 1's keys [B, S, H_kv * D] after rotary
-    attention_here: Callable[[], torch.Tensor] | None = None    # [B, S] like `attention`, from this layer's q and k
-    final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None  # the decoder's final RMSNorm
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """[B, S, C] hidden states entering `layer` (at layer 0: the embeddings and projected image features)."""
+        return self.seq.x
+
+    @property
+    def image_mask(self) -> torch.Tensor:
+        """[B, S] slots that hold image tokens."""
+        return self.seq.image
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """[B, S] False at padding."""
+        return self.seq.valid
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """[B, S] rotary positions of the slots (original ones, unless the method renumbers)."""
+        return self.seq.positions
+
+    @property
+    def n_patches(self) -> int:
+        """Tokens per image (before the decoder, each image's are consecutive)."""
+        return self.seq.n_patches
+
+    @property
+    def vision_attention(self) -> torch.Tensor | None:
+        """[B, S] the vision tower's class-token attention at image slots, at its feature layer
+        (needs_vision_attention)."""
+        return self.seq.vision_attention
+
+    def attention(self) -> torch.Tensor:
+        """[B, S]: FastV's criterion, the head-mean attention of the last prompt slot over every slot at layer - 1.
+        One query row against the keys that layer cached in this pass (recomputed without a cache), never an
+        S x S matrix."""
+        cache = None if self.cache is None else self.cache[self.layer - 1]
+        return self.decoder.layers[self.layer - 1].attention_rows(self.before, 1, cache)[:, 0, -self.seq.x.shape[1]:]
+
+    def attention_here(self) -> torch.Tensor:
+        """[B, S]: like `attention`, from this layer's own queries and keys on its input."""
+        return self.decoder.layers[self.layer].attention_rows(self.seq, 1)[:, 0]
+
+    def keys(self) -> torch.Tensor:
+        """[B, S, H_kv * D]: this layer's keys before rotary."""
+        block = self.decoder.layers[self.layer]
+        return block.attn.k_proj(block.attn_norm(self.hidden))
+
+    def previous_keys(self) -> torch.Tensor:
+        """[B, S, H_kv * D]: layer - 1's keys after rotary."""
+        return self.decoder.layers[self.layer - 1].keys(self.before)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The decoder's final RMSNorm applied to `hidden`."""
+        return self.decoder.norm(hidden)
 
     def image_index(self) -> torch.Tensor:
         """[B, S]: the rank of each image slot among its sample's image tokens (0, 1, ...; -1 elsewhere)."""
@@ -50,9 +98,9 @@ class PruneContext:
 
 
 class Pruner:
-    """Base class of pruning methods. Subclasses give `stages` and `select`; set `needs_attention` to get
-    `PruneContext.attention` (one row per sample, computed next to SDPA at layer - 1, never a T x T matrix)
-    and `needs_vision_attention` to get `PruneContext.vision_attention` (one row per image, likewise)."""
+    """Base class of pruning methods. Subclasses give `stages` and `select`; set `needs_attention` when select
+    reads `PruneContext.attention()` (layer - 1's attention: no stage at layer 0) and `needs_vision_attention`
+    to get `PruneContext.vision_attention` (the vision tower computes one row per image for it)."""
 
     needs_attention = False
     needs_vision_attention = False

@@ -17,4 +17,4 @@ class FastV(AfterLayer):
     needs_attention = True
 
     def select(self, ctx):
-        return ctx.attention
+        return ctx.attention()

@@ -37,7 +37,7 @@ class PyramidDrop(Pruner):
         return [Stage(q * n_layers // 4, 1 - self.ratio, q - 1) for q in (1, 2, 3)] if n_layers >= 4 else []
 
     def select(self, ctx):
-        return ctx.attention
+        return ctx.attention()
 
 
 @dataclass(frozen=True)
