@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 
 from minifastv import FastV, RandomDrop
-from minifastv.pruning import METHODS, AfterLayer, at_budget
 from minifastv.config import QuantConfig
 from minifastv.data import TINY_MODEL
 from minifastv.pipeline import Pipeline
-from minifastv.quant import quantize_model
 from minifastv.plot import line_plot
+from minifastv.pruning import METHODS, AfterLayer, at_budget
+from minifastv.quant.linear import quantize_model
 from shapes import QUESTION_TYPES, evaluate, majority_baseline, make_batch
 
 GRID_K, GRID_R = (1, 2), (0.25, 0.5, 0.75)

@@ -144,7 +144,7 @@ def evaluate(pipe, n: int = 400, *, prune=None, split: str = "heldout", batch_si
     present in a decoder layer, each averaged over the prompts (and layers) as the model reported them."""
     import torch
 
-    from minifastv.generate import stream
+    from minifastv.models.generate import stream
 
     model, tok = pipe.model, pipe.tokenizer
     eos = model.config.text.eos_token_id

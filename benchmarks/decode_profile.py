@@ -26,16 +26,16 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import minifastv.llama as llama  # noqa: E402
+import minifastv.models.llama as llama  # noqa: E402
 from minifastv.bench.machine import describe  # noqa: E402
-from minifastv.cache import KVCache, LayerCache  # noqa: E402
+from minifastv.checkpoint import empty_model  # noqa: E402
 from minifastv.config import LlavaConfig, QuantConfig  # noqa: E402
-from minifastv.llava import empty_model  # noqa: E402
-from minifastv.int8act import set_activations  # noqa: E402
 from minifastv.machine import auto_dtype  # noqa: E402
-from minifastv.quant import QuantLinear, pack_for_device  # noqa: E402
+from minifastv.models.cache import KVCache, LayerCache  # noqa: E402
+from minifastv.quant import set_activations  # noqa: E402
+from minifastv.quant.linear import QuantLinear, pack_for_device  # noqa: E402
 
-generate_module = importlib.import_module("minifastv.generate")  # the module (the package's `generate` is a function)
+generate_module = importlib.import_module("minifastv.models.generate")  # the module (the package's `generate` is a function)
 
 PARTS = ("linears", "attention", "norms", "rotary", "cache write", "mask", "sampling", "embedding")
 

@@ -28,11 +28,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from minifastv.bench.machine import describe  # noqa: E402
 from minifastv.config import QuantConfig  # noqa: E402
 from minifastv.machine import resolve_dtype, set_threads  # noqa: E402
-from minifastv.int8act import int8_activation_matmul  # noqa: E402
-from minifastv.quant import LINEARS, quantize_weight  # noqa: E402
-from minifastv.bench.machine import describe  # noqa: E402
+from minifastv.quant.int8act import int8_activation_matmul  # noqa: E402
+from minifastv.quant.linear import LINEARS, quantize_weight  # noqa: E402
 
 LAYER = [("q", 4096, 4096), ("k", 4096, 4096), ("v", 4096, 4096), ("o", 4096, 4096),
          ("gate", 11008, 4096), ("up", 11008, 4096), ("down", 4096, 11008)]  # (name, out, in)

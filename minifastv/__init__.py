@@ -1,14 +1,26 @@
 """minifastv: a minimal LLaVA-1.5 in PyTorch with native FastV visual-token pruning."""
 
-from .cache import KVCache
 from .checkpoint import CheckpointError, load, load_tokenizer, save
 from .config import ConfigError, LlavaConfig, TextConfig, VisionConfig
-from .generate import generate, stream
 from .image import ImageError, load_image, preprocess
-from .llava import LlavaModel, Prefill
+from .models.cache import KVCache
+from .models.generate import generate, stream
+from .models.llava import LlavaModel, Prefill
 from .pipeline import Answer, Chat, Pipeline
-from .pruning import (DART, METHODS, DivPrune, FasterVLM, FastV, Pool, Pruner, PyramidDrop, RandomDrop, Uniform,
-                      VisionZip, theoretical_flops)
+from .pruning import (
+                      DART,
+                      METHODS,
+                      DivPrune,
+                      FasterVLM,
+                      FastV,
+                      Pool,
+                      Pruner,
+                      PyramidDrop,
+                      RandomDrop,
+                      Uniform,
+                      VisionZip,
+                      theoretical_flops,
+)
 from .tokenizer import Tokenizer, chat_prompt
 
 __all__ = ["DART", "METHODS", "Answer", "Chat", "chat_prompt", "CheckpointError", "ConfigError", "DivPrune", "FasterVLM",

@@ -24,16 +24,84 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config import ConfigError, LlavaConfig, QuantConfig
-from .files import (ALIGNMENT, STORED_DTYPES, CheckpointError, ShardWriter, check_stored, read_header, read_into_memory,
-                    read_json, read_tensors, source_dir, staged, weight_files)
-from .int4cpu import read_cpu_layout, use_cpu_layout
-from .llava import LlavaModel, empty_model
+from .config import ConfigError, LlavaConfig, QuantConfig, TextConfig, VisionConfig
+from .files import (
+    ALIGNMENT,
+    STORED_DTYPES,
+    CheckpointError,
+    ShardWriter,
+    check_stored,
+    read_header,
+    read_into_memory,
+    read_json,
+    read_tensors,
+    source_dir,
+    staged,
+    weight_files,
+)
 from .machine import release_free_memory, resolve_device, resolve_dtype
-from .quant import Int4Linear, Int8Linear, pack_for_device, quantized_modules, quantized_tensors
+from .models.llava import LlavaModel
+from .quant import (
+    Int4Linear,
+    Int8Linear,
+    pack_for_device,
+    quantized_modules,
+    quantized_tensors,
+    read_cpu_layout,
+    replace_linears,
+    use_cpu_layout,
+)
 from .tokenizer import Tokenizer
 
 CONFIG, TOKENIZER = "config.json", "tokenizer.json"
+
+
+
+# Far beyond any real model (LLaMA-3-405B: 126 layers, width 16384, FFN 53248, 128K vocabulary): a config.json
+# past these is damaged, and is refused before a model is built from it (a billion layers would take minutes).
+LIMITS = {"n_layers": 1024, "n_heads": 1024, "n_kv_heads": 1024, "dim": 1 << 17, "intermediate_size": 1 << 19,
+          "vocab_size": 1 << 22, "image_size": 8192, "patch_size": 8192, "max_seq_len": 1 << 24}
+MAX_PATCHES = 1 << 16
+
+
+def config_from_dict(d: dict) -> LlavaConfig:
+    """The LlavaConfig that a config.json holds, read strictly (the inverse of LlavaConfig.to_dict): unknown keys
+    are errors, missing keys take the defaults, sizes beyond any real model are a damaged file."""
+    d = dict(d)
+    vision = _build(VisionConfig, d.pop("vision", {}), "vision")
+    if vision.n_patches > MAX_PATCHES:
+        raise ConfigError(f"vision: {vision.grid}^2 patches per image, beyond any real model: the config is damaged")
+    text = _build(TextConfig, d.pop("text", {}), "text")
+    quant = d.pop("quant", None)
+    quant = None if quant is None else _build(QuantConfig, quant, "quant")
+    return _build(LlavaConfig, d, "", vision=vision, text=text, quant=quant)
+
+
+def _build(cls, d, where: str, **extra):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where or 'config'}: expected an object, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown field(s) {unknown}")
+    for name, value in d.items():
+        if isinstance(value, int) and not isinstance(value, bool) and value > LIMITS.get(name, value):
+            raise ConfigError(f"{cls.__name__}.{name} is {value}, beyond any real model (at most {LIMITS[name]}): "
+                              "the config is damaged")
+    try:
+        return cls(**d, **extra)
+    except TypeError as e:  # e.g. a string where a number belongs, caught by the comparisons in __post_init__
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+def empty_model(config: LlavaConfig) -> LlavaModel:
+    """The model with meta tensors (no memory) for load_state_dict(..., assign=True) to fill, its decoder's
+    linears quantized as the config says."""
+    with torch.device("meta"):
+        model = LlavaModel(config)
+        if config.quant is not None:  # the same decoder, with quantized linears in place of nn.Linear
+            replace_linears(model, config.quant)
+    return model
 
 
 def load_config(path: str | Path) -> LlavaConfig:
@@ -44,7 +112,7 @@ def load_config(path: str | Path) -> LlavaConfig:
                               f"minifastv's format: run `python convert_weights.py {path} weights/NAME` (original "
                               "LLaVA checkpoints also need --vision-tower and --tokenizer), then use weights/NAME")
     try:
-        return LlavaConfig.from_dict(data)
+        return config_from_dict(data)
     except ConfigError as e:
         raise CheckpointError(f"{file}: {e}") from None
 

@@ -8,38 +8,22 @@ import sys
 import time
 from pathlib import Path
 
-
 from .config import QUANT_METHODS
 from .data import SAMPLES
-from .options import (add_convert_arguments, add_output_arguments, check_pruning, describe, model_arguments,
-                      pruner_from_args, pruning_asked, quant_from_args, sampling_arguments, sampling_from_args,
-                      shard_bytes)
-
-
-def load_pipeline(args):
-    """Threads, device and dtype from the command line, then the checkpoint; says what it chose on stderr."""
-    from .machine import peak_rss_bytes, resolve_device, resolve_dtype, set_threads
-    from .pipeline import Pipeline
-
-    threads = set_threads(args.threads)
-    device = resolve_device(args.device)
-    start = time.perf_counter()
-    pipe = Pipeline.load(args.model, dtype=args.dtype, device=device, check=args.check_weights)
-    model = pipe.model
-    why = resolve_dtype(args.dtype, device, model.config)[1]
-    if args.activations != "float":
-        from .int8act import set_activations
-
-        set_activations(model, args.activations)
-    seconds, rss = time.perf_counter() - start, peak_rss_bytes()
-    quant = model.config.quant
-    print(f"{args.model}: {'float' if quant is None else quant.method} decoder linears"
-          f"{', int8 activations' if args.activations == 'int8' else ''}, "
-          f"{str(model.dtype).removeprefix('torch.')} float weights ({why}), {device}"
-          + (f", {threads} threads" if device.type == "cpu" else "")
-          + f"; loaded in {seconds:.2f} s" + ("" if rss is None else f", peak RSS {rss / 2**30:.2f} GiB"),
-          file=sys.stderr)
-    return pipe
+from .options import (
+    add_convert_arguments,
+    add_output_arguments,
+    check_pruning,
+    describe,
+    load_pipeline,
+    model_arguments,
+    pruner_from_args,
+    pruning_asked,
+    quant_from_args,
+    sampling_arguments,
+    sampling_from_args,
+    shard_bytes,
+)
 
 
 def cmd_generate(args):
@@ -132,10 +116,16 @@ def cmd_demo(args):
 def cmd_analyze(args):
     """Attention shares per layer (table + PNG), the patches a pruning method keeps (PNG and a `kept patches:`
     line, row-major indices in the first image's grid), and the patches every method keeps, side by side."""
-    from .analyze import SEGMENTS, attention_shares, kept_patches, kept_patches_picture, picture_grid
-    from .pruning import METHODS, FastV, at_budget
+    from .analyze import (
+        SEGMENTS,
+        attention_shares,
+        kept_patches,
+        kept_patches_picture,
+        picture_grid,
+    )
     from .image import load_image, model_view
     from .plot import line_plot
+    from .pruning import METHODS, FastV, at_budget
 
     out = Path(args.out_dir)
     blocking = next((p for p in (out, *out.parents) if p.exists()), None)
@@ -195,7 +185,7 @@ def cmd_quantize(args):
 
 def cmd_pack_cpu(args):
     from .checkpoint import load
-    from .int4cpu import write_cpu_layout
+    from .quant.int4cpu import write_cpu_layout
 
     start = time.perf_counter()
     file = write_cpu_layout(args.checkpoint, load(args.checkpoint, dtype=None))
@@ -264,7 +254,8 @@ def main(argv=None, *, convert_prog: str | None = None):
     p.add_argument("checkpoint", help="int4 minifastv checkpoint directory (written into)")
     p.set_defaults(run=cmd_pack_cpu)
 
-    from .serve import add_arguments as serve_arguments, cmd_serve
+    from .serve import add_arguments as serve_arguments
+    from .serve import cmd_serve
 
     s = sub.add_parser("serve", help="an OpenAI-compatible server and a web page that shows the kept patches "
                                      "(needs the [serve] extra)")

@@ -17,13 +17,21 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CONFIG, TOKENIZER
-from .files import (PICKLED, SAFETENSORS, CheckpointError, ShardWriter, read_json, read_tensors, source_dir, staged,
-                    weight_files)
+from .checkpoint import CONFIG, TOKENIZER, empty_model
 from .config import ConfigError, LlavaConfig, QuantConfig, TextConfig, VisionConfig
-from .llava import empty_model
+from .files import (
+    PICKLED,
+    SAFETENSORS,
+    CheckpointError,
+    ShardWriter,
+    read_json,
+    read_tensors,
+    source_dir,
+    staged,
+    weight_files,
+)
 from .machine import parse_dtype
-from .quant import quantized_tensors
+from .quant.linear import quantized_tensors
 
 
 class ConversionError(CheckpointError):

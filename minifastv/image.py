@@ -14,7 +14,6 @@ from PIL import Image
 
 from .config import CLIP_MEAN, CLIP_STD
 
-
 MAX_PADDED_SIDE = 16384  # pad mode builds a max(w, h)-sided square: 0.8 GB of RGB at this side
 
 

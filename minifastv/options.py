@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import time
+
 import torch
 
 from .config import INT4_GROUP_SIZES, QUANT_METHODS
@@ -171,3 +174,29 @@ def quant_from_args(method, group_size):
         return QuantConfig(method, group_size)
     except ConfigError as e:
         raise ValueError(str(e)) from None
+
+
+def load_pipeline(args):
+    """Threads, device and dtype from the command line, then the checkpoint; says what it chose on stderr."""
+    from .machine import peak_rss_bytes, resolve_device, resolve_dtype, set_threads
+    from .pipeline import Pipeline
+
+    threads = set_threads(args.threads)
+    device = resolve_device(args.device)
+    start = time.perf_counter()
+    pipe = Pipeline.load(args.model, dtype=args.dtype, device=device, check=args.check_weights)
+    model = pipe.model
+    why = resolve_dtype(args.dtype, device, model.config)[1]
+    if args.activations != "float":
+        from .quant import set_activations
+
+        set_activations(model, args.activations)
+    seconds, rss = time.perf_counter() - start, peak_rss_bytes()
+    quant = model.config.quant
+    print(f"{args.model}: {'float' if quant is None else quant.method} decoder linears"
+          f"{', int8 activations' if args.activations == 'int8' else ''}, "
+          f"{str(model.dtype).removeprefix('torch.')} float weights ({why}), {device}"
+          + (f", {threads} threads" if device.type == "cpu" else "")
+          + f"; loaded in {seconds:.2f} s" + ("" if rss is None else f", peak RSS {rss / 2**30:.2f} GiB"),
+          file=sys.stderr)
+    return pipe

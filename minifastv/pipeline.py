@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from .checkpoint import load, load_tokenizer
-from .generate import stream
 from .image import load_image
 from .inputs import Batch, questions
-from .llava import LlavaModel
+from .models.generate import stream
+from .models.llava import LlavaModel
 from .pruning import Pruner
 from .tokenizer import IMAGE_MARKER, Tokenizer
 

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-import train_tiny
 
+import train_tiny
 from minifastv import FastV
 from minifastv.data import SAMPLES, TINY_MODEL
-from minifastv.generate import Stream
+from minifastv.models.generate import Stream
 from minifastv.pipeline import Chat, Pipeline
 from minifastv.pruning import Pruner, Stage
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
 from minifastv.data import SAMPLES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,9 +18,8 @@ SAMPLE = json.loads((SAMPLES / "questions.json").read_text())[0]
 def model_dir(tmp_path_factory):
     """A tiny-preset checkpoint with seeded random weights: the CLI's mechanics, not the answers' quality
     (test_tiny.py checks the shipped model's accuracy)."""
-    import train_tiny
-
     import minifastv
+    import train_tiny
 
     path = tmp_path_factory.mktemp("cli") / "tiny"
     tok = train_tiny.build_tokenizer()
@@ -84,7 +84,7 @@ def generate_in_process(model_dir, capsys, *options):
 
 def test_printed_kept_count_and_flops_come_from_the_model(model_dir, capsys, monkeypatch):
     """Break the pruning (keep a quarter where the settings say half): the printed figures follow the model."""
-    import minifastv.llama
+    import minifastv.models.llama
 
     code, honest, _ = generate_in_process(model_dir, capsys, "--fastv-k", 2, "--fastv-ratio", 0.5)
     assert code == 0 and "image tokens kept 32/64" in honest
@@ -430,9 +430,8 @@ def test_pruning_that_changes_nothing_is_refused_or_said(model_dir, capsys, tmp_
     K=2 on a 2-layer decoder) it is a warning; a ratio that keeps no image token is a warning."""
     import dataclasses
 
-    import train_tiny
-
     import minifastv
+    import train_tiny
     from minifastv.cli import main
 
     code, out, err = generate_in_process(model_dir, capsys, "--prune", "fastv", "--prune-k", "4")
@@ -545,7 +544,7 @@ def test_bench_quant_packs_int4_once_and_reports_ratios_to_llama_cpp(capsys, tmp
     from minifastv.checkpoint import quantize_checkpoint
     from minifastv.config import QuantConfig
     from minifastv.data import TINY_MODEL
-    from minifastv.quant import cpu_int4_block
+    from minifastv.quant.linear import cpu_int4_block
 
     path = quantize_checkpoint(TINY_MODEL, tmp_path / "q4", QuantConfig("int4", 32))
     cpu7b.pack_for_this_cpu(path, print)

@@ -13,9 +13,9 @@ import torch
 import minifastv
 from minifastv import FastV, RandomDrop, generate
 from minifastv.config import QuantConfig
-from minifastv.quant import quantize_model
-from minifastv.pipeline import Pipeline
 from minifastv.data import SAMPLES, TINY_MODEL
+from minifastv.pipeline import Pipeline
+from minifastv.quant.linear import quantize_model
 from shapes import make_batch
 
 DEVICES = [d for d, ok in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())) if ok]

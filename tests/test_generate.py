@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import hf_llava, random_pixels, random_prompt, to_minifastv
 
-from minifastv.generate import generate, sample
 from minifastv.inputs import left_pad
+from minifastv.models.generate import generate, sample
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 def test_a_padding_query_sees_its_own_slot_only():
     """Left padding: a padding query attends to itself alone (else SDPA returns NaN for it, and 0 * NaN leaks
     into later layers); real queries never see padding, and see every earlier real slot."""
-    from minifastv.llama import attention_mask
+    from minifastv.models.llama import attention_mask
 
     valid = torch.tensor([[False, False, True, True], [True, True, True, True]])
     mask = attention_mask(valid, 4)[:, 0]

@@ -14,12 +14,19 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import minifastv
-from minifastv import CheckpointError, FastV, ImageError, chat_prompt, generate, load_image, preprocess
+from minifastv import (
+    CheckpointError,
+    FastV,
+    ImageError,
+    chat_prompt,
+    generate,
+    load_image,
+    preprocess,
+)
 from minifastv.checkpoint import ShardWriter
-from minifastv.pipeline import Pipeline
 from minifastv.convert import convert
 from minifastv.data import SAMPLES, TINY_MODEL
-
+from minifastv.pipeline import Pipeline
 
 
 @pytest.fixture(scope="module")

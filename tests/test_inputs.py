@@ -4,10 +4,16 @@ computes from them."""
 import pytest
 import torch
 import torch.nn.functional as F
-import train_tiny
 from PIL import Image
 
-from minifastv.inputs import IGNORE, conversations, encode_conversation, left_pad, questions
+import train_tiny
+from minifastv.inputs import (
+    IGNORE,
+    conversations,
+    encode_conversation,
+    left_pad,
+    questions,
+)
 from minifastv.pipeline import Pipeline
 from shapes import conversation, draw
 

@@ -16,16 +16,32 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_tokenizer, hf_llava, random_pixels, random_prompt, to_minifastv
+from conftest import (
+    build_tokenizer,
+    hf_llava,
+    random_pixels,
+    random_prompt,
+    to_minifastv,
+)
 from safetensors.torch import load_file, save_file
 
 import minifastv
-import minifastv.quant as quant
+import minifastv.quant.linear as quant
 from minifastv import CheckpointError, generate
 from minifastv.checkpoint import quantize_checkpoint
 from minifastv.config import QuantConfig
-from minifastv.quant import (Int4Linear, Int8Linear, cpu_int4_block, pack_int4, quantize_model, quantize_weight,
-                             quantized_modules, repack_for_cpu, unpack_cpu_int4, unpack_int4)
+from minifastv.quant.linear import (
+    Int4Linear,
+    Int8Linear,
+    cpu_int4_block,
+    pack_int4,
+    quantize_model,
+    quantize_weight,
+    quantized_modules,
+    repack_for_cpu,
+    unpack_cpu_int4,
+    unpack_int4,
+)
 
 INT8, INT4 = QuantConfig("int8"), QuantConfig("int4", 32)
 FIXTURES = {
@@ -89,7 +105,7 @@ def activation_noise(model, seed: int):
 def test_int8_activations_stay_within_their_noise_twin(fp32):
     """int8 activations at prefill: the logits' error against fp32 stays within what the twin with both noises
     (weights and activations) shows, as the weight-only test bounds it."""
-    from minifastv.int8act import set_activations
+    from minifastv.quant import set_activations
 
     ids = torch.tensor([random_prompt(torch.Generator().manual_seed(0), 20, [5, 12])])   # 53 rows: prefill path
     px = random_pixels(2, seed=1)
@@ -110,7 +126,7 @@ def test_int8_activations_at_decode_stay_within_their_noise_twin(fp32):
     """Decode steps (one row, the KV cache) round the activations too: their logits' error against fp32 recomputed
     from scratch stays within the twin's with both noises (the weight-only kernel's bf16 activations are not exact
     either: on these small widths its error is of the same size)."""
-    from minifastv.int8act import set_activations
+    from minifastv.quant import set_activations
 
     ids = torch.tensor([random_prompt(torch.Generator().manual_seed(2), 12, [4])])
     px = random_pixels(1)
@@ -132,7 +148,7 @@ def test_int8_activations_at_decode_stay_within_their_noise_twin(fp32):
 
 def test_int8_activation_matmul_is_the_rounded_product():
     """Each row rounded to int8 on its own absmax / 127, the exact integer product, both scales: written out."""
-    from minifastv.int8act import int8_activation_matmul
+    from minifastv.quant.int8act import int8_activation_matmul
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(40, 96, generator=g) * torch.linspace(0.1, 10, 40)[:, None]
@@ -144,25 +160,23 @@ def test_int8_activation_matmul_is_the_rounded_product():
 
 
 def test_int8_activations_are_refused_where_they_cannot_run(float_ckpt, monkeypatch):
-    import minifastv.int8act as int8act
-
     with pytest.raises(ValueError, match="need an int8-quantized checkpoint .* this one is float"):
-        int8act.set_activations(minifastv.load(float_ckpt), "int8")
+        quant.set_activations(minifastv.load(float_ckpt), "int8")
     with pytest.raises(ValueError, match="activations must be one of float, int8"):
-        int8act.set_activations(minifastv.load(float_ckpt), "int4")
+        quant.set_activations(minifastv.load(float_ckpt), "int4")
     int8_model = quantize_model(minifastv.load(float_ckpt, dtype="float32"), INT8)
-    monkeypatch.setattr(int8act, "int8_gemm_exact", lambda: False)
+    monkeypatch.setattr(quant, "int8_gemm_exact", lambda: False)
     with pytest.raises(ValueError, match="not available on this CPU: its integer GEMM"):
-        int8act.set_activations(int8_model, "int8")
-    monkeypatch.setattr(int8act, "int8_gemm_exact", lambda: True)
-    int8act.set_activations(int8_model, "int8")
+        quant.set_activations(int8_model, "int8")
+    monkeypatch.setattr(quant, "int8_gemm_exact", lambda: True)
+    quant.set_activations(int8_model, "int8")
     assert {m.activations for m in int8_model.modules() if isinstance(m, Int8Linear)} == {"int8"}
-    int8act.set_activations(int8_model, "float")
+    quant.set_activations(int8_model, "float")
     assert {m.activations for m in int8_model.modules() if isinstance(m, Int8Linear)} == {"float"}
 
 
 def test_int8_gemm_exactness_probe_matches_this_machine():
-    from minifastv.int8act import int8_gemm_exact
+    from minifastv.quant.int8act import int8_gemm_exact
 
     g = torch.Generator().manual_seed(1)
     x, w = (torch.randint(-127, 128, shape, dtype=torch.int8, generator=g) for shape in ((48, 1024), (96, 1024)))
@@ -440,9 +454,8 @@ def test_convert_with_quantize_equals_quantizing_the_conversion(tmp_path, method
     """convert_weights.py SRC OUT --quantize writes what `quantize` makes of the float conversion."""
     from conftest import write_hf_checkpoint
 
-    from minifastv.convert import convert
-
     import convert_weights
+    from minifastv.convert import convert
 
     src = write_hf_checkpoint(hf_llava(n_kv_heads=2, seed=7), tmp_path / "hf")
     group = [] if method.group_size is None else ["--group-size", str(method.group_size)]

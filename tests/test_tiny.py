@@ -6,8 +6,8 @@ import torch
 
 import minifastv
 from minifastv import FastV, generate
-from minifastv.pipeline import Pipeline
 from minifastv.data import TINY_MODEL
+from minifastv.pipeline import Pipeline
 from shapes import QUESTION_TYPES, evaluate, example, majority_baseline, make_batch
 
 SHIPPED = TINY_MODEL
@@ -68,7 +68,7 @@ def test_quantized_shipped_model_keeps_its_accuracy(shipped):
     import copy
 
     from minifastv.config import QuantConfig
-    from minifastv.quant import quantize_model
+    from minifastv.quant.linear import quantize_model
 
     fp32 = evaluate(shipped, 400)["all"]
     int8 = evaluate(Pipeline(quantize_model(copy.deepcopy(shipped.model), QuantConfig("int8")), shipped.tokenizer),
@@ -84,8 +84,8 @@ def test_int8_activations_keep_the_shipped_models_accuracy(shipped):
     import copy
 
     from minifastv.config import QuantConfig
-    from minifastv.int8act import set_activations
-    from minifastv.quant import quantize_model
+    from minifastv.quant import set_activations
+    from minifastv.quant.linear import quantize_model
 
     model = quantize_model(copy.deepcopy(shipped.model), QuantConfig("int8"))
     set_activations(model, "int8")

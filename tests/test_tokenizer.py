@@ -3,8 +3,8 @@
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
-from minifastv.tokenizer import Tokenizer, chat_prompt
 from minifastv.data import SAMPLES
+from minifastv.tokenizer import Tokenizer, chat_prompt
 
 IMAGE_ID = 7000  # outside the vocabulary on purpose, like the original LLaVA's -200
 

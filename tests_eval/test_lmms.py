@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, lmms_eval, load_module
-from shapes import evaluate, example, write_task_data
 
 from minifastv.eval import TASKS
 from minifastv.pruning import METHODS, AfterLayer, at_budget
+from shapes import evaluate, example, write_task_data
 
 TASK_DIR = TASKS / "minifastv_shapes"
 N = 400  # the task's questions, evaluate_tiny's default
@@ -360,8 +360,8 @@ def test_activations_int8_reaches_an_int8_checkpoint(tmp_path):
     from minifastv.checkpoint import quantize_checkpoint
     from minifastv.config import QuantConfig
     from minifastv.data import TINY_MODEL
-    from minifastv.int8act import int8_gemm_exact
-    from minifastv.quant import Int8Linear
+    from minifastv.quant.int8act import int8_gemm_exact
+    from minifastv.quant.linear import Int8Linear
 
     q8 = quantize_checkpoint(TINY_MODEL, tmp_path / "q8", QuantConfig("int8"), log=lambda _: None)
     kinds = lambda m: {x.activations for x in m.pipe.model.modules() if isinstance(x, Int8Linear)}  # noqa: E731

@@ -31,15 +31,14 @@ from pathlib import Path
 
 import torch
 
-from .. import FastV, LlavaConfig, load
-from ..checkpoint import CONFIG, TOKENIZER
-from ..config import QuantConfig
+from ..checkpoint import CONFIG, TOKENIZER, config_from_dict, empty_model, load
+from ..config import LlavaConfig, QuantConfig
 from ..files import ShardWriter, staged
-from ..generate import stream
-from ..int8act import int8_gemm_exact, set_activations
-from ..llava import empty_model
 from ..machine import auto_dtype, peak_rss_bytes, physical_cores, set_threads
-from ..quant import cpu_int4_block, quantized_tensors
+from ..models.generate import stream
+from ..pruning import FastV
+from ..quant import int8_gemm_exact, set_activations
+from ..quant.linear import cpu_int4_block, quantized_tensors
 from .machine import describe
 
 METHODS = {"int8": QuantConfig("int8"), "int4": QuantConfig("int4", 128)}
@@ -61,7 +60,7 @@ def write_tokenizer(path: Path):
 
 def build_checkpoint(path: Path, config: LlavaConfig, log) -> Path:
     """Random weights for `config`, written one tensor at a time; kept if it already exists."""
-    if (path / CONFIG).is_file() and LlavaConfig.from_dict(json.loads((path / CONFIG).read_text())) == config:
+    if (path / CONFIG).is_file() and config_from_dict(json.loads((path / CONFIG).read_text())) == config:
         log(f"{path}: the checkpoint is there already, used as it is")
         return path
     log(f"{path}: writing a random checkpoint, one tensor at a time")
@@ -148,7 +147,7 @@ def pack_for_this_cpu(path: Path, log):
     """Store the int4 checkpoint's weights in this CPU's kernel layout beside it (int4cpu.py), as a user would
     with `pack-cpu`, so that the load measured maps them; a fresh packed file is kept."""
     from ..checkpoint import load_config
-    from ..int4cpu import read_cpu_layout
+    from ..quant.int4cpu import read_cpu_layout
 
     if cpu_int4_block() is None or read_cpu_layout(path, empty_model(load_config(path))) is not None:
         return

@@ -20,19 +20,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import importlib.util
+import statistics
 import sys
 import time
-from typing import NamedTuple
 
 import torch
 
-from .. import KVCache, LlavaConfig, LlavaModel, load
+from ..checkpoint import load
+from ..config import LlavaConfig
 from ..data import TINY_MODEL
-from ..generate import stream
+from ..models import KVCache, LlavaModel
 from ..pruning import METHODS, at_budget, make
 from .machine import describe
+from .timing import minifastv_generate, rate, timed
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -89,40 +90,6 @@ def model_flops(config: LlavaConfig, layer_tokens: list[int]) -> float:
         return 2 * m * t.dim * (2 * t.dim + 2 * kv) + 4 * m * m * t.dim + 6 * m * t.dim * t.intermediate_size
 
     return vision + sum(layer(m) for m in layer_tokens) + 2 * t.dim * t.vocab_size
-
-
-class Timing(NamedTuple):
-    prefill_s: float                 # median seconds until the first token
-    decode_tok_s: float | None       # median tokens/s after it (None when a run generates one token)
-    tokens: int                      # tokens a run generated
-    runs: int                        # runs the medians are taken over (after a warm-up)
-
-
-def timed(generate_fn, repeats: int) -> Timing:
-    """Prefill and decode speed over `repeats` runs after a warm-up. generate_fn(on_token) must call
-    on_token() as each token appears."""
-    prefills, rates = [], []
-    for i in range(repeats + 1):
-        stamps = [time.perf_counter()]
-        generate_fn(lambda: stamps.append(time.perf_counter()))
-        if i:  # run 0 is the warm-up
-            prefills.append(stamps[1] - stamps[0])
-            if len(stamps) > 2:
-                rates.append((len(stamps) - 2) / (stamps[-1] - stamps[1]))
-    return Timing(statistics.median(prefills), statistics.median(rates) if rates else None, len(stamps) - 1,
-                  len(prefills))
-
-
-def rate(tokens_per_s: float | None) -> str:
-    return "-" if tokens_per_s is None else f"{tokens_per_s:.1f}"
-
-
-def minifastv_generate(model, ids, pixels, n: int, prune=None):
-    def run(on_token):
-        with torch.inference_mode():
-            for _ in stream(model, ids, pixels, max_new_tokens=n, prune=prune):
-                on_token()
-    return run
 
 
 def bench_fastv(model, ids, pixels, repeats: int, decode_tokens: int, method=make, name: str = "fastv",

@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 
 from ..convert import map_key
-from ..generate import generate
-from ..llava import LlavaModel
-from .fastv import minifastv_generate, rate, timed
+from ..models.generate import generate
+from ..models.llava import LlavaModel
+from .timing import minifastv_generate, rate, timed
 
 
 def to_transformers(model: LlavaModel, image_token: int):
@@ -17,7 +17,12 @@ def to_transformers(model: LlavaModel, image_token: int):
     image placeholder (transformers embeds the placeholder, so it must be a vocabulary id; one the prompt does
     not use). Tensors minifastv does not hold (the tower's last block and post-LayerNorm, which transformers
     computes but LLaVA ignores) get random values."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig as HFLlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaForConditionalGeneration,
+    )
+    from transformers import LlavaConfig as HFLlavaConfig
 
     c = model.config
     text = LlamaConfig(vocab_size=c.text.vocab_size, hidden_size=c.text.dim, intermediate_size=c.text.intermediate_size,

@@ -21,15 +21,21 @@ from loguru import logger
 from PIL import Image, ImageFile
 from tqdm import tqdm
 
-from ..cache import KVCache
 from ..data import TINY_MODEL
 from ..image import to_rgb
-from ..int8act import set_activations
 from ..machine import physical_cores, resolve_device, resolve_dtype, set_threads
+from ..models.cache import KVCache
 from ..options import describe
 from ..pipeline import Answer, Chat, Pipeline
+from ..quant import set_activations
 from ..tokenizer import IMAGE_MARKER
-from .settings import DEFAULT_MAX_NEW_TOKENS, RequestError, Sampling, process_layout, pruner
+from .settings import (
+    DEFAULT_MAX_NEW_TOKENS,
+    RequestError,
+    Sampling,
+    process_layout,
+    pruner,
+)
 from .stats import summarize, write_json
 
 

@@ -5,8 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 
-from .base import (AfterLayer, BeforeDecoder, PruneContext, Pruner, Stage, active_stages, decoder_flops, keep_slots,
-                   layer_flops, theoretical_flops)
+from .base import (
+    AfterLayer,
+    BeforeDecoder,
+    PruneContext,
+    Pruner,
+    Stage,
+    active_stages,
+    decoder_flops,
+    keep_slots,
+    layer_flops,
+    theoretical_flops,
+)
 from .dart import DART, DARTOfficial
 from .divprune import DivPrune
 from .fastervlm import FasterVLM

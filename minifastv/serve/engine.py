@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cache import KVCache
-from ..generate import sample
 from ..inputs import left_pad
+from ..models.cache import KVCache
+from ..models.generate import sample
 from ..pipeline import Answer
 from ..pruning import Pruner
 from ..tokenizer import TextStream
+from .batching import concat, keep_rows
 from .protocol import ApiError
 
 GONE = ApiError(499, "cancelled: the client went away", None, "cancelled")  # nobody is left to read it
@@ -225,7 +226,7 @@ class Running:
             return None
         if len(rows) < len(self.jobs):
             index = torch.tensor(rows, device=self.position.device)
-            self.cache.keep_rows(index)
+            keep_rows(self.cache, index)
             self.jobs, self.position, self.tokens = [self.jobs[i] for i in rows], self.position[index], self.tokens[index]
         return self
 
@@ -233,7 +234,7 @@ class Running:
         if other is None:
             return self
         extra = max(j.max_tokens - len(j.tokens) for j in self.jobs + other.jobs)
-        return Running(self.jobs + other.jobs, KVCache.concat([self.cache, other.cache], extra),
+        return Running(self.jobs + other.jobs, concat([self.cache, other.cache], extra),
                        torch.cat([self.position, other.position]), torch.cat([self.tokens, other.tokens]))
 
 

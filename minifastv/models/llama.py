@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ..config import TextConfig
+from ..pruning import Pruner, Schedule
 from .cache import KVCache, LayerCache
-from .config import TextConfig
-from .pruning import Pruner, Schedule
 
 
 class RMSNorm(nn.Module):
@@ -36,6 +36,15 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding that leaves a table on the meta device uninitialised: a loader assigns the weights anyway,
+    and torch's first normal_() on the meta device costs ~2 s of one-time set-up, far more than a tiny load."""
+
+    def reset_parameters(self):
+        if not self.weight.is_meta:
+            super().reset_parameters()
 
 
 class Rotary:
@@ -237,7 +246,7 @@ class Llama(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)

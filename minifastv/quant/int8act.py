@@ -37,25 +37,3 @@ def int8_gemm_exact() -> bool:
 
 
 ACTIVATIONS = ("float", "int8")
-
-
-def set_activations(model, activations: str):
-    """"int8": an int8 model quantizes its linears' activations as well and multiplies in integers, prefill and
-    decode steps alike; "float" (the default): weight-only."""
-    if activations not in ACTIVATIONS:
-        raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
-    if activations == "int8":
-        quant = model.config.quant
-        if quant is None or quant.method != "int8":
-            raise ValueError("int8 activations need an int8-quantized checkpoint (quantize --method int8); this one "
-                             f"is {'float' if quant is None else quant.method}")
-        if model.device.type != "cpu":
-            raise ValueError(f"int8 activations run on a CPU; the model is on {model.device}")
-        if not int8_gemm_exact():
-            raise ValueError("int8 activations are not available on this CPU: its integer GEMM (torch._int_mm) "
-                             "saturates on full-range int8 weights (AVX2 without AVX-512 VNNI)")
-    from .quant import Int8Linear
-
-    for module in model.modules():
-        if isinstance(module, Int8Linear):
-            module.activations = activations

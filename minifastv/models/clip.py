@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .config import VisionConfig
+from ..config import VisionConfig
 
 
 def quick_gelu(x):

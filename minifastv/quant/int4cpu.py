@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .files import CheckpointError, check_stored, weight_files, write_safetensors
-from .quant import Int4Linear, cpu_int4_block
+from ..files import CheckpointError, check_stored, weight_files, write_safetensors
+from .linear import Int4Linear, cpu_int4_block
 
 
 def layout_file(path: Path, block: int) -> Path:

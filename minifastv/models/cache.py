@@ -40,7 +40,6 @@ class LayerCache:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end], self.valid[:, :end]
 
-
     def valid_after(self, valid: torch.Tensor) -> torch.Tensor:
         """The key validity [B, S] that update(..., valid) will return, without writing anything."""
         return valid if self.valid is None else torch.cat((self.valid[:, :self.length], valid), dim=1)
@@ -51,39 +50,6 @@ class KVCache:
 
     def __init__(self, n_layers: int, extra: int):
         self.layers = [LayerCache(extra) for _ in range(n_layers)]
-
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Keep only the batch rows `rows` [B'] (a server drops the requests that finished)."""
-        for layer in self.layers:
-            layer.k, layer.v, layer.valid = layer.k[rows], layer.v[rows], layer.valid[rows]
-            layer.shift = None if layer.shift is None else layer.shift[rows]
-
-    @classmethod
-    def concat(cls, caches: list[KVCache], extra: int) -> KVCache:
-        """The rows of several caches as one batch: each layer's rows left-padded (invalid slots) to the longest,
-        with room for `extra` more tokens. Layers may now differ in which slots are valid, so each layer whose
-        validity differs from the layer before starts a segment of its own (a mask each)."""
-        out = cls(len(caches[0].layers), extra)
-        for i, parts in enumerate(zip(*(c.layers for c in caches))):
-            length = max(p.length for p in parts)
-            layer, first = out.layers[i], parts[0]
-            B, (_, H, _, D) = sum(p.k.shape[0] for p in parts), first.k.shape
-            layer.k, layer.v = first.k.new_zeros(B, H, length + extra, D), first.v.new_zeros(B, H, length + extra, D)
-            layer.valid, layer.length = first.valid.new_zeros(B, length + extra), length
-            row = 0
-            for p in parts:
-                b, pad = p.k.shape[0], length - p.length
-                layer.k[row:row + b, :, pad:length] = p.k[:, :, :p.length]
-                layer.v[row:row + b, :, pad:length] = p.v[:, :, :p.length]
-                layer.valid[row:row + b, pad:length] = p.valid[:, :p.length]
-                row += b
-            if any(p.shift is not None for p in parts):
-                layer.shift = torch.cat([p.valid.new_zeros(p.k.shape[0], dtype=torch.long) if p.shift is None
-                                         else p.shift for p in parts])
-            before = out.layers[i - 1] if i else None
-            same = before is not None and torch.equal(before.valid[:, :before.length], layer.valid[:, :length])
-            layer.segment = before.segment if same else (0 if before is None else before.segment + 1)
-        return out
 
     def __getitem__(self, i: int) -> LayerCache:
         return self.layers[i]

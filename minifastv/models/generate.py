@@ -6,10 +6,10 @@ from collections.abc import Iterator
 
 import torch
 
+from ..inputs import check_inputs
+from ..pruning import Pruner
 from .cache import KVCache
-from .inputs import check_inputs
 from .llava import Prefill
-from .pruning import Pruner
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,

@@ -7,26 +7,18 @@ into the image's n_patches feature vectors, as the original LLaVA does with its 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import LlavaConfig
+from ..inputs import IGNORE, check_inputs, check_pixels
+from ..pruning import Pruner, decoder_flops
 from .cache import KVCache
 from .clip import VisionTower
-from .config import LlavaConfig
-from .inputs import IGNORE, check_inputs, check_pixels
 from .llama import Llama
-from .pruning import Pruner, decoder_flops
-from .quant import replace_linears
-
-
-def build_projector(cfg: LlavaConfig) -> nn.Sequential:
-    v, t = cfg.vision.dim, cfg.text.dim
-    if cfg.projector_type == "linear":
-        return nn.Sequential(nn.Linear(v, t))
-    return nn.Sequential(nn.Linear(v, t), nn.GELU(), nn.Linear(t, t))  # mlp2x_gelu, exact (erf) GELU
+from .projector import build_projector
 
 
 @dataclass
@@ -68,8 +60,6 @@ class LlavaModel(nn.Module):
         self.vision = VisionTower(config.vision)
         self.projector = build_projector(config)
         self.llm = Llama(config.text)
-        if config.quant is not None:  # the same decoder, with quantized linears in place of nn.Linear
-            replace_linears(self, config.quant)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -192,13 +182,3 @@ class LlavaModel(nn.Module):
         valid = torch.ones_like(tokens, dtype=torch.bool)[:, None]
         h = self.llm(self.llm.sequence(x, positions[:, None], valid), cache).hidden
         return self.llm.lm_head(h[:, -1])
-
-
-def empty_model(config: LlavaConfig) -> LlavaModel:
-    """The model with meta tensors (no memory), for load_state_dict(..., assign=True) to fill.
-
-    Random initialisation is skipped: on the meta device it does nothing useful, and torch's first meta
-    normal_() (the embedding's init) costs about 0.8 s of one-time set-up, forty times a tiny model's load.
-    """
-    with torch.device("meta"), mock.patch.object(torch.nn.init, "normal_", lambda tensor, *args, **kwargs: tensor):
-        return LlavaModel(config)

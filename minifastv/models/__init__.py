@@ -1,0 +1,20 @@
+"""The model's parts, one component per file, in the order data passes through them:
+
+    clip.py       the CLIP ViT vision tower (patch features at a chosen layer)
+    projector.py  vision features -> the decoder's width
+    llava.py      the LVLM glue: image placeholders widened into features, prefill and decode steps
+    llama.py      the LLaMA decoder; a Sequence is what each layer runs on, and what pruning shortens
+    cache.py      the KV cache (each layer its own length: pruned layers cache fewer slots)
+    generate.py   sampling, and generation as one prefill then one-token decode steps
+
+A new model family adds its own files here (its towers, resampler, how it lays features into the sequence);
+the decoder, the cache and generation serve every family.
+"""
+
+from .cache import KVCache, LayerCache
+from .generate import Stream, generate, sample, stream
+from .llama import Llama, Sequence
+from .llava import LlavaModel, Prefill
+
+__all__ = ["KVCache", "LayerCache", "Llama", "LlavaModel", "Prefill", "Sequence", "Stream", "generate", "sample",
+           "stream"]
