@@ -7,20 +7,8 @@ from .models.cache import KVCache
 from .models.generate import generate, stream
 from .models.llava import LlavaModel, Prefill
 from .pipeline import Answer, Chat, Pipeline
-from .pruning import (
-                      DART,
-                      METHODS,
-                      DivPrune,
-                      FasterVLM,
-                      FastV,
-                      Pool,
-                      Pruner,
-                      PyramidDrop,
-                      RandomDrop,
-                      Uniform,
-                      VisionZip,
-                      theoretical_flops,
-)
+from .pruning import (DART, METHODS, DivPrune, FasterVLM, FastV, Pool, Pruner, PyramidDrop, RandomDrop, Uniform,
+                      VisionZip, theoretical_flops)
 from .tokenizer import Tokenizer, chat_prompt
 
 __all__ = ["DART", "METHODS", "Answer", "Chat", "chat_prompt", "CheckpointError", "ConfigError", "DivPrune", "FasterVLM",

@@ -25,32 +25,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import ConfigError, LlavaConfig, QuantConfig, TextConfig, VisionConfig
-from .files import (
-    ALIGNMENT,
-    STORED_DTYPES,
-    CheckpointError,
-    ShardWriter,
-    check_stored,
-    read_header,
-    read_into_memory,
-    read_json,
-    read_tensors,
-    source_dir,
-    staged,
-    weight_files,
-)
+from .files import (ALIGNMENT, STORED_DTYPES, CheckpointError, ShardWriter, check_stored, read_header, read_into_memory,
+                    read_json, read_tensors, source_dir, staged, weight_files)
 from .machine import release_free_memory, resolve_device, resolve_dtype
 from .models.llava import LlavaModel
-from .quant import (
-    Int4Linear,
-    Int8Linear,
-    pack_for_device,
-    quantized_modules,
-    quantized_tensors,
-    read_cpu_layout,
-    replace_linears,
-    use_cpu_layout,
-)
+from .quant import (Int4Linear, Int8Linear, pack_for_device, quantized_modules, quantized_tensors, read_cpu_layout,
+                    replace_linears, use_cpu_layout)
 from .tokenizer import Tokenizer
 
 CONFIG, TOKENIZER = "config.json", "tokenizer.json"

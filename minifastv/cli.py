@@ -10,20 +10,9 @@ from pathlib import Path
 
 from .config import QUANT_METHODS
 from .data import SAMPLES
-from .options import (
-    add_convert_arguments,
-    add_output_arguments,
-    check_pruning,
-    describe,
-    load_pipeline,
-    model_arguments,
-    pruner_from_args,
-    pruning_asked,
-    quant_from_args,
-    sampling_arguments,
-    sampling_from_args,
-    shard_bytes,
-)
+from .options import (add_convert_arguments, add_output_arguments, check_pruning, describe, load_pipeline,
+                      model_arguments, pruner_from_args, pruning_asked, quant_from_args, sampling_arguments,
+                      sampling_from_args, shard_bytes)
 
 
 def cmd_generate(args):
@@ -116,13 +105,7 @@ def cmd_demo(args):
 def cmd_analyze(args):
     """Attention shares per layer (table + PNG), the patches a pruning method keeps (PNG and a `kept patches:`
     line, row-major indices in the first image's grid), and the patches every method keeps, side by side."""
-    from .analyze import (
-        SEGMENTS,
-        attention_shares,
-        kept_patches,
-        kept_patches_picture,
-        picture_grid,
-    )
+    from .analyze import SEGMENTS, attention_shares, kept_patches, kept_patches_picture, picture_grid
     from .image import load_image, model_view
     from .plot import line_plot
     from .pruning import METHODS, FastV, at_budget

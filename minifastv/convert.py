@@ -19,17 +19,8 @@ import torch
 
 from .checkpoint import CONFIG, TOKENIZER, empty_model
 from .config import ConfigError, LlavaConfig, QuantConfig, TextConfig, VisionConfig
-from .files import (
-    PICKLED,
-    SAFETENSORS,
-    CheckpointError,
-    ShardWriter,
-    read_json,
-    read_tensors,
-    source_dir,
-    staged,
-    weight_files,
-)
+from .files import (PICKLED, SAFETENSORS, CheckpointError, ShardWriter, read_json, read_tensors, source_dir, staged,
+                    weight_files)
 from .machine import parse_dtype
 from .quant.linear import quantized_tensors
 

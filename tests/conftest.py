@@ -31,12 +31,7 @@ def randomize(model: torch.nn.Module, seed: int, scale: float = 0.2):
 def hf_llava(*, n_kv_heads=4, rms_eps=1e-5, rope_theta=10000.0, seed=0, feature_layer=-2, text_layers=3, text_dim=64,
              text_intermediate=96):
     """A small random transformers LlavaForConditionalGeneration in fp32 with eager attention."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     text = LlamaConfig(vocab_size=VOCAB, hidden_size=text_dim, intermediate_size=text_intermediate, num_hidden_layers=text_layers,
                        num_attention_heads=4, num_key_value_heads=n_kv_heads, rms_norm_eps=rms_eps,
@@ -94,14 +89,7 @@ def tokenizer_json(tmp_path_factory):
 def build_tokenizer(path: Path) -> Path:
     """A small BPE tokenizer in the LLaMA style (Metaspace pre-tokenizer, BOS added by a post-processor),
     trained here with the `tokenizers` library, saved as tokenizer.json."""
-    from tokenizers import (
-        Tokenizer,
-        decoders,
-        models,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")

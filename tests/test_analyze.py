@@ -2,14 +2,7 @@
 
 import pytest
 import torch
-from conftest import (
-    IMAGE_TOKEN,
-    expand_images,
-    hf_llava,
-    random_pixels,
-    random_prompt,
-    to_minifastv,
-)
+from conftest import IMAGE_TOKEN, expand_images, hf_llava, random_pixels, random_prompt, to_minifastv
 from PIL import Image
 
 from minifastv.analyze import attention_shares, kept_patches_picture

@@ -4,15 +4,8 @@ on the kept tokens at their original positions, with no cache."""
 
 import pytest
 import torch
-from conftest import (
-    IMAGE_TOKEN,
-    assert_batch_equals_alone,
-    expand_images,
-    hf_llava,
-    random_pixels,
-    random_prompt,
-    to_minifastv,
-)
+from conftest import (IMAGE_TOKEN, assert_batch_equals_alone, expand_images, hf_llava, random_pixels, random_prompt,
+                      to_minifastv)
 
 from minifastv import FastV, KVCache, generate, theoretical_flops
 from minifastv.config import LlavaConfig, TextConfig

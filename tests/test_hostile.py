@@ -14,15 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import minifastv
-from minifastv import (
-    CheckpointError,
-    FastV,
-    ImageError,
-    chat_prompt,
-    generate,
-    load_image,
-    preprocess,
-)
+from minifastv import CheckpointError, FastV, ImageError, chat_prompt, generate, load_image, preprocess
 from minifastv.checkpoint import ShardWriter
 from minifastv.convert import convert
 from minifastv.data import SAMPLES, TINY_MODEL

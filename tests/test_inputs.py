@@ -7,13 +7,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import train_tiny
-from minifastv.inputs import (
-    IGNORE,
-    conversations,
-    encode_conversation,
-    left_pad,
-    questions,
-)
+from minifastv.inputs import IGNORE, conversations, encode_conversation, left_pad, questions
 from minifastv.pipeline import Pipeline
 from shapes import conversation, draw
 

@@ -15,12 +15,7 @@ from minifastv.checkpoint import empty_model, load_config, quantize_checkpoint
 from minifastv.cli import main
 from minifastv.config import QuantConfig
 from minifastv.data import TINY_MODEL as TINY
-from minifastv.quant.int4cpu import (
-    fingerprint,
-    layout_file,
-    read_cpu_layout,
-    write_cpu_layout,
-)
+from minifastv.quant.int4cpu import fingerprint, layout_file, read_cpu_layout, write_cpu_layout
 
 pytestmark = pytest.mark.skipif(quant.cpu_int4_block() is None, reason="torch's CPU int4 layout is not the known one")
 IDS = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11]])

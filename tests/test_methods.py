@@ -8,13 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
-    assert_batch_equals_alone,
-    hf_llava,
-    random_pixels,
-    random_prompt,
-    to_minifastv,
-)
+from conftest import assert_batch_equals_alone, hf_llava, random_pixels, random_prompt, to_minifastv
 
 from minifastv import generate, theoretical_flops
 from minifastv.pruning import METHODS, Pruner, make

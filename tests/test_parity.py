@@ -2,15 +2,8 @@
 
 import pytest
 import torch
-from conftest import (
-    IMAGE_TOKEN,
-    assert_batch_equals_alone,
-    expand_images,
-    hf_llava,
-    random_pixels,
-    random_prompt,
-    to_minifastv,
-)
+from conftest import (IMAGE_TOKEN, assert_batch_equals_alone, expand_images, hf_llava, random_pixels, random_prompt,
+                      to_minifastv)
 
 from minifastv import generate
 

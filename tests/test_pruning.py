@@ -5,17 +5,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import (
-    assert_batch_equals_alone,
-    hf_llava,
-    random_pixels,
-    random_prompt,
-    to_minifastv,
-)
+from conftest import assert_batch_equals_alone, hf_llava, random_pixels, random_prompt, to_minifastv
 
 from minifastv import FastV, KVCache, RandomDrop, generate, theoretical_flops
 from minifastv.pruning import METHODS, Pruner, Stage, make
-from minifastv.pruning.base import scheduled_tokens
+from minifastv.pruning.flops import scheduled_tokens
 
 N_PATCHES = 16
 

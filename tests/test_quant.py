@@ -16,13 +16,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
-    build_tokenizer,
-    hf_llava,
-    random_pixels,
-    random_prompt,
-    to_minifastv,
-)
+from conftest import build_tokenizer, hf_llava, random_pixels, random_prompt, to_minifastv
 from safetensors.torch import load_file, save_file
 
 import minifastv
@@ -30,18 +24,8 @@ import minifastv.quant.linear as quant
 from minifastv import CheckpointError, generate
 from minifastv.checkpoint import quantize_checkpoint
 from minifastv.config import QuantConfig
-from minifastv.quant.linear import (
-    Int4Linear,
-    Int8Linear,
-    cpu_int4_block,
-    pack_int4,
-    quantize_model,
-    quantize_weight,
-    quantized_modules,
-    repack_for_cpu,
-    unpack_cpu_int4,
-    unpack_int4,
-)
+from minifastv.quant.linear import (Int4Linear, Int8Linear, cpu_int4_block, pack_int4, quantize_model, quantize_weight,
+                                    quantized_modules, repack_for_cpu, unpack_cpu_int4, unpack_int4)
 
 INT8, INT4 = QuantConfig("int8"), QuantConfig("int4", 32)
 FIXTURES = {

@@ -17,11 +17,7 @@ def to_transformers(model: LlavaModel, image_token: int):
     image placeholder (transformers embeds the placeholder, so it must be a vocabulary id; one the prompt does
     not use). Tensors minifastv does not hold (the tower's last block and post-LayerNorm, which transformers
     computes but LLaVA ignores) get random values."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaForConditionalGeneration,
-    )
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaForConditionalGeneration
     from transformers import LlavaConfig as HFLlavaConfig
 
     c = model.config

@@ -29,13 +29,7 @@ from ..options import describe
 from ..pipeline import Answer, Chat, Pipeline
 from ..quant import set_activations
 from ..tokenizer import IMAGE_MARKER
-from .settings import (
-    DEFAULT_MAX_NEW_TOKENS,
-    RequestError,
-    Sampling,
-    process_layout,
-    pruner,
-)
+from .settings import DEFAULT_MAX_NEW_TOKENS, RequestError, Sampling, process_layout, pruner
 from .stats import summarize, write_json
 
 

@@ -5,22 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from .base import (
-    AfterLayer,
-    BeforeDecoder,
-    PruneContext,
-    Pruner,
-    Stage,
-    active_stages,
-    decoder_flops,
-    keep_slots,
-    layer_flops,
-    theoretical_flops,
-)
+from .base import AfterLayer, BeforeDecoder, PruneContext, Pruner, Stage, active_stages, keep_slots
 from .dart import DART, DARTOfficial
 from .divprune import DivPrune
 from .fastervlm import FasterVLM
 from .fastv import FastV
+from .flops import decoder_flops, layer_flops, theoretical_flops
 from .pool import Pool
 from .pyramiddrop import PyramidDrop, PyramidDropOfficial
 from .random import RandomDrop

@@ -37,37 +37,14 @@ class PruneContext:
     cache: Any = None                  # the KVCache the pass fills, if any
     memo: dict = field(default_factory=dict)  # what a method's select works out for its merge, at this stage
 
-    @property
-    def hidden(self) -> torch.Tensor:
-        """[B, S, C] hidden states entering `layer` (at layer 0: the embeddings and projected image features)."""
-        return self.seq.x
-
-    @property
-    def image_mask(self) -> torch.Tensor:
-        """[B, S] slots that hold image tokens."""
-        return self.seq.image
-
-    @property
-    def valid(self) -> torch.Tensor:
-        """[B, S] False at padding."""
-        return self.seq.valid
-
-    @property
-    def positions(self) -> torch.Tensor:
-        """[B, S] rotary positions of the slots (original ones, unless the method renumbers)."""
-        return self.seq.positions
-
-    @property
-    def n_patches(self) -> int:
-        """Tokens per image (before the decoder, each image's are consecutive)."""
-        return self.seq.n_patches
-
-    @property
-    def vision_attention(self) -> torch.Tensor | None:
-        """[B, S] the vision tower's class-token attention at image slots, at its feature layer
-        (needs_vision_attention)."""
-        return self.seq.vision_attention
-
+    # The sequence's fields, by the names methods use:
+    hidden = property(lambda self: self.seq.x)                  # [B, S, C] (layer 0: embeddings, image features)
+    image_mask = property(lambda self: self.seq.image)          # [B, S] slots that hold image tokens
+    valid = property(lambda self: self.seq.valid)               # [B, S] False at padding
+    positions = property(lambda self: self.seq.positions)       # [B, S] rotary positions (original, unless renumbered)
+    n_patches = property(lambda self: self.seq.n_patches)       # tokens per image (consecutive before the decoder)
+    vision_attention = property(lambda self: self.seq.vision_attention)  # [B, S] class-token attention at image
+    #   slots, at the vision tower's feature layer (needs_vision_attention)
     def attention(self) -> torch.Tensor:
         """[B, S]: FastV's criterion, the head-mean attention of the last prompt slot over every slot at layer - 1.
         One query row against the keys that layer cached in this pass (recomputed without a cache), never an
@@ -166,44 +143,6 @@ class BeforeDecoder(Pruner):
         return [Stage(0, 1 - self.ratio)]
 
 
-@dataclass(frozen=True)
-class MergeBeforeDecoder(BeforeDecoder):
-    """A method that keeps some image slots before the decoder, each carrying the mean of a group of image
-    slots (itself among them): subclasses give `plan`; selection and merging follow from it."""
-
-    def plan(self, ctx) -> list[list[tuple[int, list[int]]]]:
-        """Per sample, (a kept slot, the slots whose mean it carries) for every kept image token."""
-        raise NotImplementedError
-
-    def planned(self, ctx):
-        """The plan, worked out once per stage: select and merge both read it."""
-        if "plan" not in ctx.memo:
-            ctx.memo["plan"] = self.plan(ctx)
-        return ctx.memo["plan"]
-
-    def select(self, ctx):
-        chosen = torch.zeros_like(ctx.image_mask)
-        for b, kept in enumerate(self.planned(ctx)):
-            chosen[b, [slot for slot, _ in kept]] = True
-        return chosen
-
-    def merge(self, ctx, chosen):
-        hidden = ctx.hidden.clone()
-        for b, kept in enumerate(self.planned(ctx)):
-            for slot, group in kept:
-                if len(group) > 1:
-                    hidden[b, slot] = ctx.hidden[b, group].float().mean(0).to(hidden.dtype)
-        return hidden
-
-
-def image_budgets(ctx, b: int) -> list[tuple[torch.Tensor, int]]:
-    """Sample b's images as (their slots, their share of the sample's n_keep): equal shares, the first images
-    taking the remainder. Before the decoder each image's slots are consecutive."""
-    images = ctx.image_mask[b].nonzero()[:, 0].split(ctx.n_patches)
-    budget = int(ctx.n_keep[b])
-    return [(slots, budget // len(images) + (j < budget % len(images))) for j, slots in enumerate(images)]
-
-
 def check_ratio(method, ratio):
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise ValueError(f"{type(method).__name__} ratio must be a number in [0, 1) (the fraction of image tokens "
@@ -275,32 +214,3 @@ def keep_slots(method: Pruner, ctx: PruneContext) -> tuple[torch.Tensor, torch.T
     L = int(keep_mask.sum(1).max())
     keep = torch.sort(keep_mask.to(torch.uint8), dim=1, stable=True).indices[:, -L:]
     return keep, keep_mask.gather(1, keep), hidden
-
-
-def layer_flops(n: int, d: int, m: int) -> int:
-    """FastV's per-layer count for n tokens: projections 4nd^2, attention 2n^2d, MLP 2ndm."""
-    return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
-
-
-def decoder_flops(cfg, layer_tokens: list[int]) -> int:
-    """Theoretical prefill FLOPs of the decoder when layer i runs on layer_tokens[i] tokens."""
-    return sum(layer_flops(n, cfg.dim, cfg.intermediate_size) for n in layer_tokens)
-
-
-def scheduled_tokens(method: Pruner | None, n_layers: int, n_tokens: int, n_image: int) -> list[int]:
-    """Tokens each decoder layer sees for a prompt of n_tokens with n_image image tokens, pruned by `method`."""
-    stages, out, n_first = active_stages(method, n_layers), [], n_image
-    for i in range(n_layers):
-        if i in stages:
-            dropped = n_image - stage_counts(method, stages[i], [n_image], [n_first])[0]
-            n_tokens, n_image = n_tokens - dropped, n_image - dropped
-        out.append(n_tokens)
-    return out
-
-
-def theoretical_flops(cfg, n_tokens: int, n_image_tokens: int, method: Pruner | None) -> tuple[int, int]:
-    """(FLOPs with the method's schedule, FLOPs without) for a prefill of n_tokens, n_image_tokens of them
-    image tokens; a planning figure: the model reports the count of the pass it ran (Prefill.flops)."""
-    pruned = decoder_flops(cfg, scheduled_tokens(method, cfg.n_layers, n_tokens, n_image_tokens))
-    return pruned, decoder_flops(cfg, [n_tokens] * cfg.n_layers)
-

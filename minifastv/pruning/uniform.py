@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import BeforeDecoder, image_budgets
+from .base import BeforeDecoder
+from .merge import image_budgets
 
 
 def grid_subsample(side: int, k: int) -> list[int]:

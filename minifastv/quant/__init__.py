@@ -4,18 +4,8 @@ layout, stored beside a checkpoint (int4cpu.py). The loader (checkpoint.py) puts
 
 from .int4cpu import read_cpu_layout, use_cpu_layout, write_cpu_layout
 from .int8act import ACTIVATIONS, int8_activation_matmul, int8_gemm_exact
-from .linear import (
-                     Int4Linear,
-                     Int8Linear,
-                     QuantLinear,
-                     pack_for_device,
-                     quantize_model,
-                     quantize_weight,
-                     quantized_modules,
-                     quantized_tensors,
-                     replace_linears,
-                     set_activations,
-)
+from .linear import (Int4Linear, Int8Linear, QuantLinear, pack_for_device, quantize_model, quantize_weight,
+                     quantized_modules, quantized_tensors, replace_linears, set_activations)
 
 __all__ = ["ACTIVATIONS", "Int4Linear", "Int8Linear", "QuantLinear", "int8_activation_matmul", "int8_gemm_exact",
            "pack_for_device", "quantize_model", "quantize_weight", "quantized_modules", "quantized_tensors",

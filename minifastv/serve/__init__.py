@@ -57,13 +57,7 @@ def cmd_serve(args):
         from .api import create_app
     except ImportError as e:
         raise ValueError(f"serve needs the [serve] extra ({e.name} is missing): pip install 'minifastv[serve]'") from None
-    from ..options import (
-        check_pruning,
-        describe,
-        load_pipeline,
-        pruner_from_args,
-        pruning_asked,
-    )
+    from ..options import check_pruning, describe, load_pipeline, pruner_from_args, pruning_asked
     from .engine import Engine
     from .protocol import Limits
 

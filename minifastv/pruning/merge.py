@@ -1,0 +1,48 @@
+"""Methods that work image by image before the decoder: each image's share of a sample's budget, and the base
+class of the methods that merge tokens (each kept slot carries the mean of a group) rather than only drop them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import BeforeDecoder
+
+
+@dataclass(frozen=True)
+class MergeBeforeDecoder(BeforeDecoder):
+    """A method that keeps some image slots before the decoder, each carrying the mean of a group of image
+    slots (itself among them): subclasses give `plan`; selection and merging follow from it."""
+
+    def plan(self, ctx) -> list[list[tuple[int, list[int]]]]:
+        """Per sample, (a kept slot, the slots whose mean it carries) for every kept image token."""
+        raise NotImplementedError
+
+    def planned(self, ctx):
+        """The plan, worked out once per stage: select and merge both read it."""
+        if "plan" not in ctx.memo:
+            ctx.memo["plan"] = self.plan(ctx)
+        return ctx.memo["plan"]
+
+    def select(self, ctx):
+        chosen = torch.zeros_like(ctx.image_mask)
+        for b, kept in enumerate(self.planned(ctx)):
+            chosen[b, [slot for slot, _ in kept]] = True
+        return chosen
+
+    def merge(self, ctx, chosen):
+        hidden = ctx.hidden.clone()
+        for b, kept in enumerate(self.planned(ctx)):
+            for slot, group in kept:
+                if len(group) > 1:
+                    hidden[b, slot] = ctx.hidden[b, group].float().mean(0).to(hidden.dtype)
+        return hidden
+
+
+def image_budgets(ctx, b: int) -> list[tuple[torch.Tensor, int]]:
+    """Sample b's images as (their slots, their share of the sample's n_keep): equal shares, the first images
+    taking the remainder. Before the decoder each image's slots are consecutive."""
+    images = ctx.image_mask[b].nonzero()[:, 0].split(ctx.n_patches)
+    budget = int(ctx.n_keep[b])
+    return [(slots, budget // len(images) + (j < budget % len(images))) for j, slots in enumerate(images)]
