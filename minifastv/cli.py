@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import QUANT_METHODS
+from .config_checks import QUANT_METHODS
 from .data import SAMPLES
 from .options import (add_convert_arguments, add_output_arguments, check_pruning, describe, load_pipeline,
                       model_arguments, pruner_from_args, pruning_asked, quant_from_args, sampling_arguments,

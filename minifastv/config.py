@@ -1,23 +1,17 @@
 """Model hyperparameters: small dataclasses and named presets. A config.json is read, strictly, by the loader
-(checkpoint.config_from_dict); the checks here hold for any config, however it was made."""
+(checkpoint.config_from_dict); every config, however made, is checked on construction (config_checks.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 
+from .config_checks import ConfigError, check_llava, check_quant, check_text, check_vision
+
 # CLIP's normalisation constants; LLaVA-1.5 pads images with the mean colour.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
-IMAGE_MODES = ("pad", "crop")
-QUANT_METHODS = ("int8", "int4")
-INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels accept
-
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown or inconsistent."""
 
 
 @dataclass(frozen=True)
@@ -34,13 +28,7 @@ class VisionConfig:
     feature_layer: int = -2  # index into the hidden-state list [embeddings, block 1, ..., block L]
 
     def __post_init__(self):
-        _check_positive(self, "image_size", "patch_size", "dim", "n_layers", "n_heads", "intermediate_size")
-        if self.image_size % self.patch_size:
-            raise ConfigError(f"vision: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.dim % self.n_heads:
-            raise ConfigError(f"vision: dim {self.dim} is not divisible by n_heads {self.n_heads}")
-        if not -(self.n_layers + 1) <= self.feature_layer <= self.n_layers:
-            raise ConfigError(f"vision: feature_layer {self.feature_layer} is outside [-{self.n_layers + 1}, {self.n_layers}]")
+        check_vision(self)
 
     @property
     def grid(self) -> int:
@@ -75,16 +63,7 @@ class TextConfig:
     pad_token_id: int = 0
 
     def __post_init__(self):
-        _check_positive(self, "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "max_seq_len")
-        if self.dim % self.n_heads:
-            raise ConfigError(f"text: dim {self.dim} is not divisible by n_heads {self.n_heads}")
-        if self.n_heads % self.n_kv_heads:
-            raise ConfigError(f"text: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
-        if (self.dim // self.n_heads) % 2:
-            raise ConfigError(f"text: head dim {self.dim // self.n_heads} must be even for rotary embeddings")
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if not 0 <= getattr(self, name) < self.vocab_size:
-                raise ConfigError(f"text: {name} {getattr(self, name)} is outside the vocabulary [0, {self.vocab_size})")
+        check_text(self)
 
     @property
     def head_dim(self) -> int:
@@ -102,12 +81,7 @@ class QuantConfig:
     group_size: int | None = None  # int4 only
 
     def __post_init__(self):
-        if self.method not in QUANT_METHODS:
-            raise ConfigError(f"quantization method {self.method!r} is not one of {', '.join(QUANT_METHODS)}")
-        if self.method == "int8" and self.group_size is not None:
-            raise ConfigError(f"int8 has one scale per output channel; group_size must be null, got {self.group_size!r}")
-        if self.method == "int4" and self.group_size not in INT4_GROUP_SIZES:
-            raise ConfigError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {self.group_size!r}")
+        check_quant(self)
 
 
 @dataclass(frozen=True)
@@ -123,26 +97,13 @@ class LlavaConfig:
     quant: QuantConfig | None = None  # None: every weight is floating point
 
     def __post_init__(self):
-        if self.projector_type not in PROJECTOR_TYPES:
-            raise ConfigError(f"projector_type {self.projector_type!r} is not one of {PROJECTOR_TYPES}")
-        if self.image_mode not in IMAGE_MODES:
-            raise ConfigError(f"image_mode {self.image_mode!r} is not one of {IMAGE_MODES}")
-        if self.image_token_id in (self.text.bos_token_id, self.text.eos_token_id, self.text.pad_token_id):
-            raise ConfigError(f"image_token_id {self.image_token_id} collides with a special token id")
         # JSON gives lists; keep tuples so configs compare and hash the same way after a round trip.
         for name in ("image_mean", "image_std"):
             value = tuple(float(v) for v in getattr(self, name))
             if len(value) != 3:
                 raise ConfigError(f"{name} needs 3 values (RGB), got {len(value)}")
             object.__setattr__(self, name, value)
-        if self.quant is not None and self.quant.group_size is not None:
-            for name in ("dim", "intermediate_size"):  # the in_features of the quantized linears
-                if getattr(self.text, name) % self.quant.group_size:
-                    fits = [g for g in INT4_GROUP_SIZES
-                            if not self.text.dim % g and not self.text.intermediate_size % g]
-                    raise ConfigError(f"int4 group_size {self.quant.group_size} does not divide text {name} "
-                                      f"{getattr(self.text, name)}; group sizes that divide this model's widths: "
-                                      f"{', '.join(map(str, fits)) or 'none (quantize it to int8)'}")
+        check_llava(self)
 
     @classmethod
     def from_name(cls, name: str) -> LlavaConfig:
@@ -152,13 +113,6 @@ class LlavaConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _check_positive(cfg, *names):
-    for name in names:
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{type(cfg).__name__}.{name} must be a positive integer, got {value!r}")
 
 
 _LLAVA_VISION = VisionConfig()  # CLIP ViT-L/14 at 336 px: 576 patches

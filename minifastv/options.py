@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from .config import INT4_GROUP_SIZES, QUANT_METHODS
+from .config_checks import INT4_GROUP_SIZES, QUANT_METHODS
 from .data import TINY_MODEL
 from .machine import DTYPES, physical_cores
 

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "minifastv"
 # Lowest first. A module belongs to the layer of the longest name that it is or lies under (the package itself,
 # its __init__, only by its own name); it may import its own layer (without a loop) and the layers below.
 LAYERS = [
-    ["minifastv.config", "minifastv.machine", "minifastv.files", "minifastv.data"],
+    ["minifastv.config", "minifastv.config_checks", "minifastv.machine", "minifastv.files", "minifastv.data"],
     ["minifastv.image", "minifastv.tokenizer", "minifastv.inputs"],
     ["minifastv.pruning", "minifastv.quant"],
     ["minifastv.models"],
@@ -116,3 +116,42 @@ def test_the_checker_finds_upward_imports_and_unplaced_modules(tmp_path):
     write(root, {"elsewhere.py": ""})
     with pytest.raises(AssertionError, match="minifastv.elsewhere has no layer"):
         upward(import_graph(root))
+
+
+ROOT = PACKAGE.parent
+
+
+def test_the_readmes_reading_path_is_counted_right_and_stays_small():
+    """The Architecture table's line counts are the files' own, and a learner's path stays within 1,100 lines."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| `(minifastv/[\w/]+\.py)` \| (\d+) \|", readme, re.M)
+    counted = {path: int(n) for path, n in rows}
+    assert {"minifastv/config.py", "minifastv/models/llama.py", "minifastv/models/clip.py", "minifastv/models/llava.py",
+            "minifastv/models/cache.py", "minifastv/models/generate.py", "minifastv/pruning/base.py",
+            "minifastv/pruning/fastv.py"} <= set(counted)
+    assert counted == {path: len((ROOT / path).read_text().splitlines()) for path in counted}
+    total = int(re.search(r"^\| total \| (\d+) \|", readme, re.M).group(1))
+    assert total == sum(counted.values()) <= 1100
+
+
+def test_the_decoder_loop_reads_in_one_screen():
+    import inspect
+
+    from minifastv.models.llama import Llama
+
+    assert len(inspect.getsource(Llama.forward).splitlines()) <= 30
+
+
+def test_the_readme_is_a_front_door():
+    """At most 300 lines of at most 120 characters; the pages it points to exist, five of them at least."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    lines = readme.splitlines()
+    assert len(lines) <= 300 and [n for n, line in enumerate(lines, 1) if len(line) > 120] == []
+    pages = set(re.findall(r"\]\((docs/[\w-]+\.md)\)", readme))
+    assert len(pages) >= 5 and all((ROOT / page).is_file() for page in pages)
+    for page in (ROOT / "docs").glob("*.md"):  # the pages' own links between them
+        assert all((page.parent / link).is_file() for link in re.findall(r"\]\(([\w-]+\.md)\)", page.read_text()))

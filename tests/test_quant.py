@@ -454,7 +454,7 @@ def test_convert_with_quantize_equals_quantizing_the_conversion(tmp_path, method
 
 
 def test_the_documented_default_int4_group_size_is_the_one_used(tmp_path):
-    """The README's default group size (read from the README, not from the library's constant) is what
+    """The documented default group size (read from docs/cpu.md, not from the library's constant) is what
     `quantize --method int4` and `convert --quantize int4` use when no --group-size is given."""
     import re
     from pathlib import Path
@@ -463,8 +463,8 @@ def test_the_documented_default_int4_group_size_is_the_one_used(tmp_path):
 
     from minifastv.cli import main
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    documented = int(re.search(r"per\s+group\s+of\s+G\s+inputs\s+\(default\s+(\d+)", readme).group(1))
+    doc = (Path(__file__).parent.parent / "docs" / "cpu.md").read_text()
+    documented = int(re.search(r"per\s+group\s+of\s+G\s+inputs\s+\(default\s+(\d+)", doc).group(1))
     src = write_hf_checkpoint(hf_llava(seed=3, text_dim=512, text_intermediate=1024, text_layers=1), tmp_path / "hf")
     assert main(["convert", str(src), str(tmp_path / "direct"), "--quantize", "int4"]) == 0
     assert main(["convert", str(src), str(tmp_path / "float")]) == 0

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from .base import AfterLayer, BeforeDecoder, PruneContext, Pruner, Stage, active_stages, keep_slots
+from .base import AfterLayer, PruneContext, Pruner, Stage, active_stages, keep_slots
+from .before_decoder import BeforeDecoder
 from .dart import DART, DARTOfficial
 from .divprune import DivPrune
 from .fastervlm import FasterVLM

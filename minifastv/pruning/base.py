@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from .checks import check_choice, check_counts, check_merged, check_ratio, check_stage
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -95,7 +97,7 @@ class Pruner:
     def count(self, stage: Stage, n_image: int, n_first: int) -> int:
         """Image tokens a sample keeps at `stage`, when it has n_image of them now and had n_first before any
         stage: round(keep * n_image) (Python's round, half to even)."""
-        return n_kept(stage, n_image)
+        return round(stage.keep * n_image)
 
     def select(self, ctx: PruneContext) -> torch.Tensor:
         """[B, S] scores (each sample keeps its n_keep best-scored image slots) or a bool [B, S] mask of the
@@ -129,26 +131,6 @@ class AfterLayer(Pruner):
         return [Stage(self.k, 1 - self.ratio)]
 
 
-@dataclass(frozen=True)
-class BeforeDecoder(Pruner):
-    """A method that prunes once, before the decoder (its layer 0, so every layer runs on fewer tokens),
-    dropping the fraction `ratio` of the image tokens."""
-
-    ratio: float = 0.5
-
-    def __post_init__(self):
-        check_ratio(self, self.ratio)
-
-    def stages(self, n_layers):
-        return [Stage(0, 1 - self.ratio)]
-
-
-def check_ratio(method, ratio):
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-        raise ValueError(f"{type(method).__name__} ratio must be a number in [0, 1) (the fraction of image tokens "
-                         f"dropped), got {ratio!r}")
-
-
 def active_stages(method: Pruner | None, n_layers: int) -> dict[int, Stage]:
     """The stages that apply to a decoder of n_layers: one at layer >= n_layers would prune after the last
     layer, which changes nothing, so it is dropped (FastV with K >= n_layers is the unpruned model)."""
@@ -156,28 +138,16 @@ def active_stages(method: Pruner | None, n_layers: int) -> dict[int, Stage]:
         return {}
     stages = {}
     for stage in method.stages(n_layers):
-        if not (stage.layer >= 0 and 0 < stage.keep <= 1):
-            raise ValueError(f"{type(method).__name__}: a stage must have layer >= 0 and keep in (0, 1], "
-                             f"got {stage}")
-        if stage.layer in stages:
-            raise ValueError(f"{type(method).__name__}: two stages at layer {stage.layer}")
-        if stage.layer == 0 and method.needs_attention:
-            raise ValueError(f"{type(method).__name__}: a stage at layer 0 has no earlier layer's attention")
+        check_stage(method, stage, stages)
         if stage.layer < n_layers:
             stages[stage.layer] = stage
     return dict(sorted(stages.items()))
 
 
-def n_kept(stage: Stage, n_image: int) -> int:
-    return round(stage.keep * n_image)
-
-
 def stage_counts(method: Pruner, stage: Stage, n_image: list[int], n_first: list[int]) -> list[int]:
     """method.count for each sample, checked: a sample keeps between 0 and the image tokens it has."""
     counts = [method.count(stage, n, n0) for n, n0 in zip(n_image, n_first)]
-    for n, c in zip(n_image, counts):
-        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= n:
-            raise ValueError(f"{type(method).__name__}.count at layer {stage.layer} gave {c!r} for {n} image tokens")
+    check_counts(method, stage, n_image, counts)
     return counts
 
 
@@ -187,15 +157,9 @@ def keep_slots(method: Pruner, ctx: PruneContext) -> tuple[torch.Tensor, torch.T
     kept_valid [B, L]; and the hidden states [B, S, C] to gather them from (the method's merge, if any)."""
     image_mask, valid = ctx.image_mask, ctx.valid
     choice = method.select(ctx)
-    name = type(method).__name__
-    if choice.shape != image_mask.shape:
-        raise ValueError(f"{name}.select returned shape {list(choice.shape)}, expected {list(image_mask.shape)}")
+    check_choice(method, ctx, choice)
     if choice.dtype == torch.bool:
         chosen = choice
-        if (chosen & ~image_mask).any() or not torch.equal(chosen.sum(1), ctx.n_keep):
-            raise ValueError(f"{name}.select must mark exactly n_keep image slots per sample: marked "
-                             f"{chosen.sum(1).tolist()} (of them image slots: {(chosen & image_mask).sum(1).tolist()}),"
-                             f" n_keep {ctx.n_keep.tolist()}")
     else:
         chosen = torch.zeros_like(image_mask)
         k_max = int(ctx.n_keep.max())
@@ -205,10 +169,8 @@ def keep_slots(method: Pruner, ctx: PruneContext) -> tuple[torch.Tensor, torch.T
             first = torch.arange(k_max, device=top.device)[None, :] < ctx.n_keep[:, None]
             chosen = chosen.scatter(1, top, first)
     hidden = method.merge(ctx, chosen)
-    if hidden is None:
-        hidden = ctx.hidden
-    elif hidden.shape != ctx.hidden.shape:
-        raise ValueError(f"{name}.merge returned shape {list(hidden.shape)}, expected {list(ctx.hidden.shape)}")
+    check_merged(method, ctx, hidden)
+    hidden = ctx.hidden if hidden is None else hidden
     keep_mask = (valid & ~image_mask) | chosen
     # A stable sort of the 0/1 mask puts dropped slots first and kept slots last, both in slot order.
     L = int(keep_mask.sum(1).max())

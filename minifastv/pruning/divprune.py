@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import BeforeDecoder
+from .before_decoder import BeforeDecoder
 
 
 def max_min_order(features: torch.Tensor, k: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import BeforeDecoder
+from .before_decoder import BeforeDecoder
 
 
 @dataclass(frozen=True)

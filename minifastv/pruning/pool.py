@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .merge import MergeBeforeDecoder, image_budgets
+from .before_decoder import MergeBeforeDecoder, image_budgets
 
 
 def edges(size: int, n: int, i: int) -> tuple[int, int]:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .base import Pruner, Stage, check_ratio
+from .base import Pruner, Stage
+from .checks import check_ratio
 
 
 @dataclass(frozen=True)

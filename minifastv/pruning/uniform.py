@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import BeforeDecoder
-from .merge import image_budgets
+from .before_decoder import BeforeDecoder, image_budgets
 
 
 def grid_subsample(side: int, k: int) -> list[int]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from .merge import MergeBeforeDecoder, image_budgets
+from .before_decoder import MergeBeforeDecoder, image_budgets
 
 CONTEXTUAL_SHARE = 10 / 64
 

@@ -1,5 +1,6 @@
-"""Methods that work image by image before the decoder: each image's share of a sample's budget, and the base
-class of the methods that merge tokens (each kept slot carries the mean of a group) rather than only drop them."""
+"""Methods that prune before the decoder (its layer 0, so every layer runs on fewer tokens): their base class,
+each image's share of a sample's budget, and the base class of the methods that merge tokens (each kept slot
+carries the mean of a group) rather than only drop them."""
 
 from __future__ import annotations
 
@@ -7,7 +8,22 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import BeforeDecoder
+from .base import Pruner, Stage
+from .checks import check_ratio
+
+
+@dataclass(frozen=True)
+class BeforeDecoder(Pruner):
+    """A method that prunes once, before the decoder (its layer 0, so every layer runs on fewer tokens),
+    dropping the fraction `ratio` of the image tokens."""
+
+    ratio: float = 0.5
+
+    def __post_init__(self):
+        check_ratio(self, self.ratio)
+
+    def stages(self, n_layers):
+        return [Stage(0, 1 - self.ratio)]
 
 
 @dataclass(frozen=True)
