@@ -1,7 +1,7 @@
 """What the machine offers: which devices exist, whether its CPU computes bf16 natively, how many cores it has.
 
 The float dtype matters more on a CPU than anywhere else: without AVX512-BF16 or AMX, torch emulates bf16
-matmuls and they run several times slower than fp32 (README, "Running LLaVA-1.5-7B on a CPU").
+matmuls and they run several times slower than fp32 (docs/cpu.md).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def cpu_has_native_bf16() -> bool:
 # Below this many bytes of fp32 decoder weights, bf16 is slower than fp32 on a CPU even with native bf16: the
 # weights fit in cache, so halving the bytes saves nothing, and the casts around each op cost (decode, 2 cores,
 # bf16/fp32 speed: 0.81 at 4 MiB (the tiny model's shape), 0.92 at 14 MiB, 1.39 at 43 MiB, 1.56 at 102 MiB;
-# README, "Float dtype").
+# docs/cpu.md, "Float dtype").
 SMALL_DECODER_BYTES = 32 << 20
 
 

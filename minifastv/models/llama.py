@@ -199,7 +199,7 @@ class Attention(nn.Module):
         if x.device.type == "cpu":
             # torch's CPU attention kernel takes as long for a whole prefill in fp32 as in bf16, but one bf16
             # query (a decode step) runs ~9x slower than one fp32 query: on a CPU attention and the KV cache
-            # are fp32 (measured at 632 keys, README "Running LLaVA-1.5-7B on a CPU").
+            # are fp32 (measured at 632 keys, docs/cpu.md).
             q, k, v = q.float(), k.float(), v.float()
         mask = seq.mask(cache)                                     # over the cached slots and these
         if cache is not None:

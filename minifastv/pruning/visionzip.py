@@ -5,7 +5,7 @@ every n-th becomes a target, every other one joins the target it is most similar
 the mean of its group. LLaVA-1.5's settings, 54 + 10 of 64, 108 + 20 of 128 and 162 + 30 of 192, are one
 share: 10/64 of the budget is contextual.
 
-Two departures from the official code, both stated in the README: similarity is the cosine of the projected
+Two departures from the official code, both stated in docs/pruning.md: similarity is the cosine of the projected
 features (the official code compares the vision tower's keys, which the decoder never sees), and a contextual
 token sits at its target patch's slot and rotary position (the official code appends the contextual tokens
 after the dominant ones)."""

@@ -10,7 +10,7 @@ What a checkpoint stores for a quantized linear `NAME` with weight w [out, in]:
 Scales are bf16 because torch's weight-only kernels take bf16 scales; quantizing picks q for the rounded
 scale, so that rounding costs nothing. Embeddings, norms, the vision tower and the projector stay float.
 
-The matmul each linear runs was chosen by measurement (benchmarks/kernels.py; the table is in the README):
+The matmul each linear runs was chosen by measurement (benchmarks/kernels.py; the table is in docs/cpu.md):
 - few rows (decode): torch's weight-only kernels, _weight_int8pack_mm and _weight_int4pack_mm_for_cpu, with
   bf16 activations; they read one byte (int8) or half a byte (int4) per weight, 4-8x less than fp32.
 - many rows (prefill): the blockwise path. A block of output channels, a few MiB, is dequantized to the
@@ -38,7 +38,7 @@ from .int8act import ACTIVATIONS, int8_activation_matmul, int8_gemm_exact
 # Decoder linears that are quantized, by module name; everything else stays float.
 QUANTIZED = re.compile(r"llm\.(layers\.\d+\.(attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)|lm_head)")
 # Up to this many rows (tokens in a pass) the weight-only kernels win; above, the blockwise GEMM path does. The
-# crossovers measured (README table) lie at 32-64 rows for int8, and for int4 at ~160 rows with bf16 and ~350
+# crossovers measured (docs/cpu.md) lie at 32-64 rows for int8, and for int4 at ~160 rows with bf16 and ~350
 # with fp32 on AVX2 kernels; prompts with an image have 600+ rows, decode steps one per sample.
 INT8_KERNEL_MAX_ROWS = 32
 INT4_KERNEL_MAX_ROWS = 128
