@@ -1,84 +1,9 @@
-"""Shared test helpers: tiny random transformers LLaVA models, their minifastv twins, a tokenizer built here."""
+"""The tests' shared fixtures; the helpers they use are in helpers.py (a plain module, imported by name)."""
 
 from __future__ import annotations
 
-import json
-import tempfile
-from pathlib import Path
-
 import pytest
-import torch
-from safetensors.torch import save_file
-
-from minifastv import load
-from minifastv.convert import convert
-
-IMAGE_TOKEN = 127  # llava-hf style: the image id is a vocabulary entry, so transformers can embed it
-VOCAB = 128
-IMAGE_SIZE, PATCH = 28, 7  # 16 patches per image
-
-
-def randomize(model: torch.nn.Module, seed: int, scale: float = 0.2):
-    """Every parameter random, norms included, so a wrong eps, bias or weight cannot hide behind init values."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * scale
-            p.copy_(1 + noise if ("norm" in name and name.endswith("weight")) else noise)
-    return model
-
-
-def hf_llava(*, n_kv_heads=4, rms_eps=1e-5, rope_theta=10000.0, seed=0, feature_layer=-2, text_layers=3, text_dim=64,
-             text_intermediate=96):
-    """A small random transformers LlavaForConditionalGeneration in fp32 with eager attention."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    text = LlamaConfig(vocab_size=VOCAB, hidden_size=text_dim, intermediate_size=text_intermediate, num_hidden_layers=text_layers,
-                       num_attention_heads=4, num_key_value_heads=n_kv_heads, rms_norm_eps=rms_eps,
-                       max_position_embeddings=512, pad_token_id=0,
-                       rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=IMAGE_SIZE, patch_size=PATCH)
-    cfg = LlavaConfig(text_config=text, vision_config=vision, image_token_index=IMAGE_TOKEN,
-                      vision_feature_layer=feature_layer, image_seq_length=(IMAGE_SIZE // PATCH) ** 2)
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="eager")
-    return randomize(model, seed).eval()
-
-
-def to_minifastv(hf_model):
-    """The minifastv twin of a transformers model, through the production path: the model is written to disk
-    with its transformers names and config.json, converted by minifastv.convert, and opened by minifastv.load."""
-    with tempfile.TemporaryDirectory() as tmp:
-        convert(write_hf_checkpoint(hf_model, Path(tmp) / "src"), Path(tmp) / "out", log=lambda _: None)
-        return load(Path(tmp) / "out", dtype=None)
-
-
-def write_hf_checkpoint(hf_model, directory: Path) -> Path:
-    """A transformers model as a checkpoint directory with its own names: config.json, safetensors, tokenizer."""
-    directory.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in hf_model.state_dict().items()}, str(directory / "model.safetensors"))
-    (directory / "config.json").write_text(json.dumps(hf_model.config.to_dict()))
-    build_tokenizer(directory / "tokenizer.json")
-    return directory
-
-
-def expand_images(ids: list[int], n_patches: int) -> list[int]:
-    """transformers' input form: each image placeholder repeated once per patch."""
-    return [t for i in ids for t in ([i] * n_patches if i == IMAGE_TOKEN else [i])]
-
-
-def random_prompt(g: torch.Generator, n_text: int, image_at: list[int]) -> list[int]:
-    """BOS, then n_text random ordinary tokens with image placeholders inserted before the given text indices."""
-    text = torch.randint(4, VOCAB - 1, (n_text,), generator=g).tolist()
-    ids = [1]
-    for i, t in enumerate(text):
-        ids += [IMAGE_TOKEN] * image_at.count(i) + [t]
-    return ids
-
-
-def random_pixels(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
+from helpers import build_tokenizer, hf_llava, to_minifastv
 
 
 @pytest.fixture(scope="session")
@@ -86,41 +11,42 @@ def tokenizer_json(tmp_path_factory):
     return build_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json")
 
 
-def build_tokenizer(path: Path) -> Path:
-    """A small BPE tokenizer in the LLaMA style (Metaspace pre-tokenizer, BOS added by a post-processor),
-    trained here with the `tokenizers` library, saved as tokenizer.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+@pytest.fixture(scope="session")
+def twin():
+    """twin(**spec) -> (a random transformers LLaVA built by helpers.hf_llava(**spec), its minifastv twin converted
+    by the production converter), made once per session for each spec."""
+    made = {}
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
-    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
-    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"])
-    corpus = ["A chat between a curious user and an artificial intelligence assistant.",
-              "USER: What colour is the square? ASSISTANT: red", "Is there a circle at the top left? yes",
-              "how many triangles are there\nthree", "The assistant gives helpful, detailed, and polite answers."]
-    tok.train_from_iterator(corpus * 20, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok.save(str(path))
-    return path
+    def make(**spec):
+        key = tuple(sorted(spec.items()))
+        if key not in made:
+            hf = hf_llava(**spec)
+            made[key] = hf, to_minifastv(hf)
+        return made[key]
+
+    return make
 
 
-@torch.no_grad()
-def assert_batch_equals_alone(model, prompts, pixels, prune=None, new_tokens=8):
-    """A left-padded batch of `prompts` (lists of ids; `pixels`: one tensor of images per prompt) gives each
-    sample what it gives alone: the same kept image slots (shifted by the extra padding), tokens per layer
-    and FLOPs, last-position logits within 1e-4 and greedy tokens. Returns the batch's Prefill."""
-    from minifastv import generate
-    from minifastv.inputs import left_pad
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """The shipped tiny model in float32, with its tokenizer; shared, so tests read it and never change it."""
+    from minifastv import Pipeline
+    from minifastv.data import TINY_MODEL
 
-    ids, mask, _ = left_pad(prompts, pad_id=0)
-    batch = model.prefill(ids, torch.cat(pixels), attention_mask=mask, prune=prune)
-    batch_gen = generate(model, ids, torch.cat(pixels), attention_mask=mask, max_new_tokens=new_tokens, prune=prune)
-    for i, (prompt, px) in enumerate(zip(prompts, pixels)):
-        alone = model.prefill(torch.tensor([prompt]), px, prune=prune)
-        offset = batch.valid.shape[1] - alone.valid.shape[1]              # extra left padding in the batch
-        assert [s - offset for s in batch.kept_image_slots()[i]] == alone.kept_image_slots()[0]
-        assert batch.layer_tokens[i].tolist() == alone.layer_tokens[0].tolist() and batch.flops[i] == alone.flops[0]
-        assert (batch.logits[i, -1] - alone.logits[0, -1]).abs().max() <= 1e-4
-        assert batch_gen[i].tolist() == generate(model, torch.tensor([prompt]), px, max_new_tokens=new_tokens,
-                                                 prune=prune)[0].tolist()
-    return batch
+    return Pipeline.load(TINY_MODEL, dtype="float32")
+
+
+@pytest.fixture
+def start_server():
+    """start_server(*options) -> a serving.Server; every server a test starts is stopped when the test ends."""
+    from serving import Server
+
+    started = []
+
+    def start(*options):
+        started.append(Server(*options))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()

@@ -2,16 +2,15 @@
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, expand_images, hf_llava, random_pixels, random_prompt, to_minifastv
+from helpers import IMAGE_TOKEN, expand_images, random_pixels, random_prompt
 from PIL import Image
 
 from minifastv.analyze import attention_shares, kept_patches_picture
 
 
 @pytest.fixture(scope="module")
-def pair():
-    hf = hf_llava(n_kv_heads=2, rms_eps=1e-4, seed=7, text_layers=4)
-    return hf, to_minifastv(hf)
+def pair(twin):
+    return twin(n_kv_heads=2, rms_eps=1e-4, seed=7, text_layers=4)
 
 
 @torch.no_grad()

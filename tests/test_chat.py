@@ -10,17 +10,17 @@ import torch
 
 import train_tiny
 from minifastv import FastV
-from minifastv.data import SAMPLES, TINY_MODEL
+from minifastv.data import SAMPLES
 from minifastv.models.generate import Stream
-from minifastv.pipeline import Chat, Pipeline
+from minifastv.pipeline import Chat
 from minifastv.pruning import Pruner, Stage
 
 IMAGE = SAMPLES / "heldout_0.png"
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return Pipeline.load(TINY_MODEL, dtype="float32")  # trained: its answers are words, then EOS
+def pipe(tiny_pipe):
+    return tiny_pipe  # trained: its answers are words, then EOS
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ def test_a_full_context_says_to_reset(monkeypatch, capsys):
     assert code == 0 and "exceeds the context of 512; /reset starts a new conversation" in err
 
 
-def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(monkeypatch, capsys):
+def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(monkeypatch, capsys, pipe):
     real, calls = Chat.ask, []
 
     def ask(self, question, on_text=None):
@@ -179,7 +179,7 @@ def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(monkeypatch, capsys):
     code, out, err = chat_in_process(monkeypatch, capsys, "which shape is in row one column one?\n"
                                      "what colour is the circle?\n", ask=ask)
     assert code == 0 and "answer interrupted; the conversation starts over" in err and "Traceback" not in err
-    fresh = Chat(Pipeline.load(TINY_MODEL, dtype="float32"), IMAGE, max_new_tokens=3).ask("what colour is the circle?")
+    fresh = Chat(pipe, IMAGE, max_new_tokens=3).ask("what colour is the circle?")
     assert out.strip() == fresh.text                            # the next question starts a fresh conversation
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import hf_llava, random_pixels, random_prompt, to_minifastv
+from helpers import random_pixels, random_prompt
 
 import minifastv
 from minifastv.checkpoint import CheckpointError
@@ -12,8 +12,8 @@ from minifastv.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
-def model():
-    return to_minifastv(hf_llava(n_kv_heads=2, seed=9))
+def model(twin):
+    return twin(n_kv_heads=2, seed=9)[1]
 
 
 @pytest.fixture(scope="module")

@@ -233,7 +233,7 @@ def test_sampling_flags_reach_the_model_and_the_seed_reproduces(model_dir, capsy
 def test_bench_on_a_missing_or_small_checkpoint(model_dir, capsys, tmp_path):
     """A missing directory is a one-line error; a small converted checkpoint whose vocabulary holds the image
     id among the first ids runs (the random prompt never draws the placeholder)."""
-    from conftest import hf_llava, to_minifastv
+    from helpers import hf_llava, to_minifastv
 
     import minifastv
     from minifastv.cli import main
@@ -341,17 +341,16 @@ def test_numpy_is_declared_so_torch_does_not_warn_on_every_run():
     assert result.returncode == 0 and "NumPy" not in result.stderr, result.stderr
 
 
-def test_batch_answers_report_the_batchs_prefill_and_their_own_decode(model_dir):
+def test_batch_answers_report_the_batchs_prefill_and_their_own_decode(model_dir, tiny_pipe):
     """Each answer of a batch has the batch's prefill time and its own decode: the steps until it was
     complete (a one-word answer ends at its EOS while a longer one goes on) and the time they took."""
-    from minifastv.data import TINY_MODEL
     from minifastv.pipeline import Pipeline
 
     pipe = Pipeline.load(model_dir)
     answers = pipe.answer_batch([([SAMPLES / SAMPLE["image"]], SAMPLE["question"])] * 2, max_new_tokens=3)
     assert all(a.prefill_s > 0 and a.decode_s >= 0 and a.decode_steps == 2 for a in answers)
     assert answers[0].prefill_s == answers[1].prefill_s
-    trained = Pipeline.load(TINY_MODEL, dtype="float32")           # its answers are a word, then EOS
+    trained = tiny_pipe                                            # its answers are a word, then EOS
     short, long = trained.answer_batch([([SAMPLES / SAMPLE["image"]], SAMPLE["question"]),
                                         ([SAMPLES / SAMPLE["image"]], "describe the image.")], max_new_tokens=12)
     alone = trained.answer([SAMPLES / SAMPLE["image"]], SAMPLE["question"], max_new_tokens=12)
@@ -402,12 +401,10 @@ def test_help_names_the_command_that_was_run(command, usage):
 
 
 @pytest.mark.parametrize("budget", [6, 1], ids=["ends-at-eos", "budget-runs-out"])
-def test_token_ids_follow_one_eos_convention(capsys, tmp_path, budget):
+def test_token_ids_follow_one_eos_convention(capsys, tmp_path, budget, tiny_pipe):
     """generate --json, generate --batch, Pipeline.answer and Pipeline.answer_batch give the same ids for the
     same question: the generated tokens without the EOS that ended them, and the text they decode to."""
     from minifastv.cli import main
-    from minifastv.data import TINY_MODEL
-    from minifastv.pipeline import Pipeline
 
     image, question = SAMPLES / SAMPLE["image"], SAMPLE["question"]
     options = ["--max-new-tokens", str(budget), "--dtype", "float32"]
@@ -416,7 +413,7 @@ def test_token_ids_follow_one_eos_convention(capsys, tmp_path, budget):
     (tmp_path / "b.jsonl").write_text(json.dumps({"image": str(image), "prompt": question}) + "\n")
     assert main(["generate", "--batch", str(tmp_path / "b.jsonl"), *options]) == 0
     batched = json.loads(capsys.readouterr().out)
-    pipe = Pipeline.load(TINY_MODEL, dtype="float32")
+    pipe = tiny_pipe
     alone = pipe.answer([image], question, max_new_tokens=budget)
     together = pipe.answer_batch([([image], question)], max_new_tokens=budget)[0]
     eos = pipe.model.config.text.eos_token_id

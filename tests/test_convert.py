@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, expand_images, hf_llava, random_pixels, random_prompt
+from helpers import IMAGE_TOKEN, expand_images, hf_llava, random_pixels, random_prompt
 from safetensors.torch import save_file
 
 import minifastv

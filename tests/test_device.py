@@ -14,7 +14,6 @@ import minifastv
 from minifastv import FastV, RandomDrop, generate
 from minifastv.config import QuantConfig
 from minifastv.data import SAMPLES, TINY_MODEL
-from minifastv.pipeline import Pipeline
 from minifastv.quant.linear import quantize_model
 from shapes import make_batch
 
@@ -23,8 +22,8 @@ pytestmark = pytest.mark.skipif(not DEVICES, reason="no CUDA or MPS device on th
 
 
 @pytest.fixture(scope="module", params=DEVICES or ["none"])
-def pair(request):
-    cpu = Pipeline.load(TINY_MODEL, dtype="float32")
+def pair(request, tiny_pipe):
+    cpu = tiny_pipe
     return cpu, minifastv.load(TINY_MODEL, dtype="float32", device=request.param)
 
 

@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from conftest import expand_images, hf_llava, random_pixels, random_prompt, to_minifastv
+from helpers import expand_images, random_pixels, random_prompt
 
 from minifastv import FastV, generate
 
@@ -19,9 +19,8 @@ BOUNDS = {torch.bfloat16: (0.35, 0.1), torch.float16: (0.05, 0.015)}
 
 
 @pytest.fixture(scope="module")
-def pair():
-    hf = hf_llava(n_kv_heads=2, rms_eps=1e-5, seed=4)
-    return hf, to_minifastv(hf)
+def pair(twin):
+    return twin(n_kv_heads=2, rms_eps=1e-5, seed=4)
 
 
 @torch.no_grad()

@@ -4,8 +4,7 @@ on the kept tokens at their original positions, with no cache."""
 
 import pytest
 import torch
-from conftest import (IMAGE_TOKEN, assert_batch_equals_alone, expand_images, hf_llava, random_pixels, random_prompt,
-                      to_minifastv)
+from helpers import IMAGE_TOKEN, assert_batch_equals_alone, expand_images, random_pixels, random_prompt
 
 from minifastv import FastV, KVCache, generate, theoretical_flops
 from minifastv.config import LlavaConfig, TextConfig
@@ -15,9 +14,8 @@ N_PATCHES = 16
 
 
 @pytest.fixture(scope="module")
-def pair():
-    hf = hf_llava(n_kv_heads=2, rms_eps=1e-4, seed=5, text_layers=4)
-    return hf, to_minifastv(hf)
+def pair(twin):
+    return twin(n_kv_heads=2, rms_eps=1e-4, seed=5, text_layers=4)
 
 
 @torch.no_grad()

@@ -2,15 +2,15 @@
 
 import pytest
 import torch
-from conftest import hf_llava, random_pixels, random_prompt, to_minifastv
+from helpers import random_pixels, random_prompt
 
 from minifastv.inputs import left_pad
 from minifastv.models.generate import generate, sample
 
 
 @pytest.fixture(scope="module")
-def model():
-    return to_minifastv(hf_llava(n_kv_heads=2, rms_eps=1e-4, seed=3))
+def model(twin):
+    return twin(n_kv_heads=2, rms_eps=1e-4, seed=3)[1]
 
 
 def recompute(model, ids, pixels, mask, steps):

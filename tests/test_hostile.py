@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tokenizer, hf_llava
+from helpers import build_tokenizer, hf_llava
 from PIL import Image
 from safetensors.torch import load_file, save_file
 

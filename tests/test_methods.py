@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_batch_equals_alone, hf_llava, random_pixels, random_prompt, to_minifastv
+from helpers import assert_batch_equals_alone, random_pixels, random_prompt
 
 from minifastv import generate, theoretical_flops
 from minifastv.pruning import METHODS, Pruner, make
@@ -18,9 +18,8 @@ ALL = sorted(METHODS)
 
 
 @pytest.fixture(scope="module")
-def pair():
-    hf = hf_llava(n_kv_heads=2, seed=13, text_layers=4)
-    return hf, to_minifastv(hf)
+def pair(twin):
+    return twin(n_kv_heads=2, seed=13, text_layers=4)
 
 
 def inputs(seed=0, image_at=(2, 7)):
@@ -269,7 +268,7 @@ def test_dart_matches_the_plain_pivots_and_shares(pair, ratio):
     ids, px = inputs(7)
     pre = ours.prefill(ids, px, prune=make("dart", ratio, k=2))
     slots = pre.image_mask[0].nonzero()[:, 0].tolist()
-    from conftest import expand_images
+    from helpers import expand_images
 
     expanded = torch.tensor([expand_images(ids[0].tolist(), N_PATCHES)])
     h = hf(input_ids=expanded, pixel_values=px, output_hidden_states=True).hidden_states[2][0]  # input of layer 2
@@ -291,7 +290,7 @@ def test_dart_matches_the_plain_pivots_and_shares(pair, ratio):
 def official_run(hf, ids, px):
     """transformers' decoder layers and inputs for a plain run: (layers, their rotary, expanded ids, the
     hidden states entering each layer, the image slots)."""
-    from conftest import IMAGE_TOKEN, expand_images
+    from helpers import IMAGE_TOKEN, expand_images
 
     expanded = torch.tensor([expand_images(ids[0].tolist(), N_PATCHES)])
     states = hf(input_ids=expanded, pixel_values=px, output_hidden_states=True).hidden_states

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from conftest import (IMAGE_TOKEN, assert_batch_equals_alone, expand_images, hf_llava, random_pixels, random_prompt,
-                      to_minifastv)
+from helpers import IMAGE_TOKEN, assert_batch_equals_alone, expand_images, random_pixels, random_prompt
 
 from minifastv import generate
 
@@ -17,9 +16,8 @@ CONFIGS = {
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
-def pair(request):
-    hf = hf_llava(**CONFIGS[request.param])
-    return hf, to_minifastv(hf)
+def pair(request, twin):
+    return twin(**CONFIGS[request.param])
 
 
 def hf_logits(hf, ids, pixels):

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import assert_batch_equals_alone, hf_llava, random_pixels, random_prompt, to_minifastv
+from helpers import assert_batch_equals_alone, hf_llava, random_pixels, random_prompt, to_minifastv
 
 from minifastv import FastV, KVCache, RandomDrop, generate, theoretical_flops
 from minifastv.pruning import METHODS, Pruner, Stage, make
@@ -15,8 +15,8 @@ N_PATCHES = 16
 
 
 @pytest.fixture(scope="module")
-def ours():
-    return to_minifastv(hf_llava(n_kv_heads=2, seed=7, text_layers=4))
+def ours(twin):
+    return twin(n_kv_heads=2, seed=7, text_layers=4)[1]
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_tokenizer, hf_llava, random_pixels, random_prompt, to_minifastv
+from helpers import build_tokenizer, hf_llava, random_pixels, random_prompt, to_minifastv
 from safetensors.torch import load_file, save_file
 
 import minifastv
@@ -436,7 +436,7 @@ def test_blocks_are_large_enough_for_a_fast_gemm():
 @pytest.mark.parametrize("method", [INT8, INT4], ids=["int8", "int4"])
 def test_convert_with_quantize_equals_quantizing_the_conversion(tmp_path, method):
     """convert_weights.py SRC OUT --quantize writes what `quantize` makes of the float conversion."""
-    from conftest import write_hf_checkpoint
+    from helpers import write_hf_checkpoint
 
     import convert_weights
     from minifastv.convert import convert
@@ -459,7 +459,7 @@ def test_the_documented_default_int4_group_size_is_the_one_used(tmp_path):
     import re
     from pathlib import Path
 
-    from conftest import write_hf_checkpoint
+    from helpers import write_hf_checkpoint
 
     from minifastv.cli import main
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from serving import SAMPLE, Server, data_url, image_message
 
-from minifastv import Pipeline, generate
-from minifastv.data import SAMPLES, TINY_MODEL
+from minifastv import generate
+from minifastv.data import SAMPLES
 from minifastv.pruning import METHODS, make
 
 openai = pytest.importorskip("openai")
@@ -28,8 +28,8 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return Pipeline.load(TINY_MODEL, dtype="float32")
+def pipe(tiny_pipe):
+    return tiny_pipe
 
 
 @pytest.fixture(scope="module")
@@ -124,33 +124,30 @@ def wait_for(condition, seconds=30):
         time.sleep(0.02)
 
 
-def test_a_full_queue_answers_429_and_a_disconnect_frees_the_slot():
-    server = Server("--max-batch", "1", "--max-queue", "1")
-    try:
-        running = long_request(server)
-        reply = running.getresponse()
-        assert reply.status == 200 and reply.readline().startswith(b"data: ")     # decoding, in the one slot
-        waiting = long_request(server, stream=False)                               # the one place in the queue
-        wait_for(lambda: server.health()["waiting"] == 1)
-        status, headers, body = server.request("POST", "/v1/chat/completions", {"messages": [
-            image_message(SAMPLES / SAMPLE[1]["image"], SAMPLE[1]["question"])]})
-        assert status == 429 and headers["Retry-After"] == "1" and body["error"]["code"] == "queue_full"
-        waiting.close()                        # gone before its turn: never run
-        running.close()                        # gone mid-stream: its row is freed at the next step
-        wait_for(lambda: server.health()["running"] == 0 and server.health()["waiting"] == 0)
-        health = server.health()
-        assert health["cancelled"] == 1 and health["decode_steps"] < 300   # 400 tokens were asked for
-        status, _, body = server.request("POST", "/v1/chat/completions", {"messages": [
-            image_message(SAMPLES / SAMPLE[1]["image"], SAMPLE[1]["question"])], "temperature": 0})
-        assert status == 200 and body["choices"][0]["message"]["content"] == SAMPLE[1]["answer"]
-    finally:
-        server.stop()
+def test_a_full_queue_answers_429_and_a_disconnect_frees_the_slot(start_server):
+    server = start_server("--max-batch", "1", "--max-queue", "1")
+    running = long_request(server)
+    reply = running.getresponse()
+    assert reply.status == 200 and reply.readline().startswith(b"data: ")     # decoding, in the one slot
+    waiting = long_request(server, stream=False)                               # the one place in the queue
+    wait_for(lambda: server.health()["waiting"] == 1)
+    status, headers, body = server.request("POST", "/v1/chat/completions", {"messages": [
+        image_message(SAMPLES / SAMPLE[1]["image"], SAMPLE[1]["question"])]})
+    assert status == 429 and headers["Retry-After"] == "1" and body["error"]["code"] == "queue_full"
+    waiting.close()                        # gone before its turn: never run
+    running.close()                        # gone mid-stream: its row is freed at the next step
+    wait_for(lambda: server.health()["running"] == 0 and server.health()["waiting"] == 0)
+    health = server.health()
+    assert health["cancelled"] == 1 and health["decode_steps"] < 300   # 400 tokens were asked for
+    status, _, body = server.request("POST", "/v1/chat/completions", {"messages": [
+        image_message(SAMPLES / SAMPLE[1]["image"], SAMPLE[1]["question"])], "temperature": 0})
+    assert status == 200 and body["choices"][0]["message"]["content"] == SAMPLE[1]["answer"]
 
 
 @pytest.mark.parametrize("grace", [0, 30])
-def test_sigterm_ends_in_flight_requests_cleanly_and_refuses_new_ones(grace):
+def test_sigterm_ends_in_flight_requests_cleanly_and_refuses_new_ones(grace, start_server):
     """No grace: the stream ends at the next step. 30 s: it runs to its 400 tokens (well within them)."""
-    server = Server("--shutdown-grace", str(grace))
+    server = start_server("--shutdown-grace", str(grace))
     conn = long_request(server)
     reply = conn.getresponse()
     assert reply.readline().startswith(b"data: ")
@@ -166,7 +163,6 @@ def test_sigterm_ends_in_flight_requests_cleanly_and_refuses_new_ones(grace):
             "files; no API key") in stderr                                   # the caps, said at start
     with pytest.raises(OSError):
         server.request("GET", "/health", timeout=2)
-    server.stop()
 
 
 PNG = data_url(SAMPLES / "heldout_0.png")
@@ -266,25 +262,28 @@ MALFORMED = [  # (what is wrong, method, path, body (bytes as sent), status, cod
 ]
 
 
-def test_malformed_requests_get_their_documented_4xx_and_the_server_stays_up(server):
+@pytest.mark.parametrize("what, method, path, body, status, named", MALFORMED, ids=[row[0] for row in MALFORMED])
+def test_a_malformed_request_gets_its_documented_4xx_and_the_server_stays_up(server, what, method, path, body, status,
+                                                                            named):
+    got, _, reply = server.request(method, path, body)
+    assert got == status, reply
+    error = reply["error"]
+    assert named in (error["code"], error["param"]) and error["message"] and "Traceback" not in error["message"], error
+    assert server.proc.poll() is None and server.health()["status"] == "ok"
+
+
+def test_after_every_malformed_request_a_good_one_is_answered(server):
     assert len(MALFORMED) >= 30
-    for what, method, path, body, status, named in MALFORMED:
-        got, _, reply = server.request(method, path, body)
-        assert got == status, (what, reply)
-        error = reply["error"]
-        assert named in (error["code"], error["param"]) and error["message"] and "Traceback" not in error["message"], \
-            (what, error)
-        assert server.proc.poll() is None and server.health()["status"] == "ok", what
     assert server.request("POST", "/v1/chat/completions", GOOD)[0] == 200
 
 
-def test_local_files_only_under_allow_files_and_the_api_key_is_enforced(tmp_path, pipe):
+def test_local_files_only_under_allow_files_and_the_api_key_is_enforced(tmp_path, pipe, start_server):
     inside, outside = tmp_path / "served", tmp_path / "private"
     inside.mkdir(), outside.mkdir()
     (inside / "a.png").write_bytes((SAMPLES / "heldout_1.png").read_bytes())
     (outside / "b.png").write_bytes((SAMPLES / "heldout_1.png").read_bytes())
     (inside / "link.png").symlink_to(outside / "b.png")
-    server = Server("--allow-files", str(inside), "--api-key", "sesame", "--prune", "fastv", "--prune-ratio", "0.75",
+    server = start_server("--allow-files", str(inside), "--api-key", "sesame", "--prune", "fastv", "--prune-ratio", "0.75",
                     "--prune-k", "1")
     key = {"Authorization": "Bearer sesame"}
 
@@ -293,29 +292,26 @@ def test_local_files_only_under_allow_files_and_the_api_key_is_enforced(tmp_path
         return server.request("POST", "/v1/chat/completions", body, headers)
 
     expected = pipe.answer([SAMPLES / "heldout_1.png"], SAMPLE[1]["question"], prune=make("fastv", 0.75, 1)).text
-    try:
-        for url in ("a.png", f"file://{inside / 'a.png'}"):                     # the server's pruning by default
-            status, _, body = asking(url)
-            assert status == 200 and body["choices"][0]["message"]["content"] == expected
-            assert body["usage"]["image_tokens_kept"] == 16 and body["usage"]["pruning"] == "FastV K=1 R=0.75"
-        for extra, pruning in (({"prune": "fastv"}, "FastV K=1 R=0.75"), ({"prune_ratio": 0.5}, "FastV K=1 R=0.5"),
-                               ({"prune": "pool"}, "Pool R=0.5"), ({"prune": None}, "none"),
-                               ({"prune": "dart", "prune_k": 3}, "DART K=3 R=0.5")):
-            body = {"messages": [user(picture("a.png"), text(SAMPLE[1]["question"]))], "max_tokens": 1, **extra}
-            assert server.request("POST", "/v1/chat/completions", body, key)[2]["usage"]["pruning"] == pruning
-        for url in ("../private/b.png", str(outside / "b.png"), f"file://{outside / 'b.png'}", "link.png"):
-            status, _, body = asking(url)
-            assert status == 403 and body["error"]["code"] == "file_not_allowed", url
-        assert asking("missing.png")[2]["error"]["code"] == "file_not_found"
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sesame"}):
-            status, reply_headers, body = asking("a.png", headers)
-            assert status == 401 and body["error"]["code"] == "invalid_api_key"
-            assert reply_headers["WWW-Authenticate"] == "Bearer"
-        assert server.request("GET", "/v1/models")[0] == 401
-        assert server.request("GET", "/v1/models", headers=key)[2]["data"][0]["id"] == "tiny"
-        assert server.request("GET", "/health")[0] == 200          # the health check needs no key
-    finally:
-        server.stop()
+    for url in ("a.png", f"file://{inside / 'a.png'}"):                     # the server's pruning by default
+        status, _, body = asking(url)
+        assert status == 200 and body["choices"][0]["message"]["content"] == expected
+        assert body["usage"]["image_tokens_kept"] == 16 and body["usage"]["pruning"] == "FastV K=1 R=0.75"
+    for extra, pruning in (({"prune": "fastv"}, "FastV K=1 R=0.75"), ({"prune_ratio": 0.5}, "FastV K=1 R=0.5"),
+                           ({"prune": "pool"}, "Pool R=0.5"), ({"prune": None}, "none"),
+                           ({"prune": "dart", "prune_k": 3}, "DART K=3 R=0.5")):
+        body = {"messages": [user(picture("a.png"), text(SAMPLE[1]["question"]))], "max_tokens": 1, **extra}
+        assert server.request("POST", "/v1/chat/completions", body, key)[2]["usage"]["pruning"] == pruning
+    for url in ("../private/b.png", str(outside / "b.png"), f"file://{outside / 'b.png'}", "link.png"):
+        status, _, body = asking(url)
+        assert status == 403 and body["error"]["code"] == "file_not_allowed", url
+    assert asking("missing.png")[2]["error"]["code"] == "file_not_found"
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sesame"}):
+        status, reply_headers, body = asking("a.png", headers)
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
+        assert reply_headers["WWW-Authenticate"] == "Bearer"
+    assert server.request("GET", "/v1/models")[0] == 401
+    assert server.request("GET", "/v1/models", headers=key)[2]["data"][0]["id"] == "tiny"
+    assert server.request("GET", "/health")[0] == 200          # the health check needs no key
 
 
 def test_every_request_knob_changes_the_answer(client, pipe):
@@ -362,7 +358,7 @@ def test_a_conversation_continues_as_chat_does(client, pipe):
         messages.append({"role": "assistant", "content": got})
 
 
-def test_the_caps_and_settings_on_the_command_line_are_applied(tmp_path):
+def test_the_caps_and_settings_on_the_command_line_are_applied(tmp_path, start_server):
     import io
 
     from PIL import Image
@@ -373,27 +369,24 @@ def test_the_caps_and_settings_on_the_command_line_are_applied(tmp_path):
     small = io.BytesIO()
     Image.new("RGB", (10, 10), "white").save(small, format="PNG")
     small_url = "data:image/png;base64," + base64.b64encode(small.getvalue()).decode()
-    server = Server("--max-tokens", "8", "--max-image-pixels", "5000", "--max-images", "1", "--max-image-mb",
+    server = start_server("--max-tokens", "8", "--max-image-pixels", "5000", "--max-images", "1", "--max-image-mb",
                     f"{(len(big.getvalue()) + 10) / 2**20}", "--max-body-mb", "0.1", "--batch-wait-ms", "600",
                     "--served-name", "shapes")
     question = text(SAMPLE[0]["question"])
-    try:
-        assert server.request("GET", "/v1/models")[2]["data"][0]["id"] == "shapes"
-        cases = [({"messages": [user(picture(big_url), question)]}, 413, "image_too_large"),           # pixels
-                 ({"messages": [user(picture(PNG), question)]}, 413, "image_too_large"),               # bytes
-                 ({"messages": [user(picture(small_url), picture(small_url), question)]}, 400, "messages"),
-                 ({"messages": [user(question)], "max_tokens": 9}, 400, "max_tokens"),
-                 ({"messages": [user(question)], "pad": "x" * 120_000}, 413, "body_too_large")]
-        for body, status, named in cases:
-            got, _, reply = server.request("POST", "/v1/chat/completions", body)
-            assert got == status and named in (reply["error"]["code"], reply["error"]["param"]), reply
-        start = time.perf_counter()
-        got, _, reply = server.request("POST", "/v1/chat/completions", {"messages": [user(question)],
-                                                                         "model": "shapes", "ignore_eos": True})
-        assert got == 200 and reply["usage"]["completion_tokens"] == 8                 # the cap is the default
-        assert time.perf_counter() - start >= 0.6                                     # waited for company
-    finally:
-        server.stop()
+    assert server.request("GET", "/v1/models")[2]["data"][0]["id"] == "shapes"
+    cases = [({"messages": [user(picture(big_url), question)]}, 413, "image_too_large"),           # pixels
+             ({"messages": [user(picture(PNG), question)]}, 413, "image_too_large"),               # bytes
+             ({"messages": [user(picture(small_url), picture(small_url), question)]}, 400, "messages"),
+             ({"messages": [user(question)], "max_tokens": 9}, 400, "max_tokens"),
+             ({"messages": [user(question)], "pad": "x" * 120_000}, 413, "body_too_large")]
+    for body, status, named in cases:
+        got, _, reply = server.request("POST", "/v1/chat/completions", body)
+        assert got == status and named in (reply["error"]["code"], reply["error"]["param"]), reply
+    start = time.perf_counter()
+    got, _, reply = server.request("POST", "/v1/chat/completions", {"messages": [user(question)],
+                                                                     "model": "shapes", "ignore_eos": True})
+    assert got == 200 and reply["usage"]["completion_tokens"] == 8                 # the cap is the default
+    assert time.perf_counter() - start >= 0.6                                     # waited for company
 
 
 def test_serve_defaults_to_loopback_and_refuses_bad_settings(capsys):

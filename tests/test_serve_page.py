@@ -6,10 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from serving import SAMPLE, Server
+from serving import SAMPLE
 
-from minifastv import Pipeline
-from minifastv.data import SAMPLES, TINY_MODEL
+from minifastv.data import SAMPLES
 from minifastv.pruning import make
 
 webdriver = pytest.importorskip("selenium.webdriver")
@@ -35,38 +34,35 @@ def browser():
     driver.quit()
 
 
-def test_the_page_streams_the_answer_and_outlines_the_kept_patches(browser, tmp_path):
+def test_the_page_streams_the_answer_and_outlines_the_kept_patches(browser, tmp_path, tiny_pipe, start_server):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    pipe = Pipeline.load(TINY_MODEL, dtype="float32")
-    server = Server()
-    try:
-        browser.get(server.url + "/")
-        wait = WebDriverWait(browser, 60)
-        wait.until(lambda d: len(Select(d.find_element(By.ID, "method")).options) > 1)
-        browser.find_element(By.ID, "file").send_keys(str(SAMPLES / SAMPLE[0]["image"]))
-        wait.until(lambda d: d.find_element(By.ID, "image").get_attribute("src").startswith("data:image/png"))
-        Select(browser.find_element(By.ID, "method")).select_by_value("fastv")
-        ratio = browser.find_element(By.ID, "ratio")
-        ratio.clear()
-        ratio.send_keys("0.75")
-        answers = []
-        for turn, question in enumerate([SAMPLE[0]["question"], "which shape is in row four column four?"]):
-            browser.find_element(By.ID, "question").send_keys(question)
-            browser.find_element(By.ID, "send").click()
-            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#turns li.assistant.done")) == turn + 1)
-            answers.append(browser.execute_script(
-                "const li = [...document.querySelectorAll('#turns li.assistant')].pop(); return li.firstChild.data;"))
-            assert browser.find_element(By.ID, "error").get_attribute("hidden") is not None
-        first = pipe.answer([SAMPLES / SAMPLE[0]["image"]], SAMPLE[0]["question"], prune=make("fastv", 0.75))
-        assert answers[0] == first.text
-        kept = browser.find_elements(By.CSS_SELECTOR, "#overlay rect.kept")
-        dropped = browser.find_elements(By.CSS_SELECTOR, "#overlay rect.dropped")
-        reported = browser.find_element(By.ID, "kept").text                    # "16 / 64", from the last answer
-        assert reported == f"{len(kept)} / 64" and len(kept) + len(dropped) == 64 and len(kept) == 16
-        assert len(browser.find_elements(By.CSS_SELECTOR, "#turns li.user")) == 2
-        shot = Path(os.environ.get("MINIFASTV_SCREENSHOT", tmp_path / "page.png"))
-        assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
-    finally:
-        server.stop()
+    pipe = tiny_pipe
+    server = start_server()
+    browser.get(server.url + "/")
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: len(Select(d.find_element(By.ID, "method")).options) > 1)
+    browser.find_element(By.ID, "file").send_keys(str(SAMPLES / SAMPLE[0]["image"]))
+    wait.until(lambda d: d.find_element(By.ID, "image").get_attribute("src").startswith("data:image/png"))
+    Select(browser.find_element(By.ID, "method")).select_by_value("fastv")
+    ratio = browser.find_element(By.ID, "ratio")
+    ratio.clear()
+    ratio.send_keys("0.75")
+    answers = []
+    for turn, question in enumerate([SAMPLE[0]["question"], "which shape is in row four column four?"]):
+        browser.find_element(By.ID, "question").send_keys(question)
+        browser.find_element(By.ID, "send").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#turns li.assistant.done")) == turn + 1)
+        answers.append(browser.execute_script(
+            "const li = [...document.querySelectorAll('#turns li.assistant')].pop(); return li.firstChild.data;"))
+        assert browser.find_element(By.ID, "error").get_attribute("hidden") is not None
+    first = pipe.answer([SAMPLES / SAMPLE[0]["image"]], SAMPLE[0]["question"], prune=make("fastv", 0.75))
+    assert answers[0] == first.text
+    kept = browser.find_elements(By.CSS_SELECTOR, "#overlay rect.kept")
+    dropped = browser.find_elements(By.CSS_SELECTOR, "#overlay rect.dropped")
+    reported = browser.find_element(By.ID, "kept").text                    # "16 / 64", from the last answer
+    assert reported == f"{len(kept)} / 64" and len(kept) + len(dropped) == 64 and len(kept) == 16
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#turns li.user")) == 2
+    shot = Path(os.environ.get("MINIFASTV_SCREENSHOT", tmp_path / "page.png"))
+    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
