@@ -17,7 +17,7 @@ def attention_shares(model, input_ids, pixel_values) -> list[dict[str, list[floa
     tokens (text before the first image), the image tokens and the instruction tokens (text after the last
     image). Returns, per layer, {"last": [3 shares] of the prompt's last token, "instruction": [3 shares]
     averaged over all instruction tokens}. One prompt, no padding; the decoder computes the rows (prefill's
-    attention_rows), next to its SDPA."""
+    attention_rows: the instruction tokens' queries against each layer's keys), never a T x T matrix."""
     if input_ids.shape[0] != 1:
         raise ValueError(f"attention analysis takes one prompt, got a batch of {input_ids.shape[0]}")
     placeholders = (input_ids[0] == model.config.image_token_id).nonzero()[:, 0]

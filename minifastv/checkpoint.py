@@ -6,7 +6,7 @@
     tokenizer.json                  a `tokenizers` tokenizer
 
 `load` builds the model on the meta device and assigns the tensors, memory-mapped from the files where they
-are used as stored, so weights are never read or held twice. Quantized checkpoints (minifastv/quant.py) add
+are used as stored, so weights are never read or held twice. Quantized checkpoints (minifastv/quant/) add
 `quant` to config.json and store each quantized linear as weight + scale (+ zero). `save` writes into a
 temporary sibling directory and renames it into place (files.py), so a failed or interrupted save leaves no
 directory that `load` would accept.
@@ -217,7 +217,7 @@ def save(model: LlavaModel, tokenizer: Tokenizer, path: str | Path, *, max_shard
 
 def quantize_checkpoint(src: str | Path, out: str | Path, quant: QuantConfig, *, overwrite: bool = False,
                         max_shard_bytes: int = 2 << 30, log=lambda msg: print(msg, file=sys.stderr)) -> Path:
-    """Write a weight-only quantized copy of the float checkpoint `src` at `out` (minifastv/quant.py), reading
+    """Write a weight-only quantized copy of the float checkpoint `src` at `out` (minifastv/quant/), reading
     and writing one tensor at a time; every weight is checked for NaN and infinity on the way."""
     src, out = source_dir(Path(src), "checkpoint"), Path(out)
     config = load_config(src)

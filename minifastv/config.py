@@ -72,7 +72,7 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Weight-only quantization of the decoder's linears (minifastv/quant.py).
+    """Weight-only quantization of the decoder's linears (minifastv/quant/).
 
     int8: one scale per output channel. int4: a scale and a zero point per group of `group_size` inputs.
     """

@@ -39,7 +39,7 @@ def _check_args(max_new_tokens, temperature, top_p):
 class Stream:
     """Iterating yields (tokens [B], logits [B, vocab]) for each generated position, stopping early once every
     sample has produced eos_token_id (a finished sample keeps emitting it). Once the first token is out,
-    `prefill` holds the prompt pass's report: kept image slots, token counts and FLOPs (llava.Prefill).
+    `prefill` holds the prompt pass's report: kept image slots, token counts and FLOPs (models/llava.py, Prefill).
 
     `cache` continues a conversation: the prompt is appended to what the cache holds (positions go on from
     `position`, the `position` of the previous Stream), and the cache is kept. After iterating, `cache` holds

@@ -58,7 +58,7 @@ def make(name: str, ratio: float, k: int | None = None, seed: int | None = None)
     return METHODS[name](ratio=ratio, **extra)
 
 
-__all__ = ["DART", "DARTOfficial", "METHODS", "active_stages", "AfterLayer", "at_budget", "BeforeDecoder", "decoder_flops",
-           "DivPrune", "FasterVLM", "FastV", "keep_slots", "layer_flops", "make", "name_of", "Pool", "PruneContext",
-           "Pruner", "PyramidDrop", "PyramidDropOfficial", "RandomDrop", "Schedule", "Stage", "theoretical_flops", "Uniform",
-           "VisionZip"]
+__all__ = ["DART", "DARTOfficial", "METHODS", "active_stages", "AfterLayer", "at_budget", "BeforeDecoder",
+           "decoder_flops", "DivPrune", "FasterVLM", "FastV", "keep_slots", "layer_flops", "make", "name_of", "Pool",
+           "PruneContext", "Pruner", "PyramidDrop", "PyramidDropOfficial", "RandomDrop", "Schedule", "Stage",
+           "theoretical_flops", "Uniform", "VisionZip"]

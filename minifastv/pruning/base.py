@@ -1,7 +1,7 @@
 """The pruning seam. A method says WHEN it prunes (a schedule of stages) and WHICH image tokens survive at
-each stage (scores for a top-k, or the kept set itself); the decoder loop applies one rule to whatever it
-returns (llama.py), so every method gets SDPA, original positions, the pruned KV cache, per-sample
-selection in left-padded batches and the FLOPs count without knowing about them.
+each stage (scores for a top-k, or the kept set itself); one rule is applied to whatever it returns (schedule.py,
+from the decoder loop in models/llama.py), so every method gets SDPA, original positions, the pruned KV cache,
+per-sample selection in left-padded batches and the FLOPs count without knowing about them.
 """
 
 from __future__ import annotations
