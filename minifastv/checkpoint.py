@@ -28,7 +28,7 @@ from .config import ConfigError, LlavaConfig, QuantConfig, TextConfig, VisionCon
 from .files import (ALIGNMENT, STORED_DTYPES, CheckpointError, ShardWriter, check_stored, read_header, read_into_memory,
                     read_json, read_tensors, source_dir, staged, weight_files)
 from .machine import release_free_memory, resolve_device, resolve_dtype
-from .models.llava import LlavaModel
+from .models import FAMILIES, LlavaModel
 from .quant import (Int4Linear, Int8Linear, pack_for_device, quantized_modules, quantized_tensors, read_cpu_layout,
                     replace_linears, use_cpu_layout)
 from .tokenizer import Tokenizer
@@ -48,13 +48,16 @@ def config_from_dict(d: dict) -> LlavaConfig:
     """The LlavaConfig that a config.json holds, read strictly (the inverse of LlavaConfig.to_dict): unknown keys
     are errors, missing keys take the defaults, sizes beyond any real model are a damaged file."""
     d = dict(d)
+    family = d.pop("family", "llava")
+    if family not in FAMILIES:
+        raise ConfigError(f"unknown model family {family!r}; families: {', '.join(FAMILIES)}")
     vision = _build(VisionConfig, d.pop("vision", {}), "vision")
     if vision.n_patches > MAX_PATCHES:
         raise ConfigError(f"vision: {vision.grid}^2 patches per image, beyond any real model: the config is damaged")
     text = _build(TextConfig, d.pop("text", {}), "text")
     quant = d.pop("quant", None)
     quant = None if quant is None else _build(QuantConfig, quant, "quant")
-    return _build(LlavaConfig, d, "", vision=vision, text=text, quant=quant)
+    return _build(FAMILIES[family][0], d, "", vision=vision, text=text, quant=quant)
 
 
 def _build(cls, d, where: str, **extra):
@@ -78,7 +81,7 @@ def empty_model(config: LlavaConfig) -> LlavaModel:
     """The model with meta tensors (no memory) for load_state_dict(..., assign=True) to fill, its decoder's
     linears quantized as the config says."""
     with torch.device("meta"):
-        model = LlavaModel(config)
+        model = FAMILIES[config.family][1](config)
         if config.quant is not None:  # the same decoder, with quantized linears in place of nn.Linear
             replace_linears(model, config.quant)
     return model

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from .config_checks import ConfigError, check_llava, check_quant, check_text, check_vision
 
@@ -95,6 +96,7 @@ class LlavaConfig:
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
     quant: QuantConfig | None = None  # None: every weight is floating point
+    family: ClassVar[str] = "llava"   # the model family (models/__init__.py, FAMILIES); config.json says it
 
     def __post_init__(self):
         # JSON gives lists; keep tuples so configs compare and hash the same way after a round trip.
@@ -112,7 +114,7 @@ class LlavaConfig:
         return PRESETS[name]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {"family": self.family, **dataclasses.asdict(self)}
 
 
 _LLAVA_VISION = VisionConfig()  # CLIP ViT-L/14 at 336 px: 576 patches

@@ -22,6 +22,7 @@ from .config import ConfigError, LlavaConfig, QuantConfig, TextConfig, VisionCon
 from .files import (PICKLED, SAFETENSORS, CheckpointError, ShardWriter, read_json, read_tensors, source_dir, staged,
                     weight_files)
 from .machine import parse_dtype
+from .models import VideoLlavaConfig
 from .quant.linear import quantized_tensors
 
 
@@ -32,6 +33,12 @@ class ConversionError(CheckpointError):
 # Source prefix -> part. First match wins, so longer prefixes come first; "model." alone is the original
 # LLaVA's language model and must stay last.
 PREFIXES = [
+    ("model.image_tower.vision_model.", "vision"),                # Video-LLaVA: transformers 4.x in memory
+    ("model.image_tower.", "vision"),                             # transformers 5.x save_pretrained
+    ("image_tower.vision_model.", "vision"),                      # LanguageBind's -hf
+    ("model.video_tower.vision_model.", "video"),
+    ("model.video_tower.", "video"),
+    ("video_tower.vision_model.", "video"),
     ("model.vision_tower.vision_tower.vision_model.", "vision"),  # original LLaVA with the tower embedded
     ("model.vision_tower.vision_model.", "vision"),               # transformers >= 4.52, some saves
     ("model.vision_tower.", "vision"),                            # transformers >= 4.52 / 5.x
@@ -84,7 +91,9 @@ VISION = {
 HF_PROJECTOR = {f"linear_{i}.{p}": f"projector.{j}.{p}" for i, j in ((1, 0), (2, 2)) for p in ("weight", "bias")}
 PROJECTOR = {"{}.weight": "projector.{}.weight", "{}.bias": "projector.{}.bias",  # mlp2x_gelu: a Sequential
              "weight": "projector.0.weight", "bias": "projector.0.bias"}         # linear: a bare nn.Linear
-TABLES = {"text": TEXT, "lm_head": LM_HEAD, "vision": VISION, "hf_projector": HF_PROJECTOR, "projector": PROJECTOR}
+VIDEO = {source: target and target.replace("vision.", "video.", 1) for source, target in VISION.items()}
+TABLES = {"text": TEXT, "lm_head": LM_HEAD, "vision": VISION, "video": VIDEO, "hf_projector": HF_PROJECTOR,
+          "projector": PROJECTOR}
 
 
 def map_key(key: str, config: LlavaConfig, default_part: str | None = None) -> str | None:
@@ -97,12 +106,12 @@ def map_key(key: str, config: LlavaConfig, default_part: str | None = None) -> s
     numbers = re.findall(r"(?:^|\.)(\d+)(?=\.)", rest)
     template = re.sub(r"(^|\.)\d+(?=\.)", r"\1{}", rest)
     table = TABLES.get(part, {})
-    if template not in table:
-        raise ConversionError(f"unknown tensor {key!r}: not part of any known LLaVA checkpoint layout")
+    if template not in table or (part == "video" and config.family != "video-llava"):
+        raise ConversionError(f"unknown tensor {key!r}: not part of any known {config.family} checkpoint layout")
     target = table[template]
     if target is None:
         return None
-    if part == "vision" and numbers and int(numbers[0]) >= config.vision.n_used_layers:
+    if part in ("vision", "video") and numbers and int(numbers[0]) >= config.vision.n_used_layers:
         return None  # CLIP blocks past the feature layer never run
     return target.format(*numbers)
 
@@ -153,7 +162,8 @@ def vision_config_from_hf(v: dict, feature_layer: int) -> VisionConfig:
 
 
 def config_from_hf(c: dict) -> LlavaConfig:
-    """LlavaConfig from a transformers LlavaForConditionalGeneration config.json (llava-hf, 4.x or 5.x)."""
+    """LlavaConfig from a transformers LlavaForConditionalGeneration config.json (llava-hf, 4.x or 5.x), or a
+    VideoLlavaConfig from a VideoLlavaForConditionalGeneration one (LanguageBind's -hf, or transformers' save)."""
     if c.get("vision_feature_select_strategy", "default") != "default":
         raise ConversionError(f"vision_feature_select_strategy {c['vision_feature_select_strategy']!r} is not "
                               "supported: LLaVA-1.5 drops the class token ('default')")
@@ -165,12 +175,22 @@ def config_from_hf(c: dict) -> LlavaConfig:
     if c.get("multimodal_projector_bias", True) is not True:
         raise ConversionError("multimodal_projector_bias false is not supported")
     vision = c.get("vision_config")
-    return LlavaConfig(
+    config = LlavaConfig(
         vision=vision_config_from_hf(HF_LLAVA_VISION if vision is None else vision, layer),
         text=text_config_from_hf(c.get("text_config") or {}),
         projector_type="mlp2x_gelu",
         image_token_id=c.get("image_token_id", c.get("image_token_index", 32000)),
     )
+    video = c.get("model_type") == "video_llava" or "VideoLlavaForConditionalGeneration" in (c.get("architectures") or [])
+    if not video:
+        return config
+    per_frame = config.vision.n_patches + 1                        # a frame keeps its class token
+    length = c.get("video_seq_length", 8 * per_frame)
+    if length % per_frame:
+        raise ConversionError(f"video_seq_length {length} is not a whole number of frames of {per_frame} tokens")
+    return VideoLlavaConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)},
+                            video_token_id=c.get("video_token_id", c.get("video_token_index", 32001)),
+                            n_frames=length // per_frame)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -205,7 +225,8 @@ def clip_vision_config(directory: Path) -> VisionConfig:
 
 
 def is_hf_layout(c: dict) -> bool:
-    return "text_config" in c or "LlavaForConditionalGeneration" in (c.get("architectures") or [])
+    return "text_config" in c or bool({"LlavaForConditionalGeneration", "VideoLlavaForConditionalGeneration"}
+                                      & set(c.get("architectures") or []))
 
 
 def files_or_none(directory: Path) -> list[Path] | None:

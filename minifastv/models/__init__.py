@@ -6,15 +6,21 @@
     llama.py      the LLaMA decoder; a Sequence is what each layer runs on, and what pruning shortens
     cache.py      the KV cache (each layer its own length: pruned layers cache fewer slots)
     generate.py   sampling, and generation as one prefill then one-token decode steps
+    video_llava.py  Video-LLaVA: a video tower beside the image tower, video placeholders
 
 A new model family adds its own files here (its towers, resampler, how it lays features into the sequence);
 the decoder, the cache and generation serve every family.
 """
 
+from ..config import LlavaConfig
 from .cache import KVCache, LayerCache
 from .generate import Stream, generate, sample, stream
 from .llama import Llama, Sequence
 from .llava import LlavaModel, Prefill
+from .video_llava import VideoLlavaConfig, VideoLlavaModel
 
-__all__ = ["KVCache", "LayerCache", "Llama", "LlavaModel", "Prefill", "Sequence", "Stream", "generate", "sample",
-           "stream"]
+# A config.json's "family" -> its config class and model class (no "family": LLaVA-1.5, as before families).
+FAMILIES = {"llava": (LlavaConfig, LlavaModel), "video-llava": (VideoLlavaConfig, VideoLlavaModel)}
+
+__all__ = ["FAMILIES", "KVCache", "LayerCache", "Llama", "LlavaModel", "Prefill", "Sequence", "Stream", "VideoLlavaConfig",
+           "VideoLlavaModel", "generate", "sample", "stream"]

@@ -25,17 +25,14 @@ class LayerCache:
         B, H, T, D = k.shape
         if self.k is None:
             capacity = T + self.extra
-            self.k = k.new_empty(B, H, capacity, D)
-            self.v = v.new_empty(B, H, capacity, D)
+            self.k, self.v = k.new_empty(B, H, capacity, D), v.new_empty(B, H, capacity, D)
             self.valid = valid.new_zeros(B, capacity)
         start, end = self.length, self.length + T
         if end > self.k.shape[2]:  # a later turn of a conversation: room for it and `extra` more
             grow = end + self.extra - self.k.shape[2]
-            self.k = torch.cat((self.k, self.k.new_empty(B, H, grow, D)), dim=2)
-            self.v = torch.cat((self.v, self.v.new_empty(B, H, grow, D)), dim=2)
+            self.k, self.v = (torch.cat((t, t.new_empty(B, H, grow, D)), dim=2) for t in (self.k, self.v))
             self.valid = torch.cat((self.valid, self.valid.new_zeros(B, grow)), dim=1)
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
+        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
         self.valid[:, start:end] = valid
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end], self.valid[:, :end]

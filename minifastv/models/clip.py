@@ -59,9 +59,9 @@ class VisionTower(nn.Module):
     Only the blocks up to the feature layer exist: LLaVA never uses the rest (nor CLIP's post-LayerNorm).
     """
 
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, keep_class_token: bool = False):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.keep_class_token = cfg, keep_class_token  # Video-LLaVA's frames keep it
         self.patch_embed = nn.Conv2d(3, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.class_embedding = nn.Parameter(torch.zeros(cfg.dim))
         self.position_embedding = nn.Parameter(torch.zeros(cfg.n_patches + 1, cfg.dim))
@@ -78,4 +78,4 @@ class VisionTower(nn.Module):
         x = self.pre_norm(x)
         for i, block in enumerate(self.blocks):
             x, row = block(x, cls_attention and i == len(self.blocks) - 1)
-        return x[:, 1:], row                                                   # drop the class token
+        return (x if self.keep_class_token else x[:, 1:]), row                 # LLaVA drops the class token

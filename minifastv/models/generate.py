@@ -49,12 +49,12 @@ class Stream:
     def __init__(self, model, input_ids, pixel_values=None, *, max_new_tokens: int, attention_mask=None,
                  prune: Pruner | None = None, temperature: float = 0.0, top_p: float = 1.0,
                  eos_token_id: int | None = None, generator: torch.Generator | None = None,
-                 cache: KVCache | None = None, position: torch.Tensor | None = None):
+                 cache: KVCache | None = None, position: torch.Tensor | None = None, **visual):
         _check_args(max_new_tokens, temperature, top_p)
         if attention_mask is not None and not attention_mask[:, -1].bool().all():
             raise ValueError("generate needs left padding: attention_mask must be 1 at the last position of every row")
         self.model, self.input_ids, self.pixel_values = model, input_ids, pixel_values
-        self.attention_mask = attention_mask
+        self.attention_mask, self.visual = attention_mask, visual  # visual: a family's other inputs (videos)
         self.max_new_tokens, self.prune, self.eos_token_id = max_new_tokens, prune, eos_token_id
         self.temperature, self.top_p, self.generator = temperature, top_p, generator
         self.prefill: Prefill | None = None
@@ -75,7 +75,7 @@ class Stream:
             self.cache = KVCache(model.config.text.n_layers, extra=max_new)
         cache = self.cache
         pre = model.prefill(self.input_ids, self.pixel_values, attention_mask=self.attention_mask, prune=self.prune,
-                            cache=cache, last_only=True, start_position=self.position)
+                            cache=cache, last_only=True, start_position=self.position, **self.visual)
         self.prefill = pre
         logits, position = pre.logits[:, -1], pre.next_position
         self.position = position

@@ -39,8 +39,7 @@ class RMSNorm(nn.Module):
 
 
 class Embedding(nn.Embedding):
-    """nn.Embedding that leaves a table on the meta device uninitialised: a loader assigns the weights anyway,
-    and torch's first normal_() on the meta device costs ~2 s of one-time set-up, far more than a tiny load."""
+    """nn.Embedding that skips initialising a meta table (a loader assigns it; a first meta normal_() takes 2 s)."""
 
     def reset_parameters(self):
         if not self.weight.is_meta:
@@ -160,8 +159,7 @@ class Sequence:
 
 class DecoderOutput(NamedTuple):
     hidden: torch.Tensor                     # [B, T', C] after the final norm
-    slots: torch.Tensor | None               # [B, T'] input slot of each output slot; None when nothing was pruned
-    valid: torch.Tensor                      # [B, T'] validity of the output slots
+    seq: Sequence                            # the last layer's sequence: its slots (None unpruned) and validity
     layer_tokens: torch.Tensor               # [n_layers, B] tokens each layer ran on
     attention: list[torch.Tensor] | None     # per layer [B, Q, S] with attention_rows = Q > 0
     select_s: float                          # seconds spent choosing the kept tokens (the methods' select + rule)
@@ -271,5 +269,4 @@ class Llama(nn.Module):
             if attention_rows:
                 rows.append(layer.attention_rows(before, attention_rows, layer_cache))
             tokens.append(seq.valid.sum(1))
-        return DecoderOutput(self.norm(seq.x), seq.slots, seq.valid, torch.stack(tokens), rows or None,
-                             schedule.select_s)
+        return DecoderOutput(self.norm(seq.x), seq, torch.stack(tokens), rows or None, schedule.select_s)

@@ -80,54 +80,62 @@ class LlavaModel(nn.Module):
         features, row = self.vision(pixel_values, cls_attention)
         return (self.projector(features), row) if cls_attention else self.projector(features)
 
-    def embed(self, input_ids, pixel_values=None, attention_mask=None, cls_attention: bool = False):
-        """Token embeddings with each image placeholder widened into its patch features.
+    def spans(self) -> dict[int, int]:
+        """Placeholder id -> the slots it widens into: here an image's patches (a family adds its own kinds)."""
+        return {self.config.image_token_id: self.config.vision.n_patches}
 
-        Returns x [B, T, C], valid [B, T], image_mask [B, T] and, with cls_attention, the vision tower's
-        class-token attention at each image slot [B, T] (0 elsewhere; else None), with T the longest merged
-        sample; shorter samples (fewer images, or more padding) are left-padded so every sample's last slot
-        is its last token.
+    def visual_features(self, input_ids, pixel_values, cls_attention: bool, **visual) -> list[tuple]:
+        """Per kind of placeholder: (its id, features [n, span, C] in placeholder order, the class token's
+        attention [n, span] with cls_attention, else None)."""
+        if pixel_values is None:
+            return []
+        features = self.encode_images(pixel_values, cls_attention)
+        return [(self.config.image_token_id, *(features if cls_attention else (features, None)))]
+
+    def embed(self, input_ids, pixel_values=None, attention_mask=None, cls_attention: bool = False, **visual):
+        """Token embeddings with each placeholder widened into its features (`visual`: a family's other inputs).
+
+        Returns x [B, T, C], valid [B, T], image_mask [B, T] (every visual slot) and, with cls_attention, the
+        vision tower's class-token attention at each image slot [B, T] (0 elsewhere; else None), with T the
+        longest merged sample; shorter samples (fewer images, or more padding) are left-padded so every
+        sample's last slot is its last token.
         """
-        cfg = self.config
-        mask = check_inputs(cfg, input_ids, pixel_values, attention_mask)
+        mask = check_inputs(self.config, input_ids, pixel_values, attention_mask)
         B, T = input_ids.shape
-        is_image = input_ids == cfg.image_token_id
+        is_visual = torch.isin(input_ids, torch.tensor(list(self.spans()), device=input_ids.device))
         start, T_out = self.merged_slots(input_ids)
-        N = cfg.vision.n_patches
-        tokens = self.embed_tokens(input_ids.masked_fill(is_image | ~mask, 0))
+        tokens = self.embed_tokens(input_ids.masked_fill(is_visual | ~mask, 0))
         x = tokens.new_zeros(B, T_out, tokens.shape[-1])
         valid = torch.zeros(B, T_out, dtype=torch.bool, device=x.device)
         image_mask = torch.zeros_like(valid)
         rows = torch.arange(B, device=x.device)[:, None].expand(B, T)
-        text = ~is_image
+        text = ~is_visual
         x[rows[text], start[text]] = tokens[text]
         valid[rows[text], start[text]] = mask[text]
         vision_scores = x.new_zeros(B, T_out, dtype=torch.float32) if cls_attention else None
-        if pixel_values is not None:
-            # Boolean indexing walks the batch row-major: sample 0's images first, as pixel_values is ordered.
-            img_rows = rows[is_image][:, None]                                        # n, 1
-            img_cols = start[is_image][:, None] + torch.arange(N, device=x.device)    # n, N
-            features = self.encode_images(pixel_values, cls_attention)
-            if cls_attention:
-                features, vision_scores[img_rows, img_cols] = features[0], features[1].float()
-            x[img_rows, img_cols] = features.to(x.dtype)
-            valid[img_rows, img_cols] = True
-            image_mask[img_rows, img_cols] = True
+        for token_id, features, scores in self.visual_features(input_ids, pixel_values, cls_attention, **visual):
+            # Boolean indexing walks the batch row-major: sample 0's placeholders first, as the inputs are ordered.
+            here = input_ids == token_id
+            slot_rows = rows[here][:, None]                                                        # n, 1
+            slot_cols = start[here][:, None] + torch.arange(features.shape[1], device=x.device)   # n, span
+            x[slot_rows, slot_cols] = features.to(x.dtype)
+            valid[slot_rows, slot_cols] = image_mask[slot_rows, slot_cols] = True
+            if scores is not None:
+                vision_scores[slot_rows, slot_cols] = scores.float()
         return x, valid, image_mask, vision_scores
 
     def merged_slots(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Where each input token lands in the merged sequence: start [B, T] (an image's first patch for a
-        placeholder) and the merged length T_out, samples right-aligned (extra padding goes left)."""
-        cfg = self.config
-        is_image = input_ids == cfg.image_token_id
-        span = torch.where(is_image, cfg.vision.n_patches, 1)  # slots each input token occupies
+        """Where each input token lands in the merged sequence: start [B, T] (a placeholder's first slot) and
+        the merged length T_out, samples right-aligned (extra padding goes left)."""
+        span = torch.ones_like(input_ids)                      # slots each input token occupies
+        for token_id, n in self.spans().items():
+            span = span.masked_fill(input_ids == token_id, n)
         end = span.cumsum(1)                                   # B, T
         length = end[:, -1]
         T_out = int(length.max())
-        if T_out > cfg.text.max_seq_len:
-            raise ValueError(f"the merged prompt has {T_out} tokens ({int(is_image.sum())} image(s) x "
-                             f"{cfg.vision.n_patches} patches included), more than the context of "
-                             f"{cfg.text.max_seq_len}")
+        if T_out > self.config.text.max_seq_len:
+            raise ValueError(f"the merged prompt has {T_out} tokens ({int((span > 1).sum())} image(s) or video(s) "
+                             f"included), more than the context of {self.config.text.max_seq_len}")
         return end - span + (T_out - length)[:, None], T_out
 
     def loss(self, input_ids, pixel_values, labels, *, attention_mask=None) -> torch.Tensor:
@@ -136,32 +144,35 @@ class LlavaModel(nn.Module):
         logits = self(input_ids, pixel_values, attention_mask=attention_mask)       # B, T_out, V
         start, _ = self.merged_slots(input_ids)
         targets = torch.full(logits.shape[:2], IGNORE, dtype=torch.long, device=logits.device)
-        text = input_ids != self.config.image_token_id
+        text = ~torch.isin(input_ids, torch.tensor(list(self.spans()), device=input_ids.device))
         targets[torch.arange(len(input_ids), device=logits.device)[:, None].expand_as(start)[text],
                 start.to(logits.device)[text]] = labels.to(logits.device)[text]
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(), ignore_index=IGNORE)
 
     def prefill(self, input_ids, pixel_values=None, *, attention_mask=None, prune: Pruner | None = None,
                 cache: KVCache | None = None, last_only: bool = False, attention_rows: int = 0,
-                start_position: torch.Tensor | None = None) -> Prefill:
+                start_position: torch.Tensor | None = None, **visual) -> Prefill:
         """One pass over the whole prompt (filling `cache` if given), optionally pruned by a pruning method
         (minifastv.pruning). Inputs are moved to the model's device. attention_rows=Q also keeps, per decoder
         layer, the head-mean attention probabilities of the last Q slots over the slots that layer saw.
         A cache that already holds a conversation is continued: its tokens are attended to, and the new ones
-        take positions from start_position [B] (the previous pass's next_position) on."""
+        take positions from start_position [B] (the previous pass's next_position) on. `visual`: a family's other
+        visual inputs (Video-LLaVA's video_values)."""
         input_ids, pixel_values, attention_mask = (None if t is None else t.to(self.device)
                                                    for t in (input_ids, pixel_values, attention_mask))
+        visual = {name: None if t is None else t.to(self.device) for name, t in visual.items()}
         x, valid, image_mask, vision_scores = self.embed(input_ids, pixel_values, attention_mask,
-                                                         prune is not None and prune.needs_vision_attention)
+                                                         prune is not None and prune.needs_vision_attention, **visual)
         if prune is not None and not image_mask.any():
             raise ValueError(f"{type(prune).__name__} prunes image tokens, but the batch has no image")
         positions = (valid.cumsum(1) - 1).clamp(min=0)         # padding does not advance the position
         if start_position is not None:
             positions = positions + start_position.to(positions.device)[:, None]
+        sizes = {n for token_id, n in self.spans().items() if (input_ids == token_id).any()}
         seq = self.llm.sequence(x, positions, valid, image=image_mask, vision_attention=vision_scores,
-                                n_patches=self.config.vision.n_patches)
+                                n_patches=sizes.pop() if len(sizes) == 1 else None)  # None: groups of two sizes
         out = self.llm(seq, cache, prune, attention_rows)
-        h, keep, kept_valid, layer_tokens = out.hidden, out.slots, out.valid, out.layer_tokens
+        h, keep, kept_valid, layer_tokens = out.hidden, out.seq.slots, out.seq.valid, out.layer_tokens
         if last_only:
             h = h[:, -1:]
         layer_tokens = layer_tokens.T.cpu()
@@ -172,9 +183,9 @@ class LlavaModel(nn.Module):
                        flops_unpruned=[decoder_flops(text, [int(n)] * text.n_layers) for n in valid.sum(1)],
                        attention=out.attention, select_s=out.select_s)
 
-    def forward(self, input_ids, pixel_values=None, *, attention_mask=None, prune: Pruner | None = None):
+    def forward(self, input_ids, pixel_values=None, *, attention_mask=None, prune: Pruner | None = None, **visual):
         """logits [B, T_out, vocab]; T_out is the merged (and, when pruned, shortened) length."""
-        return self.prefill(input_ids, pixel_values, attention_mask=attention_mask, prune=prune).logits
+        return self.prefill(input_ids, pixel_values, attention_mask=attention_mask, prune=prune, **visual).logits
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One token per sample ([B] ids at rotary positions [B]) through the cached decoder -> logits [B, vocab]."""

@@ -59,6 +59,9 @@ class MergeBeforeDecoder(BeforeDecoder):
 def image_budgets(ctx, b: int) -> list[tuple[torch.Tensor, int]]:
     """Sample b's images as (their slots, their share of the sample's n_keep): equal shares, the first images
     taking the remainder. Before the decoder each image's slots are consecutive."""
+    if ctx.n_patches is None:
+        raise ValueError("the per-image methods (uniform, pool, visionzip) do not divide a batch that mixes "
+                         "images and videos yet: use fastv, dart, random or pyramiddrop there")
     images = ctx.image_mask[b].nonzero()[:, 0].split(ctx.n_patches)
     budget = int(ctx.n_keep[b])
     return [(slots, budget // len(images) + (j < budget % len(images))) for j, slots in enumerate(images)]

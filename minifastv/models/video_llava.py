@@ -1,0 +1,80 @@
+"""Video-LLaVA (Lin et al., arXiv 2311.10122): LLaVA's glue with two CLIP towers of one architecture, an image
+tower and a video tower, and one projector for both. An image placeholder widens into the image's patches
+(class token dropped, as LLaVA-1.5); a video placeholder into n_frames frames of patches, each frame KEEPING its
+class token (8 x 257 = 2,056 slots for the 7B model at 224 px). Every pruning method sees a video's slots as
+visual tokens; FastV ranks them all together, as the paper's video setting prunes a video's tokens as one set.
+
+This is the -hf model as transformers runs it (VideoLlavaForConditionalGeneration). The original video tower
+(LanguageBind_Video_merge) also has temporal attention in every block; the -hf conversion drops those weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..config import ConfigError, LlavaConfig, TextConfig, VisionConfig
+from .clip import VisionTower
+from .llava import LlavaModel
+
+
+@dataclass(frozen=True)
+class VideoLlavaConfig(LlavaConfig):
+    """LlavaConfig (its `vision` describes both towers) with the video placeholder and the frames a video has."""
+
+    video_token_id: int = 32001
+    n_frames: int = 8
+    family: ClassVar[str] = "video-llava"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.n_frames, bool) or not isinstance(self.n_frames, int) or not 0 < self.n_frames <= 1024:
+            raise ConfigError(f"n_frames must be an integer in [1, 1024], got {self.n_frames!r}")
+        if self.video_token_id in (self.image_token_id, self.text.bos_token_id, self.text.eos_token_id,
+                                   self.text.pad_token_id):
+            raise ConfigError(f"video_token_id {self.video_token_id} collides with the image or a special token id")
+
+
+# LanguageBind/Video-LLaVA-7B-hf: CLIP ViT-L/14 at 224 px (256 patches), Vicuna-7B with a 32064-row vocabulary.
+VIDEO_LLAVA_7B = VideoLlavaConfig(vision=VisionConfig(image_size=224), text=TextConfig(vocab_size=32064),
+                                  image_token_id=32000, video_token_id=32001, image_mode="crop")
+
+
+class VideoLlavaModel(LlavaModel):
+    """pixel_values [n_images, 3, H, W] for the image placeholders and video_values [n_videos, n_frames, 3, H, W]
+    for the video placeholders, each in placeholder order."""
+
+    def __init__(self, config: VideoLlavaConfig):
+        super().__init__(config)
+        self.video = VisionTower(config.vision, keep_class_token=True)
+
+    def spans(self) -> dict[int, int]:
+        cfg = self.config
+        return {**super().spans(), cfg.video_token_id: cfg.n_frames * (cfg.vision.n_patches + 1)}
+
+    def encode_videos(self, video_values: torch.Tensor) -> torch.Tensor:
+        """[V, n_frames, 3, H, W] preprocessed frames -> [V, n_frames * (n_patches + 1), text dim] decoder inputs,
+        frame by frame, each frame's class token first."""
+        cfg = self.config
+        size = cfg.vision.image_size
+        if video_values.ndim != 5 or tuple(video_values.shape[1:]) != (cfg.n_frames, 3, size, size):
+            raise ValueError(f"video_values must have shape [num_videos, {cfg.n_frames}, 3, {size}, {size}], "
+                             f"got {list(video_values.shape)}")
+        if not video_values.isfinite().all():
+            raise ValueError("video_values contains NaN or infinite values")
+        features, _ = self.video(video_values.flatten(0, 1))                 # V * F, n_patches + 1, C
+        return self.projector(features).reshape(len(video_values), -1, cfg.text.dim)
+
+    def visual_features(self, input_ids, pixel_values, cls_attention: bool, video_values=None) -> list[tuple]:
+        out = super().visual_features(input_ids, pixel_values, cls_attention)
+        n_videos = int((input_ids == self.config.video_token_id).sum())
+        n_given = 0 if video_values is None else len(video_values)
+        if n_videos != n_given:
+            raise ValueError(f"the prompt has {n_videos} video placeholder(s) (id {self.config.video_token_id}) "
+                             f"but {n_given} video(s) were given")
+        if n_videos and cls_attention:
+            raise ValueError("the methods that rank by the vision tower's class-token attention (fastervlm, "
+                             "visionzip) do not take videos yet")
+        return out + ([(self.config.video_token_id, self.encode_videos(video_values), None)] if n_videos else [])

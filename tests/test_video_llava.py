@@ -1,0 +1,245 @@
+"""Video-LLaVA against transformers' VideoLlavaForConditionalGeneration on the same random weights, converted by
+the production converter: images alone, videos alone, both, batched with padding, generation, FastV over a video
+against a gather-and-rerun reference built from transformers' own layers, and both checkpoint layouts."""
+
+import json
+
+import pytest
+import torch
+from helpers import IMAGE_SIZE, IMAGE_TOKEN, PATCH, VOCAB, build_tokenizer, randomize, write_hf_checkpoint
+from safetensors.torch import load_file, save_file
+
+import minifastv
+from minifastv import FastV, generate
+from minifastv.convert import ConversionError, convert
+from minifastv.inputs import left_pad
+from minifastv.models import VideoLlavaConfig, VideoLlavaModel
+from minifastv.pruning import make
+
+VIDEO_TOKEN = 126
+N_PATCHES = (IMAGE_SIZE // PATCH) ** 2          # 16 per image
+FRAMES = 4
+N_VIDEO = FRAMES * (N_PATCHES + 1)              # 68 per video: each frame keeps its class token
+
+
+def hf_video_llava(seed=0, n_kv_heads=2, text_layers=4):
+    from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig as HFConfig
+    from transformers import VideoLlavaForConditionalGeneration
+
+    text = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=text_layers,
+                       num_attention_heads=4, num_key_value_heads=n_kv_heads, rms_norm_eps=1e-5,
+                       max_position_embeddings=512, pad_token_id=0)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=IMAGE_SIZE, patch_size=PATCH)
+    cfg = HFConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+                   video_token_index=VIDEO_TOKEN, image_seq_length=N_PATCHES, video_seq_length=N_VIDEO)
+    torch.manual_seed(seed)
+    model = VideoLlavaForConditionalGeneration._from_config(cfg, attn_implementation="eager")
+    return randomize(model, seed).eval()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    hf = hf_video_llava()
+    root = tmp_path_factory.mktemp("video")
+    convert(write_hf_checkpoint(hf, root / "src"), root / "out", log=lambda _: None)
+    return hf, minifastv.load(root / "out", dtype=None), root
+
+
+def prompt(seed, n_text, images=(), videos=()):
+    """BOS, random text, an image placeholder before the text indices `images`, a video one before `videos`."""
+    text = torch.randint(4, VOCAB - 2, (n_text,), generator=torch.Generator().manual_seed(seed)).tolist()
+    ids = [1]
+    for i, t in enumerate(text):
+        ids += [IMAGE_TOKEN] * list(images).count(i) + [VIDEO_TOKEN] * list(videos).count(i) + [t]
+    return ids
+
+
+def expand(ids):
+    """transformers' form: each placeholder repeated once per slot it stands for."""
+    return [t for i in ids for t in [i] * {IMAGE_TOKEN: N_PATCHES, VIDEO_TOKEN: N_VIDEO}.get(i, 1)]
+
+
+def pixels(n, seed):
+    return torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def frames(n, seed):
+    return torch.randn(n, FRAMES, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed + 100))
+
+
+def hf_inputs(ids, n_images, n_videos, seed):
+    kwargs = {"input_ids": torch.tensor([expand(ids)])}
+    if n_images:
+        kwargs["pixel_values"] = pixels(n_images, seed)
+    if n_videos:
+        kwargs["pixel_values_videos"] = frames(n_videos, seed)
+    return kwargs
+
+
+def ours_inputs(ids, n_images, n_videos, seed):
+    return (torch.tensor([ids]), pixels(n_images, seed) if n_images else None,
+            {"video_values": frames(n_videos, seed)} if n_videos else {})
+
+
+CASES = {"video": ((), (3,)), "image": ((2,), ()), "image and video": ((2,), (6,)), "two videos": ((), (1, 7))}
+
+
+def test_the_converted_config_is_video_llavas(pair):
+    _, ours, _ = pair
+    assert isinstance(ours, VideoLlavaModel) and isinstance(ours.config, VideoLlavaConfig)
+    assert (ours.config.video_token_id, ours.config.n_frames, ours.config.image_token_id) == (VIDEO_TOKEN, FRAMES,
+                                                                                            IMAGE_TOKEN)
+    assert ours.spans() == {IMAGE_TOKEN: N_PATCHES, VIDEO_TOKEN: N_VIDEO}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("case", CASES)
+def test_logits_match_transformers(pair, case):
+    hf, ours, _ = pair
+    images, videos = CASES[case]
+    ids = prompt(len(case), 10, images, videos)
+    ref = hf(**hf_inputs(ids, len(images), len(videos), seed=3)).logits
+    ids_t, px, visual = ours_inputs(ids, len(images), len(videos), seed=3)
+    got = ours(ids_t, px, **visual)
+    assert got.shape == ref.shape and (got - ref).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_greedy_generation_matches_transformers(pair):
+    hf, ours, _ = pair
+    ids = prompt(5, 8, (1,), (4,))
+    ref = hf.generate(**hf_inputs(ids, 1, 1, seed=5), max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    ids_t, px, visual = ours_inputs(ids, 1, 1, seed=5)
+    got = generate(ours, ids_t, px, max_new_tokens=8, **visual)
+    assert got[0].tolist() == ref[0, len(expand(ids)):].tolist()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("prune", [None, FastV(2, 0.5), make("random", 0.75)], ids=["unpruned", "fastv", "random"])
+def test_a_padded_batch_gives_each_sample_what_it_gives_alone(pair, prune):
+    _, ours, _ = pair
+    samples = [(prompt(7, 12, (), (2,)), 0, 1), (prompt(8, 5, (1,), (3,)), 1, 1), (prompt(9, 9, (), (0,)), 0, 1)]
+    ids, mask, _ = left_pad([s[0] for s in samples], pad_id=0)
+    px = torch.cat([pixels(n, seed=i) for i, (_, n, _) in enumerate(samples) if n])
+    vids = torch.cat([frames(v, seed=i) for i, (_, _, v) in enumerate(samples)])
+    batch = ours.prefill(ids, px, attention_mask=mask, prune=prune, video_values=vids)
+    batch_gen = generate(ours, ids, px, attention_mask=mask, max_new_tokens=5, prune=prune, video_values=vids)
+    for i, (sample, n_images, n_videos) in enumerate(samples):
+        alone_ids, alone_px, visual = ours_inputs(sample, n_images, n_videos, seed=i)
+        alone_px = pixels(n_images, seed=i) if n_images else None
+        visual = {"video_values": frames(n_videos, seed=i)}
+        alone = ours.prefill(alone_ids, alone_px, prune=prune, **visual)
+        offset = batch.valid.shape[1] - alone.valid.shape[1]
+        assert [s - offset for s in batch.kept_image_slots()[i]] == alone.kept_image_slots()[0]
+        assert (batch.logits[i, -1] - alone.logits[0, -1]).abs().max() <= 1e-4
+        assert batch_gen[i].tolist() == generate(ours, alone_ids, alone_px, max_new_tokens=5, prune=prune,
+                                                 **visual)[0].tolist()
+
+
+@torch.no_grad()
+def fastv_reference(hf, ids, n_images, n_videos, k, ratio, seed):
+    """(kept slots, last-position logits): transformers' eager attention at layer k-1 ranks every visual token
+    (a video's class tokens among them), its hidden states are gathered and its own layers k.. rerun."""
+    kwargs = hf_inputs(ids, n_images, n_videos, seed)
+    out = hf(**kwargs, output_hidden_states=True, output_attentions=True)
+    expanded = kwargs["input_ids"][0]
+    visual = (expanded == IMAGE_TOKEN) | (expanded == VIDEO_TOKEN)
+    row = out.attentions[k - 1][0, :, -1, :].mean(0)
+    slots = visual.nonzero()[:, 0]
+    top = slots[row[slots].topk(round((1 - ratio) * len(slots))).indices]
+    keep = sorted((~visual).nonzero()[:, 0].tolist() + top.tolist())
+    lm = hf.model.language_model
+    h, positions = out.hidden_states[k][:, keep], torch.tensor([keep])
+    causal = torch.full((len(keep), len(keep)), float("-inf")).triu(1)[None, None]
+    cos_sin = lm.rotary_emb(h, positions)
+    for layer in lm.layers[k:]:
+        h = layer(h, attention_mask=causal, position_ids=positions, position_embeddings=cos_sin)
+        h = h[0] if isinstance(h, tuple) else h
+    return keep, hf.lm_head(lm.norm(h))[:, -1]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("k, ratio", [(1, 0.5), (2, 0.5), (2, 0.75)])
+@pytest.mark.parametrize("case", ["video", "image and video"])
+def test_fastv_over_video_tokens_matches_a_gather_and_rerun_reference(pair, k, ratio, case):
+    hf, ours, _ = pair
+    images, videos = CASES[case]
+    ids = prompt(k, 10, images, videos)
+    ref_keep, ref_logits = fastv_reference(hf, ids, len(images), len(videos), k, ratio, seed=k)
+    ids_t, px, visual = ours_inputs(ids, len(images), len(videos), seed=k)
+    pre = ours.prefill(ids_t, px, prune=FastV(k, ratio), **visual)
+    n_visual = len(images) * N_PATCHES + len(videos) * N_VIDEO
+    assert pre.keep[0].tolist() == ref_keep and len(pre.kept_image_slots()[0]) == round((1 - ratio) * n_visual)
+    assert (pre.logits[:, -1] - ref_logits).abs().max() <= 1e-4
+
+
+def test_the_hub_layout_converts_to_the_same_model(pair, tmp_path):
+    """LanguageBind's -hf names (language_model.model.*, image_tower.vision_model.*, video_tower.vision_model.*,
+    multi_modal_projector.*) and transformers' own save give the same checkpoint."""
+    hf, ours, root = pair
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    renames = [("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+               ("model.image_tower.", "image_tower.vision_model."),
+               ("model.video_tower.", "video_tower.vision_model."),
+               ("model.multi_modal_projector.", "multi_modal_projector.")]
+    state = {}
+    for key, tensor in load_file(str(root / "src" / "model.safetensors")).items():
+        new = next((new + key[len(old):] for old, new in renames if key.startswith(old)), None)
+        assert new is not None, key
+        state[new] = tensor
+    save_file(state, str(hub / "model.safetensors"))
+    config = json.loads((root / "src" / "config.json").read_text())
+    (hub / "config.json").write_text(json.dumps({**config, "architectures": ["VideoLlavaForConditionalGeneration"]}))
+    build_tokenizer(hub / "tokenizer.json")
+    convert(hub, tmp_path / "out", log=lambda _: None)
+    theirs = load_file(str(tmp_path / "out" / "model.safetensors"))
+    mine = load_file(str(root / "out" / "model.safetensors"))
+    assert theirs.keys() == mine.keys() and all(torch.equal(theirs[k], mine[k]) for k in mine)
+    assert minifastv.load(tmp_path / "out").config == ours.config
+
+
+def test_bad_video_input_is_a_named_error(pair):
+    _, ours, _ = pair
+    ids = torch.tensor([prompt(1, 6, (), (2,))])
+    with pytest.raises(ValueError, match="1 video placeholder.* but 0 video"):
+        ours(ids)
+    with pytest.raises(ValueError, match=rf"video_values must have shape \[num_videos, {FRAMES}, 3, 28, 28\]"):
+        ours(ids, video_values=frames(1, 0)[:, :3])
+    with pytest.raises(ValueError, match="do not take videos yet"):
+        ours(ids, video_values=frames(1, 0), prune=make("fastervlm", 0.5))
+    mixed = torch.tensor([prompt(1, 6, (1,), (2,))])
+    with pytest.raises(ValueError, match="do not divide a batch that mixes images and videos"):
+        ours(mixed, pixels(1, 0), video_values=frames(1, 0), prune=make("uniform", 0.5))
+
+
+def test_a_llava_checkpoint_with_a_video_tower_is_refused(tmp_path):
+    from helpers import hf_llava
+
+    hf = hf_llava(seed=1)
+    src = write_hf_checkpoint(hf, tmp_path / "src")
+    state = load_file(str(src / "model.safetensors"))
+    state["model.video_tower.vision_model.pre_layrnorm.weight"] = torch.ones(32)
+    save_file(state, str(src / "model.safetensors"))
+    with pytest.raises(ConversionError, match="unknown tensor 'model.video_tower.vision_model.pre_layrnorm.weight'"):
+        convert(src, tmp_path / "out", log=lambda _: None)
+
+
+def test_the_config_round_trips_and_is_checked():
+    from minifastv.checkpoint import config_from_dict
+    from minifastv.config import ConfigError
+    from minifastv.models.video_llava import VIDEO_LLAVA_7B
+
+    assert config_from_dict(json.loads(json.dumps(VIDEO_LLAVA_7B.to_dict()))) == VIDEO_LLAVA_7B
+    assert VIDEO_LLAVA_7B.vision.n_patches == 256 and VIDEO_LLAVA_7B.n_frames * 257 == 2056
+    from minifastv.data import TINY_MODEL
+
+    assert "family" not in json.loads((TINY_MODEL / "config.json").read_text())  # LLaVA-1.5 by default
+    assert minifastv.load(TINY_MODEL).config.family == "llava"
+    with pytest.raises(ConfigError, match="unknown model family 'qwen'"):
+        config_from_dict({"family": "qwen"})
+    with pytest.raises(ConfigError, match="n_frames must be an integer in"):
+        VideoLlavaConfig(n_frames=0)
+    with pytest.raises(ConfigError, match="video_token_id 32000 collides"):
+        VideoLlavaConfig(image_token_id=32000, video_token_id=32000)
