@@ -1,0 +1,95 @@
+"""Video files -> the frames a video model sees: `n_frames` frames sampled uniformly as Video-LLaVA samples them at
+inference (np.linspace(0, n - 1, n_frames) truncated to int, so a short video repeats frames), each resized on its
+short side to the model's size (bicubic), centre-cropped and normalised like an image. The original's video
+transform also flips frames at random at inference; that is not reproduced (the answer would not repeat).
+
+Decoding uses PyAV (the optional extra `[video]`). A long file is not decoded whole: each sampled frame is reached
+by seeking to the keyframe before it. Every failure is a VideoError naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .image import preprocess
+
+MAX_FRAME_PIXELS = 4096 * 4096   # a frame larger than this is refused before anything is decoded
+SEEK_ABOVE = 600                  # frames: a shorter video is decoded in one pass, a longer one by seeking
+
+
+class VideoError(ValueError):
+    """A video file that cannot be used: its name and the reason."""
+
+
+def sample_indices(n_total: int, n_frames: int) -> list[int]:
+    """The frame indices Video-LLaVA reads: uniform over the video, repeated when it has fewer than n_frames."""
+    return [int(i) for i in np.linspace(0, n_total - 1, n_frames)]
+
+
+def _av():
+    try:
+        import av
+    except ImportError:
+        raise VideoError("reading videos needs PyAV, the [video] extra: pip install 'minifastv[video]'") from None
+    return av
+
+
+def read_frames(path: str | Path, n_frames: int, max_pixels: int = MAX_FRAME_PIXELS) -> list[Image.Image]:
+    """`n_frames` RGB frames of the video file at `path`, sampled uniformly (see the module's docstring)."""
+    av = _av()
+    path = Path(path)
+    if not path.is_file():
+        raise VideoError(f"{path}: no such file")
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, UnicodeDecodeError, ValueError) as e:
+        raise VideoError(f"{path}: not a video ({e})") from None
+    with container:
+        if not container.streams.video:
+            raise VideoError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if width * height > max_pixels:
+            raise VideoError(f"{path}: frames of {width} x {height} pixels, above the cap of {max_pixels} pixels")
+        try:
+            frames = _decode(container, stream, n_frames, path)
+        except av.FFmpegError as e:
+            raise VideoError(f"{path}: the video stream is damaged ({e})") from None
+    if not frames:
+        raise VideoError(f"{path}: the video stream has no frames")
+    if frames[0].width * frames[0].height > max_pixels:  # where the header did not say
+        raise VideoError(f"{path}: frames of {frames[0].width} x {frames[0].height} pixels, above the cap of "
+                         f"{max_pixels} pixels")
+    return frames
+
+
+def _decode(container, stream, n_frames: int, path: Path) -> list[Image.Image]:
+    n_total = stream.frames  # from the container's header; 0 where it does not say
+    if n_total == 0 or n_total <= SEEK_ABOVE:
+        every = [frame.to_image() for frame in container.decode(stream)]  # a short video: one pass
+        return [every[i] for i in sample_indices(len(every), n_frames)] if every else []
+    # A long video: seek to the keyframe before each sampled frame and decode up to it. The index becomes a time
+    # (variable frame rates make frame n a moment, not a count); the sampled frame is the first at or after it.
+    rate = n_total / float(stream.duration * stream.time_base) if stream.duration else float(stream.average_rate)
+    start = float((stream.start_time or 0) * stream.time_base)
+    out = []
+    for index in sample_indices(n_total, n_frames):
+        target = start + index / rate
+        container.seek(int(target / stream.time_base), stream=stream, backward=True, any_frame=False)
+        frame = next((f for f in container.decode(stream) if f.time is None or f.time >= target - 0.5 / rate), None)
+        if frame is None:
+            raise VideoError(f"{path}: the stream ends before frame {index} of the {n_total} it declares")
+        out.append(frame.to_image())
+    return out
+
+
+def video_pixels(path: str | Path, config, max_pixels: int = MAX_FRAME_PIXELS) -> torch.Tensor:
+    """[n_frames, 3, S, S]: the video at `path` as the video model `config` sees it."""
+    frames = read_frames(path, config.n_frames, max_pixels)
+    size = config.vision.image_size
+    return torch.stack([preprocess(frame.convert("RGB"), size, "crop", config.image_mean, config.image_std)
+                        for frame in frames])
