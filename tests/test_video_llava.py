@@ -243,3 +243,69 @@ def test_the_config_round_trips_and_is_checked():
         VideoLlavaConfig(n_frames=0)
     with pytest.raises(ConfigError, match="video_token_id 32000 collides"):
         VideoLlavaConfig(image_token_id=32000, video_token_id=32000)
+
+
+def reference_attention(x, state, prefix, n_heads):
+    """Multi-head attention of the sequence x [S, D] over itself, written out: q, k, v, softmax, merge, out."""
+    S, D = x.shape
+    d = D // n_heads
+    q, k, v = (x @ state[f"{prefix}{p}_proj.weight"].T + state[f"{prefix}{p}_proj.bias"] for p in "qkv")
+    out = torch.zeros(S, D)
+    for h in range(n_heads):
+        cols = slice(h * d, (h + 1) * d)
+        weights = torch.softmax(q[:, cols] @ k[:, cols].T / d ** 0.5, dim=-1)
+        out[:, cols] = weights @ v[:, cols]
+    return out @ state[f"{prefix}o_proj.weight"].T + state[f"{prefix}o_proj.bias"]
+
+
+@torch.no_grad()
+def reference_temporal_tower(state, cfg, videos):
+    """The original video tower (LanguageBind_Video_merge) from its description, one video, frame and token
+    position at a time: patches + class token + positions, pre-norm; per block, each position's frames get the
+    block's frame embedding and attend to each other (own LayerNorm, residual), then each frame runs the
+    usual CLIP block. Returns [V, n_frames, n_patches + 1, D] at the feature layer."""
+    ln = torch.nn.functional.layer_norm
+    eps, D, heads = cfg.vision.norm_eps, cfg.vision.dim, cfg.vision.n_heads
+    out = []
+    for frames in videos:
+        x = torch.nn.functional.conv2d(frames, state["video.patch_embed.weight"], stride=cfg.vision.patch_size)
+        x = x.flatten(2).transpose(1, 2)                                              # F, n_patches, D
+        x = torch.cat([state["video.class_embedding"].expand(len(frames), 1, D), x], 1) + state["video.position_embedding"]
+        x = ln(x, (D,), state["video.pre_norm.weight"], state["video.pre_norm.bias"], eps)
+        for i in range(cfg.vision.n_used_layers):
+            p = f"video.blocks.{i}."
+            mixed = torch.empty_like(x)
+            for n in range(x.shape[1]):                                               # one token position
+                seq = x[:, n] + state[p + "temporal_embedding"]                       # its frames, in order
+                h = ln(seq, (D,), state[p + "temporal_norm.weight"], state[p + "temporal_norm.bias"], eps)
+                mixed[:, n] = seq + reference_attention(h, state, p + "temporal_attn.", heads)
+            for f in range(len(frames)):                                              # one frame
+                y = mixed[f]
+                y = y + reference_attention(ln(y, (D,), state[p + "norm1.weight"], state[p + "norm1.bias"], eps),
+                                            state, p + "attn.", heads)
+                h = ln(y, (D,), state[p + "norm2.weight"], state[p + "norm2.bias"], eps)
+                h = h @ state[p + "fc1.weight"].T + state[p + "fc1.bias"]
+                h = h * torch.sigmoid(1.702 * h)
+                x[f] = y + h @ state[p + "fc2.weight"].T + state[p + "fc2.bias"]
+        out.append(x)
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def test_the_temporal_video_tower_matches_a_reference_written_from_its_description(pair):
+    from helpers import randomize
+
+    _, ours, _ = pair
+    cfg = VideoLlavaConfig(**{**{f: getattr(ours.config, f) for f in ("vision", "text", "image_token_id",
+                                                                        "video_token_id", "n_frames")},
+                              "temporal": True})
+    model = randomize(VideoLlavaModel(cfg), seed=21, scale=0.3).eval()
+    videos = frames(2, seed=4)                                                   # two videos: frames stay apart
+    got, _ = model.video(videos.flatten(0, 1))
+    ref = reference_temporal_tower(model.state_dict(), cfg, videos)
+    assert (got.view_as(ref) - ref).abs().max() <= 1e-4
+    plain = VideoLlavaModel(VideoLlavaConfig(**{**cfg.__dict__, "temporal": False}))
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "temporal" not in k})
+    assert (plain.video(videos.flatten(0, 1))[0].view_as(ref) - ref).abs().max() > 1e-2    # the frames do mix
+    ids = torch.tensor([prompt(2, 6, (), (1,))])
+    assert model(ids, video_values=videos[:1]).shape == (1, 1 + 6 + N_VIDEO, VOCAB)       # BOS, text, the video

@@ -4,8 +4,11 @@ tower and a video tower, and one projector for both. An image placeholder widens
 class token (8 x 257 = 2,056 slots for the 7B model at 224 px). Every pruning method sees a video's slots as
 visual tokens; FastV ranks them all together, as the paper's video setting prunes a video's tokens as one set.
 
-This is the -hf model as transformers runs it (VideoLlavaForConditionalGeneration). The original video tower
-(LanguageBind_Video_merge) also has temporal attention in every block; the -hf conversion drops those weights.
+With `temporal` False this is the -hf model as transformers runs it (VideoLlavaForConditionalGeneration). The
+original video tower (LanguageBind_Video_merge) also has temporal attention in every block, which the -hf
+conversion drops: before each block's spatial attention, a learned embedding per frame is added to every token,
+and each token position attends across the frames (a LayerNorm of its own, then attention, with a residual).
+`temporal` True builds that tower.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from einops import rearrange
+from torch import nn
 
 from ..config import ConfigError, LlavaConfig, TextConfig, VisionConfig
-from .clip import VisionTower
+from .clip import VisionAttention, VisionBlock, VisionTower
 from .llava import LlavaModel
 
 
@@ -26,6 +31,7 @@ class VideoLlavaConfig(LlavaConfig):
 
     video_token_id: int = 32001
     n_frames: int = 8
+    temporal: bool = False  # the original video tower's temporal attention in every block
     family: ClassVar[str] = "video-llava"
 
     def __post_init__(self):
@@ -42,6 +48,25 @@ VIDEO_LLAVA_7B = VideoLlavaConfig(vision=VisionConfig(image_size=224), text=Text
                                   image_token_id=32000, video_token_id=32001, image_mode="crop")
 
 
+class TemporalBlock(VisionBlock):
+    """A CLIP block that first mixes each token position across the n_frames frames of its video (LanguageBind's
+    video tower): + a learned embedding per frame, then temporal attention with a residual, then the block."""
+
+    def __init__(self, cfg: VisionConfig, n_frames: int):
+        super().__init__(cfg)
+        self.n_frames, self.n_positions = n_frames, cfg.n_patches + 1
+        self.temporal_embedding = nn.Parameter(torch.zeros(n_frames, cfg.dim))
+        self.temporal_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.temporal_attn = VisionAttention(cfg)
+
+    def forward(self, x, need_cls_row: bool = False):
+        x = rearrange(x, "(v t) n c -> (v n) t c", t=self.n_frames)    # each position's frames, in order
+        if self.n_frames > 1:
+            x = x + self.temporal_embedding
+        x = x + self.temporal_attn(self.temporal_norm(x))[0]           # every frame sees every frame
+        return super().forward(rearrange(x, "(v n) t c -> (v t) n c", n=self.n_positions), need_cls_row)
+
+
 class VideoLlavaModel(LlavaModel):
     """pixel_values [n_images, 3, H, W] for the image placeholders and video_values [n_videos, n_frames, 3, H, W]
     for the video placeholders, each in placeholder order."""
@@ -49,6 +74,9 @@ class VideoLlavaModel(LlavaModel):
     def __init__(self, config: VideoLlavaConfig):
         super().__init__(config)
         self.video = VisionTower(config.vision, keep_class_token=True)
+        if config.temporal:
+            self.video.blocks = nn.ModuleList(TemporalBlock(config.vision, config.n_frames)
+                                              for _ in range(config.vision.n_used_layers))
 
     def spans(self) -> dict[int, int]:
         cfg = self.config
