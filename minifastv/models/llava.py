@@ -1,7 +1,7 @@
 """The vision-language model: CLIP patch features -> projector -> spliced into the LLaMA input sequence.
 
-Each image is marked in input_ids by ONE placeholder id (config.image_token_id); the model widens that slot
-into the image's n_patches feature vectors, as the original LLaVA does with its -200 placeholder.
+Each image is marked in input_ids by ONE placeholder id (config.image_token_id); the model widens that slot into
+the image's n_patches feature vectors, as the original LLaVA does with -200. A family adds kinds (spans()).
 """
 
 from __future__ import annotations
