@@ -35,17 +35,19 @@ class Answer:
     decode_steps: int
     ended: bool = True              # False when the token budget ran out before EOS
     image_starts: list[int] = dataclasses.field(default_factory=list)  # each image's first slot, as kept_image_slots
+    prompt_ids: list[int] = dataclasses.field(default_factory=list)  # the prompt as the model receives it: one id
+    #   per image placeholder, no padding (rebuild a template's prompt from it, or check one)
 
     @classmethod
     def of(cls, tokenizer: Tokenizer, pre, i: int, ids: list[int], prefill_s: float, decode_s: float, steps: int,
-           ended: bool, n_patches: int) -> Answer:
+           ended: bool, n_patches: int, prompt_ids: list[int] = ()) -> Answer:
         """Sample i of a Stream's run: its generated ids and what the prefill `pre` reports of it, kept image
         slots counted from the sample's own first slot (a batch left-pads it); n_patches: tokens per image."""
         padding = pre.valid.shape[1] - pre.n_prompt_tokens()[i]
         starts = (pre.image_mask[i].nonzero()[:, 0] - padding)[::n_patches].tolist()  # each image's first slot
         return cls(tokenizer.decode(ids), ids, pre.n_prompt_tokens()[i], pre.n_image_tokens()[i],
                    [s - padding for s in pre.kept_image_slots()[i]], pre.flops[i], pre.flops_unpruned[i],
-                   prefill_s, decode_s, steps, ended, starts)
+                   prefill_s, decode_s, steps, ended, starts, list(prompt_ids))
 
     @property
     def kept(self) -> int:
@@ -106,7 +108,7 @@ class Pipeline:
         run = stream(self.model, **batch.model_inputs(), max_new_tokens=max_new_tokens, prune=prune,
                      temperature=temperature, top_p=top_p, eos_token_id=self.model.config.text.eos_token_id,
                      generator=generator)
-        return self.collect(run, on_text)
+        return self.collect(run, on_text, prompt_ids(batch, 0))
 
     def answer_batch(self, requests, *, prune: Pruner | None = None, max_new_tokens: int = 64,
                      temperature: float = 0.0, top_p: float = 1.0,
@@ -127,10 +129,10 @@ class Pipeline:
             last = row.index(eos) if eos in row else len(row) - 1  # the step that completed this answer
             answers.append(Answer.of(self.tokenizer, run.prefill, i, row[:last + (eos not in row)],
                                      stamps[0] - start, stamps[last] - stamps[0], last, eos in row,
-                                     self.model.config.vision.n_patches))
+                                     self.model.config.vision.n_patches, prompt_ids(batch, i)))
         return answers
 
-    def collect(self, run, on_text=None) -> Answer:
+    def collect(self, run, on_text=None, prompt: list[int] = ()) -> Answer:
         """Run a one-sample Stream to its end (EOS or the token budget) into an Answer."""
         eos, text = self.model.config.text.eos_token_id, self.tokenizer.text_stream()
         start, out, first, steps = time.perf_counter(), [], None, 0
@@ -147,7 +149,12 @@ class Pipeline:
                 on_text(piece)
         end = time.perf_counter()
         return Answer.of(self.tokenizer, run.prefill, 0, out, first - start, end - first, steps, steps + 1 > len(out),
-                         self.model.config.vision.n_patches)
+                         self.model.config.vision.n_patches, prompt)
+
+
+def prompt_ids(batch: Batch, i: int) -> list[int]:
+    """Sample i's prompt ids in `batch`, without its left padding."""
+    return batch.input_ids[i][batch.attention_mask[i].bool()].tolist()
 
 
 class Chat:

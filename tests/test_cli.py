@@ -196,7 +196,7 @@ def test_analyze_prints_the_kept_patches_and_draws_every_method(model_dir, tmp_p
 def test_generate_json_is_the_models_report(model_dir, capsys):
     import torch
 
-    from minifastv import FastV
+    from minifastv import FastV, chat_prompt
     from minifastv.pipeline import Pipeline
 
     code, out, err = generate_in_process(model_dir, capsys, "--json", "--fastv-k", 2, "--fastv-ratio", 0.75)
@@ -209,6 +209,10 @@ def test_generate_json_is_the_models_report(model_dir, capsys):
     assert got["kept_image_tokens"] == 16 and got["kept_image_slots"] == ref.kept_image_slots
     assert (got["flops"], got["flops_unpruned"]) == (ref.flops, ref.flops_unpruned)
     assert got["n_prompt_tokens"] == ref.n_prompt_tokens and got["n_image_tokens"] == 64
+    # The prompt as the model received it: the template rebuilt from it, one placeholder for the image.
+    assert got["prompt_ids"] == pipe.tokenizer.encode_prompt(chat_prompt(SAMPLE["question"])) == ref.prompt_ids
+    assert got["prompt_ids"].count(pipe.model.config.image_token_id) == 1
+    assert got["n_prompt_tokens"] == len(got["prompt_ids"]) - 1 + 64
 
 
 def test_sampling_flags_reach_the_model_and_the_seed_reproduces(model_dir, capsys, monkeypatch):
@@ -418,6 +422,10 @@ def test_token_ids_follow_one_eos_convention(capsys, tmp_path, budget, tiny_pipe
     together = pipe.answer_batch([([image], question)], max_new_tokens=budget)[0]
     eos = pipe.model.config.text.eos_token_id
     assert single["token_ids"] == batched["token_ids"] == alone.token_ids == together.token_ids
+    assert single["prompt_ids"] == batched["prompt_ids"] == alone.prompt_ids == together.prompt_ids
+    longer = pipe.answer_batch([([image], question), ([image], "describe the image.")], max_new_tokens=1)
+    assert [a.prompt_ids for a in longer] == [pipe.answer([image], q, max_new_tokens=1).prompt_ids
+                                             for q in (question, "describe the image.")]        # padding left out
     assert single["text"] == batched["text"] == alone.text == together.text == SAMPLE["answer"]
     assert eos not in single["token_ids"] and len(single["token_ids"]) == 1
 
