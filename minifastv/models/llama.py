@@ -114,7 +114,7 @@ class Sequence:
     valid: torch.Tensor                  # [B, T] False at padding
     image: torch.Tensor | None = None    # [B, T] slots that hold image tokens (prefill)
     vision_attention: torch.Tensor | None = None  # [B, T] the vision tower's class-token attention at image slots
-    n_patches: int = 0                   # tokens per image (before the decoder, each image's are consecutive)
+    n_patches: int | None = 0            # tokens per visual group (consecutive); None: groups of two sizes
     slots: torch.Tensor | None = None    # [B, T] the input slot of each slot; None while nothing is pruned
     segment: int = 0                     # stages applied: the layers of one segment attend over the same slots
     # [B] positions given up by renumbering stages (pruning methods with `renumber`). In the prefill they are
