@@ -54,17 +54,18 @@ class TemporalBlock(VisionBlock):
 
     def __init__(self, cfg: VisionConfig, n_frames: int):
         super().__init__(cfg)
-        self.n_frames, self.n_positions = n_frames, cfg.n_patches + 1
+        self.n_frames = n_frames
         self.temporal_embedding = nn.Parameter(torch.zeros(n_frames, cfg.dim))
         self.temporal_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.temporal_attn = VisionAttention(cfg)
 
     def forward(self, x, need_cls_row: bool = False):
+        n = x.shape[1]                                                 # token positions per frame
         x = rearrange(x, "(v t) n c -> (v n) t c", t=self.n_frames)    # each position's frames, in order
         if self.n_frames > 1:
             x = x + self.temporal_embedding
         x = x + self.temporal_attn(self.temporal_norm(x))[0]           # every frame sees every frame
-        return super().forward(rearrange(x, "(v n) t c -> (v t) n c", n=self.n_positions), need_cls_row)
+        return super().forward(rearrange(x, "(v n) t c -> (v t) n c", n=n), need_cls_row)
 
 
 class VideoLlavaModel(LlavaModel):
