@@ -1,8 +1,10 @@
 """Held-out accuracy of the tiny model: unpruned; FastV on a (K, R) grid against random dropping; every
 pruning method at kept budgets of 50%, 25% and 12.5% of the image tokens; prints markdown tables and writes
 PNGs of accuracy against relative prefill FLOPs (--plot for FastV's grid, --methods-plot for the methods).
+With --video, the same for the tiny video model on the video task (video_shapes.py), FastV at K=2 and K=5,
+R=50%, as the paper's Table 6 runs Video-LLaVA.
 
-    python evaluate_tiny.py [--model minifastv/data/tiny] [--n 400] [--plot results/fastv_tiny.png]
+    python evaluate_tiny.py [--video] [--model minifastv/data/tiny] [--n 400] [--plot results/fastv_tiny.png]
                             [--methods-plot results/pruning_tiny.png] [--dtype float32]
 
 It also prints the accuracy with the decoder's linears quantized to int8 and int4 (minifastv/quant.py), and
@@ -20,14 +22,18 @@ import torch
 
 from minifastv import FastV, RandomDrop
 from minifastv.config import QuantConfig
-from minifastv.data import TINY_MODEL
+import shapes
+import video_shapes
+from minifastv.data import TINY_MODEL, TINY_VIDEO_MODEL
 from minifastv.pipeline import Pipeline
 from minifastv.plot import line_plot
 from minifastv.pruning import METHODS, AfterLayer, at_budget
 from minifastv.quant.linear import quantize_model
-from shapes import QUESTION_TYPES, evaluate, majority_baseline, make_batch
+from shapes import make_batch
 
 GRID_K, GRID_R = (1, 2), (0.25, 0.5, 0.75)
+VIDEO_GRID_K, VIDEO_GRID_R = (2, 5), (0.5,)   # the paper's Table 6: Video-LLaVA at K=2 and K=5, R=50%
+NO_VIDEO = ("fastervlm", "visionzip")         # they rank by the vision tower's class-token attention
 RANDOM_SEEDS = (0, 1, 2)
 BUDGETS = (0.5, 0.25, 0.125)  # fractions of the image tokens kept
 K = 2
@@ -46,17 +52,21 @@ def plot(rows, path: str):
               ylim=(lo, 1.0), percent_y=True)
 
 
-def compare_methods(pipe, n: int) -> list[dict]:
+def compare_methods(pipe, n: int, task=shapes) -> list[dict]:
     rows = []
-    for name in METHODS:
+    for name in methods_for(task):
         for kept in BUDGETS:
             seeds = RANDOM_SEEDS if name == "random" else (0,)
             k = K if issubclass(METHODS[name], AfterLayer) else None
-            runs = [evaluate(pipe, n, prune=at_budget(name, kept, k, seed if name == "random" else None))
+            runs = [task.evaluate(pipe, n, prune=at_budget(name, kept, k, seed if name == "random" else None))
                     for seed in seeds]
             rows.append({"method": name, "budget": kept, "acc": sum(r["all"] for r in runs) / len(runs),
                          "flops": runs[0]["flops"], "kept": runs[0]["kept"]})
     return rows
+
+
+def methods_for(task) -> list[str]:
+    return [name for name in METHODS if task is shapes or name not in NO_VIDEO]
 
 
 @torch.inference_mode()
@@ -82,7 +92,8 @@ def fastv_position_bias(pipe, n: int, kept: float = 0.25) -> tuple[float, float,
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(TINY_MODEL))
+    p.add_argument("--video", action="store_true", help="the tiny video model on the video task")
+    p.add_argument("--model", help="checkpoint (default: the shipped tiny model, or tiny video model with --video)")
     p.add_argument("--n", type=int, default=400, help="held-out examples")
     p.add_argument("--plot", default="results/fastv_tiny.png", help="FastV's grid (default: %(default)s; the "
                    "README's pictures are made with --plot docs/fastv_tiny.png --methods-plot docs/pruning_tiny.png)")
@@ -92,23 +103,26 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     for picture in (args.plot, args.methods_plot):
         Path(picture).parent.mkdir(parents=True, exist_ok=True)
-    pipe = Pipeline.load(args.model, dtype=args.dtype)
-    model = pipe.model
+    task = video_shapes if args.video else shapes
+    grid_k, grid_r = (VIDEO_GRID_K, VIDEO_GRID_R) if args.video else (GRID_K, GRID_R)
+    pipe = Pipeline.load(args.model or (TINY_VIDEO_MODEL if args.video else TINY_MODEL), dtype=args.dtype)
+    model, evaluate, kinds = pipe.model, task.evaluate, task.QUESTION_TYPES
     base = evaluate(pipe, args.n)
     blind = evaluate(pipe, args.n, blank_images=True)
-    majority = majority_baseline(args.n)
+    majority = task.majority_baseline(args.n)
     int8 = evaluate(Pipeline(quantize_model(copy.deepcopy(model), QuantConfig("int8")), pipe.tokenizer), args.n)
     int4 = evaluate(Pipeline(quantize_model(copy.deepcopy(model), QuantConfig("int4", INT4_GROUP)), pipe.tokenizer),
                     args.n)
+    blank = "blank video" if args.video else "blank image"
     print(f"held-out accuracy, {args.n} examples, FastV off")
-    print("| | " + " | ".join(QUESTION_TYPES) + " | all |\n|---|" + "---|" * (len(QUESTION_TYPES) + 1))
-    for name, acc in (("model", base), ("model, blank image", blind), ("majority answer", majority),
+    print("| | " + " | ".join(kinds) + " | all |\n|---|" + "---|" * (len(kinds) + 1))
+    for name, acc in (("model", base), (f"model, {blank}", blind), ("majority answer", majority),
                       ("model, int8 weights", int8), (f"model, int4 weights (groups of {INT4_GROUP})", int4)):
-        print(f"| {name} | " + " | ".join(f"{acc[k]:.1%}" for k in (*QUESTION_TYPES, "all")) + " |")
+        print(f"| {name} | " + " | ".join(f"{acc[k]:.1%}" for k in (*kinds, "all")) + " |")
 
     rows = [{"method": "full", "k": "-", "r": 0.0, "flops": 1.0, "acc": base["all"]}]
-    for k in GRID_K:
-        for r in GRID_R:
+    for k in grid_k:
+        for r in grid_r:
             fast = evaluate(pipe, args.n, prune=FastV(k, r))
             rows.append({"method": f"FastV K={k}", "k": k, "r": r, "flops": fast["flops"], "acc": fast["all"]})
             # A seed keeps the same positions in every image with as many tokens: average over seeds.
@@ -118,30 +132,35 @@ def main(argv=None) -> int:
     print(f"\nFastV grid, {args.n} held-out examples; random drop: mean (range) over seeds {RANDOM_SEEDS}")
     print("| K | R | relative FLOPs | FastV accuracy | random-drop accuracy |\n|---|---|---|---|---|")
     print(f"| - | 0 | 100.0% | {base['all']:.1%} | {base['all']:.1%} |")
-    for k in GRID_K:
-        for r in GRID_R:
+    for k in grid_k:
+        for r in grid_r:
             fast, rand = (next(x for x in rows if x["method"] == f"{m} K={k}" and x["r"] == r)
                           for m in ("FastV", "random"))
             lo, hi = rand["range"]
             print(f"| {k} | {r} | {fast['flops']:.1%} | {fast['acc']:.1%} | {rand['acc']:.1%} ({lo:.1%}-{hi:.1%}) |")
     plot(rows, args.plot)
 
-    methods = compare_methods(pipe, args.n)
+    methods = compare_methods(pipe, args.n, task)
     print(f"\npruning methods, {args.n} held-out examples; accuracy (relative prefill FLOPs) at each share of "
           f"image tokens kept; K={K} where a method has a layer; random: mean over seeds {RANDOM_SEEDS}; "
           "pyramiddrop keeps the share after its last stage, the share present in an average layer is given")
     print("| method | " + " | ".join(f"{b:.1%} kept" for b in BUDGETS) + " |\n|---|" + "---|" * len(BUDGETS))
-    for name in METHODS:
+    for name in methods_for(task):
         cells = []
         for r in (x for x in methods if x["method"] == name):
             note = f", {r['kept']:.0%} on average" if name.startswith("pyramiddrop") else ""
             cells.append(f"{r['acc']:.1%} ({r['flops']:.1%}{note})")
         print(f"| {name} | " + " | ".join(cells) + " |")
+    if args.video:
+        print(f"({', '.join(NO_VIDEO)} take no video: they rank by the vision tower's class-token attention)")
     series = {name: [(r["flops"], r["acc"]) for r in methods if r["method"] == name] + [(1.0, base["all"])]
-              for name in METHODS}
+              for name in methods_for(task)}
     line_plot(series, args.methods_plot, xlabel="relative prefill FLOPs", ylabel="held-out accuracy",
               xlim=(0.0, 1.0), ylim=(0.0, 1.0), percent_y=True)
 
+    if args.video:
+        print(f"\nwrote {args.plot} and {args.methods_plot}")
+        return 0
     rho, row, share = fastv_position_bias(pipe, min(args.n, 200))
     side = model.config.vision.grid
     print(f"\nFastV's ranking (layer {K - 1} attention of the last prompt token), {min(args.n, 200)} prompts: "

@@ -138,23 +138,24 @@ def make_batch(pipe, split: str, indices, *, blank_images: bool = False):
 
 
 def evaluate(pipe, n: int = 400, *, prune=None, split: str = "heldout", batch_size: int = 100,
-             blank_images: bool = False) -> dict[str, float]:
+             blank_images: bool = False, make=None, kinds=QUESTION_TYPES) -> dict[str, float]:
     """Exact-match accuracy of greedy answers on the first n examples of `split`, per question type and "all";
     "flops": the prefill's theoretical FLOPs relative to no pruning, and "kept": the share of image tokens
-    present in a decoder layer, each averaged over the prompts (and layers) as the model reported them."""
+    present in a decoder layer, each averaged over the prompts (and layers) as the model reported them.
+    `make` and `kinds`: another task's make_batch and question types (video_shapes.py's)."""
     import torch
 
     from minifastv.models.generate import stream
 
     model, tok = pipe.model, pipe.tokenizer
     eos = model.config.text.eos_token_id
-    correct = dict.fromkeys(QUESTION_TYPES, 0)
-    total = dict.fromkeys(QUESTION_TYPES, 0)
+    make = make_batch if make is None else make
+    correct = dict.fromkeys(kinds, 0)
+    total = dict.fromkeys(kinds, 0)
     flops, kept = [], []
     with torch.inference_mode():
         for start in range(0, n, batch_size):
-            batch, examples = make_batch(pipe, split, range(start, min(n, start + batch_size)),
-                                         blank_images=blank_images)
+            batch, examples = make(pipe, split, range(start, min(n, start + batch_size)), blank_images=blank_images)
             run = stream(model, **batch.model_inputs(), max_new_tokens=3, prune=prune, eos_token_id=eos)
             out = torch.stack([tokens for tokens, _ in run], dim=1)
             pre = run.prefill
@@ -165,21 +166,22 @@ def evaluate(pipe, n: int = 400, *, prune=None, split: str = "heldout", batch_si
                 answer = tok.decode(row[:row.index(eos)] if eos in row else row).strip()
                 correct[ex.kind] += answer == ex.answer
                 total[ex.kind] += 1
-    acc = {kind: correct[kind] / total[kind] for kind in QUESTION_TYPES if total[kind]}
+    acc = {kind: correct[kind] / total[kind] for kind in kinds if total[kind]}
     acc["all"] = sum(correct.values()) / sum(total.values())
     acc["flops"] = sum(flops) / len(flops)
     acc["kept"] = sum(kept) / len(kept)
     return acc
 
 
-def majority_baseline(n: int = 400, split: str = "heldout") -> dict[str, float]:
+def majority_baseline(n: int = 400, split: str = "heldout", *, task_example=None,
+                      kinds=QUESTION_TYPES) -> dict[str, float]:
     """Accuracy of always giving each question type's most frequent answer: the best a blind guess can do
-    without reading more of the question."""
+    without reading more of the question. `task_example` and `kinds`: another task's (video_shapes.py's)."""
     from collections import Counter
 
-    answers = {kind: Counter() for kind in QUESTION_TYPES}
+    answers = {kind: Counter() for kind in kinds}
     for i in range(n):
-        ex = example(split, i)
+        ex = (task_example or example)(split, i)
         answers[ex.kind][ex.answer] += 1
     acc = {kind: c.most_common(1)[0][1] / sum(c.values()) for kind, c in answers.items()}
     acc["all"] = sum(c.most_common(1)[0][1] for c in answers.values()) / n

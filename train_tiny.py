@@ -1,13 +1,15 @@
-"""Train the "tiny" LLaVA from scratch (vision tower, projector, decoder) on the synthetic shapes task.
+"""Train the "tiny" LLaVA from scratch (vision tower, projector, decoder) on the synthetic shapes task, or with
+--video the tiny Video-LLaVA on the synthetic video task (video_shapes.py).
 
-Each training dialogue asks one question of every type about an image and includes a "describe the image."
-turn at a random place, which ties words to image regions densely, as LLaVA's detailed-description data
-does; with one question per image the model stays on the answer prior for the whole default run.
+Each training dialogue asks one question of every type about an image (a video) and includes a "describe the
+image." ("describe the video.") turn at a random place, which ties words to image regions densely, as LLaVA's
+detailed-description data does; with one question per image the model stays on the answer prior for the whole
+default run.
 
-    python train_tiny.py [--steps 1250] [--batch-size 32] [--out results/tiny] [--seed 0] [--force]
+    python train_tiny.py [--video] [--steps 1250] [--batch-size 32] [--out results/tiny] [--seed 0] [--force]
 
-The shipped model (minifastv/data/tiny) is what this wrote with --threads 1; the default output is a new
-directory, so that a run never replaces the model inside an installed package by accident.
+The shipped models (minifastv/data/tiny, minifastv/data/tiny_video) are what this wrote with --threads 1; the
+default output is a new directory, so that a run never replaces a model inside an installed package by accident.
 
 Uses the same model code as inference and writes a minifastv checkpoint with minifastv.save.
 """
@@ -26,32 +28,40 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, trainers
 
 import minifastv
+import shapes
+import video_shapes
 from minifastv import LlavaConfig, LlavaModel, Tokenizer, chat_prompt
 from minifastv.inputs import Batch, conversations
+from minifastv.models import VideoLlavaConfig, VideoLlavaModel
 from minifastv.pipeline import Pipeline
-from shapes import conversation, corpus, draw, evaluate
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<image>"]  # ids 0..3: pad/unk, BOS, EOS, the image placeholder
+VIDEO_SPECIALS = [*SPECIALS, "<video>"]      # id 4: the video placeholder
 
 
-def build_tokenizer() -> Tokenizer:
+def build_tokenizer(video: bool = False) -> Tokenizer:
     """A word-level tokenizer over the task's text: every answer is one token."""
     tok = HFTokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    texts = corpus() + [chat_prompt("x")]
-    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=SPECIALS))
+    texts = (video_shapes if video else shapes).corpus() + [chat_prompt("x")]
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=VIDEO_SPECIALS if video else SPECIALS))
     text = LlavaConfig.from_name("tiny").text
     return Tokenizer(tok, bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id,
-                     image_token_id=tok.token_to_id("<image>"))
+                     image_token_id=tok.token_to_id("<image>"),
+                     video_token_id=tok.token_to_id("<video>") if video else None)
 
 
 def build_model(tok: Tokenizer, seed: int) -> LlavaModel:
-    base = LlavaConfig.from_name("tiny")
+    """The tiny preset (the tiny video preset for a tokenizer with a video placeholder) at the tokenizer's
+    vocabulary size, in the small normal init training starts from."""
+    video = tok.video_token_id is not None
+    base = VideoLlavaConfig.from_name("tiny-video") if video else LlavaConfig.from_name("tiny")
     vocab = -(-tok.vocab_size // 8) * 8
     config = dataclasses.replace(base, text=dataclasses.replace(base.text, vocab_size=vocab),
-                                 image_token_id=tok.image_token_id)
+                                 image_token_id=tok.image_token_id,
+                                 **({"video_token_id": tok.video_token_id} if video else {}))
     torch.manual_seed(seed)
-    model = LlavaModel(config)
+    model = (VideoLlavaModel if video else LlavaModel)(config)
     with torch.no_grad():  # small normal init everywhere; norms start at 1, biases at 0
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -65,25 +75,34 @@ def build_model(tok: Tokenizer, seed: int) -> LlavaModel:
 
 def training_batch(pipe: Pipeline, indices) -> Batch:
     """Multi-turn dialogues as LLaVA trains: "<system> USER: <image>\\n q1 ASSISTANT: a1 </s> USER: q2 ASSISTANT:
-    a2 </s> ...", so one image serves several questions. The first turn is exactly the single-turn prompt the
-    model is evaluated on. Labels are the answers and their EOS (inputs.encode_conversation)."""
+    a2 </s> ...", so one image (video) serves several questions. The first turn is exactly the single-turn prompt
+    the model is evaluated on. Labels are the answers and their EOS (inputs.encode_conversation)."""
     size = pipe.model.config.vision.image_size
     dialogues = []
     for i in indices:
-        items, turns = conversation("train", i)
-        dialogues.append(([draw(items, size)], turns))
+        if is_video(pipe):
+            tracks, turns = video_shapes.conversation("train", i)
+            dialogues.append(([], turns, [video_shapes.video_frames(tracks, size)]))
+        else:
+            items, turns = shapes.conversation("train", i)
+            dialogues.append(([shapes.draw(items, size)], turns))
     return conversations(pipe.tokenizer, pipe.model.config, dialogues)
 
 
+def is_video(pipe: Pipeline) -> bool:
+    return pipe.tokenizer.video_token_id is not None
+
+
 def batch_loss(pipe: Pipeline, batch: Batch) -> torch.Tensor:
-    return pipe.model.loss(batch.input_ids, batch.pixel_values, batch.labels, attention_mask=batch.attention_mask)
+    return pipe.model.loss(batch.input_ids, batch.pixel_values, batch.labels, attention_mask=batch.attention_mask,
+                           **({"video_values": batch.video_values} if batch.video_values is not None else {}))
 
 
 def train(steps: int, seed: int, batch_size: int = 32, lr: float = 2e-3, log_every: int = 50, eval_every: int = 0,
-          log=lambda msg: print(msg, flush=True)) -> Pipeline:
+          log=lambda msg: print(msg, flush=True), video: bool = False) -> Pipeline:
     """Train from scratch; every eval_every steps (0: never) also log held-out accuracy on 100 examples."""
     torch.manual_seed(seed)
-    tok = build_tokenizer()
+    tok = build_tokenizer(video)
     model = build_model(tok, seed)
     pipe = Pipeline(model, tok)
     model.train()
@@ -111,7 +130,7 @@ def train(steps: int, seed: int, batch_size: int = 32, lr: float = 2e-3, log_eve
             recent = []
         if eval_every and (step + 1) % eval_every == 0:
             model.eval()
-            acc = evaluate(pipe, 100)
+            acc = (video_shapes if video else shapes).evaluate(pipe, 100)
             model.train()
             log(f"step {step + 1}  held-out accuracy " + "  ".join(f"{k} {v:.0%}" for k, v in acc.items()
                                                                if k not in ("flops", "kept")))
@@ -121,6 +140,7 @@ def train(steps: int, seed: int, batch_size: int = 32, lr: float = 2e-3, log_eve
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--video", action="store_true", help="the tiny Video-LLaVA on the video task (video_shapes.py)")
     p.add_argument("--steps", type=int, default=1250)
     p.add_argument("--out", default="results/tiny", help="output directory (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
@@ -137,7 +157,7 @@ def main(argv=None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = train(args.steps, args.seed, args.batch_size, args.lr, eval_every=args.eval_every)
+    pipe = train(args.steps, args.seed, args.batch_size, args.lr, eval_every=args.eval_every, video=args.video)
     minifastv.save(pipe.model, pipe.tokenizer, args.out, overwrite=args.force)
     print(f"wrote {args.out}")
     return 0

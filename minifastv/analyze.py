@@ -1,5 +1,5 @@
 """Where the attention goes, layer by layer (the phenomenon behind FastV, the paper's Figures 1-2), and a
-picture of the image patches FastV keeps."""
+picture of the image patches (or a video's, frame by frame) FastV keeps."""
 
 from __future__ import annotations
 
@@ -12,21 +12,22 @@ SEGMENTS = ("system", "image", "instruction")
 
 
 @torch.inference_mode()
-def attention_shares(model, input_ids, pixel_values) -> list[dict[str, list[float]]]:
+def attention_shares(model, input_ids, pixel_values, **visual) -> list[dict[str, list[float]]]:
     """Per decoder layer, how the head-averaged attention of the instruction tokens splits over the system
-    tokens (text before the first image), the image tokens and the instruction tokens (text after the last
-    image). Returns, per layer, {"last": [3 shares] of the prompt's last token, "instruction": [3 shares]
-    averaged over all instruction tokens}. One prompt, no padding; the decoder computes the rows (prefill's
-    attention_rows: the instruction tokens' queries against each layer's keys), never a T x T matrix."""
+    tokens (text before the first image), the image tokens (a video's among them) and the instruction tokens
+    (text after the last image). Returns, per layer, {"last": [3 shares] of the prompt's last token,
+    "instruction": [3 shares] averaged over all instruction tokens}. One prompt, no padding; the decoder
+    computes the rows (prefill's attention_rows: the instruction tokens' queries against each layer's keys),
+    never a T x T matrix. `visual`: a family's other inputs (video_values)."""
     if input_ids.shape[0] != 1:
         raise ValueError(f"attention analysis takes one prompt, got a batch of {input_ids.shape[0]}")
-    placeholders = (input_ids[0] == model.config.image_token_id).nonzero()[:, 0]
+    placeholders = torch.isin(input_ids[0], torch.tensor(list(model.spans()))).nonzero()[:, 0]
     if len(placeholders) == 0:
         raise ValueError("attention analysis needs an image in the prompt")
     n_instruction = input_ids.shape[1] - 1 - int(placeholders[-1])
     if n_instruction == 0:
         raise ValueError("attention analysis needs text after the last image")
-    pre = model.prefill(input_ids, pixel_values, attention_rows=n_instruction)
+    pre = model.prefill(input_ids, pixel_values, attention_rows=n_instruction, **visual)
     image_mask = pre.image_mask[0].cpu()
     slot = torch.arange(len(image_mask))
     segment = torch.full((len(slot),), 2)                              # instruction
@@ -68,9 +69,27 @@ def kept_patches(model, input_ids, pixel_values, method) -> list[int]:
 
 
 LEGEND = "outlined: kept; dimmed: dropped"
+VIDEO_LEGEND = LEGEND + "; bar under a frame: its class token"
 
 
-def picture_grid(pictures: list[tuple[str, Image.Image]], columns: int = 3, gap: int = 12) -> Image.Image:
+def frames_picture(views: list[Image.Image], grid: int, kept: list[list[int]], class_kept: list[int],
+                   scale: int, gap: int = 4) -> Image.Image:
+    """A video's frames side by side, each as kept_patches_picture draws an image, with a bar under each frame:
+    yellow where the frame's class token was kept, dark where it was dropped."""
+    pictures = [kept_patches_picture(view, grid, k, scale) for view, k in zip(views, kept)]
+    w, h = pictures[0].size
+    bar = max(4, h // 12)
+    out = Image.new("RGB", (len(pictures) * (w + gap) - gap, h + gap + bar), (255, 255, 255))
+    pen = ImageDraw.Draw(out)
+    for f, picture in enumerate(pictures):
+        out.paste(picture, (f * (w + gap), 0))
+        colour = (255, 200, 0) if f in class_kept else (60, 60, 60)
+        pen.rectangle((f * (w + gap), h + gap, f * (w + gap) + w - 1, h + gap + bar - 1), fill=colour)
+    return out
+
+
+def picture_grid(pictures: list[tuple[str, Image.Image]], columns: int = 3, gap: int = 12,
+                 legend: str = LEGEND) -> Image.Image:
     """Labelled pictures of one size on a grid of `columns`, on white, with the legend of the kept-patches
     pictures below."""
     w, h = pictures[0][1].size
@@ -83,5 +102,5 @@ def picture_grid(pictures: list[tuple[str, Image.Image]], columns: int = 3, gap:
         x, y = (i % columns) * (w + gap), (i // columns) * (h + label + gap)
         out.paste(picture, (x, y + label))
         pen.text((x + 2, y + 3), name, fill=(0, 0, 0), font=font)
-    pen.text((2, out.height - label + 4), LEGEND, fill=(0, 0, 0), font=font)
+    pen.text((2, out.height - label + 4), legend, fill=(0, 0, 0), font=font)
     return out

@@ -1,5 +1,6 @@
-"""generate --batch FILE.jsonl: lines of {"image": FILE or [FILES], "prompt": TEXT} in, one JSON line out per
-line in, in input order; a bad line becomes an error line and the others still run."""
+"""generate --batch FILE.jsonl: lines of {"image": FILE or [FILES], "video": FILE or [FILES], "prompt": TEXT}
+(an image, a video or both) in, one JSON line out per line in, in input order; a bad line becomes an error line
+and the others still run."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 
 def read_batch_file(path) -> list:
-    """(line number, {"image": ..., "prompt": ...}) per non-empty line, or (line number, error message)."""
+    """(line number, (images, prompt, videos)) per non-empty line, or (line number, error message)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: batch file not found")
     try:
@@ -23,16 +24,23 @@ def read_batch_file(path) -> list:
             continue
         try:
             item = json.loads(line)
-            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or "image" not in item:
-                raise ValueError('expected an object with "prompt" (text) and "image" (a file or a list of files)')
-            images = item["image"]
-            images = [images] if isinstance(images, str) else images
-            if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
-                raise ValueError('"image" must be a file name or a non-empty list of file names')
-            out.append((number, (images, item["prompt"])))
+            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or \
+                    not ("image" in item or "video" in item):
+                raise ValueError('expected an object with "prompt" (text) and "image" or "video" (a file or a list '
+                                 'of files)')
+            out.append((number, (files(item, "image"), item["prompt"], files(item, "video"))))
         except ValueError as e:  # json.JSONDecodeError is a ValueError
             out.append((number, f"{path}:{number}: {e}"))
     return out
+
+
+def files(item: dict, key: str) -> list[str]:
+    """The file names under `key` of a batch line ([] without the key)."""
+    names = item.get(key, [])
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, list) or (key in item and not names) or not all(isinstance(i, str) for i in names):
+        raise ValueError(f'"{key}" must be a file name or a non-empty list of file names')
+    return names
 
 
 def answer_file(path, batch_size: int, pipe, method, sampling) -> int:
@@ -48,10 +56,10 @@ def answer_file(path, batch_size: int, pipe, method, sampling) -> int:
         if isinstance(item, str):
             results[number] = {"line": number, "error": item}
             continue
-        try:  # images and prompt are checked one line at a time, so a bad one spoils no batch
-            loaded = [load_image(i) for i in item[0]]
-            pipe.inputs(loaded, item[1])
-            good.append((number, (loaded, item[1])))
+        try:  # images, videos and prompt are checked one line at a time, so a bad one spoils no batch
+            loaded = ([load_image(i) for i in item[0]], item[1], [pipe.read_video(v) for v in item[2]])
+            pipe.inputs(*loaded)
+            good.append((number, loaded))
         except (ValueError, OSError) as e:
             results[number] = {"line": number, "error": str(e)}
     for start in range(0, len(good), batch_size):

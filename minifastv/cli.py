@@ -1,15 +1,16 @@
-"""`python -m minifastv ...`: answer questions about images with a checkpoint, with or without FastV."""
+"""`python -m minifastv ...`: answer questions about images and videos with a checkpoint, with or without FastV."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
 
 from .config_checks import QUANT_METHODS
-from .data import SAMPLES
+from .data import SAMPLES, TINY_MODEL, TINY_VIDEO_MODEL
 from .options import (add_convert_arguments, add_output_arguments, check_pruning, describe, load_pipeline,
                       model_arguments, pruner_from_args, pruning_asked, quant_from_args, sampling_arguments,
                       sampling_from_args, shard_bytes)
@@ -17,10 +18,11 @@ from .options import (add_convert_arguments, add_output_arguments, check_pruning
 
 def cmd_generate(args):
     method = pruner_from_args(args)
-    if args.batch is not None and (args.image is not None or args.prompt is not None):
-        raise ValueError("--batch FILE takes the images and prompts from the file: drop --image and --prompt")
-    if args.batch is None and (args.image is None or args.prompt is None):
-        raise ValueError("generate needs --image and --prompt, or --batch FILE.jsonl")
+    if args.batch is not None and (args.image or args.video or args.prompt is not None):
+        raise ValueError("--batch FILE takes the images, videos and prompts from the file: drop --image, --video "
+                         "and --prompt")
+    if args.batch is None and (not (args.image or args.video) or args.prompt is None):
+        raise ValueError("generate needs --image or --video, and --prompt; or --batch FILE.jsonl")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     pipe = load_pipeline(args)
@@ -31,7 +33,8 @@ def cmd_generate(args):
 
         return answer_file(args.batch, args.batch_size, pipe, method, sampling)
     stream_text = None if args.json else (lambda t: print(t, end="", flush=True))
-    r = pipe.answer(args.image, args.prompt, prune=method, on_text=stream_text, **sampling)
+    r = pipe.answer(args.image or [], args.prompt, videos=args.video or [], prune=method, on_text=stream_text,
+                    **sampling)
     if args.json:
         print(json.dumps(r.as_json()))
         return
@@ -40,19 +43,21 @@ def cmd_generate(args):
 
 
 def cmd_chat(args):
-    """A conversation about one image: a question per line on standard input, /reset to start over. On a
-    terminal: a "> " prompt, line editing and history (readline), Ctrl-C stops an answer, Ctrl-C or Ctrl-D at
+    """A conversation about one image or one video: a question per line on standard input, /reset to start over.
+    On a terminal: a "> " prompt, line editing and history (readline), Ctrl-C stops an answer, Ctrl-C or Ctrl-D at
     the prompt leaves."""
     from .image import load_image
     from .pipeline import Chat
 
-    if len(args.image) > 1:
-        raise ValueError(f"chat is about one image, got {len(args.image)} --image options")
+    given = (args.image or []) + (args.video or [])
+    if len(given) != 1:
+        raise ValueError(f"chat is about one image or one video, got {len(given)} (--image, --video)")
     method = pruner_from_args(args)
-    image = load_image(args.image[0])  # a missing or broken file is an error now, not after a question
+    image = load_image(args.image[0]) if args.image else None  # a broken file is an error now, not after a question
     pipe = load_pipeline(args)
     check_pruning(method, pipe.model.config, pruning_asked(args))
-    chat = Chat(pipe, image, prune=method, **sampling_from_args(args, pipe.model.device))
+    video = pipe.read_video(args.video[0]) if args.video else None
+    chat = Chat(pipe, image, video=video, prune=method, **sampling_from_args(args, pipe.model.device))
     terminal = sys.stdin.isatty()
     if terminal:
         try:
@@ -88,26 +93,34 @@ def cmd_chat(args):
 
 
 def cmd_demo(args):
-    """Each sample image's question answered by the model, unpruned and pruned (FastV K=2, R=0.5 unless asked)."""
+    """Each sample's question answered by the model, unpruned and pruned (FastV K=2, R=0.5 unless asked): the
+    sample images with an image model, the sample videos with a video model; with the default --model, the
+    images with the tiny model and the videos with the tiny video model."""
     from .pruning import FastV
 
     method = pruner_from_args(args, default=FastV(2, 0.5))
-    pipe = load_pipeline(args)
-    check_pruning(method, pipe.model.config, pruning_asked(args))
-    samples = json.loads((SAMPLES / "questions.json").read_text())
-    for s in samples:
-        print(f"\n{s['image']}: {s['question']}  (expected: {s['answer']})")
-        for name, m in (("unpruned", None), (describe(method), method)):
-            r = pipe.answer([SAMPLES / s["image"]], s["question"], prune=m, max_new_tokens=4)
-            print(f"  {name:<18} -> {r.text:<10} {r.summary()}")
+    models = [args.model] + ([str(TINY_VIDEO_MODEL)] if args.model == str(TINY_MODEL) else [])
+    if len(models) > 1 and importlib.util.find_spec("av") is None:  # the default run shows what it can
+        print("(the sample videos need PyAV, the [video] extra: pip install 'minifastv[video]')", file=sys.stderr)
+        models = models[:1]
+    for model in models:
+        pipe = load_pipeline(argparse.Namespace(**{**vars(args), "model": model}))
+        check_pruning(method, pipe.model.config, pruning_asked(args))
+        kind = "video" if getattr(pipe.model.config, "n_frames", None) else "image"
+        for s in json.loads((SAMPLES / ("video_questions.json" if kind == "video" else "questions.json")).read_text()):
+            print(f"\n{s[kind]}: {s['question']}  (expected: {s['answer']})")
+            images, videos = ([SAMPLES / s[kind]], []) if kind == "image" else ([], [SAMPLES / s[kind]])
+            for name, m in (("unpruned", None), (describe(method), method)):
+                r = pipe.answer(images, s["question"], videos=videos, prune=m, max_new_tokens=4)
+                print(f"  {name:<18} -> {r.text:<10} {r.summary()}")
 
 
 def cmd_analyze(args):
     """Attention shares per layer (table + PNG), the patches a pruning method keeps (PNG and a `kept patches:`
-    line, row-major indices in the first image's grid), and the patches every method keeps, side by side."""
-    from .analyze import SEGMENTS, attention_shares, kept_patches, kept_patches_picture, picture_grid
+    line, row-major indices in the first image's grid; for a video, a line per frame and the frames side by
+    side), and the patches every method keeps, side by side."""
+    from .analyze import attention_shares, kept_patches, kept_patches_picture, picture_grid
     from .image import load_image, model_view
-    from .plot import line_plot
     from .pruning import METHODS, FastV, at_budget
 
     out = Path(args.out_dir)
@@ -115,26 +128,20 @@ def cmd_analyze(args):
     if blocking is not None and not blocking.is_dir():
         where = "is a file" if blocking == out else f"is under {blocking}, a file"
         raise NotADirectoryError(f"{out}: --out-dir {where}, not a directory")
+    given = (args.image or []) + (args.video or [])
+    if len(given) != 1:
+        raise ValueError(f"analyze looks at one image or one video, got {len(given)} (--image, --video)")
     method = pruner_from_args(args, default=FastV(2, 0.5))
     out.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(args)
     check_pruning(method, pipe.model.config, pruning_asked(args))
     model, cfg = pipe.model, pipe.model.config
-    if len(args.image) > 1:
-        raise ValueError(f"analyze looks at one image, got {len(args.image)} --image options")
+    if args.video:
+        return analyze_video(args, pipe, method, out)
     image = load_image(args.image[0])
     batch = pipe.inputs([image], args.prompt)
     ids, pixels = batch.input_ids, batch.pixel_values
-    shares = attention_shares(model, ids, pixels)
-    print("share of attention, head-averaged: last prompt token | mean over instruction tokens")
-    print("| layer | " + " | ".join(f"last->{s}" for s in SEGMENTS) + " | " +
-          " | ".join(f"instr->{s}" for s in SEGMENTS) + " |\n|---|" + "---|" * 6)
-    for i, row in enumerate(shares):
-        print(f"| {i} | " + " | ".join(f"{v:.1%}" for v in row["last"] + row["instruction"]) + " |")
-    series = {f"{who} -> {seg}": [(i, row[key][j]) for i, row in enumerate(shares)]
-              for who, key in (("last", "last"), ("instr", "instruction")) for j, seg in enumerate(SEGMENTS)}
-    line_plot(series, out / "attention_shares.png", xlabel="layer", ylabel="share of attention",
-              ylim=(0.0, 1.0), percent_y=True)
+    print_attention_shares(attention_shares(model, ids, pixels), out)
     view = model_view(image, cfg.vision.image_size, cfg.image_mode, cfg.image_mean)
     grid = cfg.vision.grid
     scale = max(1, 384 // cfg.vision.image_size)
@@ -151,10 +158,71 @@ def cmd_analyze(args):
           f"(every method keeping {share:.1%} of the patches)")
 
 
+def print_attention_shares(shares, out: Path):
+    """analyze's table of attention shares per layer, and its picture."""
+    from .analyze import SEGMENTS
+    from .plot import line_plot
+
+    print("share of attention, head-averaged: last prompt token | mean over instruction tokens")
+    print("| layer | " + " | ".join(f"last->{s}" for s in SEGMENTS) + " | " +
+          " | ".join(f"instr->{s}" for s in SEGMENTS) + " |\n|---|" + "---|" * 6)
+    for i, row in enumerate(shares):
+        print(f"| {i} | " + " | ".join(f"{v:.1%}" for v in row["last"] + row["instruction"]) + " |")
+    series = {f"{who} -> {seg}": [(i, row[key][j]) for i, row in enumerate(shares)]
+              for who, key in (("last", "last"), ("instr", "instruction")) for j, seg in enumerate(SEGMENTS)}
+    line_plot(series, out / "attention_shares.png", xlabel="layer", ylabel="share of attention",
+              ylim=(0.0, 1.0), percent_y=True)
+
+
+def analyze_video(args, pipe, method, out: Path):
+    """analyze --video: the attention shares, the frames with the patches `method` keeps (a line per frame), and
+    every method that takes videos at the same budget, a row of frames each."""
+    from .analyze import VIDEO_LEGEND, attention_shares, frames_picture, picture_grid
+    from .image import model_view
+    from .pruning import METHODS, at_budget
+    from .video import read_frames
+
+    model, cfg = pipe.model, pipe.model.config
+    if getattr(cfg, "n_frames", None) is None:
+        raise ValueError(f"{args.video[0]}: this model ({cfg.family}) takes no video")
+    frames = read_frames(args.video[0], cfg.n_frames)
+    batch = pipe.inputs([], args.prompt, [frames])
+    print_attention_shares(attention_shares(model, batch.input_ids, None, video_values=batch.video_values), out)
+    views = [model_view(frame, cfg.vision.image_size, "crop") for frame in frames]
+    grid, size = cfg.vision.grid, cfg.vision.image_size
+
+    def kept(m):
+        a = pipe.answer([], args.prompt, videos=[batch.video_values[0]], prune=m, max_new_tokens=1)
+        return a.kept_patches, a.kept_class_tokens[0], a.kept
+
+    patches, classes, n_kept = kept(method)
+    n = cfg.n_frames * (grid * grid + 1)
+    picture_grid([(f"{describe(method)}: {n_kept} of {n} video tokens",
+                   frames_picture(views, grid, patches, classes, max(1, 192 // size)))], columns=1,
+                 legend=VIDEO_LEGEND).save(out / "kept_patches.png")
+    print(f"\n{describe(method)} keeps {n_kept} of {n} video tokens ({cfg.n_frames} frames of {grid * grid} "
+          "patches and a class token)")
+    for f, p in enumerate(patches):
+        print(f"frame {f} kept patches: " + (", ".join(map(str, p)) or "none") + ("; class token kept" if f in classes else ""))
+    every, refused = [], []
+    for name in METHODS:
+        try:
+            p, c, k = kept(at_budget(name, n_kept / n))
+        except ValueError:  # the methods that rank by the tower's class-token attention take no video
+            refused.append(name)
+            continue
+        every.append((f"{name} ({k})", frames_picture(views, grid, p, c, max(1, 96 // size))))
+    picture_grid(every, columns=1, legend=VIDEO_LEGEND).save(out / "kept_patches_methods.png")
+    print(f"wrote {out / 'attention_shares.png'}, {out / 'kept_patches.png'} and {out / 'kept_patches_methods.png'} "
+          f"(every method keeping {n_kept / n:.1%} of the video tokens"
+          + (f"; {', '.join(refused)} take no video)" if refused else ")"))
+
+
 def cmd_convert(args):
     from .convert import convert
 
-    convert(args.src, args.out, vision_tower=args.vision_tower, dtype=args.dtype, tokenizer=args.tokenizer,
+    convert(args.src, args.out, vision_tower=args.vision_tower, image_tower=args.image_tower,
+            video_tower=args.video_tower, dtype=args.dtype, tokenizer=args.tokenizer,
             force=args.force, quant=quant_from_args(args.quantize, args.group_size),
             max_shard_bytes=shard_bytes(args))
 
@@ -190,21 +258,24 @@ def main(argv=None, *, convert_prog: str | None = None):
     parser = argparse.ArgumentParser(prog="python -m minifastv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="answer a question about one or more images")
+    g = sub.add_parser("generate", help="answer a question about one or more images or videos")
     model_arguments(g)
     g.add_argument("--image", action="append", help="image file (repeat for several)")
+    g.add_argument("--video", action="append",
+                   help="video file, for a video model (repeat for several; needs the [video] extra)")
     g.add_argument("--prompt", help="the question")
-    g.add_argument("--batch", help='a JSON-lines file of {"image": FILE or [FILES], "prompt": TEXT}: one JSON line '
-                                   "out per line in, in order")
+    g.add_argument("--batch", help='a JSON-lines file of {"image": FILE or [FILES], "video": FILE or [FILES], '
+                                   '"prompt": TEXT} (image, video or both): one JSON line out per line in, in order')
     g.add_argument("--batch-size", type=int, default=8, help="inputs per left-padded batch (default: %(default)s)")
     sampling_arguments(g, max_new_tokens=64)
     g.add_argument("--json", action="store_true",
                    help="print one JSON object (text, token ids, kept image tokens, FLOPs, timings) instead")
     g.set_defaults(run=cmd_generate)
 
-    c = sub.add_parser("chat", help="a conversation about one image: questions on standard input")
+    c = sub.add_parser("chat", help="a conversation about one image or video: questions on standard input")
     model_arguments(c)
-    c.add_argument("--image", required=True, action="append", help="image file (one)")
+    c.add_argument("--image", action="append", help="image file (one)")
+    c.add_argument("--video", action="append", help="video file (one; for a video model)")
     sampling_arguments(c, max_new_tokens=256)
     c.set_defaults(run=cmd_chat)
 
@@ -214,7 +285,8 @@ def main(argv=None, *, convert_prog: str | None = None):
 
     a = sub.add_parser("analyze", help="attention shares per layer and the patches FastV keeps, as tables and PNGs")
     model_arguments(a, default_method="fastv K=2 R=0.5")
-    a.add_argument("--image", required=True, action="append", help="image file (one)")
+    a.add_argument("--image", action="append", help="image file (one)")
+    a.add_argument("--video", action="append", help="video file (one; for a video model)")
     a.add_argument("--prompt", required=True, help="the question")
     a.add_argument("--out-dir", default="analysis", help="where the PNG files go (default: %(default)s)")
     a.set_defaults(run=cmd_analyze)

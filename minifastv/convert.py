@@ -33,6 +33,8 @@ class ConversionError(CheckpointError):
 # Source prefix -> part. First match wins, so longer prefixes come first; "model." alone is the original
 # LLaVA's language model and must stay last.
 PREFIXES = [
+    ("model.image_tower.image_tower.", "vision"),                 # original Video-LLaVA with its towers embedded
+    ("model.video_tower.video_tower.", "video"),
     ("model.image_tower.vision_model.", "vision"),                # Video-LLaVA: transformers 4.x in memory
     ("model.image_tower.", "vision"),                             # transformers 5.x save_pretrained
     ("image_tower.vision_model.", "vision"),                      # LanguageBind's -hf
@@ -92,6 +94,13 @@ HF_PROJECTOR = {f"linear_{i}.{p}": f"projector.{j}.{p}" for i, j in ((1, 0), (2,
 PROJECTOR = {"{}.weight": "projector.{}.weight", "{}.bias": "projector.{}.bias",  # mlp2x_gelu: a Sequential
              "weight": "projector.0.weight", "bias": "projector.0.bias"}         # linear: a bare nn.Linear
 VIDEO = {source: target and target.replace("vision.", "video.", 1) for source, target in VISION.items()}
+VIDEO.update({  # LanguageBind_Video_merge's temporal attention (the -hf conversion drops it)
+    "encoder.layers.{}.temporal_embedding": "video.blocks.{}.temporal_embedding",
+    **{f"encoder.layers.{{}}.{src}.{p}": f"video.blocks.{{}}.{dst}.{p}"
+       for src, dst in [("temporal_layer_norm1", "temporal_norm"),
+                        *((f"temporal_attn.{x}_proj", f"temporal_attn.{x}_proj") for x in "qkv"),
+                        ("temporal_attn.out_proj", "temporal_attn.o_proj")]
+       for p in ("weight", "bias")}})
 TABLES = {"text": TEXT, "lm_head": LM_HEAD, "vision": VISION, "video": VIDEO, "hf_projector": HF_PROJECTOR,
           "projector": PROJECTOR}
 
@@ -190,7 +199,7 @@ def config_from_hf(c: dict) -> LlavaConfig:
         raise ConversionError(f"video_seq_length {length} is not a whole number of frames of {per_frame} tokens")
     return VideoLlavaConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)},
                             video_token_id=c.get("video_token_id", c.get("video_token_index", 32001)),
-                            n_frames=length // per_frame)
+                            n_frames=length // per_frame, system="")  # transformers' prompt: "USER: <video>\n..."
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -218,10 +227,40 @@ def config_from_original(c: dict, vision: VisionConfig | None) -> LlavaConfig:
                        image_mode="pad" if c.get("image_aspect_ratio", "pad") == "pad" else "crop")
 
 
+def config_from_video_original(c: dict, image_tower: Path | None, video_tower: Path | None) -> VideoLlavaConfig:
+    """VideoLlavaConfig of the original Video-LLaVA (LlavaLlamaForCausalLM with mm_image_tower and mm_video_tower)
+    with the towers' own configs (LanguageBind_Image, LanguageBind_Video_merge): the original's prompt layout
+    (a frame placeholder per frame, joined by spaces) and its llava_v1 system line; temporal attention as the
+    video tower's config says."""
+    from .models.video_llava import LLAVA_V1_SYSTEM
+
+    for flag, directory, name in (("--image-tower", image_tower, "mm_image_tower"),
+                                  ("--video-tower", video_tower, "mm_video_tower")):
+        if directory is None:
+            raise ConversionError(f"an original Video-LLaVA checkpoint needs {flag} DIR (the {c.get(name, name)} "
+                                  "directory: its config.json and weights)")
+    image_cfg, video_cfg = (read_json(d / CONFIG).get("vision_config", read_json(d / CONFIG))
+                            for d in (image_tower, video_tower))
+    shape = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size")
+    differ = [k for k in shape if image_cfg.get(k) != video_cfg.get(k)]
+    if differ:
+        raise ConversionError(f"{video_tower / CONFIG}: the video tower differs from the image tower in {differ}; "
+                              "minifastv's Video-LLaVA has one tower architecture for both")
+    base = config_from_original({**c, "mm_vision_tower": str(image_tower)},
+                                vision_config_from_hf(image_cfg, feature_layer=-2))
+    return VideoLlavaConfig(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)},
+                            video_token_id=-201, frame_token_id=-202, n_frames=int(video_cfg.get("num_frames", 8)),
+                            temporal=bool(video_cfg.get("add_time_attn", False)), system=LLAVA_V1_SYSTEM)
+
+
 def clip_vision_config(directory: Path) -> VisionConfig:
     """Vision config from a CLIPModel (nested vision_config) or CLIPVisionModel (flat) config.json."""
     c = read_json(directory / CONFIG)
     return vision_config_from_hf(c.get("vision_config", c), feature_layer=-2)
+
+
+def is_video_original(c: dict) -> bool:
+    return not is_hf_layout(c) and ("mm_video_tower" in c or "mm_image_tower" in c)
 
 
 def is_hf_layout(c: dict) -> bool:
@@ -242,12 +281,14 @@ def source_dtype(c: dict) -> torch.dtype:
     return parse_dtype(name)
 
 
-def convert(src, out, *, vision_tower=None, dtype=None, tokenizer=None, force=False, quant: QuantConfig | None = None,
-            max_shard_bytes: int = 2 << 30, log=lambda msg: print(msg, file=sys.stderr)) -> Path:
-    """Convert a LLaVA checkpoint directory (original, llava-hf, or transformers 5.x names) into a minifastv
-    checkpoint at `out`, streaming tensor by tensor, optionally with the decoder's linears quantized (`quant`;
-    `dtype` is then the float parts' dtype). Every tensor is checked for NaN and infinity on the way. Nothing
-    appears at `out` unless conversion succeeds."""
+def convert(src, out, *, vision_tower=None, image_tower=None, video_tower=None, dtype=None, tokenizer=None,
+            force=False, quant: QuantConfig | None = None, max_shard_bytes: int = 2 << 30,
+            log=lambda msg: print(msg, file=sys.stderr)) -> Path:
+    """Convert a LLaVA or Video-LLaVA checkpoint directory (original, -hf, or transformers 5.x names) into a
+    minifastv checkpoint at `out`, streaming tensor by tensor, optionally with the decoder's linears quantized
+    (`quant`; `dtype` is then the float parts' dtype). An original Video-LLaVA takes its towers from
+    `image_tower` and `video_tower` (LanguageBind_Image, LanguageBind_Video_merge). Every tensor is checked for
+    NaN and infinity on the way. Nothing appears at `out` unless conversion succeeds."""
     src, out = source_dir(Path(src), "source checkpoint"), Path(out)
     source = read_json(src / CONFIG)
     if "text" in source and "vision" in source:
@@ -260,8 +301,16 @@ def convert(src, out, *, vision_tower=None, dtype=None, tokenizer=None, force=Fa
         if local is not None:  # the original config names a CLIP directory that is here: use it
             tower = local
             log(f"vision tower: {tower} (mm_vision_tower in {src / CONFIG}; --vision-tower overrides it)")
+    towers = {"vision": image_tower, "video": video_tower}
+    towers = {part: source_dir(Path(d), f"--{'image' if part == 'vision' else 'video'}-tower directory")
+              for part, d in towers.items() if d is not None}
+    if towers and not is_video_original(source):
+        raise ConversionError(f"{src / CONFIG}: --image-tower and --video-tower are for an original Video-LLaVA "
+                              "checkpoint (mm_image_tower, mm_video_tower); this one is not")
     try:
-        if is_hf_layout(source):
+        if is_video_original(source):
+            config = config_from_video_original(source, towers.get("vision"), towers.get("video"))
+        elif is_hf_layout(source):
             config = config_from_hf(source)
         else:
             vision = clip_vision_config(tower) if tower is not None else None
@@ -281,18 +330,26 @@ def convert(src, out, *, vision_tower=None, dtype=None, tokenizer=None, force=Fa
     expected = {k: v.shape for k, v in empty_model(config).state_dict().items()}
     files = weight_files(src, (SAFETENSORS, PICKLED))
     tower_files = (files_or_none(tower) or []) if tower is not None else []  # a tower dir may hold only a config
-    files += tower_files
+    parts = {file: "vision" for file in tower_files}
+    for part, directory in towers.items():  # LanguageBind's towers: a whole LanguageBind model each
+        parts.update({file: part for file in weight_files(directory, (SAFETENSORS, PICKLED))})
+    files += [file for file in parts if file not in files]
     with staged(out, force) as tmp:
         writer, seen = ShardWriter(tmp, max_shard_bytes), {}
         for i, file in enumerate(files, 1):
             start, count = time.perf_counter(), 0
             for key, tensor in read_tensors(file):
                 try:
-                    target = map_key(key, config, "vision" if file in tower_files else None)
+                    name = f"video_tower.{key}" if parts.get(file) == "video" and key.startswith("vision_model.") \
+                        else key  # the video tower's vision_model is minifastv's video tower
+                    target = map_key(name, config, parts.get(file))
                 except ConversionError as e:
                     raise ConversionError(f"{file}: {e}") from None
                 if target is None:
                     continue
+                if target not in expected:  # the temporal attention's weights, for a config without it
+                    raise ConversionError(f"{file}: {key!r} has no place in the model {src / CONFIG} describes "
+                                          f"({target}; temporal attention: {getattr(config, 'temporal', False)})")
                 if target in seen:
                     raise ConversionError(f"{file}: {key!r} and {seen[target]!r} both map to {target!r}")
                 if tensor.shape != expected[target]:
@@ -309,7 +366,8 @@ def convert(src, out, *, vision_tower=None, dtype=None, tokenizer=None, force=Fa
         if missing:
             raise ConversionError(f"{src}: no source tensor for {missing[:5]}{' ...' if len(missing) > 5 else ''}"
                                   + ("; the vision tower is missing: pass --vision-tower DIR"
-                                     if any(m.startswith("vision.") for m in missing) and tower is None else ""))
+                                     if any(m.startswith("vision.") for m in missing) and tower is None
+                                     and not towers else ""))
         writer.close()
         (tmp / CONFIG).write_text(json.dumps(output_config.to_dict(), indent=2) + "\n")
         shutil.copyfile(tokenizer_file, tmp / TOKENIZER)

@@ -1,6 +1,6 @@
-"""From images and text to what the model takes: prompt ids (one placeholder id per image), preprocessed
-pixels in placeholder order and an attention mask, for a batch left-padded so that every sample's last
-token is in the last column; and the checks every input passes before the model uses it."""
+"""From images, videos and text to what the model takes: prompt ids (one placeholder id per image or video),
+preprocessed pixels in placeholder order and an attention mask, for a batch left-padded so that every sample's
+last token is in the last column; and the checks every input passes before the model uses it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from .image import ImageError, preprocess
-from .tokenizer import IMAGE_MARKER, Tokenizer, chat_prompt
+from .tokenizer import IMAGE_MARKER, VICUNA_SYSTEM, Tokenizer, chat_prompt
+from .video import frames_pixels
 
 IGNORE = -100  # label of a token the loss does not train on (prompt, padding), as torch's cross_entropy
 
@@ -22,10 +23,14 @@ class Batch:
     attention_mask: torch.Tensor          # [B, T], 0 at padding
     pixel_values: torch.Tensor | None     # [n_images, 3, S, S], sample 0's images first, each in prompt order
     labels: torch.Tensor | None = None    # [B, T] training targets, IGNORE where nothing is learnt
+    video_values: torch.Tensor | None = None  # [n_videos, n_frames, 3, S, S], as pixel_values
 
     def model_inputs(self) -> dict:
-        """Keyword arguments for LlavaModel.prefill/forward and generate/stream."""
-        return {"input_ids": self.input_ids, "pixel_values": self.pixel_values, "attention_mask": self.attention_mask}
+        """Keyword arguments for LlavaModel.prefill/forward and generate/stream (video_values only when the batch
+        has videos: a model without video takes none)."""
+        videos = {} if self.video_values is None else {"video_values": self.video_values}
+        return {"input_ids": self.input_ids, "pixel_values": self.pixel_values, "attention_mask": self.attention_mask,
+                **videos}
 
 
 def image_pixels(config, images: Sequence[Image.Image], names: Sequence[str] | None = None) -> torch.Tensor | None:
@@ -43,6 +48,22 @@ def image_pixels(config, images: Sequence[Image.Image], names: Sequence[str] | N
     return torch.stack(pixels)
 
 
+def video_values(config, videos, names: Sequence[str] | None = None) -> torch.Tensor | None:
+    """Videos, each a list of PIL frames or a preprocessed [n_frames, 3, S, S] tensor (video.video_pixels reads a
+    file into one), as [n, n_frames, 3, S, S]; `names` label them in error messages."""
+    if not videos:
+        return None
+    if getattr(config, "n_frames", None) is None:
+        raise ValueError("this model takes no video (its config has no video tower)")
+    out = []
+    for i, video in enumerate(videos):
+        try:
+            out.append(video if isinstance(video, torch.Tensor) else frames_pixels(video, config))
+        except (ImageError, ValueError) as e:
+            raise type(e)(f"{names[i] if names else f'video {i}'}: {e}") from None
+    return torch.stack(out)
+
+
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, labels: Sequence[Sequence[int]] | None = None):
     """(ids [B, T], attention mask [B, T], labels [B, T] or None) with each row right-aligned."""
     T = max(map(len, rows))
@@ -53,41 +74,61 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, labels: Sequence[Sequen
     return ids, mask, torch.tensor([[IGNORE] * (T - len(r)) + list(lab) for r, lab in zip(rows, labels)])
 
 
-def questions(tokenizer: Tokenizer, config, requests: Sequence[tuple[Sequence[Image.Image], str]],
-              names: Sequence[str] | None = None) -> Batch:
-    """One single-turn prompt (LLaVA-1.5's vicuna_v1 template, images first) per (images, question); `names`
-    label the images (in order) in error messages."""
+def questions(tokenizer: Tokenizer, config, requests: Sequence[tuple], names: Sequence[str] | None = None,
+              video_names: Sequence[str] | None = None) -> Batch:
+    """One single-turn prompt (LLaVA-1.5's vicuna_v1 template, images then videos first) per (images, question)
+    or (images, question, videos); `names` and `video_names` label the images and videos (in order) in error
+    messages."""
     rows = []
-    for images, question in requests:
-        if not question.strip():
-            raise ValueError("the prompt is empty: it has no question")
-        if IMAGE_MARKER in question:
-            raise ValueError(f"the question contains {IMAGE_MARKER!r}: images are passed separately (--image on "
-                             "the command line) and the prompt gets one placeholder per image")
-        rows.append(tokenizer.encode_prompt(chat_prompt(question, n_images=len(images))))
+    for images, question, *videos in requests:
+        check_question(tokenizer, question)
+        rows.append(tokenizer.encode_prompt(chat_prompt(question, n_images=len(images), system=system_line(config),
+                                                        n_videos=len(videos[0]) if videos else 0)))
     ids, mask, _ = left_pad(rows, config.text.pad_token_id)
-    return Batch(ids, mask, image_pixels(config, [im for images, _ in requests for im in images], names))
+    every_video = [v for _, _, *videos in requests for v in (videos[0] if videos else ())]
+    return Batch(ids, mask, image_pixels(config, [im for images, *_ in requests for im in images], names),
+                 video_values=video_values(config, every_video, video_names))
 
 
-def encode_conversation(tokenizer: Tokenizer, turns: Sequence[tuple[str, str]], n_images: int = 1):
+def check_question(tokenizer: Tokenizer, question: str) -> None:
+    if not question.strip():
+        raise ValueError("the prompt is empty: it has no question")
+    for marker in tokenizer.markers:
+        if marker in question:
+            kind = "image" if marker == IMAGE_MARKER else "video"
+            raise ValueError(f"the question contains {marker!r}: {kind}s are passed separately (--{kind} on the "
+                             f"command line) and the prompt gets one placeholder per {kind}")
+
+
+def system_line(config) -> str:
+    """The system line a checkpoint's prompts start with: its config's (a video model may say), else vicuna_v1's."""
+    system = getattr(config, "system", None)
+    return VICUNA_SYSTEM if system is None else system
+
+
+def encode_conversation(tokenizer: Tokenizer, turns: Sequence[tuple[str, str]], n_images: int = 1,
+                        n_videos: int = 0, system: str = VICUNA_SYSTEM):
     """A multi-turn dialogue as LLaVA trains on it: "<system> USER: <image>\\n q1 ASSISTANT: a1 </s> USER: q2
     ASSISTANT: a2 </s> ...". Returns (ids, labels): labels are the answers and their EOS, IGNORE elsewhere."""
     ids, labels = [], []
     for t, (question, answer) in enumerate(turns):
-        prompt = tokenizer.encode_prompt(chat_prompt(question, n_images=n_images)) if t == 0 else \
-            tokenizer.encode_turn(question)
+        prompt = tokenizer.encode_prompt(chat_prompt(question, n_images, system, n_videos)) if t == 0 \
+            else tokenizer.encode_turn(question)
         target = tokenizer.encode_text(answer) + [tokenizer.eos_token_id]
         ids += prompt + target
         labels += [IGNORE] * len(prompt) + target
     return ids, labels
 
 
-def conversations(tokenizer: Tokenizer, config,
-                  dialogues: Sequence[tuple[Sequence[Image.Image], Sequence[tuple[str, str]]]]) -> Batch:
-    """A training batch: one (images, [(question, answer), ...]) dialogue per sample, with labels."""
-    encoded = [encode_conversation(tokenizer, turns, len(images)) for images, turns in dialogues]
+def conversations(tokenizer: Tokenizer, config, dialogues: Sequence[tuple]) -> Batch:
+    """A training batch: one (images, [(question, answer), ...]) or (images, turns, videos) dialogue per sample,
+    with labels."""
+    encoded = [encode_conversation(tokenizer, turns, len(images), len(videos[0]) if videos else 0, system_line(config))
+               for images, turns, *videos in dialogues]
     ids, mask, labels = left_pad([e[0] for e in encoded], config.text.pad_token_id, [e[1] for e in encoded])
-    return Batch(ids, mask, image_pixels(config, [im for images, _ in dialogues for im in images]), labels)
+    every_video = [v for _, _, *videos in dialogues for v in (videos[0] if videos else ())]
+    return Batch(ids, mask, image_pixels(config, [im for images, *_ in dialogues for im in images]), labels,
+                 video_values(config, every_video))
 
 
 def check_inputs(config, input_ids, pixel_values, attention_mask) -> torch.Tensor:
@@ -111,9 +152,12 @@ def check_inputs(config, input_ids, pixel_values, attention_mask) -> torch.Tenso
     if n_images != n_given:
         raise ValueError(f"the prompt has {n_images} image placeholder(s) (id {config.image_token_id}) "
                          f"but {n_given} image(s) were given")
-    if (is_image & ~mask).any():
-        raise ValueError("an image placeholder lies under attention_mask == 0")
-    bad = ~is_image & mask & ((input_ids < 0) | (input_ids >= config.text.vocab_size))
+    others = [getattr(config, name, None) for name in ("video_token_id", "frame_token_id")]
+    placeholder = is_image | torch.isin(input_ids, torch.tensor([t for t in others if t is not None], dtype=torch.long,
+                                                                 device=input_ids.device))
+    if (placeholder & ~mask).any():
+        raise ValueError("an image or video placeholder lies under attention_mask == 0")
+    bad = ~placeholder & mask & ((input_ids < 0) | (input_ids >= config.text.vocab_size))
     if bad.any():
         raise ValueError(f"token id {int(input_ids[bad][0])} is outside the vocabulary [0, {config.text.vocab_size})")
     return mask

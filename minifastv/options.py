@@ -39,6 +39,8 @@ def model_arguments(p, default_method="none"):
                    help=f"CPU threads (default: the physical cores, {physical_cores()} here)")
     p.add_argument("--check-weights", action="store_true",
                    help="scan every weight for NaN/inf while loading (conversion already does)")
+    p.add_argument("--frames", type=int, help="frames sampled from each video, for a video model without temporal "
+                                              "attention (default: the checkpoint's n_frames)")
 
 
 def pruner_from_args(args, default=None):
@@ -138,6 +140,9 @@ def add_convert_arguments(p):
     p.add_argument("src", help="source checkpoint directory (config.json + weights)")
     p.add_argument("out", help="output directory (must not exist unless --force)")
     p.add_argument("--vision-tower", help="CLIP checkpoint directory, for original LLaVA checkpoints without one")
+    p.add_argument("--image-tower", help="LanguageBind_Image directory, for an original Video-LLaVA checkpoint")
+    p.add_argument("--video-tower", help="LanguageBind_Video_merge directory, for an original Video-LLaVA checkpoint "
+                                         "(its temporal attention included)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="output dtype (default: the source config's dtype, else float32)")
     p.add_argument("--tokenizer", help="tokenizer.json to ship (default: SRC/tokenizer.json)")
@@ -191,6 +196,8 @@ def load_pipeline(args):
         from .quant import set_activations
 
         set_activations(model, args.activations)
+    if getattr(args, "frames", None) is not None:
+        pipe.use_frames(args.frames)
     seconds, rss = time.perf_counter() - start, peak_rss_bytes()
     quant = model.config.quant
     print(f"{args.model}: {'float' if quant is None else quant.method} decoder linears"

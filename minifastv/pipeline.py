@@ -1,5 +1,5 @@
-"""A checkpoint's model and tokenizer together, and the way from images and a question to an answer with a
-report of what the model did (image tokens kept, FLOPs, times)."""
+"""A checkpoint's model and tokenizer together, and the way from images or videos and a question to an answer
+with a report of what the model did (visual tokens kept, FLOPs, times)."""
 
 from __future__ import annotations
 
@@ -18,61 +18,98 @@ from .inputs import Batch, questions
 from .models.generate import stream
 from .models.llava import LlavaModel
 from .pruning import Pruner
-from .tokenizer import IMAGE_MARKER, Tokenizer
+from .tokenizer import FRAME_MARKER, Tokenizer
 
 
 @dataclass
 class Answer:
     text: str
     token_ids: list[int]            # the generated ids, EOS excluded
-    n_prompt_tokens: int            # images counted as their patches
-    n_image_tokens: int
-    kept_image_slots: list[int]     # merged-sequence slots of the image tokens that survived pruning
+    n_prompt_tokens: int            # images and videos counted as their tokens
+    n_image_tokens: int             # visual tokens: images' and videos'
+    kept_image_slots: list[int]     # merged-sequence slots of the visual tokens that survived pruning
     flops: int                      # theoretical decoder FLOPs of the prefill that ran
     flops_unpruned: int             # the same prefill without pruning
     prefill_s: float                # until the first token: vision tower + prefill
     decode_s: float
     decode_steps: int
     ended: bool = True              # False when the token budget ran out before EOS
-    image_starts: list[int] = dataclasses.field(default_factory=list)  # each image's first slot, as kept_image_slots
+    groups: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)  # per image and per video frame,
+    #   in prompt order: (first slot, as kept_image_slots; tokens; the frame's index in its video, -1 for an image)
     prompt_ids: list[int] = dataclasses.field(default_factory=list)  # the prompt as the model receives it: one id
-    #   per image placeholder, no padding (rebuild a template's prompt from it, or check one)
+    #   per image or video placeholder, no padding (rebuild a template's prompt from it, or check one)
 
     @classmethod
     def of(cls, tokenizer: Tokenizer, pre, i: int, ids: list[int], prefill_s: float, decode_s: float, steps: int,
-           ended: bool, n_patches: int, prompt_ids: list[int] = ()) -> Answer:
-        """Sample i of a Stream's run: its generated ids and what the prefill `pre` reports of it, kept image
-        slots counted from the sample's own first slot (a batch left-pads it); n_patches: tokens per image."""
+           ended: bool, model, prompt_ids: list[int]) -> Answer:
+        """Sample i of a Stream's run: its generated ids and what the prefill `pre` reports of it, kept visual
+        slots counted from the sample's own first slot (a batch left-pads it); prompt_ids: its prompt unpadded."""
         padding = pre.valid.shape[1] - pre.n_prompt_tokens()[i]
-        starts = (pre.image_mask[i].nonzero()[:, 0] - padding)[::n_patches].tolist()  # each image's first slot
         return cls(tokenizer.decode(ids), ids, pre.n_prompt_tokens()[i], pre.n_image_tokens()[i],
                    [s - padding for s in pre.kept_image_slots()[i]], pre.flops[i], pre.flops_unpruned[i],
-                   prefill_s, decode_s, steps, ended, starts, list(prompt_ids))
+                   prefill_s, decode_s, steps, ended, visual_groups(model, prompt_ids), list(prompt_ids))
 
     @property
     def kept(self) -> int:
         return len(self.kept_image_slots)
 
     def as_json(self) -> dict:
-        """What generate --json prints: the fields (but `ended` and `image_starts`), the kept image token
-        count and the kept patches per image."""
-        fields = {key: value for key, value in dataclasses.asdict(self).items() if key not in ("ended", "image_starts")}
-        return {**fields, "kept_image_tokens": self.kept, "kept_patches": self.kept_patches}
+        """What generate --json prints: the fields (but `ended` and `groups`), the kept visual token count, the
+        kept patches per image and per video frame, and per video the frames whose class token was kept."""
+        fields = {key: value for key, value in dataclasses.asdict(self).items() if key not in ("ended", "groups")}
+        videos = {"kept_class_tokens": self.kept_class_tokens} if self.has_video else {}
+        return {**fields, "kept_image_tokens": self.kept, "kept_patches": self.kept_patches, **videos}
+
+    def kept_in(self, start: int, n: int) -> list[int]:
+        return [s - start for s in self.kept_image_slots if start <= s < start + n]
 
     @property
     def kept_patches(self) -> list[list[int]]:
-        """Per image, the kept patches as row-major indices of its patch grid (what `analyze` prints), where
-        kept_image_slots are positions in the prompt."""
-        if not self.image_starts:
-            return []
-        n = self.n_image_tokens // len(self.image_starts)
-        return [[s - start for s in self.kept_image_slots if start <= s < start + n] for start in self.image_starts]
+        """Per image and per video frame (in prompt order), the kept patches as row-major indices of its patch grid
+        (what `analyze` prints), where kept_image_slots are positions in the prompt."""
+        return [[s - (f >= 0) for s in self.kept_in(start, n) if s >= (f >= 0)] for start, n, f in self.groups]
+
+    @property
+    def kept_class_tokens(self) -> list[list[int]]:
+        """Per video, the frames whose class token (a frame's first token) was kept."""
+        out = []
+        for start, n, f in self.groups:
+            if f == 0:
+                out.append([])
+            if f >= 0 and 0 in self.kept_in(start, n):
+                out[-1].append(f)
+        return out
+
+    @property
+    def has_video(self) -> bool:
+        return any(f >= 0 for *_, f in self.groups)
 
     def summary(self) -> str:
         n, t = self.decode_steps, self.decode_s
         decode = f", decode {n} step{'' if n == 1 else 's'} in {t * 1e3:.0f} ms ({n / t:.1f} tokens/s)" if n else ""
-        return (f"image tokens kept {self.kept}/{self.n_image_tokens}, theoretical prefill FLOPs "
+        kind = "visual" if self.has_video else "image"
+        return (f"{kind} tokens kept {self.kept}/{self.n_image_tokens}, theoretical prefill FLOPs "
                 f"{self.flops / self.flops_unpruned:.1%}, prefill {self.prefill_s * 1e3:.0f} ms{decode}")
+
+
+def visual_groups(model, prompt_ids: list[int]) -> list[tuple[int, int, int]]:
+    """Where each image and each video frame lies in the merged sequence of one unpadded prompt: (first slot,
+    tokens, the frame's index in its video or -1 for an image). A frame's first token is its class token."""
+    spans, cfg = model.spans(), model.config
+    video_id, n_frames = getattr(model, "video_placeholder", None), getattr(cfg, "n_frames", 1)
+    per_frame = getattr(cfg, "frame_token_id", None) is not None  # the original's layout: a placeholder a frame
+    groups, slot, frames_seen = [], 0, 0
+    for token in prompt_ids:
+        n = spans.get(token, 1)
+        if token == video_id and per_frame:
+            groups.append((slot, n, frames_seen % n_frames))
+            frames_seen += 1
+        elif token == video_id:
+            groups += [(slot + f * (n // n_frames), n // n_frames, f) for f in range(n_frames)]
+        elif token == cfg.image_token_id:
+            groups.append((slot, n, -1))
+        slot += n
+    return groups
 
 
 class Pipeline:
@@ -86,25 +123,50 @@ class Pipeline:
     def load(cls, path: str | Path, **kwargs) -> Pipeline:
         return cls(load(path, **kwargs), load_tokenizer(path))
 
-    def inputs(self, images: Sequence[str | Path | Image.Image], question: str) -> Batch:
-        """The single-turn prompt and the preprocessed images of one question (image files are read here)."""
-        return self.questions([(images, question)])
+    def inputs(self, images: Sequence[str | Path | Image.Image], question: str, videos: Sequence = ()) -> Batch:
+        """The single-turn prompt and the preprocessed images and videos of one question (files are read here)."""
+        return self.questions([(images, question, videos)])
 
     def questions(self, requests) -> Batch:
-        """inputs.questions for (images, question) pairs whose images may be files (read here, and named by
-        their path in error messages) or PIL images."""
-        names = [str(im) if not isinstance(im, Image.Image) else f"image {i}"
-                 for i, im in enumerate(im for images, _ in requests for im in images)]
-        loaded = [([im if isinstance(im, Image.Image) else load_image(im) for im in images], q)
-                  for images, q in requests]
-        return questions(self.tokenizer, self.model.config, loaded, names)
+        """inputs.questions for (images, question) or (images, question, videos) requests whose images may be
+        files (read here, and named by their path in error messages) or PIL images, and whose videos may be
+        files (read with PyAV, the [video] extra), lists of PIL frames or preprocessed [frames, 3, S, S]."""
+        images = [im for images, *_ in requests for im in images]
+        videos = [v for _, _, *videos in requests for v in (videos[0] if videos else ())]
+        names = [f"image {i}" if isinstance(im, Image.Image) else str(im) for i, im in enumerate(images)]
+        video_names = [str(v) if isinstance(v, (str, Path)) else f"video {i}" for i, v in enumerate(videos)]
+        loaded = [([im if isinstance(im, Image.Image) else load_image(im) for im in images], q,
+                   [self.read_video(v) if isinstance(v, (str, Path)) else v for v in (videos[0] if videos else ())])
+                  for images, q, *videos in requests]
+        return questions(self.tokenizer, self.model.config, loaded, names, video_names)
 
-    def answer(self, images, question: str, *, prune: Pruner | None = None, max_new_tokens: int = 64,
-               temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
-               on_text: Callable[[str], None] | None = None) -> Answer:
+    def use_frames(self, n: int) -> None:
+        """Sample n frames from each video instead of the checkpoint's n_frames: a video model without temporal
+        attention takes any number (its frames are laid one after another), one with it only its own."""
+        cfg = self.model.config
+        if getattr(cfg, "n_frames", None) is None:
+            raise ValueError(f"--frames {n}: this model ({cfg.family}) takes no video")
+        if cfg.temporal and n != cfg.n_frames:
+            raise ValueError(f"--frames {n}: this model's video tower has temporal attention learnt for "
+                             f"{cfg.n_frames} frames, so it takes {cfg.n_frames}")
+        self.model.config = dataclasses.replace(cfg, n_frames=n)  # ConfigError (a ValueError) for a bad n
+        if self.tokenizer.frames is not None:  # the original's layout writes a placeholder per frame
+            self.tokenizer.frames = " ".join([FRAME_MARKER] * n)
+
+    def read_video(self, path: str | Path) -> torch.Tensor:
+        """A video file as the model sees it: [n_frames, 3, S, S] (minifastv.video)."""
+        from .video import video_pixels
+
+        if getattr(self.model.config, "n_frames", None) is None:
+            raise ValueError(f"{path}: this model ({self.model.config.family}) takes no video")
+        return video_pixels(path, self.model.config)
+
+    def answer(self, images, question: str, *, videos: Sequence = (), prune: Pruner | None = None,
+               max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+               generator: torch.Generator | None = None, on_text: Callable[[str], None] | None = None) -> Answer:
         """Greedy (or sampled) answer. on_text(piece) gets the answer as it is produced; the pieces join to
         exactly the decoded answer (subwords and multi-byte characters included)."""
-        batch = self.inputs(images, question)
+        batch = self.inputs(images, question, videos)
         run = stream(self.model, **batch.model_inputs(), max_new_tokens=max_new_tokens, prune=prune,
                      temperature=temperature, top_p=top_p, eos_token_id=self.model.config.text.eos_token_id,
                      generator=generator)
@@ -113,8 +175,9 @@ class Pipeline:
     def answer_batch(self, requests, *, prune: Pruner | None = None, max_new_tokens: int = 64,
                      temperature: float = 0.0, top_p: float = 1.0,
                      generator: torch.Generator | None = None) -> list[Answer]:
-        """Answers to (images, question) pairs run as one left-padded batch; each with the model's report of
-        its own sample (kept image tokens, FLOPs), the batch's prefill time, and its own decode: the steps
+        """Answers to (images, question) or (images, question, videos) requests run as one left-padded batch; each
+        with the model's report of its own sample (kept visual tokens, FLOPs), the batch's prefill time, and its
+        own decode: the steps
         until its answer was complete (its EOS, or the token budget) and the time they took."""
         batch = self.questions(requests)
         eos = self.model.config.text.eos_token_id
@@ -129,7 +192,7 @@ class Pipeline:
             last = row.index(eos) if eos in row else len(row) - 1  # the step that completed this answer
             answers.append(Answer.of(self.tokenizer, run.prefill, i, row[:last + (eos not in row)],
                                      stamps[0] - start, stamps[last] - stamps[0], last, eos in row,
-                                     self.model.config.vision.n_patches, prompt_ids(batch, i)))
+                                     self.model, prompt_ids(batch, i)))
         return answers
 
     def collect(self, run, on_text=None, prompt: list[int] = ()) -> Answer:
@@ -149,7 +212,7 @@ class Pipeline:
                 on_text(piece)
         end = time.perf_counter()
         return Answer.of(self.tokenizer, run.prefill, 0, out, first - start, end - first, steps, steps + 1 > len(out),
-                         self.model.config.vision.n_patches, prompt)
+                         self.model, prompt)
 
 
 def prompt_ids(batch: Batch, i: int) -> list[int]:
@@ -158,35 +221,40 @@ def prompt_ids(batch: Batch, i: int) -> list[int]:
 
 
 class Chat:
-    """A conversation about one image in LLaVA's vicuna_v1 multi-turn format. The first question encodes the
-    image and prunes it (`prune`) once; later ones append "</s>USER: q ASSISTANT:" to the kept KV cache, so
-    only their own tokens are computed. `reset()` starts over."""
+    """A conversation about one image (or one video) in LLaVA's vicuna_v1 multi-turn format. The first question
+    encodes the image and prunes it (`prune`) once; later ones append "</s>USER: q ASSISTANT:" to the kept KV
+    cache, so only their own tokens are computed. `reset()` starts over."""
 
-    def __init__(self, pipe: Pipeline, image, *, prune: Pruner | None = None, **sampling):
-        self.pipe, self.image, self.prune, self.sampling = pipe, image, prune, sampling
+    def __init__(self, pipe: Pipeline, image=None, *, video=None, prune: Pruner | None = None, **sampling):
+        if (image is None) == (video is None):
+            raise ValueError("a conversation is about one image or one video: give exactly one of them")
+        self.pipe, self.prune, self.sampling = pipe, prune, sampling
+        self.media = ([image], []) if video is None else ([], [video])
         self.reset()
 
     def reset(self):
         self.cache = self.position = None
         self.pending: list[int] = []  # generated tokens not yet in the cache: the last answer's end
-        self.image_report: dict | None = None  # the first turn's image tokens, kept slots and image starts
+        self.image_report: dict | None = None  # the first turn's visual tokens, kept slots and groups
 
     def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> Answer:
         tok, eos = self.pipe.tokenizer, self.pipe.model.config.text.eos_token_id
+        visual, prompt = {}, ()
         if self.cache is None:
-            batch = self.pipe.inputs([self.image], question)
-            ids, pixels, prune = batch.input_ids, batch.pixel_values, self.prune
+            batch = self.pipe.inputs(self.media[0], question, self.media[1])
+            ids, pixels, prune, prompt = batch.input_ids, batch.pixel_values, self.prune, prompt_ids(batch, 0)
+            visual = {"video_values": batch.video_values} if batch.video_values is not None else {}
         else:
-            if not question.strip() or IMAGE_MARKER in question:
-                raise ValueError("a later question needs text, and no <image>: the conversation has its image")
+            if not question.strip() or any(marker in question for marker in tok.markers):
+                raise ValueError("a later question needs text, and no <image> or <video>: the conversation has its "
+                                 "image or video")
             ids, pixels, prune = torch.tensor([self.pending + tok.encode_turn(question)]), None, None
         run = stream(self.pipe.model, ids, pixels, prune=prune, eos_token_id=eos, cache=self.cache,
-                     position=self.position, **{"max_new_tokens": 256, **self.sampling})
-        answer = self.pipe.collect(run, on_text)
+                     position=self.position, **{"max_new_tokens": 256, **self.sampling}, **visual)
+        answer = self.pipe.collect(run, on_text, prompt)
         if self.image_report is None:
-            self.image_report = {key: getattr(answer, key) for key in ("n_image_tokens", "kept_image_slots",
-                                                                        "image_starts")}
-        else:  # a later turn's prefill sees no image; the cache holds the first turn's kept image tokens
+            self.image_report = {key: getattr(answer, key) for key in ("n_image_tokens", "kept_image_slots", "groups")}
+        else:  # a later turn's prefill sees no image; the cache holds the first turn's kept visual tokens
             answer = dataclasses.replace(answer, **self.image_report)
         self.cache, self.position = run.cache, run.position
         # The cache lacks the last token sampled: EOS, or the answer's last when the budget ran out (then an

@@ -1,26 +1,44 @@
-"""Tokenizer: a thin layer over the `tokenizers` library that knows about images and the vicuna_v1 template."""
+"""Tokenizer: a thin layer over the `tokenizers` library that knows about images, videos and the vicuna_v1
+template."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from tokenizers import Tokenizer as _Tokenizer
 from tokenizers.decoders import DecodeStream
 
 IMAGE_MARKER = "<image>"
+VIDEO_MARKER = "<video>"
+FRAME_MARKER = "<frame>"  # a video model with the original's prompt layout writes a video as one per frame
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 
 
-def chat_prompt(question: str, n_images: int = 1, system: str = VICUNA_SYSTEM) -> str:
-    """LLaVA-1.5's vicuna_v1 single-turn prompt; images go first, each on its own line."""
-    return f"{system} USER: {(IMAGE_MARKER + chr(10)) * n_images}{question} ASSISTANT:"
+def media(n_images: int, n_videos: int = 0) -> str:
+    """The markers a turn starts with: images first, then videos, each on its own line."""
+    return (IMAGE_MARKER + "\n") * n_images + (VIDEO_MARKER + "\n") * n_videos
+
+
+def chat_prompt(question: str, n_images: int = 1, system: str = VICUNA_SYSTEM, n_videos: int = 0) -> str:
+    """LLaVA-1.5's vicuna_v1 single-turn prompt (Video-LLaVA's llava_v1 is the same with its own system line;
+    "" leaves it out); images and videos go first, each on its own line."""
+    return f"{system + ' ' if system else ''}USER: {media(n_images, n_videos)}{question} ASSISTANT:"
 
 
 class Tokenizer:
-    def __init__(self, tokenizer: _Tokenizer, *, bos_token_id: int, eos_token_id: int, image_token_id: int):
+    def __init__(self, tokenizer: _Tokenizer, *, bos_token_id: int, eos_token_id: int, image_token_id: int,
+                 video_token_id: int | None = None, frame_token_id: int | None = None, n_frames: int = 0):
         self.tok = tokenizer
         self.bos_token_id, self.eos_token_id, self.image_token_id = bos_token_id, eos_token_id, image_token_id
+        self.video_token_id = video_token_id  # None: the model takes no video, and "<video>" is plain text
+        self.markers = {IMAGE_MARKER: image_token_id, **({VIDEO_MARKER: video_token_id} if video_token_id is not None
+                                                         else {})}
+        # The original Video-LLaVA's layout: "<video>" is written as n_frames frame placeholders joined by spaces.
+        self.frames = None if frame_token_id is None else " ".join([FRAME_MARKER] * n_frames)
+        if frame_token_id is not None:
+            self.markers[FRAME_MARKER] = frame_token_id
         # A word-level vocabulary (the tiny model's) maps every word it lacks to one unknown token: those words
         # are reported rather than read as <unk>. (LLaMA's tokenizer falls back to bytes and knows them all.)
         unk = getattr(tokenizer.model, "unk_token", None) if type(tokenizer.model).__name__ == "WordLevel" else None
@@ -39,22 +57,24 @@ class Tokenizer:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        """BOS, then each text chunk between "<image>" markers tokenized on its own, joined by one image id each.
+        """BOS, then each text chunk between "<image>" (and, for a video model, "<video>") markers tokenized on
+        its own, joined by one placeholder id per marker.
 
         This is LLaVA's tokenizer_image_token: chunks are tokenized separately (so a chunk after an image
         starts afresh, e.g. with SentencePiece's leading space), and BOS appears once, at the start.
         """
         ids = [self.bos_token_id]
-        for i, chunk in enumerate(prompt.split(IMAGE_MARKER)):
-            if i > 0:
-                ids.append(self.image_token_id)
-            ids.extend(self.encode_text(chunk))
+        if self.frames is not None:
+            prompt = prompt.replace(VIDEO_MARKER, self.frames)
+        pieces = re.split("(" + "|".join(map(re.escape, self.markers)) + ")", prompt)
+        for i, piece in enumerate(pieces):
+            ids.extend([self.markers[piece]] if i % 2 else self.encode_text(piece))
         return ids
 
-    def encode_turn(self, question: str, n_images: int = 0) -> list[int]:
+    def encode_turn(self, question: str, n_images: int = 0, n_videos: int = 0) -> list[int]:
         """A later turn of a vicuna_v1 conversation, after the previous answer and its EOS: "USER: q ASSISTANT:",
-        its images (if any) first, each on its own line, as in chat_prompt."""
-        return self.encode_prompt(f"USER: {(IMAGE_MARKER + chr(10)) * n_images}{question} ASSISTANT:")[1:]
+        its images and videos (if any) first, each on its own line, as in chat_prompt."""
+        return self.encode_prompt(f"USER: {media(n_images, n_videos)}{question} ASSISTANT:")[1:]
 
     def encode_text(self, text: str) -> list[int]:
         """Ids of plain text (no BOS); words the vocabulary lacks are an error that names them."""
@@ -80,7 +100,7 @@ class Tokenizer:
         return self.tok.encode(text, add_special_tokens=False), text
 
     def decode(self, ids) -> str:
-        ids = [int(i) for i in ids if int(i) != self.image_token_id]
+        ids = [int(i) for i in ids if int(i) not in self.markers.values()]
         return self.tok.decode(ids, skip_special_tokens=True)
 
     def text_stream(self) -> TextStream:
@@ -103,6 +123,6 @@ class TextStream:
         self.decoder = DecodeStream(skip_special_tokens=True)  # the tokenizers library's incremental decoding
 
     def push(self, token_id: int) -> str:
-        if token_id == self.tokenizer.image_token_id:  # as decode(): image placeholders are not text
+        if token_id in self.tokenizer.markers.values():  # as decode(): placeholders are not text
             return ""
         return self.decoder.step(self.tokenizer.tok, int(token_id)) or ""

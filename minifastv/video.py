@@ -9,6 +9,7 @@ by seeking to the keyframe before it. Every failure is a VideoError naming the f
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from .image import preprocess
 
 MAX_FRAME_PIXELS = 4096 * 4096   # a frame larger than this is refused before anything is decoded
 SEEK_ABOVE = 600                  # frames: a shorter video is decoded in one pass, a longer one by seeking
+MAX_FRAMES = 1_000_000            # frames a video may have (a header that says none: frames decoded in one pass)
 
 
 class VideoError(ValueError):
@@ -38,14 +40,19 @@ def _av():
     return av
 
 
-def read_frames(path: str | Path, n_frames: int, max_pixels: int = MAX_FRAME_PIXELS) -> list[Image.Image]:
-    """`n_frames` RGB frames of the video file at `path`, sampled uniformly (see the module's docstring)."""
+def read_frames(path: str | Path | bytes, n_frames: int, max_pixels: int = MAX_FRAME_PIXELS,
+                max_frames: int = MAX_FRAMES, name: str | None = None) -> list[Image.Image]:
+    """`n_frames` RGB frames of the video file at `path` (or the video in `bytes`, called `name` in errors),
+    sampled uniformly (see the module's docstring)."""
     av = _av()
-    path = Path(path)
-    if not path.is_file():
-        raise VideoError(f"{path}: no such file")
+    if isinstance(path, bytes):
+        source, path = io.BytesIO(path), name or "the video"
+    else:
+        path = source = Path(path)
+        if not path.is_file():
+            raise VideoError(f"{path}: no such file")
     try:
-        container = av.open(str(path))
+        container = av.open(source if isinstance(source, io.BytesIO) else str(source))
     except (av.FFmpegError, UnicodeDecodeError, ValueError) as e:
         raise VideoError(f"{path}: not a video ({e})") from None
     with container:
@@ -55,8 +62,10 @@ def read_frames(path: str | Path, n_frames: int, max_pixels: int = MAX_FRAME_PIX
         width, height = stream.codec_context.width, stream.codec_context.height
         if width * height > max_pixels:
             raise VideoError(f"{path}: frames of {width} x {height} pixels, above the cap of {max_pixels} pixels")
+        if stream.frames > max_frames:
+            raise VideoError(f"{path}: {stream.frames} frames, above the cap of {max_frames}")
         try:
-            frames = _decode(container, stream, n_frames, path)
+            frames = _decode(container, stream, n_frames, path, max_frames)
         except av.FFmpegError as e:
             raise VideoError(f"{path}: the video stream is damaged ({e})") from None
     if not frames:
@@ -67,11 +76,19 @@ def read_frames(path: str | Path, n_frames: int, max_pixels: int = MAX_FRAME_PIX
     return frames
 
 
-def _decode(container, stream, n_frames: int, path: Path) -> list[Image.Image]:
+def _decode(container, stream, n_frames: int, path, max_frames: int) -> list[Image.Image]:
     n_total = stream.frames  # from the container's header; 0 where it does not say
-    if n_total == 0 or n_total <= SEEK_ABOVE:
-        every = [frame.to_image() for frame in container.decode(stream)]  # a short video: one pass
-        return [every[i] for i in sample_indices(len(every), n_frames)] if every else []
+    if n_total <= SEEK_ABOVE:  # a short video, or one whose header does not say: count the frames (within the
+        n_total = 0            # cap), then decode again keeping only the sampled ones
+        for n_total, _ in enumerate(container.decode(stream), 1):
+            if n_total > max_frames:
+                raise VideoError(f"{path}: more than the cap of {max_frames} frames")
+        if n_total == 0:
+            return []
+        container.seek(0)
+        wanted = sample_indices(n_total, n_frames)
+        kept = {i: frame.to_image() for i, frame in enumerate(container.decode(stream)) if i in wanted}
+        return [kept[i] for i in wanted]
     # A long video: seek to the keyframe before each sampled frame and decode up to it. The index becomes a time
     # (variable frame rates make frame n a moment, not a count); the sampled frame is the first at or after it.
     rate = n_total / float(stream.duration * stream.time_base) if stream.duration else float(stream.average_rate)
@@ -89,7 +106,14 @@ def _decode(container, stream, n_frames: int, path: Path) -> list[Image.Image]:
 
 def video_pixels(path: str | Path, config, max_pixels: int = MAX_FRAME_PIXELS) -> torch.Tensor:
     """[n_frames, 3, S, S]: the video at `path` as the video model `config` sees it."""
-    frames = read_frames(path, config.n_frames, max_pixels)
+    return frames_pixels(read_frames(path, config.n_frames, max_pixels), config)
+
+
+def frames_pixels(frames, config) -> torch.Tensor:
+    """[n_frames, 3, S, S]: a video's frames (PIL images, as many as the model `config` takes) preprocessed as
+    Video-LLaVA preprocesses them: short side resized to the model's size (bicubic), centre crop, normalised."""
+    if len(frames) != config.n_frames:
+        raise VideoError(f"the model takes videos of {config.n_frames} frames, got {len(frames)}")
     size = config.vision.image_size
     return torch.stack([preprocess(frame.convert("RGB"), size, "crop", config.image_mean, config.image_std)
                         for frame in frames])

@@ -28,6 +28,19 @@ def twin():
 
 
 @pytest.fixture(scope="session")
+def random_video_dir(tmp_path_factory):
+    """A tiny Video-LLaVA checkpoint (train_tiny.py's tiny video preset and tokenizer) with seeded random weights:
+    the mechanics of video at the entry points, not the answers' quality (test_tiny_video.py checks those)."""
+    import minifastv
+    import train_tiny
+
+    path = tmp_path_factory.mktemp("video") / "tiny-video"
+    tok = train_tiny.build_tokenizer(video=True)
+    minifastv.save(train_tiny.build_model(tok, seed=3), tok, path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_pipe():
     """The shipped tiny model in float32, with its tokenizer; shared, so tests read it and never change it."""
     from minifastv import Pipeline

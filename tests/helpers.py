@@ -100,22 +100,31 @@ def build_tokenizer(path: Path) -> Path:
 
 
 @torch.no_grad()
-def assert_batch_equals_alone(model, prompts, pixels, prune=None, new_tokens=8):
-    """A left-padded batch of `prompts` (lists of ids; `pixels`: one tensor of images per prompt) gives each
-    sample what it gives alone: the same kept image slots (shifted by the extra padding), tokens per layer
-    and FLOPs, last-position logits within 1e-4 and greedy tokens. Returns the batch's Prefill."""
+def assert_batch_equals_alone(model, prompts, pixels, prune=None, new_tokens=8, videos=None):
+    """A left-padded batch of `prompts` (lists of ids; `pixels`: one tensor of images per prompt, or None;
+    `videos`: likewise, video_values per prompt) gives each sample what it gives alone: the same kept image
+    slots (shifted by the extra padding), tokens per layer and FLOPs, last-position logits within 1e-4 and
+    greedy tokens. Returns the batch's Prefill."""
     from minifastv import generate
     from minifastv.inputs import left_pad
 
+    def joined(tensors):
+        given = [t for t in tensors if t is not None]
+        return torch.cat(given) if given else None
+
+    videos = [None] * len(prompts) if videos is None else videos
+    visual = (lambda v: {} if v is None else {"video_values": v})
     ids, mask, _ = left_pad(prompts, pad_id=0)
-    batch = model.prefill(ids, torch.cat(pixels), attention_mask=mask, prune=prune)
-    batch_gen = generate(model, ids, torch.cat(pixels), attention_mask=mask, max_new_tokens=new_tokens, prune=prune)
-    for i, (prompt, px) in enumerate(zip(prompts, pixels)):
-        alone = model.prefill(torch.tensor([prompt]), px, prune=prune)
+    every = visual(joined(videos))
+    batch = model.prefill(ids, joined(pixels), attention_mask=mask, prune=prune, **every)
+    batch_gen = generate(model, ids, joined(pixels), attention_mask=mask, max_new_tokens=new_tokens, prune=prune,
+                         **every)
+    for i, (prompt, px, video) in enumerate(zip(prompts, pixels, videos)):
+        alone = model.prefill(torch.tensor([prompt]), px, prune=prune, **visual(video))
         offset = batch.valid.shape[1] - alone.valid.shape[1]              # extra left padding in the batch
         assert [s - offset for s in batch.kept_image_slots()[i]] == alone.kept_image_slots()[0]
         assert batch.layer_tokens[i].tolist() == alone.layer_tokens[0].tolist() and batch.flops[i] == alone.flops[0]
         assert (batch.logits[i, -1] - alone.logits[0, -1]).abs().max() <= 1e-4
         assert batch_gen[i].tolist() == generate(model, torch.tensor([prompt]), px, max_new_tokens=new_tokens,
-                                                 prune=prune)[0].tolist()
+                                                 prune=prune, **visual(video))[0].tolist()
     return batch

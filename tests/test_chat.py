@@ -154,11 +154,14 @@ def test_chat_checks_its_image_before_the_first_question(monkeypatch, capsys, tm
     assert code == 2 and message in capsys.readouterr().err and not asked
 
 
-def test_chat_takes_one_image(capsys):
+@pytest.mark.parametrize("given", [["--image", "I", "--image", "I"], ["--image", "I", "--video", "V"], []])
+def test_chat_takes_one_image_or_one_video(capsys, given):
     from minifastv.cli import main
+    from minifastv.data import SAMPLES
 
-    assert main(["chat", "--image", str(IMAGE), "--image", str(IMAGE)]) == 2
-    assert "chat is about one image, got 2 --image options" in capsys.readouterr().err
+    files = {"I": str(IMAGE), "V": str(SAMPLES / "heldout_video_0.mkv")}
+    assert main(["chat", *[files.get(a, a) for a in given]]) == 2
+    assert f"chat is about one image or one video, got {len(given) // 2} (--image, --video)" in capsys.readouterr().err
 
 
 def test_a_full_context_says_to_reset(monkeypatch, capsys):

@@ -1,5 +1,6 @@
 """The command line, end to end on the shipped tiny model, as a user runs it."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -296,8 +297,11 @@ def test_generate_batch_file_answers_every_line_in_order(model_dir, capsys, tmp_
 
 
 @pytest.mark.parametrize("options, message", [
-    (("--batch", "x.jsonl", "--prompt", "what colour"), "--batch FILE takes the images and prompts from the file"),
-    ((), "generate needs --image and --prompt, or --batch FILE.jsonl"),
+    (("--batch", "x.jsonl", "--prompt", "what colour"), "--batch FILE takes the images, videos and prompts from the "
+                                                        "file: drop --image, --video and --prompt"),
+    (("--batch", "x.jsonl", "--video", "v.mp4"), "--batch FILE takes the images, videos and prompts from the file"),
+    ((), "generate needs --image or --video, and --prompt; or --batch FILE.jsonl"),
+    (("--video", "v.mp4"), "generate needs --image or --video, and --prompt"),
 ])
 def test_generate_input_mistakes(model_dir, capsys, options, message):
     from minifastv.cli import main
@@ -570,3 +574,50 @@ def test_bench_quant_packs_int4_once_and_reports_ratios_to_llama_cpp(capsys, tmp
     assert "minifastv int8 / llama.cpp Q8_0: TTFT / prompt time off 1.00x, K=2 R=0.5 0.50x; decode speed 0.50x, 0.50x" in out
     assert "minifastv int8 + int8 activations / llama.cpp Q8_0: TTFT" in out
     assert "| int8 + int8 activations | bfloat16 | K=2 R=0.5 | 288 |" in out
+
+
+def test_bench_quant_video_llava_shape(monkeypatch, capsys, tmp_path):
+    """--family video-llava: Video-LLaVA-7B's shape with one 8-frame video (2,056 video tokens in a prompt of
+    2,112), its own checkpoints, measured through the video tower and the video placeholder, and a report that
+    gives the prompt's length, llama.cpp's time at that length and FastV's FLOPs at 632 and at 2,112 tokens."""
+    import argparse
+
+    import minifastv
+    import minifastv.bench.cpu7b as cpu7b
+    import train_tiny
+    from minifastv.models.video_llava import VIDEO_LLAVA_7B
+
+    config = cpu7b.config_7b(2, None, "video-llava")
+    assert config == dataclasses.replace(VIDEO_LLAVA_7B, text=dataclasses.replace(VIDEO_LLAVA_7B.text, n_layers=2))
+    ids, visual = cpu7b.random_prompt(config)
+    assert ids[0].tolist().count(config.video_token_id) == 1 and list(visual) == ["video_values"]
+    assert list(visual["video_values"].shape) == [1, 8, 3, 224, 224]
+    assert cpu7b.prompt_tokens("video-llava") == 2112 and cpu7b.prompt_tokens("llava") == 632
+    built = []
+    monkeypatch.setattr(cpu7b, "build_checkpoint", lambda path, config, log: built.append((path.name, config)) or path)
+    monkeypatch.setattr(cpu7b, "measure_in_child", lambda *args: {})
+    monkeypatch.setattr(cpu7b, "pack_for_this_cpu", lambda path, log: None)
+    monkeypatch.setattr(cpu7b, "report", lambda *args: None)
+    monkeypatch.setattr(cpu7b, "measure_in_child", lambda *args, **kw: {})
+    assert cpu7b.main(["--quant", "int8", "--family", "video-llava", "--layers", "2", "--ref-layers", "1",
+                       "--workdir", str(tmp_path)]) == 0
+    assert [name for name, _ in built] == ["video-llava-int8-2layers", "video-llava-float-1layers"]
+    assert all(c.family == "video-llava" for _, c in built)
+    # The measurement itself, on a tiny video model: the vision time is the video tower's, FastV keeps half.
+    tok = train_tiny.build_tokenizer(video=True)
+    minifastv.save(train_tiny.build_model(tok, seed=0), tok, tmp_path / "v")
+    got = cpu7b.measure(tmp_path / "v", ["off", "K=2 R=0.5"], 1, 2, 1, "float32")
+    assert got["prompt_tokens"] == 56 + 136 and got["settings"]["K=2 R=0.5"]["kept"] == 68
+    setting = {"kept": 1028, "first_ttft_s": 90.0, "ttft_s": 60.0, "ttft_spread_s": 1.0, "decode_tok_s": 3.0}
+    run = {"dtype": "float32", "load_s": 2.0, "peak_rss": 8 << 30,
+           "settings": {"off": dict(setting, ttft_s=120.0), "K=2 R=0.5": setting}}
+    peer = {"build": "test", "runs": {"Q8_0": {"pp_tok_s": 21.12, "tg_tok_s": 6.0, "peak_rss": 7 << 30}}}
+    args = argparse.Namespace(layers=32, ref_layers=4, decode_tokens=16, repeats=2, family="video-llava")
+    monkeypatch.undo()
+    cpu7b.report(args, {"int8": run}, {"x": {"vision_s": 2.0, "dtype": "float32", "settings": {}}}, peer)
+    out = capsys.readouterr().out
+    assert "Video-LLaVA-7B shape, 32 decoder layers, random weights; prompt 2112 tokens (2056 video)" in out
+    assert "| Q8_0 | 100.0 | 6.00 | 7.00 |" in out and "prompt 2112 tokens s" in out
+    assert "632 tokens (576 visual): K=2 R=0.5 56.5%" in out and "2112 tokens (2056 visual): K=2 R=0.5 52.0%" in out
+    assert "measured TTFT saved at 2112 tokens, int8: K=2 R=0.5 50%" in out
+    assert "minifastv int8 / llama.cpp Q8_0: TTFT / prompt time off 1.20x, K=2 R=0.5 0.60x" in out

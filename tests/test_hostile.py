@@ -457,7 +457,7 @@ def test_cli_names_what_was_expected(cli, tmp_path):
     assert code == 2 and "wide.png: image is 20000x10" in err, err
     code, err = run("analyze", "--model", model, "--image", image, "--image", image, "--prompt", "what colour",
                     "--out-dir", tmp_path / "a")
-    assert code == 2 and "analyze looks at one image, got 2" in err, err
+    assert code == 2 and "analyze looks at one image or one video, got 2 (--image, --video)" in err, err
 
 
 def test_an_unconverted_checkpoint_says_how_to_convert_it(cli, hf_source, tmp_path):

@@ -66,3 +66,43 @@ def test_the_page_streams_the_answer_and_outlines_the_kept_patches(browser, tmp_
     assert len(browser.find_elements(By.CSS_SELECTOR, "#turns li.user")) == 2
     shot = Path(os.environ.get("MINIFASTV_SCREENSHOT", tmp_path / "page.png"))
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+
+
+def test_the_page_takes_a_video_and_outlines_the_kept_patches_frame_by_frame(browser, tmp_path, start_server,
+                                                                             random_video_dir):
+    """A video model's page: the server sends the sampled frames as the model sees them, and after the answer
+    each frame shows its own kept patches and a bar for its class token, as the library reports them."""
+    import json
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from minifastv.pipeline import Pipeline
+
+    pipe = Pipeline.load(random_video_dir, dtype="float32")
+    q = json.loads((SAMPLES / "video_questions.json").read_text())[0]
+    server = start_server("--model", str(random_video_dir))
+    browser.get(server.url + "/")
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: len(Select(d.find_element(By.ID, "method")).options) > 1)
+    assert "videos of 8 frames" in browser.find_element(By.ID, "model").text
+    browser.find_element(By.ID, "file").send_keys(str(SAMPLES / q["video"]))
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#frames .frame img")) == 8)
+    Select(browser.find_element(By.ID, "method")).select_by_value("fastv")
+    browser.find_element(By.ID, "question").send_keys(q["question"])
+    browser.find_element(By.ID, "send").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#turns li.assistant.done")) == 1)
+    assert browser.find_element(By.ID, "error").get_attribute("hidden") is not None
+    alone = pipe.answer([], q["question"], videos=[SAMPLES / q["video"]], prune=make("fastv", 0.5))
+    text = browser.execute_script("return document.querySelector('#turns li.assistant').firstChild.data;")
+    assert text == alone.text
+    frames = browser.find_elements(By.CSS_SELECTOR, "#frames .frame")
+    for f, frame in enumerate(frames):
+        rects = frame.find_elements(By.CSS_SELECTOR, "svg rect")
+        kept = [i for i, r in enumerate(rects) if r.get_attribute("class") == "kept"]
+        assert len(rects) == 16 and kept == alone.kept_patches[f]
+        bar = frame.find_element(By.CSS_SELECTOR, ".cls").get_attribute("class")
+        assert bar == ("cls kept" if f in alone.kept_class_tokens[0] else "cls dropped")
+    assert browser.find_element(By.ID, "kept").text == f"{alone.kept} / 136"
+    shot = Path(os.environ.get("MINIFASTV_VIDEO_SCREENSHOT", tmp_path / "video_page.png"))
+    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000

@@ -142,3 +142,21 @@ def test_without_pyav_the_message_names_the_extra(monkeypatch, tmp_path):
                         if name == "av" else real(name, *a, **k))
     with pytest.raises(VideoError, match=r"pip install 'minifastv\[video\]'"):
         read_frames(tmp_path / "x.mp4", 8)
+
+
+def test_a_video_in_memory_reads_as_the_file_does_and_is_named_in_errors(tmp_path):
+    path = write_video(tmp_path / "v.mp4", 20, shade=lambda i: 12 * i)
+    assert reds(read_frames(path.read_bytes(), 8)) == reds(read_frames(path, 8))
+    with pytest.raises(VideoError, match=r"^upload 3: not a video"):
+        read_frames(b"not a video", 8, name="upload 3")
+
+
+@pytest.mark.parametrize("suffix, message", [(".mp4", "12 frames, above the cap of 11"),   # the header counts
+                                             (".mkv", "more than the cap of 11 frames")])  # it does not
+def test_a_cap_on_frames_refuses_a_longer_video_by_name(tmp_path, suffix, message):
+    """mp4 says how many frames it has (refused from the header), Matroska does not (refused while counting,
+    without keeping a frame)."""
+    path = write_video(tmp_path / f"v{suffix}", 12)
+    assert len(read_frames(path, 8, max_frames=12)) == 8
+    with pytest.raises(VideoError, match=rf"v\{suffix}: {message}"):
+        read_frames(path, 8, max_frames=11)

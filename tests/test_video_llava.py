@@ -93,6 +93,19 @@ def test_the_converted_config_is_video_llavas(pair):
     assert ours.spans() == {IMAGE_TOKEN: N_PATCHES, VIDEO_TOKEN: N_VIDEO}
 
 
+def test_the_hf_prompt_is_transformers_documented_one(pair):
+    """No system line: "USER: <video>\n{question} ASSISTANT:", the video placeholder as its one id."""
+    from minifastv.pipeline import Pipeline
+
+    _, _, root = pair
+    pipe = Pipeline.load(root / "out", dtype=None)
+    assert pipe.model.config.system == ""
+    ids = pipe.inputs([], "what is it", [frames(1, 0)[0]]).input_ids[0].tolist()
+    tok = pipe.tokenizer
+    assert ids == [tok.bos_token_id] + tok.encode_text("USER: ") + [VIDEO_TOKEN] + tok.encode_text(
+        "\nwhat is it ASSISTANT:")
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("case", CASES)
 def test_logits_match_transformers(pair, case):
@@ -276,7 +289,7 @@ def reference_temporal_tower(state, cfg, videos):
             p = f"video.blocks.{i}."
             mixed = torch.empty_like(x)
             for n in range(x.shape[1]):                                               # one token position
-                seq = x[:, n] + state[p + "temporal_embedding"]                       # its frames, in order
+                seq = x[:, n] + state[p + "temporal_embedding"].reshape(-1, D)        # its frames, in order
                 h = ln(seq, (D,), state[p + "temporal_norm.weight"], state[p + "temporal_norm.bias"], eps)
                 mixed[:, n] = seq + reference_attention(h, state, p + "temporal_attn.", heads)
             for f in range(len(frames)):                                              # one frame
@@ -309,3 +322,123 @@ def test_the_temporal_video_tower_matches_a_reference_written_from_its_descripti
     assert (plain.video(videos.flatten(0, 1))[0].view_as(ref) - ref).abs().max() > 1e-2    # the frames do mix
     ids = torch.tensor([prompt(2, 6, (), (1,))])
     assert model(ids, video_values=videos[:1]).shape == (1, 1 + 6 + N_VIDEO, VOCAB)       # BOS, text, the video
+
+
+def write_original_layout(hf, root, tokenizer_from):
+    """The original Video-LLaVA's files from transformers' weights: the decoder and projector under model.*
+    (model.mm_projector.{0,2}), and each tower as a whole LanguageBind model in its own directory (vision_model.*,
+    plus a text half that conversion drops); the video tower with temporal attention, random, as
+    LanguageBind_Video_merge stores it. Returns (source, image tower, video tower, the towers' tensors)."""
+    hf_state = {k: v.clone() for k, v in hf.state_dict().items()}
+    src, image, video = (root / name for name in ("src", "LanguageBind_Image", "LanguageBind_Video_merge"))
+    for d in (src, image, video):
+        d.mkdir(parents=True)
+    text = {"model." + k.removeprefix("model.language_model."): v for k, v in hf_state.items()
+            if k.startswith("model.language_model.")}
+    text["lm_head.weight"] = hf_state["lm_head.weight"]
+    for i, j in ((1, 0), (2, 2)):
+        for p in ("weight", "bias"):
+            text[f"model.mm_projector.{j}.{p}"] = hf_state[f"model.multi_modal_projector.linear_{i}.{p}"]
+    save_file(text, str(src / "model.safetensors"))
+    vision = hf.config.vision_config
+    g = torch.Generator().manual_seed(77)
+    towers = {}
+    for directory, prefix, temporal in ((image, "model.image_tower.", False), (video, "model.video_tower.", True)):
+        state = {"vision_model." + k.removeprefix(prefix): v for k, v in hf_state.items() if k.startswith(prefix)}
+        D = vision.hidden_size
+        if temporal:
+            for i in range(vision.num_hidden_layers):
+                p = f"vision_model.encoder.layers.{i}."
+                state[p + "temporal_embedding"] = torch.randn(1, FRAMES, D, generator=g) * 0.3
+                state[p + "temporal_layer_norm1.weight"] = 1 + torch.randn(D, generator=g) * 0.2
+                state[p + "temporal_layer_norm1.bias"] = torch.randn(D, generator=g) * 0.2
+                for x in ("q", "k", "v", "out"):
+                    state[p + f"temporal_attn.{x}_proj.weight"] = torch.randn(D, D, generator=g) * 0.2
+                    state[p + f"temporal_attn.{x}_proj.bias"] = torch.randn(D, generator=g) * 0.2
+        towers[directory.name] = dict(state)
+        state.update({"text_model.embeddings.token_embedding.weight": torch.zeros(4, 8), "logit_scale": torch.ones(())})
+        save_file(state, str(directory / "model.safetensors"))
+        (directory / "config.json").write_text(json.dumps({"vision_config": {
+            "hidden_size": D, "intermediate_size": vision.intermediate_size, "num_hidden_layers": vision.num_hidden_layers,
+            "num_attention_heads": vision.num_attention_heads, "image_size": vision.image_size,
+            "patch_size": vision.patch_size, "layer_norm_eps": vision.layer_norm_eps, "hidden_act": "quick_gelu",
+            **({"add_time_attn": True, "num_frames": FRAMES} if temporal else {})}}))
+    t = hf.config.text_config
+    (src / "config.json").write_text(json.dumps({
+        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "vocab_size": VOCAB,
+        "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+        "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
+        "num_key_value_heads": t.num_key_value_heads, "rms_norm_eps": t.rms_norm_eps,
+        "max_position_embeddings": t.max_position_embeddings, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+        "mm_image_tower": "LanguageBind/LanguageBind_Image", "mm_video_tower": "LanguageBind/LanguageBind_Video_merge",
+        "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+        "mm_hidden_size": vision.hidden_size, "image_aspect_ratio": "pad", "torch_dtype": "float32"}))
+    (src / "tokenizer.json").write_bytes(tokenizer_from.read_bytes())
+    return src, image, video, towers
+
+
+@torch.no_grad()
+def test_the_original_layout_converts_with_its_temporal_towers_and_prompt(pair, tmp_path):
+    """model.layers.* with LanguageBind_Image and LanguageBind_Video_merge directories: the temporal weights
+    arrive, the config is the original's (a frame placeholder per frame, llava_v1's system line, padded
+    images), and the logits equal a reference built from the source tensors by hand: the temporal tower written
+    from its description, transformers' projector and decoder fed the original's sequence (each frame's 257
+    features where the original writes its image placeholder, a space between frames)."""
+    from minifastv.models.video_llava import LLAVA_V1_SYSTEM
+
+    hf, ours, root = pair
+    src, image, video, towers = write_original_layout(hf, tmp_path, root / "src" / "tokenizer.json")
+    with pytest.raises(ConversionError, match="needs --video-tower DIR"):
+        convert(src, tmp_path / "none", image_tower=image, log=lambda _: None)
+    out = convert(src, tmp_path / "out", image_tower=image, video_tower=video, log=lambda _: None)
+    model = minifastv.load(out, dtype=None)
+    cfg = model.config
+    assert (cfg.frame_token_id, cfg.temporal, cfg.n_frames, cfg.system, cfg.image_token_id, cfg.image_mode) == \
+        (-202, True, FRAMES, LLAVA_V1_SYSTEM, -200, "pad")
+    mine = model.state_dict()
+    written = towers["LanguageBind_Video_merge"]
+    assert torch.equal(mine["video.blocks.1.temporal_attn.o_proj.weight"],
+                       written["vision_model.encoder.layers.1.temporal_attn.out_proj.weight"])
+    # The reference, from the source tensors with names mapped here by hand
+    state = {}
+    for key, tensor in written.items():
+        rest = key.removeprefix("vision_model.")
+        rest = rest.replace("embeddings.class_embedding", "class_embedding").replace(
+            "embeddings.patch_embedding.weight", "patch_embed.weight").replace(
+            "embeddings.position_embedding.weight", "position_embedding").replace("pre_layrnorm", "pre_norm").replace(
+            "encoder.layers.", "blocks.").replace("self_attn.out_proj", "attn.o_proj").replace(
+            "self_attn.", "attn.").replace("temporal_attn.out_proj", "temporal_attn.o_proj").replace(
+            "temporal_layer_norm1", "temporal_norm").replace("layer_norm1", "norm1").replace(
+            "layer_norm2", "norm2").replace("mlp.fc", "fc")
+        state["video." + rest] = tensor
+    videos = frames(1, seed=9)
+    features = reference_temporal_tower(state, cfg, videos)[0]                     # F, 257, D
+    projector = hf.model.multi_modal_projector
+    visual = projector(features)                                                   # F, 257, C
+    space = 7                                                                      # the token between frames
+    head, tail = prompt(3, 4)[:5], prompt(4, 5)[1:]
+    ids = head + [item for f in range(FRAMES) for item in ([-202] + ([space] if f < FRAMES - 1 else []))] + tail
+    embed = hf.get_input_embeddings()
+    pieces, frame = [], 0
+    for token in ids:
+        if token == -202:
+            pieces.append(visual[frame])
+            frame += 1
+        else:
+            pieces.append(embed(torch.tensor([token])))
+    sequence = torch.cat(pieces)[None]
+    reference = hf.lm_head(hf.model.language_model(inputs_embeds=sequence).last_hidden_state)
+    got = model(torch.tensor([ids]), video_values=videos)
+    assert got.shape == reference.shape and (got - reference).abs().max() <= 1e-4
+    # The tokenizer writes the original's layout: "<video>" becomes a frame placeholder per frame, spaces between
+    from minifastv.pipeline import Pipeline
+
+    pipe = Pipeline.load(out, dtype=None)
+    batch = pipe.inputs([], "what happens", [videos[0]])
+    ids = batch.input_ids[0].tolist()
+    assert ids.count(-202) == FRAMES and ids.count(-201) == 0
+    first = ids.index(-202)
+    between = ids[first + 1:ids.index(-202, first + 1)]
+    assert between == pipe.tokenizer.encode_text(" ") and len(between) >= 1
+    assert ids[:first] == pipe.tokenizer.encode_prompt(LLAVA_V1_SYSTEM + " USER: ")
+    assert (pipe.model(**batch.model_inputs()) - model(**batch.model_inputs())).abs().max() == 0

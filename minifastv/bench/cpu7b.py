@@ -1,6 +1,8 @@
-"""LLaVA-1.5-7B on a CPU at full depth: weight-only int8 / int4, FastV off and on, and llama.cpp beside it.
+"""LLaVA-1.5-7B (or Video-LLaVA-7B) on a CPU at full depth: weight-only int8 / int4, FastV off and on, and
+llama.cpp beside it.
 
-    python -m minifastv bench --quant int8 int4 [--layers 32] [--workdir DIR] [--repeats 2] [--peer llama.cpp]
+    python -m minifastv bench --quant int8 int4 [--family video-llava] [--layers 32] [--workdir DIR]
+                              [--repeats 2] [--peer llama.cpp]
 
 1. Builds a random LLaVA-1.5-7B-shaped checkpoint per method on disk, one tensor at a time (the float model is
    never in memory): float parts in fp16 as in the released checkpoints, decoder linears quantized by
@@ -9,13 +11,16 @@
    time to first token (vision tower + prefill of LLaVA's 632-token prompt with one 576-token image) for
    FastV off, K=2 R=0.5 and K=2 R=0.75, the first run (weights paged in from the mapped files) apart from the
    median of the rest, decode tokens/s, and peak RSS. Float weights take the dtype `auto` picks (printed).
+   --family video-llava: Video-LLaVA-7B's shape (CLIP ViT-L/14 at 224 px, an image tower and a video tower,
+   vocabulary 32064) with one 8-frame video: 2,056 video tokens in a prompt of 2,112; the video tower's 8
+   frames replace the image in the vision time.
 3. The float reference: the same model with float linears and --ref-layers decoder layers (fp32 7B does not
    fit in 24 GiB), timed the same way and scaled to the full depth per layer.
 4. --peer llama.cpp (needs the gguf package, `pip install -e ".[peer]"`, and llama.cpp's llama-bench and
    llama-quantize, on PATH or in --peer-bin): the same decoder as a GGUF with random weights, quantized by
-   llama-quantize to Q8_0 and Q4_0 and timed by llama-bench (prompt of 632 tokens, 16 generated) with the
-   same threads, in the same run.
-   llama.cpp's figure is the decoder alone, without a vision tower.
+   llama-quantize to Q8_0 and Q4_0 and timed by llama-bench (a prompt as long as minifastv's, 16 generated)
+   with the same threads, in the same run. llama.cpp's figure is the decoder alone, without a vision tower
+   (llama.cpp has no Video-LLaVA: for the video shape it is the decoder-only anchor at the same length).
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from ..config import LlavaConfig, QuantConfig
 from ..files import ShardWriter, staged
 from ..machine import auto_dtype, peak_rss_bytes, physical_cores, set_threads
 from ..models.generate import stream
-from ..pruning import FastV
+from ..models.video_llava import VIDEO_LLAVA_7B
+from ..pruning import FastV, theoretical_flops
 from ..quant import int8_gemm_exact, set_activations
 from ..quant.linear import cpu_int4_block, quantized_tensors
 from .machine import describe
@@ -46,8 +52,11 @@ SETTINGS = {"off": None, "K=2 R=0.5": FastV(2, 0.5), "K=2 R=0.75": FastV(2, 0.75
 GiB = 2**30
 
 
-def config_7b(layers: int, quant: QuantConfig | None) -> LlavaConfig:
-    base = LlavaConfig.from_name("llava-1.5-7b")
+FAMILIES = {"llava": ("LLaVA-1.5-7B", ""), "video-llava": ("Video-LLaVA-7B", "video-llava-")}  # name, files' prefix
+
+
+def config_7b(layers: int, quant: QuantConfig | None, family: str = "llava") -> LlavaConfig:
+    base = VIDEO_LLAVA_7B if family == "video-llava" else LlavaConfig.from_name("llava-1.5-7b")
     return dataclasses.replace(base, text=dataclasses.replace(base.text, n_layers=layers), quant=quant)
 
 
@@ -83,12 +92,16 @@ def build_checkpoint(path: Path, config: LlavaConfig, log) -> Path:
 
 
 def random_prompt(config: LlavaConfig):
-    """BOS, 35 system tokens, the image placeholder, 20 question tokens: 632 tokens once the image is widened."""
+    """(ids, visual inputs): BOS, 35 system tokens, the image placeholder (a video model's: a video placeholder),
+    20 question tokens: 632 tokens once LLaVA-1.5's image is widened, 2,112 once Video-LLaVA's 8 frames are."""
     g = torch.Generator().manual_seed(1)
-    text = torch.randint(4, min(config.text.vocab_size, 30000), (55,), generator=g).tolist()
-    ids = [config.text.bos_token_id] + text[:35] + [config.image_token_id] + text[35:]
-    pixels = torch.randn(1, 3, config.vision.image_size, config.vision.image_size, generator=g)
-    return torch.tensor([ids]), pixels
+    size, video = config.vision.image_size, getattr(config, "n_frames", None)
+    placeholder = config.video_token_id if video else config.image_token_id
+    words = [i for i in range(4, min(config.text.vocab_size, 30000)) if i not in (placeholder, config.image_token_id)]
+    text = [words[i] for i in torch.randint(len(words), (55,), generator=g).tolist()]
+    ids = [config.text.bos_token_id] + text[:35] + [placeholder] + text[35:]
+    shape = (1, video, 3, size, size) if video else (1, 3, size, size)
+    return torch.tensor([ids]), {"video_values" if video else "pixel_values": torch.randn(shape, generator=g)}
 
 
 @torch.inference_mode()
@@ -103,15 +116,16 @@ def measure(path: Path, settings: list[str], repeats: int, decode_tokens: int, t
         set_activations(model, "int8")
     result = {"load_s": time.perf_counter() - start, "rss_after_load": peak_rss_bytes(),
               "dtype": str(model.dtype).removeprefix("torch."), "settings": {}}
-    ids, pixels = random_prompt(model.config)
+    ids, visual = random_prompt(model.config)
     start = time.perf_counter()
-    model.encode_images(pixels)
+    model.encode_videos(visual["video_values"]) if "video_values" in visual else model.encode_images(**visual)
     result["vision_s"] = time.perf_counter() - start
+    result["prompt_tokens"] = model.merged_slots(ids)[1]
     for name in settings:
         runs = []
         for _ in range(repeats + 1):
             stamps = [time.perf_counter()]
-            run = stream(model, ids, pixels, max_new_tokens=decode_tokens, prune=SETTINGS[name])
+            run = stream(model, ids, max_new_tokens=decode_tokens, prune=SETTINGS[name], **visual)
             for _ in run:
                 stamps.append(time.perf_counter())
             runs.append((stamps[1] - stamps[0], (len(stamps) - 2) / (stamps[-1] - stamps[1])))
@@ -159,7 +173,9 @@ def pack_for_this_cpu(path: Path, log):
 def float_reference(args, log) -> dict:
     """The float model at --ref-layers depth, in fp32 and (where `auto` picks it) bf16; per-layer figures are
     scaled to --layers in the report."""
-    path = build_checkpoint(Path(args.workdir) / f"float-{args.ref_layers}layers", config_7b(args.ref_layers, None), log)
+    prefix = FAMILIES[args.family][1]
+    path = build_checkpoint(Path(args.workdir) / f"{prefix}float-{args.ref_layers}layers",
+                            config_7b(args.ref_layers, None, args.family), log)
     chosen = args.dtype if args.dtype != "auto" else str(auto_dtype(torch.device("cpu"))[0]).removeprefix("torch.")
     dtypes = dict.fromkeys(["float32", chosen])
     return {dtype: measure_in_child(path, ["off", "K=2 R=0.5"], args, dtype) for dtype in dtypes}
@@ -168,12 +184,35 @@ def float_reference(args, log) -> dict:
 def peer_llama_cpp(args, log) -> dict:
     from .llama_cpp import run_peer
 
-    return run_peer(Path(args.workdir), args.layers, args.threads, args.decode_tokens, args.peer_bin, log)
+    return run_peer(Path(args.workdir), args.layers, args.threads, args.decode_tokens, args.peer_bin, log,
+                    prompt_tokens(getattr(args, "family", "llava")))
+
+
+def prompt_tokens(family: str) -> int:
+    """The benchmark prompt's length with its image or video widened: 632 (LLaVA-1.5), 2,112 (Video-LLaVA)."""
+    config = config_7b(1, None, family)
+    visual = config.n_frames * (config.vision.n_patches + 1) if family == "video-llava" else config.vision.n_patches
+    return len(random_prompt(config)[0][0]) - 1 + visual
+
+
+def pruning_share(layers: int) -> str:
+    """FastV's theoretical prefill FLOPs at LLaVA-1.5's 632 tokens (576 image) and Video-LLaVA's 2,112 (2,056
+    video): the share of the prefill that pruning saves grows with the visual tokens' share of the prompt."""
+    cells = []
+    for family, visual in (("llava", 576), ("video-llava", 2056)):
+        text, n = config_7b(layers, None, family).text, prompt_tokens(family)
+        flops = {name: theoretical_flops(text, n, visual, m) for name, m in SETTINGS.items() if m is not None}
+        ratios = ", ".join(f"{name} {pruned / unpruned:.1%}" for name, (pruned, unpruned) in flops.items())
+        cells.append(f"{n} tokens ({visual} visual): {ratios}")
+    return "theoretical prefill FLOPs of FastV, relative to off: " + "; ".join(cells)
 
 
 def report(args, results: dict, reference: dict, peer: dict | None):
     layers, ref_layers = args.layers, args.ref_layers
-    print(f"\nLLaVA-1.5-7B shape, {layers} decoder layers, random weights; prompt 632 tokens (576 image), "
+    family = getattr(args, "family", "llava")
+    n = prompt_tokens(family)
+    visual = "2056 video" if family == "video-llava" else "576 image"
+    print(f"\n{FAMILIES[family][0]} shape, {layers} decoder layers, random weights; prompt {n} tokens ({visual}), "
           f"{args.decode_tokens} new tokens; medians of {args.repeats} runs after a first one")
     print("| linears | float dtype | FastV | image tokens kept | load s | first TTFT s | TTFT s (spread) | "
           "TTFT vs off | decode tok/s | peak RSS GiB |")
@@ -191,17 +230,23 @@ def report(args, results: dict, reference: dict, peer: dict | None):
             print(f"| float, {ref_layers} layers scaled to {layers} | {ref['dtype']} | {name} | {s['kept']} | - | - | "
                   f"{scale(s['ttft_s']):.1f} | - | {decode:.2f} | - |")
     first = next(iter(reference.values()))
-    print(f"vision tower (CLIP ViT-L/14-336, 23 blocks) alone: {first['vision_s']:.2f} s in {first['dtype']}")
+    tower = "8 frames of CLIP ViT-L/14-224" if family == "video-llava" else "CLIP ViT-L/14-336"
+    print(f"vision tower ({tower}, 23 blocks) alone: {first['vision_s']:.2f} s in {first['dtype']}")
+    print(pruning_share(layers))
+    for label, r in results.items():
+        off = r["settings"]["off"]["ttft_s"]
+        saved = ", ".join(f"{name} {1 - s['ttft_s'] / off:.0%}" for name, s in r["settings"].items() if name != "off")
+        print(f"measured TTFT saved at {n} tokens, {label}: {saved}")
     if peer:
         print(f"\nllama.cpp {peer['build']} (llama-bench, same machine and threads, decoder only, no vision tower)")
-        print("| llama.cpp | prompt 632 tokens s | decode tok/s | peak RSS GiB |\n|---|---|---|---|")
+        print(f"| llama.cpp | prompt {n} tokens s | decode tok/s | peak RSS GiB |\n|---|---|---|---|")
         for name, p in peer["runs"].items():
-            print(f"| {name} | {632 / p['pp_tok_s']:.1f} | {p['tg_tok_s']:.2f} | {p['peak_rss'] / GiB:.2f} |")
+            print(f"| {name} | {n / p['pp_tok_s']:.1f} | {p['tg_tok_s']:.2f} | {p['peak_rss'] / GiB:.2f} |")
         for label, r in results.items():
             peer_name = {"int8": "Q8_0", "int4": "Q4_0"}[label.split()[0]]
             if peer_name in peer["runs"]:
                 p = peer["runs"][peer_name]
-                cells = ", ".join(f"{name} {s['ttft_s'] * p['pp_tok_s'] / 632:.2f}x" for name, s in r["settings"].items())
+                cells = ", ".join(f"{name} {s['ttft_s'] * p['pp_tok_s'] / n:.2f}x" for name, s in r["settings"].items())
                 decode = ", ".join(f"{s['decode_tok_s'] / p['tg_tok_s']:.2f}x" for s in r["settings"].values())
                 print(f"minifastv {label} / llama.cpp {peer_name}: TTFT / prompt time {cells}; decode speed {decode}")
 
@@ -210,6 +255,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m minifastv bench --quant", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quant", nargs="+", choices=list(METHODS), default=["int8", "int4"])
+    p.add_argument("--family", choices=list(FAMILIES), default="llava",
+                   help="llava: LLaVA-1.5-7B, one image (632 tokens); video-llava: Video-LLaVA-7B, one 8-frame video "
+                        "(2,112 tokens)")
     p.add_argument("--layers", type=int, default=32, help="decoder layers (LLaVA-1.5-7B has 32)")
     p.add_argument("--ref-layers", type=int, default=4, help="decoder layers of the float reference")
     p.add_argument("--workdir", default="/tmp/minifastv-bench", help="where the generated checkpoints are kept")
@@ -238,8 +286,8 @@ def main(argv=None) -> int:
     print(f"command: python -m minifastv bench {' '.join(sys.argv[1:] if argv is None else argv)}")
     results = {}
     for method in args.quant:
-        path = build_checkpoint(Path(args.workdir) / f"{method}-{args.layers}layers",
-                                config_7b(args.layers, METHODS[method]), log)
+        path = build_checkpoint(Path(args.workdir) / f"{FAMILIES[args.family][1]}{method}-{args.layers}layers",
+                                config_7b(args.layers, METHODS[method], args.family), log)
         log(f"{method}: measuring {', '.join(SETTINGS)} ({args.repeats} runs after a first one, {args.decode_tokens} "
             f"new tokens) in a child process per activation type")
         if method == "int4":

@@ -2,8 +2,10 @@
 
 What CPU users run instead of minifastv is llama.cpp with a Q8_0 or Q4_0 GGUF. This writes a LLaMA-7B-shaped
 GGUF with random F16 weights (the `gguf` package; nothing is downloaded), quantizes it with llama-quantize and
-times it with llama-bench: prompt processing of 632 tokens (LLaVA-1.5's prompt with one image) and generation
-of a few tokens, same thread count. Peak RSS is read from a wrapper process's children.
+times it with llama-bench: prompt processing at minifastv's prompt length (632 tokens: LLaVA-1.5's prompt with
+one image; 2,112: Video-LLaVA's with one 8-frame video, for which llama.cpp has no model, so the decoder alone
+is the anchor) and generation of a few tokens, same thread count. Peak RSS is read from a wrapper process's
+children.
 """
 
 from __future__ import annotations
@@ -93,7 +95,8 @@ def peak_rss_of(cmd: list[str]) -> tuple[str, int]:
     return "\n".join(lines[:-1]), int(lines[-1])
 
 
-def run_peer(workdir: Path, layers: int, threads: int, decode_tokens: int, bin_dir: str | None, log) -> dict:
+def run_peer(workdir: Path, layers: int, threads: int, decode_tokens: int, bin_dir: str | None, log,
+             prompt: int = 632) -> dict:
     bench, quantize = find_tool("llama-bench", bin_dir), find_tool("llama-quantize", bin_dir)
     workdir.mkdir(parents=True, exist_ok=True)
     f16 = workdir / f"llama7b-{layers}layers-F16.gguf"
@@ -106,7 +109,7 @@ def run_peer(workdir: Path, layers: int, threads: int, decode_tokens: int, bin_d
             start = time.perf_counter()
             subprocess.run([str(quantize), str(f16), str(model), qtype, str(threads)], check=True, capture_output=True)
             log(f"llama-quantize {qtype}: {time.perf_counter() - start:.0f} s")
-        out, rss = peak_rss_of([str(bench), "-m", str(model), "-p", "632", "-n", str(decode_tokens), "-t",
+        out, rss = peak_rss_of([str(bench), "-m", str(model), "-p", str(prompt), "-n", str(decode_tokens), "-t",
                                 str(threads), "-r", "2", "-o", "json"])
         tests = json.loads(out)
         pp = next(t for t in tests if t["n_prompt"] > 0 and t["n_gen"] == 0)

@@ -2,7 +2,8 @@
 
 Each process (lmms-eval splits the requests by rank under `accelerate launch`) holds its own replica, on
 cuda:<local rank> where GPUs exist and on the CPU otherwise. Prompts are LLaVA-1.5's vicuna_v1 single turn with
-the images first, images are preprocessed as the checkpoint's config says (pad to square by default), and
+the images (and a video model's videos: lmms-eval's video tasks give their paths) first, images are preprocessed
+as the checkpoint's config says (pad to square by default), videos as Video-LLaVA samples them, and
 generation runs in left-padded batches (minifastv.Pipeline). A request that cannot be run (no image, an
 unreadable image, a prompt over the context) is logged with its task and document id, answered with "" (or,
 scored, with an infinite loss), and the run goes on. What the model did (image tokens kept, prefill FLOPs relative
@@ -28,7 +29,7 @@ from ..models.cache import KVCache
 from ..options import describe
 from ..pipeline import Answer, Chat, Pipeline
 from ..quant import set_activations
-from ..tokenizer import IMAGE_MARKER
+from ..tokenizer import IMAGE_MARKER, VIDEO_MARKER
 from .settings import DEFAULT_MAX_NEW_TOKENS, RequestError, Sampling, process_layout, pruner
 from .stats import summarize, write_json
 
@@ -99,31 +100,31 @@ class MiniFastV(lmms):
 
     def generate_until(self, requests) -> list[str]:
         out = [""] * len(requests)
-        ready = []  # (request index, images, question, sampling, merged prompt length)
+        ready = []  # (request index, (images, question, videos), sampling, merged prompt length)
         for i, req in enumerate(requests):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
             sampling = Sampling.of(gen_kwargs)  # a task's bad settings end the run: every request would fail
             try:
-                images = self.images(doc_to_visual, task, split, doc_id)
-                question = self.question(context, images)
-                length = self.prompt_length(images, question)
+                images, videos = self.visuals(doc_to_visual, task, split, doc_id)
+                request = (images, self.question(context, images, videos), videos)
+                length = self.prompt_length(request)
                 self.room(length, sampling.max_new_tokens or 1)
             except RequestError as e:
                 self.failed(req, e)
                 continue
-            ready.append((i, images, question, sampling, length))
+            ready.append((i, request, sampling, length))
         # Batches of one sampling setting, longest prompts first (less padding, an over-long batch fails early);
         # text-only requests (require_image=false) apart, as pruning has nothing to prune there.
         groups: dict[tuple[Sampling, bool], list] = {}
-        for r in sorted(ready, key=lambda r: -r[4]):
-            groups.setdefault((r[3], bool(r[1])), []).append(r)
+        for r in sorted(ready, key=lambda r: -r[3]):
+            groups.setdefault((r[2], bool(r[1][0] or r[1][2])), []).append(r)
         chunks = [g[s:s + self.batch_size] for g in groups.values() for s in range(0, len(g), self.batch_size)]
         for chunk in tqdm(chunks, disable=self.rank != 0, desc="minifastv generate_until"):
-            sampling = chunk[0][3]
-            room = min(self.room(r[4], 1) for r in chunk)
+            sampling = chunk[0][2]
+            room = min(self.room(r[3], 1) for r in chunk)
             max_new = min(sampling.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, room)
-            prune = self.prune if chunk[0][1] else None
-            answers = self.pipe.answer_batch([(r[1], r[2]) for r in chunk], prune=prune, max_new_tokens=max_new,
+            prune = self.prune if chunk[0][1][0] or chunk[0][1][2] else None
+            answers = self.pipe.answer_batch([r[1] for r in chunk], prune=prune, max_new_tokens=max_new,
                                              temperature=sampling.temperature, top_p=sampling.top_p,
                                              generator=self.generator)
             for (i, *_), answer in zip(chunk, answers):
@@ -146,9 +147,9 @@ class MiniFastV(lmms):
                     raise RequestError("a request without a document (acc_mutual_info) is not supported")
                 context, target, doc_to_visual, doc_id, task, split = req.args
                 continuation = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
-                images = self.images(doc_to_visual, task, split, doc_id)
+                images, videos = self.visuals(doc_to_visual, task, split, doc_id)
                 ids = self.pipe.tokenizer.encode_text(str(continuation).strip()) + [self.pipe.tokenizer.eos_token_id]
-                batch = self.pipe.questions([(images, self.question(context, images))])
+                batch = self.pipe.questions([(images, self.question(context, images, videos), videos)])
                 loss, greedy, answer = self.score(batch, ids)
                 self.record(req, answer)
             except ValueError as e:  # RequestError, unknown words, ...
@@ -165,7 +166,8 @@ class MiniFastV(lmms):
         self.room(model.merged_slots(batch.input_ids)[1], len(ids))
         cache = KVCache(model.config.text.n_layers, extra=len(ids))
         start = time.perf_counter()
-        prune = self.prune if batch.pixel_values is not None else None  # a text-only request has nothing to prune
+        visual = batch.pixel_values is not None or batch.video_values is not None
+        prune = self.prune if visual else None  # a text-only request has nothing to prune
         pre = model.prefill(**batch.model_inputs(), prune=prune, cache=cache, last_only=True)
         logits = [pre.logits[0, -1:]]
         middle = time.perf_counter()
@@ -176,7 +178,7 @@ class MiniFastV(lmms):
         target = torch.tensor(ids, device=logits.device)
         loss = float(torch.nn.functional.cross_entropy(logits, target))
         answer = Answer.of(self.pipe.tokenizer, pre, 0, ids, middle - start, time.perf_counter() - middle,
-                           len(ids) - 1, True, model.config.vision.n_patches)
+                           len(ids) - 1, True, model, batch.input_ids[0].tolist())
         return loss, bool((logits.argmax(-1) == target).all()), answer
 
     def generate_until_multi_round(self, requests) -> list[list[str]]:
@@ -189,12 +191,14 @@ class MiniFastV(lmms):
             sampling = Sampling.of(gen_kwargs)
             rounds = []
             try:
-                images = self.images(doc_to_visual, task, split, doc_id)
-                if len(images) != 1:
-                    raise RequestError(f"a multi-round conversation is about one image, this one has {len(images)}")
-                chat = Chat(self.pipe, images[0], prune=self.prune, max_new_tokens=sampling.max_new_tokens or 256,
+                images, videos = self.visuals(doc_to_visual, task, split, doc_id)
+                if len(images) + len(videos) != 1:
+                    raise RequestError("a multi-round conversation is about one image or one video, this one has "
+                                       f"{len(images)} image(s) and {len(videos)} video(s)")
+                chat = Chat(self.pipe, images[0] if images else None, video=videos[0] if videos else None,
+                            prune=self.prune, max_new_tokens=sampling.max_new_tokens or 256,
                             temperature=sampling.temperature, top_p=sampling.top_p, generator=self.generator)
-                question, info = self.question(context, images), None
+                question, info = self.question(context, images, videos), None
                 while True:
                     answer = chat.ask(question)
                     if not rounds:  # the first round prunes; later ones only add their own tokens
@@ -212,9 +216,10 @@ class MiniFastV(lmms):
 
     # --- one request's parts ------------------------------------------------------------------------------
 
-    def images(self, doc_to_visual, task, split, doc_id) -> list[Image.Image]:
-        """The document's images, decoded to RGB; a RequestError for no image (unless require_image=false) and
-        for anything that is not a readable image."""
+    def visuals(self, doc_to_visual, task, split, doc_id) -> tuple[list[Image.Image], list[torch.Tensor]]:
+        """The document's images, decoded to RGB, and videos (paths, as lmms-eval's video tasks give them, read as
+        the model samples them); a RequestError for none (unless require_image=false) and for anything that is
+        not a readable image or video."""
         # lmms-eval lets PIL decode truncated files (the missing rows come out grey); here they are errors, also
         # when the task's own code decodes them.
         strict, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
@@ -225,37 +230,45 @@ class MiniFastV(lmms):
                 raise RequestError(f"the task could not produce its image ({type(e).__name__}: {e})") from None
             visuals = [v for v in (visuals or []) if v is not None]
             if not visuals and self.require_image:
-                raise RequestError("no image (pass require_image=false to answer text-only requests)")
-            images = []
+                raise RequestError("no image or video (pass require_image=false to answer text-only requests)")
+            images, videos = [], []
             for n, v in enumerate(visuals):
+                if isinstance(v, str):
+                    try:
+                        videos.append(self.pipe.read_video(v))
+                    except ValueError as e:  # VideoError: the file and the problem; or a model without video
+                        raise RequestError(f"visual {n}: {e}") from None
+                    continue
                 if not isinstance(v, Image.Image):
-                    raise RequestError(f"visual {n} is a {type(v).__name__}, not an image")
+                    raise RequestError(f"visual {n} is a {type(v).__name__}, not an image or a video file")
                 try:
                     v.load()
                     images.append(to_rgb(v))
                 except (OSError, SyntaxError, ValueError) as e:
                     raise RequestError(f"visual {n} is not a readable image ({e})") from None
-            return images
+            return images, videos
         finally:
             ImageFile.LOAD_TRUNCATED_IMAGES = strict
 
     @staticmethod
-    def question(context: str, images) -> str:
-        """The task's text as the user's question. The images go first, each on its own line, as LLaVA-1.5's
-        lmms-eval model puts them; <image> markers in the text (lmms-eval's LLaVA tasks may write them)
-        are taken out."""
+    def question(context: str, images, videos=()) -> str:
+        """The task's text as the user's question. The images (then videos) go first, each on its own line, as
+        LLaVA-1.5's lmms-eval model puts them; <image> and <video> markers in the text (lmms-eval's LLaVA tasks
+        may write them) are taken out."""
         if not isinstance(context, str):
             raise RequestError(f"the context is a {type(context).__name__}, not text")
-        n = context.count(IMAGE_MARKER)
-        if n and n != len(images):
-            raise RequestError(f"the context has {n} {IMAGE_MARKER} marker(s) but {len(images)} image(s)")
-        return context.replace(IMAGE_MARKER + "\n", "").replace(IMAGE_MARKER, "").strip()
+        for marker, given, kind in ((IMAGE_MARKER, images, "image"), (VIDEO_MARKER, videos, "video")):
+            n = context.count(marker)
+            if n and n != len(given):
+                raise RequestError(f"the context has {n} {marker} marker(s) but {len(given)} {kind}(s)")
+            context = context.replace(marker + "\n", "").replace(marker, "")
+        return context.strip()
 
-    def prompt_length(self, images, question: str) -> int:
-        """Tokens of the prompt with each image counted as its patches; errors (unknown words, an empty
-        question) are the request's."""
+    def prompt_length(self, request) -> int:
+        """Tokens of the prompt of an (images, question, videos) request with each image and video counted as its
+        tokens; errors (unknown words, an empty question) are the request's."""
         try:
-            return self.pipe.model.merged_slots(self.pipe.questions([(images, question)]).input_ids)[1]
+            return self.pipe.model.merged_slots(self.pipe.questions([request]).input_ids)[1]
         except ValueError as e:
             raise RequestError(str(e)) from None
 

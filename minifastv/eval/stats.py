@@ -35,3 +35,16 @@ def write_json(path, data):
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     os.replace(tmp, path)
+
+
+def exact_match_by_kind(doc: dict, results: list, kinds) -> dict:
+    """The offline tasks' scores of one document: exact_match (the stripped answer equals doc["answer"]), and
+    under each kind of question (True, correct) for the document's own kind, (False, 0) for the others, so
+    that mean_of_kind counts each kind's documents only."""
+    correct = float(results[0].strip() == doc["answer"])
+    return {"exact_match": correct, **{kind: (kind == doc["kind"], correct) for kind in kinds}}
+
+
+def mean_of_kind(items):
+    scores = [correct for mine, correct in items if mine]
+    return sum(scores) / len(scores) if scores else float("nan")

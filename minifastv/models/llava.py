@@ -1,8 +1,6 @@
-"""The vision-language model: CLIP patch features -> projector -> spliced into the LLaMA input sequence.
-
-Each image is marked in input_ids by ONE placeholder id (config.image_token_id); the model widens that slot into
-the image's n_patches feature vectors, as the original LLaVA does with -200. A family adds kinds (spans()).
-"""
+"""The vision-language model: CLIP patch features -> projector -> spliced into the LLaMA input sequence. Each
+image is marked in input_ids by ONE placeholder id (config.image_token_id); the model widens that slot into the
+image's n_patches feature vectors, as the original LLaVA does with -200. A family adds kinds (spans())."""
 
 from __future__ import annotations
 
@@ -84,22 +82,25 @@ class LlavaModel(nn.Module):
         """Placeholder id -> the slots it widens into: here an image's patches (a family adds its own kinds)."""
         return {self.config.image_token_id: self.config.vision.n_patches}
 
+    def groups(self) -> dict[int, int]:
+        """Placeholder id -> tokens per group of its span that pruning's per-image methods divide (the image)."""
+        return self.spans()
+
     def visual_features(self, input_ids, pixel_values, cls_attention: bool, **visual) -> list[tuple]:
         """Per kind of placeholder: (its id, features [n, span, C] in placeholder order, the class token's
         attention [n, span] with cls_attention, else None)."""
+        if any(value is not None for value in visual.values()):
+            raise ValueError(f"this model ({self.config.family}) takes no {', '.join(visual)}")
         if pixel_values is None:
             return []
         features = self.encode_images(pixel_values, cls_attention)
         return [(self.config.image_token_id, *(features if cls_attention else (features, None)))]
 
     def embed(self, input_ids, pixel_values=None, attention_mask=None, cls_attention: bool = False, **visual):
-        """Token embeddings with each placeholder widened into its features (`visual`: a family's other inputs).
-
-        Returns x [B, T, C], valid [B, T], image_mask [B, T] (every visual slot) and, with cls_attention, the
-        vision tower's class-token attention at each image slot [B, T] (0 elsewhere; else None), with T the
-        longest merged sample; shorter samples (fewer images, or more padding) are left-padded so every
-        sample's last slot is its last token.
-        """
+        """Token embeddings with each placeholder widened into its features (`visual`: a family's other inputs):
+        x [B, T, C], valid [B, T], image_mask [B, T] (every visual slot) and, with cls_attention, the vision
+        tower's class-token attention at each image slot [B, T] (0 elsewhere; else None). T is the longest merged
+        sample; shorter ones are left-padded so every sample's last slot is its last token."""
         mask = check_inputs(self.config, input_ids, pixel_values, attention_mask)
         B, T = input_ids.shape
         is_visual = torch.isin(input_ids, torch.tensor(list(self.spans()), device=input_ids.device))
@@ -138,10 +139,10 @@ class LlavaModel(nn.Module):
                              f"included), more than the context of {self.config.text.max_seq_len}")
         return end - span + (T_out - length)[:, None], T_out
 
-    def loss(self, input_ids, pixel_values, labels, *, attention_mask=None) -> torch.Tensor:
+    def loss(self, input_ids, pixel_values, labels, *, attention_mask=None, **visual) -> torch.Tensor:
         """Mean next-token cross-entropy over the tokens whose label is not IGNORE (-100): labels [B, T] are
         per input token (inputs.conversations makes them: answers only), placed here at their merged slots."""
-        logits = self(input_ids, pixel_values, attention_mask=attention_mask)       # B, T_out, V
+        logits = self(input_ids, pixel_values, attention_mask=attention_mask, **visual)       # B, T_out, V
         start, _ = self.merged_slots(input_ids)
         targets = torch.full(logits.shape[:2], IGNORE, dtype=torch.long, device=logits.device)
         text = ~torch.isin(input_ids, torch.tensor(list(self.spans()), device=input_ids.device))
@@ -168,7 +169,7 @@ class LlavaModel(nn.Module):
         positions = (valid.cumsum(1) - 1).clamp(min=0)         # padding does not advance the position
         if start_position is not None:
             positions = positions + start_position.to(positions.device)[:, None]
-        sizes = {n for token_id, n in self.spans().items() if (input_ids == token_id).any()}
+        sizes = {n for token_id, n in self.groups().items() if (input_ids == token_id).any()}
         seq = self.llm.sequence(x, positions, valid, image=image_mask, vision_attention=vision_scores,
                                 n_patches=sizes.pop() if len(sizes) == 1 else None)  # None: groups of two sizes
         out = self.llm(seq, cache, prune, attention_rows)

@@ -13,6 +13,7 @@ and each token position attends across the frames (a LayerNorm of its own, then 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -27,25 +28,57 @@ from .llava import LlavaModel
 
 @dataclass(frozen=True)
 class VideoLlavaConfig(LlavaConfig):
-    """LlavaConfig (its `vision` describes both towers) with the video placeholder and the frames a video has."""
+    """LlavaConfig (its `vision` describes both towers) with the video placeholder, the frames a video has and
+    the prompt's layout.
+
+    frame_token_id: None for the -hf layout (one video placeholder widens into all the frames); set, the
+    original's layout: a video is written as n_frames placeholders of this id joined by spaces (the original
+    writes its image placeholder once per frame), each widened into one frame. system: the line the prompt
+    starts with (None: LLaVA-1.5's vicuna_v1 line; "" none, as the -hf model's documented prompt)."""
 
     video_token_id: int = 32001
     n_frames: int = 8
     temporal: bool = False  # the original video tower's temporal attention in every block
+    frame_token_id: int | None = None
+    system: str | None = None
     family: ClassVar[str] = "video-llava"
 
     def __post_init__(self):
         super().__post_init__()
         if isinstance(self.n_frames, bool) or not isinstance(self.n_frames, int) or not 0 < self.n_frames <= 1024:
             raise ConfigError(f"n_frames must be an integer in [1, 1024], got {self.n_frames!r}")
-        if self.video_token_id in (self.image_token_id, self.text.bos_token_id, self.text.eos_token_id,
-                                   self.text.pad_token_id):
-            raise ConfigError(f"video_token_id {self.video_token_id} collides with the image or a special token id")
+        special = (self.image_token_id, self.text.bos_token_id, self.text.eos_token_id, self.text.pad_token_id)
+        for name in ("video_token_id", "frame_token_id"):
+            if getattr(self, name) in special or name == "frame_token_id" and self.frame_token_id == self.video_token_id:
+                raise ConfigError(f"{name} {getattr(self, name)} collides with the image, video or a special token id")
+        if self.system is not None and not isinstance(self.system, str):
+            raise ConfigError(f"system must be text, got {self.system!r}")
+
+    @classmethod
+    def from_name(cls, name: str) -> VideoLlavaConfig:
+        if name not in VIDEO_PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(VIDEO_PRESETS)}")
+        return VIDEO_PRESETS[name]
 
 
-# LanguageBind/Video-LLaVA-7B-hf: CLIP ViT-L/14 at 224 px (256 patches), Vicuna-7B with a 32064-row vocabulary.
+# LanguageBind/Video-LLaVA-7B-hf: CLIP ViT-L/14 at 224 px (256 patches), Vicuna-7B with a 32064-row vocabulary;
+# the prompt transformers documents for it: "USER: <video>\n{question} ASSISTANT:", no system line.
 VIDEO_LLAVA_7B = VideoLlavaConfig(vision=VisionConfig(image_size=224), text=TextConfig(vocab_size=32064),
-                                  image_token_id=32000, video_token_id=32001, image_mode="crop")
+                                  image_token_id=32000, video_token_id=32001, image_mode="crop", system="")
+_TINY = LlavaConfig.from_name("tiny")
+VIDEO_PRESETS = {
+    # The tiny model's tower on 32 px frames (4 x 4 patches + the class token: 136 tokens a video), the video
+    # tower with the original's temporal attention, and the decoder with 6 layers, so that FastV's K=5 (the
+    # paper's second video setting) prunes before a layer.
+    "tiny-video": VideoLlavaConfig(vision=dataclasses.replace(_TINY.vision, image_size=32),
+                                   text=dataclasses.replace(_TINY.text, n_layers=6),
+                                   image_token_id=3, video_token_id=4, image_mode="crop", temporal=True),
+    "video-llava-7b": VIDEO_LLAVA_7B,
+}
+
+
+LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                   "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 
 
 class TemporalBlock(VisionBlock):
@@ -55,7 +88,7 @@ class TemporalBlock(VisionBlock):
     def __init__(self, cfg: VisionConfig, n_frames: int):
         super().__init__(cfg)
         self.n_frames = n_frames
-        self.temporal_embedding = nn.Parameter(torch.zeros(n_frames, cfg.dim))
+        self.temporal_embedding = nn.Parameter(torch.zeros(1, n_frames, cfg.dim))  # stored as the original stores it
         self.temporal_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.temporal_attn = VisionAttention(cfg)
 
@@ -81,7 +114,19 @@ class VideoLlavaModel(LlavaModel):
 
     def spans(self) -> dict[int, int]:
         cfg = self.config
+        if cfg.frame_token_id is not None:  # the original's layout: a placeholder per frame
+            return {**super().spans(), cfg.frame_token_id: cfg.vision.n_patches + 1}
         return {**super().spans(), cfg.video_token_id: cfg.n_frames * (cfg.vision.n_patches + 1)}
+
+    def groups(self) -> dict[int, int]:
+        """A video's frames are its groups for the per-image methods: each its class token and its patches."""
+        return {**super().groups(), self.video_placeholder: self.config.vision.n_patches + 1}
+
+    @property
+    def video_placeholder(self) -> int:
+        """The id videos are written with: the video placeholder, or in the original's layout the frame one."""
+        cfg = self.config
+        return cfg.video_token_id if cfg.frame_token_id is None else cfg.frame_token_id
 
     def encode_videos(self, video_values: torch.Tensor) -> torch.Tensor:
         """[V, n_frames, 3, H, W] preprocessed frames -> [V, n_frames * (n_patches + 1), text dim] decoder inputs,
@@ -96,14 +141,20 @@ class VideoLlavaModel(LlavaModel):
         features, _ = self.video(video_values.flatten(0, 1))                 # V * F, n_patches + 1, C
         return self.projector(features).reshape(len(video_values), -1, cfg.text.dim)
 
-    def visual_features(self, input_ids, pixel_values, cls_attention: bool, video_values=None) -> list[tuple]:
-        out = super().visual_features(input_ids, pixel_values, cls_attention)
-        n_videos = int((input_ids == self.config.video_token_id).sum())
+    def visual_features(self, input_ids, pixel_values, cls_attention: bool, video_values=None,
+                        **visual) -> list[tuple]:
+        out = super().visual_features(input_ids, pixel_values, cls_attention, **visual)
+        cfg, token = self.config, self.video_placeholder
+        per_video = 1 if cfg.frame_token_id is None else cfg.n_frames
+        n_placeholders = int((input_ids == token).sum())
         n_given = 0 if video_values is None else len(video_values)
-        if n_videos != n_given:
-            raise ValueError(f"the prompt has {n_videos} video placeholder(s) (id {self.config.video_token_id}) "
-                             f"but {n_given} video(s) were given")
-        if n_videos and cls_attention:
+        if n_placeholders != n_given * per_video:
+            what = "video placeholder(s)" if per_video == 1 else f"frame placeholder(s), {per_video} a video,"
+            raise ValueError(f"the prompt has {n_placeholders} {what} (id {token}) but {n_given} video(s) were given")
+        if n_placeholders and cls_attention:
             raise ValueError("the methods that rank by the vision tower's class-token attention (fastervlm, "
                              "visionzip) do not take videos yet")
-        return out + ([(self.config.video_token_id, self.encode_videos(video_values), None)] if n_videos else [])
+        if not n_placeholders:
+            return out
+        features = self.encode_videos(video_values)                              # V, F * (n_patches + 1), C
+        return out + [(token, features.reshape(n_given * per_video, -1, features.shape[-1]), None)]

@@ -4,6 +4,7 @@ carries the mean of a group) rather than only drop them."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -57,11 +58,25 @@ class MergeBeforeDecoder(BeforeDecoder):
 
 
 def image_budgets(ctx, b: int) -> list[tuple[torch.Tensor, int]]:
-    """Sample b's images as (their slots, their share of the sample's n_keep): equal shares, the first images
-    taking the remainder. Before the decoder each image's slots are consecutive."""
+    """Sample b's images (and video frames: a video model's groups) as (their slots, their share of the
+    sample's n_keep): equal shares, the first groups taking the remainder. Before the decoder each group's slots
+    are consecutive."""
     if ctx.n_patches is None:
         raise ValueError("the per-image methods (uniform, pool, visionzip) do not divide a batch that mixes "
-                         "images and videos yet: use fastv, dart, random or pyramiddrop there")
+                         "images and videos yet: use fastv, dart, divprune, random or pyramiddrop there")
     images = ctx.image_mask[b].nonzero()[:, 0].split(ctx.n_patches)
     budget = int(ctx.n_keep[b])
     return [(slots, budget // len(images) + (j < budget % len(images))) for j, slots in enumerate(images)]
+
+
+def patch_grids(ctx, b: int) -> list[tuple[list[int], list[int], int, int]]:
+    """Sample b's images and video frames for the methods that lay out a patch grid: per group, (slots kept as
+    they are: a video frame's class token, which takes the first token of its frame's share; the patch grid's
+    slots, row-major; the grid's side; the grid's share)."""
+    out = []
+    for group, k in image_budgets(ctx, b):
+        group = group.tolist()
+        side = math.isqrt(len(group))
+        lead = group[:len(group) - side * side][:k]   # a frame's class token comes first in the frame
+        out.append((lead, group[len(group) - side * side:], side, k - len(lead)))
+    return out

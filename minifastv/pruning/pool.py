@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .before_decoder import MergeBeforeDecoder, image_budgets
+from .before_decoder import MergeBeforeDecoder, patch_grids
 
 
 def edges(size: int, n: int, i: int) -> tuple[int, int]:
@@ -38,14 +38,15 @@ def bins(side: int, k: int) -> list[tuple[int, int, int, int]]:
 class Pool(MergeBeforeDecoder):
     """Keep the fraction 1 - `ratio` of image tokens before the decoder as averages of even bins of each
     image's patches (a sample's budget shared equally among its images, the first ones taking the remainder);
-    each average sits at its bin's centre patch."""
+    each average sits at its bin's centre patch. A video is divided per frame, each frame's share going to its
+    class token (kept as it is) first, then to the bins of its patch grid."""
 
     def plan(self, ctx):
         out = []
         for b in range(len(ctx.image_mask)):
             mine = []
-            for image, k in image_budgets(ctx, b):
-                side, image = math.isqrt(len(image)), image.tolist()
+            for lead, image, side, k in patch_grids(ctx, b):
+                mine += [(slot, [slot]) for slot in lead]
                 for r0, r1, c0, c1 in bins(side, k):
                     centre = image[(r0 + r1 - 1) // 2 * side + (c0 + c1 - 1) // 2]
                     mine.append((centre, [image[r * side + c] for r in range(r0, r1) for c in range(c0, c1)]))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .before_decoder import BeforeDecoder, image_budgets
+from .before_decoder import BeforeDecoder, patch_grids
 
 
 def grid_subsample(side: int, k: int) -> list[int]:
@@ -27,11 +27,12 @@ def grid_subsample(side: int, k: int) -> list[int]:
 @dataclass(frozen=True)
 class Uniform(BeforeDecoder):
     """Drop the fraction `ratio` of image tokens before the decoder, keeping an even spread of each image's
-    patches; a sample's budget is shared equally among its images (the first ones take the remainder)."""
+    patches; a sample's budget is shared equally among its images (the first ones take the remainder). A video
+    is divided per frame, each frame's share going to its class token first, then to its patch grid."""
 
     def select(self, ctx):
         chosen = torch.zeros_like(ctx.image_mask)
         for b in range(len(chosen)):
-            for image, share in image_budgets(ctx, b):
-                chosen[b, image[grid_subsample(math.isqrt(len(image)), share)]] = True
+            for lead, grid, side, share in patch_grids(ctx, b):
+                chosen[b, lead + [grid[i] for i in grid_subsample(side, share)]] = True
         return chosen

@@ -17,7 +17,7 @@ def add_arguments(p):
     p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     p.add_argument("--api-key", help="require the header Authorization: Bearer KEY on the API")
     p.add_argument("--allow-files", type=Path,
-                   help="a directory whose image files requests may name by path (default: none, data: URLs only)")
+                   help="a directory whose image and video files requests may name by path (default: none, data: URLs only)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=32,
                    help="requests that may wait for a place; more are answered 429 (default: %(default)s)")
@@ -29,6 +29,12 @@ def add_arguments(p):
     p.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="cap on one image's pixels "
                    "(default: %(default)s)")
     p.add_argument("--max-images", type=int, default=4, help="images a request may carry (default: %(default)s)")
+    p.add_argument("--max-video-mb", type=float, default=50.0,
+                   help="cap on one video's bytes, for a video model (default: %(default)s)")
+    p.add_argument("--max-video-frames", type=int, default=100_000,
+                   help="cap on a video's frames; a long one is read by seeking to the sampled frames "
+                        "(default: %(default)s)")
+    p.add_argument("--max-videos", type=int, default=1, help="videos a request may carry (default: %(default)s)")
     p.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds in-flight requests get to finish "
                    "after SIGINT/SIGTERM; then they end as if their token budget ran out (default: %(default)s)")
     p.add_argument("--served-name", help="the model's name in the API (default: the checkpoint directory's name)")
@@ -38,7 +44,8 @@ def check_arguments(args):
     def flag(name):
         return "--" + name.replace("_", "-")
 
-    for name in ("max_batch", "max_tokens", "max_image_pixels", "max_images", "max_body_mb", "max_image_mb"):
+    for name in ("max_batch", "max_tokens", "max_image_pixels", "max_images", "max_body_mb", "max_image_mb",
+                 "max_video_mb", "max_video_frames", "max_videos"):
         if not getattr(args, name) > 0:
             raise ValueError(f"{flag(name)} must be positive, got {getattr(args, name)}")
     for name in ("max_queue", "batch_wait_ms", "shutdown_grace"):
@@ -66,7 +73,8 @@ def cmd_serve(args):
     pipe = load_pipeline(args)
     check_pruning(method, pipe.model.config, pruning_asked(args))
     limits = Limits(int(args.max_body_mb * 2**20), int(args.max_image_mb * 2**20), args.max_image_pixels,
-                    args.max_images, args.max_tokens, args.allow_files)
+                    args.max_images, args.max_tokens, args.allow_files, int(args.max_video_mb * 2**20),
+                    args.max_videos, args.max_video_frames)
     name = args.served_name or Path(args.model).name
     engine = Engine(pipe, max_batch=args.max_batch, max_queue=args.max_queue, batch_wait=args.batch_wait_ms / 1e3)
     app = create_app(engine, limits, model_name=name, default_prune=method, api_key=args.api_key)
@@ -82,7 +90,8 @@ def cmd_serve(args):
     print(f"serving {name} on http://{args.host}:{args.port}/ (the page), http://{args.host}:{args.port}/v1 (the "
           f"API); pruning {describe(method) if method else 'none'} unless a request says otherwise; up to "
           f"{args.max_batch} requests decoded together, {args.max_queue} waiting", file=sys.stderr)
-    print(limits.describe() + ("" if args.api_key else "; no API key"), file=sys.stderr)
+    video = getattr(pipe.model.config, "n_frames", None) is not None
+    print(limits.describe(video) + ("" if args.api_key else "; no API key"), file=sys.stderr)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: --host {args.host} without --api-key: anyone who can reach this machine can use the model",
               file=sys.stderr)

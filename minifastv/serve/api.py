@@ -19,7 +19,7 @@ from starlette.routing import Route
 from ..options import describe
 from ..pruning import METHODS, name_of
 from .engine import Engine, Job, QueueFull, ShuttingDown
-from .protocol import ApiError, Limits, read_request
+from .protocol import ApiError, Limits, read_request, read_video
 
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript; charset=utf-8"),
           "/style.css": ("style.css", "text/css; charset=utf-8")}
@@ -114,7 +114,22 @@ def create_app(engine: Engine, limits: Limits, *, model_name: str, default_prune
                                  "ratio": default_prune.ratio,
                                  "k": getattr(default_prune, "k", None)},
                              "image_mode": config.image_mode, "image_mean": list(config.image_mean),
+                             "n_frames": getattr(config, "n_frames", None),
                              "api_key_required": api_key is not None, "max_tokens": limits.max_tokens})
+
+    async def frames(request: Request):
+        """A video model's view of a video: {"video": a data: URL (or a file under --allow-files)} -> {"frames":
+        the n_frames sampled frames, cropped as the model sees them, as PNG data: URLs} (the page draws them)."""
+        check_key(request)
+        body = await read_body(request)
+        url = body.get("video") if isinstance(body, dict) else None
+        if not isinstance(url, str):
+            raise ApiError(400, "the body must be {\"video\": a data: URL}", "video", "invalid_type")
+        if getattr(config, "n_frames", None) is None:
+            raise ApiError(400, "this model takes no video", "video", "video_not_supported")
+        loop = asyncio.get_running_loop()
+        views = await loop.run_in_executor(None, frame_views, url, limits, config)
+        return JSONResponse({"frames": views})
 
     async def on_api_error(request, exc: ApiError):
         return error(exc)
@@ -131,10 +146,25 @@ def create_app(engine: Engine, limits: Limits, *, model_name: str, default_prune
 
     routes = [Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/models", models, methods=["GET"]), Route("/health", health, methods=["GET"]),
-              Route("/v1/settings", settings, methods=["GET"]),
+              Route("/v1/settings", settings, methods=["GET"]), Route("/v1/frames", frames, methods=["POST"]),
               *(Route(path, page, methods=["GET"]) for path in STATIC)]
     return Starlette(routes=routes, exception_handlers={ApiError: on_api_error, HTTPException: on_http_error,
                                                         Exception: on_other_error})
+
+
+def frame_views(url: str, limits: Limits, config) -> list[str]:
+    """The sampled frames of the video at `url`, as the model sees them (before normalisation), as PNG data URLs."""
+    import base64
+    import io
+
+    from ..image import model_view
+
+    out = []
+    for frame in read_video(url, "video", limits, config.n_frames):
+        png = io.BytesIO()
+        model_view(frame, config.vision.image_size, "crop").save(png, format="PNG")
+        out.append("data:image/png;base64," + base64.b64encode(png.getvalue()).decode())
+    return out
 
 
 async def watch_disconnect(request: Request, job: Job):
@@ -159,6 +189,7 @@ class Reply:
                 "total_tokens": answer.n_prompt_tokens + completion,
                 "image_tokens": answer.n_image_tokens, "image_tokens_kept": answer.kept,
                 "kept_patches": answer.kept_patches, "patch_grid": self.vision.grid,
+                **({"kept_class_tokens": answer.kept_class_tokens} if answer.has_video else {}),
                 "prefill_flops": answer.flops, "prefill_flops_unpruned": answer.flops_unpruned,
                 "prefill_s": round(answer.prefill_s, 6), "decode_s": round(answer.decode_s, 6), "pruning": self.method}
 

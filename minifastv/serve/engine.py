@@ -55,6 +55,7 @@ class Job:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    videos: torch.Tensor | None = None   # [n_videos, n_frames, 3, S, S] (a video model's)
     cancelled: threading.Event = field(default_factory=threading.Event)
     # The engine's own state of the request:
     tokens: list[int] = field(default_factory=list)
@@ -149,13 +150,15 @@ class Engine:
     def prefill(self, jobs: list[Job], prune: Pruner | None) -> Running | None:
         ids, mask, _ = left_pad([j.ids for j in jobs], self.model.config.text.pad_token_id)
         pixels = [j.pixels for j in jobs if j.pixels is not None]
+        videos = [j.videos for j in jobs if j.videos is not None]
         cache = KVCache(self.model.config.text.n_layers, extra=max(j.max_tokens for j in jobs))
         start = time.perf_counter()
         pre = self.model.prefill(ids, torch.cat(pixels) if pixels else None, attention_mask=mask,
-                                 prune=prune, cache=cache, last_only=True)
+                                 prune=prune, cache=cache, last_only=True,
+                                 **({"video_values": torch.cat(videos)} if videos else {}))
         now = time.perf_counter()
         for i, job in enumerate(jobs):
-            job.report = Answer.of(self.tok, pre, i, [], now - start, 0.0, 0, True, self.model.config.vision.n_patches)
+            job.report = Answer.of(self.tok, pre, i, [], now - start, 0.0, 0, True, self.model, job.ids)
             job.first_s, job.stream = now, self.tok.text_stream()
             job.generator = torch.Generator(self.model.device)
             job.generator.manual_seed(job.seed if job.seed is not None else int(torch.randint(2**62, ())))
@@ -239,9 +242,10 @@ class Running:
 
 
 def groups(jobs: list[Job]) -> list[tuple[Pruner | None, list[Job]]]:
-    """(pruning, jobs) that can be prefilled together: the same pruning (a request without an image is not
-    pruned)."""
+    """(pruning, jobs) that can be prefilled together: the same pruning (a request without an image or a video
+    is not pruned)."""
     by_setting: dict = {}
     for job in jobs:
-        by_setting.setdefault(job.prune if job.pixels is not None else None, []).append(job)
+        visual = job.pixels is not None or job.videos is not None
+        by_setting.setdefault(job.prune if visual else None, []).append(job)
     return list(by_setting.items())

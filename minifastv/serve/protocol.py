@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from ..image import ImageError, to_rgb
-from ..inputs import check_inputs, image_pixels
+from ..inputs import check_inputs, image_pixels, system_line, video_values
 from ..pruning import METHODS, make, name_of
-from ..tokenizer import IMAGE_MARKER, VICUNA_SYSTEM, chat_prompt
+from ..tokenizer import VICUNA_SYSTEM, chat_prompt
 
 ROLES = ("system", "user", "assistant")
 
@@ -43,11 +43,16 @@ class Limits:
     max_images: int = 4                    # per request
     max_tokens: int = 512                  # the cap on max_tokens (and the default, within the context)
     allow_files: Path | None = None        # local images are read from here only
+    max_video_bytes: int = 50 * 2**20      # one video (a video model's); its frames share max_image_pixels
+    max_videos: int = 1                    # per request
+    max_video_frames: int = 100_000        # frames a video may have (a long one is reached by seeking)
 
-    def describe(self) -> str:
+    def describe(self, video: bool = False) -> str:
         files = f"local files under {self.allow_files}" if self.allow_files else "no local files"
+        videos = (f", video {self.max_video_bytes / 2**20:g} MiB and {self.max_video_frames} frames, "
+                  f"{self.max_videos} video{'s' * (self.max_videos != 1)} a request") if video else ""
         return (f"limits: body {self.max_body_bytes / 2**20:g} MiB, image {self.max_image_bytes / 2**20:g} MiB and "
-                f"{self.max_image_pixels / 1e6:g} Mpixels, {self.max_images} images a request, max_tokens "
+                f"{self.max_image_pixels / 1e6:g} Mpixels, {self.max_images} images a request{videos}, max_tokens "
                 f"{self.max_tokens}, {files}")
 
 
@@ -80,8 +85,11 @@ def read_request(body, pipe, limits: Limits, default_prune, model_name: str) -> 
     if get(body, "n", (int,), 1) != 1:
         raise bad("n must be 1: the server answers each request once", "n")
     config, tok = pipe.model.config, pipe.tokenizer
-    images, ids = read_messages(body.get("messages"), tok, config.text.eos_token_id, limits)
+    n_frames = getattr(config, "n_frames", None)
+    images, videos, ids = read_messages(body.get("messages"), tok, config.text.eos_token_id, limits, n_frames,
+                                        system_line(config))
     pixels = image_pixels(config, [im for im, _ in images], [name for _, name in images]) if images else None
+    videos = video_values(config, [frames for frames, _ in videos], [name for _, name in videos]) if videos else None
     input_ids = torch.tensor([ids])
     try:
         check_inputs(config, input_ids, pixels, None)
@@ -105,7 +113,7 @@ def read_request(body, pipe, limits: Limits, default_prune, model_name: str) -> 
         raise bad(f"stop must be a non-empty string or a list of up to 4 of them, got {stop!r:.80}", "stop")
     options = get(body, "stream_options", (dict,), {})
     return {
-        "ids": ids, "pixels": pixels, "prune": read_pruning(body, default_prune),
+        "ids": ids, "pixels": pixels, "videos": videos, "prune": read_pruning(body, default_prune),
         "max_tokens": max_tokens or cap, "stop": tuple(stop),
         "temperature": float(get(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2,
                                  "a number in [0, 2]")),  # 1 when absent, as the OpenAI API
@@ -148,13 +156,15 @@ def read_pruning(body, default):
         raise bad(str(e), "prune_k" if k is not None else "prune") from None
 
 
-def read_messages(messages, tok, eos: int, limits: Limits):
-    """([(image, its name)], prompt ids) of a vicuna_v1 conversation: optional system message first, then
-    user and assistant messages in turn, ending with the user's question."""
+def read_messages(messages, tok, eos: int, limits: Limits, n_frames: int | None = None,
+                  default_system: str = VICUNA_SYSTEM):
+    """([(image, its name)], [(video frames, its name)], prompt ids) of a vicuna_v1 conversation: optional system
+    message first, then user and assistant messages in turn, ending with the user's question. n_frames: the
+    frames a video model samples (None: the model takes no video)."""
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty array of {role, content} objects", "messages",
                   "invalid_type" if not isinstance(messages, list) else "invalid_value")
-    system, images, turns = VICUNA_SYSTEM, [], []
+    system, images, videos, turns = default_system, [], [], []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -162,45 +172,51 @@ def read_messages(messages, tok, eos: int, limits: Limits):
         role = message.get("role")
         if role not in ROLES:
             raise bad(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r:.40}", f"{where}.role")
-        expected = "user" if not turns or turns[-1][2] is not None else "assistant"
+        expected = "user" if not turns or turns[-1][3] is not None else "assistant"
         if role == "system" and i > 0 or role != "system" and role != expected:
             raise bad(f"{where}: a {role} message cannot come here; the conversation is an optional system message, "
                       "then user and assistant messages in turn, ending with a user message", f"{where}.role")
-        text, found = read_content(message.get("content"), where, limits, allow_images=role == "user")
+        text, found, seen = read_content(message.get("content"), where, limits, role == "user", n_frames)
         if role == "system":
             system = text
         elif role == "user":
             if not text.strip():
                 raise bad(f"{where} has no text: ask a question", f"{where}.content")
-            if IMAGE_MARKER in text:
-                raise bad(f"{where} contains {IMAGE_MARKER!r}: send images as image_url parts", f"{where}.content")
+            for marker in tok.markers:
+                if marker in text:
+                    kind = "image" if marker == "<image>" else "video"
+                    raise bad(f"{where} contains {marker!r}: send {kind}s as {kind}_url parts", f"{where}.content")
             images += found
-            turns.append([len(found), text, None])
+            videos += seen
+            turns.append([len(found), len(seen), text, None])
         else:
-            turns[-1][2] = text
-    if turns[-1][2] is not None:
+            turns[-1][3] = text
+    if turns[-1][3] is not None:
         raise bad("the last message must be the user's", f"messages[{len(messages) - 1}].role")
     if len(images) > limits.max_images:
         raise bad(f"{len(images)} images in one request; the server takes at most {limits.max_images}", "messages")
+    if len(videos) > limits.max_videos:
+        raise bad(f"{len(videos)} videos in one request; the server takes at most {limits.max_videos}", "messages")
     ids = []
     try:
-        for t, (n_images, question, answer) in enumerate(turns):
-            ids += (tok.encode_prompt(chat_prompt(question, n_images, system)) if t == 0 else
-                    tok.encode_turn(question, n_images))
+        for t, (n_images, n_videos, question, answer) in enumerate(turns):
+            ids += (tok.encode_prompt(chat_prompt(question, n_images, system, n_videos)) if t == 0 else
+                    tok.encode_turn(question, n_images, n_videos))
             if answer is not None:
                 ids += tok.encode_text(answer) + [eos]
     except ValueError as e:
         raise bad(str(e), "messages", "unknown_words") from None
-    return images, ids
+    return images, videos, ids
 
 
-def read_content(content, where: str, limits: Limits, allow_images: bool):
-    """(text, [(image, name)]) of a message's content: a string, or an array of text and image_url parts."""
+def read_content(content, where: str, limits: Limits, allow_images: bool, n_frames: int | None = None):
+    """(text, [(image, name)], [(video frames, name)]) of a message's content: a string, or an array of text,
+    image_url and (for a video model, whose videos have n_frames frames) video_url parts, as vLLM takes them."""
     if isinstance(content, str):
-        return content, []
+        return content, [], []
     if not isinstance(content, list) or not content:
         raise bad(f"{where}.content must be a string or a non-empty array of parts", f"{where}.content", "invalid_type")
-    texts, images = [], []
+    texts, images, videos = [], [], []
     for j, part in enumerate(content):
         at = f"{where}.content[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
@@ -212,31 +228,56 @@ def read_content(content, where: str, limits: Limits, allow_images: bool):
             if not isinstance(url, str):
                 raise bad(f"{at}.image_url must be an object with a url string", f"{at}.image_url", "invalid_type")
             images.append((read_image(url, at, limits), at))
-        elif kind == "image_url":
-            raise bad(f"{at}: only user messages may carry images", at)
+        elif kind == "video_url" and allow_images:
+            if n_frames is None:
+                raise bad(f"{at}: this model takes no video", f"{at}.video_url", "video_not_supported")
+            url = part.get("video_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str):
+                raise bad(f"{at}.video_url must be an object with a url string", f"{at}.video_url", "invalid_type")
+            videos.append((read_video(url, at, limits, n_frames), at))
+        elif kind in ("image_url", "video_url"):
+            raise bad(f"{at}: only user messages may carry images and videos", at)
         else:
-            raise bad(f"{at} must be {{type: text, text}} or {{type: image_url, image_url: {{url}}}}", at, "invalid_type")
-    return "\n".join(texts), images
+            raise bad(f"{at} must be {{type: text, text}}, {{type: image_url, image_url: {{url}}}} or "
+                      "{type: video_url, video_url: {url}}", at, "invalid_type")
+    return "\n".join(texts), images, videos
+
+
+def read_bytes(url: str, at: str, limits: Limits, kind: str = "image") -> bytes:
+    """The bytes of a data: URL (base64), or of a local file under --allow-files; never anything fetched."""
+    cap, param = (limits.max_image_bytes if kind == "image" else limits.max_video_bytes), f"{at}.{kind}_url"
+    if url.startswith(("http://", "https://")):
+        raise bad(f"{at}: the server never fetches URLs; send the {kind} as a data: URL (base64)", param,
+                  "url_not_allowed")
+    if not url.startswith("data:"):
+        return read_local(url, at, limits, kind)
+    header, comma, payload = url.partition(",")
+    if not comma or not header.endswith(";base64"):
+        raise bad(f"{at}: a data: URL must be data:<type>;base64,<data>", param, f"invalid_{kind}")
+    if len(payload) > math.ceil(cap / 3) * 4 + 4:
+        raise ApiError(413, f"{at}: the {kind} is over the {cap} bytes the server takes", param, f"{kind}_too_large")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad(f"{at}: the data: URL is not valid base64", param, "invalid_base64") from None
+
+
+def read_video(url: str, at: str, limits: Limits, n_frames: int) -> list[Image.Image]:
+    """A video's n_frames sampled frames, from a data: URL or a local file under --allow-files."""
+    from ..video import VideoError, read_frames
+
+    try:
+        return read_frames(read_bytes(url, at, limits, "video"), n_frames, limits.max_image_pixels,
+                           limits.max_video_frames, name=at)
+    except VideoError as e:
+        status, code = (413, "video_too_large") if "the cap of" in str(e) else (400, "invalid_video")
+        raise ApiError(status, str(e), f"{at}.video_url", code) from None
 
 
 def read_image(url: str, at: str, limits: Limits) -> Image.Image:
     """A data: URL (base64), or a local file under --allow-files; never anything fetched."""
-    if url.startswith(("http://", "https://")):
-        raise bad(f"{at}: the server never fetches URLs; send the image as a data: URL (base64)", f"{at}.image_url",
-                  "url_not_allowed")
-    if url.startswith("data:"):
-        header, comma, payload = url.partition(",")
-        if not comma or not header.endswith(";base64"):
-            raise bad(f"{at}: a data: URL must be data:<type>;base64,<data>", f"{at}.image_url", "invalid_image")
-        if len(payload) > math.ceil(limits.max_image_bytes / 3) * 4 + 4:
-            raise ApiError(413, f"{at}: the image is over the {limits.max_image_bytes} bytes the server takes",
-                           f"{at}.image_url", "image_too_large")
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise bad(f"{at}: the data: URL is not valid base64", f"{at}.image_url", "invalid_base64") from None
-    else:
-        data = read_local(url, at, limits)
+    data = read_bytes(url, at, limits)
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.width * im.height > limits.max_image_pixels:
@@ -250,18 +291,18 @@ def read_image(url: str, at: str, limits: Limits) -> Image.Image:
         raise bad(f"{at}: not a readable image ({e})", f"{at}.image_url", "invalid_image") from None
 
 
-def read_local(url: str, at: str, limits: Limits) -> bytes:
+def read_local(url: str, at: str, limits: Limits, kind: str = "image") -> bytes:
+    cap, param = (limits.max_image_bytes if kind == "image" else limits.max_video_bytes), f"{at}.{kind}_url"
     if limits.allow_files is None:
         raise ApiError(403, f"{at}: local files are not served (start the server with --allow-files DIR); send the "
-                       "image as a data: URL", f"{at}.image_url", "file_not_allowed")
+                       f"{kind} as a data: URL", param, "file_not_allowed")
     root = limits.allow_files.resolve()
     path = (root / url.removeprefix("file://")).resolve()
     if not path.is_relative_to(root):
-        raise ApiError(403, f"{at}: {url!r:.200} is outside the directory the server reads ({root})",
-                       f"{at}.image_url", "file_not_allowed")
+        raise ApiError(403, f"{at}: {url!r:.200} is outside the directory the server reads ({root})", param,
+                       "file_not_allowed")
     if not path.is_file():
-        raise bad(f"{at}: no image file {url!r:.200} under {root}", f"{at}.image_url", "file_not_found")
-    if path.stat().st_size > limits.max_image_bytes:
-        raise ApiError(413, f"{at}: the file is over the {limits.max_image_bytes} bytes the server takes",
-                       f"{at}.image_url", "image_too_large")
+        raise bad(f"{at}: no {kind} file {url!r:.200} under {root}", param, "file_not_found")
+    if path.stat().st_size > cap:
+        raise ApiError(413, f"{at}: the file is over the {cap} bytes the server takes", param, f"{kind}_too_large")
     return path.read_bytes()

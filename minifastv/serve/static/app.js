@@ -1,11 +1,13 @@
-// The page: pick an image, ask, watch the answer stream in, and see which patches the model kept (from the
-// report the server sends with each answer). The conversation is kept here and sent whole with every question.
+// The page: pick an image (or, for a video model, a video), ask, watch the answer stream in, and see which
+// patches the model kept (from the report the server sends with each answer), frame by frame for a video. The
+// conversation is kept here and sent whole with every question.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const SVG = "http://www.w3.org/2000/svg";
 let settings = null;
 let image = null;        // the picked image as a data: URL
+let video = null;        // or the picked video as a data: URL (the server samples its frames)
 let messages = [];       // the conversation so far, in the API's format
 let busy = false;
 
@@ -16,7 +18,12 @@ async function start() {
   } catch (e) {
     return showError(`cannot reach the server: ${e}`);
   }
-  $("model").textContent = `${settings.model}: ${settings.patch_grid} x ${settings.patch_grid} patches per image`;
+  const frames = settings.n_frames ? `; videos of ${settings.n_frames} frames` : "";
+  $("model").textContent = `${settings.model}: ${settings.patch_grid} x ${settings.patch_grid} patches per image${frames}`;
+  if (settings.n_frames) {
+    $("file").accept = "image/*,video/*,.mkv";
+    $("drop-hint").textContent = "Drop an image or a video here, or click to pick one";
+  }
   for (const name of settings.methods) $("method").add(new Option(name, name));
   const chosen = settings.default_prune;
   $("method").value = chosen ? chosen.method : "none";
@@ -51,15 +58,22 @@ function modelView(img) {
   return canvas.toDataURL();
 }
 
+function isVideo(file) {
+  return file.type.startsWith("video/") || /\.(mkv|webm|mp4|mov|avi|gif)$/i.test(file.name) && !file.type.startsWith("image/");
+}
+
 function pick(file) {
+  if (file && settings.n_frames && isVideo(file)) return pickVideo(file);
   if (!file || !file.type.startsWith("image/")) return showError("that is not an image file");
   const reader = new FileReader();
   reader.onload = () => {
     const img = new Image();
     img.onload = () => {
       image = reader.result;
+      video = null;
       $("image").src = modelView(img);
       $("view").hidden = false;
+      $("frames").hidden = true;
       $("drop-hint").hidden = true;
       drawOverlay(null);
       resetConversation();
@@ -71,13 +85,62 @@ function pick(file) {
   reader.readAsDataURL(file);
 }
 
-// One rect per patch: kept ones outlined, dropped ones dimmed; nothing before the first answer.
-function drawOverlay(keptPatches) {
-  const svg = $("overlay"), n = settings.patch_grid;
-  svg.setAttribute("viewBox", `0 0 ${n} ${n}`);
-  svg.replaceChildren();
+// A video: the server sends the frames it samples, as the model sees them; each is drawn with its own overlay.
+function pickVideo(file) {
+  const reader = new FileReader();
+  reader.onload = async () => {
+    const headers = {"Content-Type": "application/json"};
+    if ($("key").value) headers.Authorization = `Bearer ${$("key").value}`;
+    try {
+      const reply = await fetch("/v1/frames", {method: "POST", headers, body: JSON.stringify({video: reader.result})});
+      const body = await reply.json();
+      if (!reply.ok) throw new Error(body.error.message);
+      video = reader.result;
+      image = null;
+      $("frames").replaceChildren(...body.frames.map((src, f) => {
+        const frame = document.createElement("div");
+        frame.className = "frame";
+        const img = document.createElement("img");
+        img.src = src;
+        img.alt = `frame ${f}`;
+        const cls = document.createElement("div");
+        cls.className = "cls";
+        frame.append(img, document.createElementNS(SVG, "svg"), cls);
+        return frame;
+      }));
+      $("frames").hidden = false;
+      $("view").hidden = true;
+      $("drop-hint").hidden = true;
+      resetConversation();
+      showError("");
+    } catch (e) {
+      showError(`the server cannot read that video: ${e.message || e}`);
+    }
+  };
+  reader.readAsDataURL(file);
+}
+
+// One rect per patch: kept ones outlined, dropped ones dimmed; nothing before the first answer. For a video,
+// one overlay per frame and a bar under it for its class token (keptClass: the frames whose class token was kept).
+function drawOverlay(keptPatches, keptClass = null) {
   $("legend").hidden = keptPatches === null;
-  if (keptPatches === null) return;
+  $("legend-video").hidden = !video;
+  if (video) {
+    [...$("frames").children].forEach((frame, f) => {
+      drawGrid(frame.querySelector("svg"), keptPatches === null ? null : keptPatches[f]);
+      frame.querySelector(".cls").className = keptClass === null ? "cls" : `cls ${keptClass.includes(f) ? "kept" : "dropped"}`;
+    });
+    return;
+  }
+  drawGrid($("overlay"), keptPatches);
+}
+
+function drawGrid(svg, keptPatches) {
+  const n = settings.patch_grid;
+  svg.setAttribute("viewBox", `0 0 ${n} ${n}`);
+  svg.setAttribute("preserveAspectRatio", "none");
+  svg.replaceChildren();
+  if (keptPatches === null || keptPatches === undefined) return;
   const kept = new Set(keptPatches);
   for (let i = 0; i < n * n; i++) {
     const rect = document.createElementNS(SVG, "rect");
@@ -98,7 +161,9 @@ function showReport(usage) {
   const steps = usage.completion_tokens - 1;
   $("decode").textContent = steps > 0 ? `${ms(usage.decode_s)} (${(steps / usage.decode_s).toFixed(1)} tokens/s)` : "-";
   $("report").hidden = false;
-  drawOverlay(usage.kept_patches.length ? usage.kept_patches[0] : null);
+  $("kept-label").textContent = video ? "video tokens kept" : "image tokens kept";
+  if (video) drawOverlay(usage.kept_patches, usage.kept_class_tokens ? usage.kept_class_tokens[0] : []);
+  else drawOverlay(usage.kept_patches.length ? usage.kept_patches[0] : null);
 }
 
 function addTurn(role, text) {
@@ -110,8 +175,8 @@ function addTurn(role, text) {
 }
 
 function request(question) {
-  const content = messages.length === 0 && image
-    ? [{type: "image_url", image_url: {url: image}}, {type: "text", text: question}] : question;
+  const media = image ? {type: "image_url", image_url: {url: image}} : {type: "video_url", video_url: {url: video}};
+  const content = messages.length === 0 && (image || video) ? [media, {type: "text", text: question}] : question;
   const body = {model: settings.model, messages: [...messages, {role: "user", content}], stream: true,
                 stream_options: {include_usage: true}, temperature: 0, max_tokens: Number($("max-tokens").value),
                 prune: $("method").value};
@@ -164,7 +229,7 @@ async function ask(event) {
       showReport(usage);
       const note = document.createElement("span");
       note.className = "note";
-      note.textContent = `${usage.pruning}: ${usage.image_tokens_kept}/${usage.image_tokens} image tokens kept`;
+      note.textContent = `${usage.pruning}: ${usage.image_tokens_kept}/${usage.image_tokens} ${video ? "video" : "image"} tokens kept`;
       answer.appendChild(note);
     }
     $("question").value = "";
