@@ -67,7 +67,11 @@ class Answer:
     def kept_patches(self) -> list[list[int]]:
         """Per image and per video frame (in prompt order), the kept patches as row-major indices of its patch grid
         (what `analyze` prints), where kept_image_slots are positions in the prompt."""
-        return [[s - (f >= 0) for s in self.kept_in(start, n) if s >= (f >= 0)] for start, n, f in self.groups]
+        out = []
+        for start, n, frame in self.groups:
+            lead = 1 if frame >= 0 else 0  # a video frame's class token comes before its patches
+            out.append([s - lead for s in self.kept_in(start, n) if s >= lead])
+        return out
 
     @property
     def kept_class_tokens(self) -> list[list[int]]:
@@ -131,10 +135,10 @@ class Pipeline:
         """inputs.questions for (images, question) or (images, question, videos) requests whose images may be
         files (read here, and named by their path in error messages) or PIL images, and whose videos may be
         files (read with PyAV, the [video] extra), lists of PIL frames or preprocessed [frames, 3, S, S]."""
-        images = [im for images, *_ in requests for im in images]
-        videos = [v for _, _, *videos in requests for v in (videos[0] if videos else ())]
-        names = [f"image {i}" if isinstance(im, Image.Image) else str(im) for i, im in enumerate(images)]
-        video_names = [str(v) if isinstance(v, (str, Path)) else f"video {i}" for i, v in enumerate(videos)]
+        every_image = [im for images, *_ in requests for im in images]
+        every_video = [v for _, _, *videos in requests for v in (videos[0] if videos else ())]
+        names = [f"image {i}" if isinstance(im, Image.Image) else str(im) for i, im in enumerate(every_image)]
+        video_names = [str(v) if isinstance(v, (str, Path)) else f"video {i}" for i, v in enumerate(every_video)]
         loaded = [([im if isinstance(im, Image.Image) else load_image(im) for im in images], q,
                    [self.read_video(v) if isinstance(v, (str, Path)) else v for v in (videos[0] if videos else ())])
                   for images, q, *videos in requests]

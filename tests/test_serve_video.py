@@ -101,3 +101,20 @@ def test_an_image_model_refuses_a_video_part(start_server):
     got, _, reply = server.request("POST", "/v1/chat/completions", {
         "messages": [video_message(video_url(SAMPLES / VIDEOS[0]["video"]), "what colour")]})
     assert got == 400 and reply["error"]["code"] == "video_not_supported", reply
+
+
+def test_frames_the_preprocessing_refuses_are_a_400_not_a_500(random_video_dir, monkeypatch):
+    """read_request in process: a ValueError from preprocessing the decoded frames is the request's error."""
+    import minifastv.serve.protocol as protocol
+    from minifastv.pipeline import Pipeline
+
+    pipe = Pipeline.load(random_video_dir, dtype="float32")
+    body = {"messages": [video_message(video_url(SAMPLES / VIDEOS[0]["video"]), VIDEOS[0]["question"])]}
+    assert protocol.read_request(body, pipe, protocol.Limits(), None, "m")["videos"].shape == (1, 8, 3, 32, 32)
+    monkeypatch.setattr(protocol, "video_values", lambda *a: (_ for _ in ()).throw(ValueError("frame 3: no pixels")))
+    try:
+        protocol.read_request(body, pipe, protocol.Limits(), None, "m")
+    except protocol.ApiError as e:
+        assert (e.status, e.code, e.message) == (400, "invalid_video", "frame 3: no pixels")
+    else:
+        raise AssertionError("no error")

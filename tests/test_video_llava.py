@@ -442,3 +442,20 @@ def test_the_original_layout_converts_with_its_temporal_towers_and_prompt(pair, 
     assert between == pipe.tokenizer.encode_text(" ") and len(between) >= 1
     assert ids[:first] == pipe.tokenizer.encode_prompt(LLAVA_V1_SYSTEM + " USER: ")
     assert (pipe.model(**batch.model_inputs()) - model(**batch.model_inputs())).abs().max() == 0
+
+
+def test_the_original_layouts_mistakes_are_named(pair, tmp_path):
+    """Tower directories for a checkpoint that is not the original Video-LLaVA, and temporal weights in a tower
+    whose config says it has no temporal attention: each a ConversionError that says so."""
+    hf, _, root = pair
+    src, image, video, _ = write_original_layout(hf, tmp_path, root / "src" / "tokenizer.json")
+    with pytest.raises(ConversionError, match="--image-tower and --video-tower are for an original Video-LLaVA"):
+        convert(root / "src", tmp_path / "x", image_tower=image, video_tower=video, log=lambda _: None)
+    config = json.loads((video / "config.json").read_text())
+    config["vision_config"]["add_time_attn"] = False
+    (video / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match=r"LanguageBind_Video_merge/model.safetensors: 'vision_model.encoder"
+                                              r".layers.0.temporal_\w+(\.\w+)*' has no place in the model .*temporal "
+                                              r"attention: False"):
+        convert(src, tmp_path / "y", image_tower=image, video_tower=video, log=lambda _: None)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

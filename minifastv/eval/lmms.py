@@ -34,6 +34,11 @@ from .settings import DEFAULT_MAX_NEW_TOKENS, RequestError, Sampling, process_la
 from .stats import summarize, write_json
 
 
+def visual(request) -> bool:
+    """Whether an (images, question, videos) request has an image or a video (else it runs unpruned)."""
+    return bool(request[0] or request[2])
+
+
 class MiniFastV(lmms):
     """lmms-eval's model arguments: pretrained (a minifastv checkpoint directory; default the shipped tiny
     model), prune (a method of minifastv.METHODS) with prune_ratio (the fraction of image tokens dropped) or
@@ -117,13 +122,13 @@ class MiniFastV(lmms):
         # text-only requests (require_image=false) apart, as pruning has nothing to prune there.
         groups: dict[tuple[Sampling, bool], list] = {}
         for r in sorted(ready, key=lambda r: -r[3]):
-            groups.setdefault((r[2], bool(r[1][0] or r[1][2])), []).append(r)
+            groups.setdefault((r[2], visual(r[1])), []).append(r)
         chunks = [g[s:s + self.batch_size] for g in groups.values() for s in range(0, len(g), self.batch_size)]
         for chunk in tqdm(chunks, disable=self.rank != 0, desc="minifastv generate_until"):
             sampling = chunk[0][2]
             room = min(self.room(r[3], 1) for r in chunk)
             max_new = min(sampling.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, room)
-            prune = self.prune if chunk[0][1][0] or chunk[0][1][2] else None
+            prune = self.prune if visual(chunk[0][1]) else None
             answers = self.pipe.answer_batch([r[1] for r in chunk], prune=prune, max_new_tokens=max_new,
                                              temperature=sampling.temperature, top_p=sampling.top_p,
                                              generator=self.generator)

@@ -89,7 +89,11 @@ def read_request(body, pipe, limits: Limits, default_prune, model_name: str) -> 
     images, videos, ids = read_messages(body.get("messages"), tok, config.text.eos_token_id, limits, n_frames,
                                         system_line(config))
     pixels = image_pixels(config, [im for im, _ in images], [name for _, name in images]) if images else None
-    videos = video_values(config, [frames for frames, _ in videos], [name for _, name in videos]) if videos else None
+    try:  # the frames PyAV decoded, preprocessed: a frame the preprocessing refuses is the request's fault
+        videos = video_values(config, [frames for frames, _ in videos], [name for _, name in videos]) if videos \
+            else None
+    except ValueError as e:
+        raise bad(str(e), "messages", "invalid_video") from None
     input_ids = torch.tensor([ids])
     try:
         check_inputs(config, input_ids, pixels, None)
