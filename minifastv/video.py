@@ -4,7 +4,9 @@ short side to the model's size (bicubic), centre-cropped and normalised like an 
 transform also flips frames at random at inference; that is not reproduced (the answer would not repeat).
 
 Decoding uses PyAV (the optional extra `[video]`). A long file is not decoded whole: each sampled frame is reached
-by seeking to the keyframe before it. Every failure is a VideoError naming the file and the problem.
+by seeking to the keyframe before it. A short one (or one whose header does not say its length) is decoded twice:
+once to count its frames, once keeping only the sampled ones, so memory holds n_frames frames. Every failure is a
+VideoError naming the file and the problem.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from .image import preprocess
 
 MAX_FRAME_PIXELS = 4096 * 4096   # a frame larger than this is refused before anything is decoded
 SEEK_ABOVE = 600                  # frames: a shorter video is decoded in one pass, a longer one by seeking
-MAX_FRAMES = 1_000_000            # frames a video may have (a header that says none: frames decoded in one pass)
+MAX_FRAMES = 1_000_000            # frames a video may have (checked from the header, or while counting them)
 
 
 class VideoError(ValueError):
