@@ -85,9 +85,14 @@ def questions(tokenizer: Tokenizer, config, requests: Sequence[tuple], names: Se
         rows.append(tokenizer.encode_prompt(chat_prompt(question, n_images=len(images), system=system_line(config),
                                                         n_videos=len(videos[0]) if videos else 0)))
     ids, mask, _ = left_pad(rows, config.text.pad_token_id)
-    every_video = [v for _, _, *videos in requests for v in (videos[0] if videos else ())]
-    return Batch(ids, mask, image_pixels(config, [im for images, *_ in requests for im in images], names),
-                 video_values=video_values(config, every_video, video_names))
+    images, videos = every_image_and_video(requests)
+    return Batch(ids, mask, image_pixels(config, images, names), video_values=video_values(config, videos, video_names))
+
+
+def every_image_and_video(requests) -> tuple[list, list]:
+    """The images and the videos of (images, text) or (images, text, videos) requests, in order, flattened."""
+    return ([im for images, *_ in requests for im in images],
+            [v for _, _, *videos in requests for v in (videos[0] if videos else ())])
 
 
 def check_question(tokenizer: Tokenizer, question: str) -> None:
@@ -126,9 +131,8 @@ def conversations(tokenizer: Tokenizer, config, dialogues: Sequence[tuple]) -> B
     encoded = [encode_conversation(tokenizer, turns, len(images), len(videos[0]) if videos else 0, system_line(config))
                for images, turns, *videos in dialogues]
     ids, mask, labels = left_pad([e[0] for e in encoded], config.text.pad_token_id, [e[1] for e in encoded])
-    every_video = [v for _, _, *videos in dialogues for v in (videos[0] if videos else ())]
-    return Batch(ids, mask, image_pixels(config, [im for images, *_ in dialogues for im in images]), labels,
-                 video_values(config, every_video))
+    images, videos = every_image_and_video(dialogues)
+    return Batch(ids, mask, image_pixels(config, images), labels, video_values(config, videos))
 
 
 def check_inputs(config, input_ids, pixel_values, attention_mask) -> torch.Tensor:

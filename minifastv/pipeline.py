@@ -14,11 +14,11 @@ from PIL import Image
 
 from .checkpoint import load, load_tokenizer
 from .image import load_image
-from .inputs import Batch, questions
+from .inputs import Batch, every_image_and_video, questions
 from .models.generate import stream
 from .models.llava import LlavaModel
 from .pruning import Pruner
-from .tokenizer import FRAME_MARKER, Tokenizer
+from .tokenizer import Tokenizer
 
 
 @dataclass
@@ -135,8 +135,7 @@ class Pipeline:
         """inputs.questions for (images, question) or (images, question, videos) requests whose images may be
         files (read here, and named by their path in error messages) or PIL images, and whose videos may be
         files (read with PyAV, the [video] extra), lists of PIL frames or preprocessed [frames, 3, S, S]."""
-        every_image = [im for images, *_ in requests for im in images]
-        every_video = [v for _, _, *videos in requests for v in (videos[0] if videos else ())]
+        every_image, every_video = every_image_and_video(requests)
         names = [f"image {i}" if isinstance(im, Image.Image) else str(im) for i, im in enumerate(every_image)]
         video_names = [str(v) if isinstance(v, (str, Path)) else f"video {i}" for i, v in enumerate(every_video)]
         loaded = [([im if isinstance(im, Image.Image) else load_image(im) for im in images], q,
@@ -154,8 +153,7 @@ class Pipeline:
             raise ValueError(f"--frames {n}: this model's video tower has temporal attention learnt for "
                              f"{cfg.n_frames} frames, so it takes {cfg.n_frames}")
         self.model.config = dataclasses.replace(cfg, n_frames=n)  # ConfigError (a ValueError) for a bad n
-        if self.tokenizer.frames is not None:  # the original's layout writes a placeholder per frame
-            self.tokenizer.frames = " ".join([FRAME_MARKER] * n)
+        self.tokenizer.n_frames = n  # the original's layout writes a placeholder per frame
 
     def read_video(self, path: str | Path) -> torch.Tensor:
         """A video file as the model sees it: [n_frames, 3, S, S] (minifastv.video)."""

@@ -36,7 +36,7 @@ class Tokenizer:
         self.markers = {IMAGE_MARKER: image_token_id, **({VIDEO_MARKER: video_token_id} if video_token_id is not None
                                                          else {})}
         # The original Video-LLaVA's layout: "<video>" is written as n_frames frame placeholders joined by spaces.
-        self.frames = None if frame_token_id is None else " ".join([FRAME_MARKER] * n_frames)
+        self.n_frames = n_frames
         if frame_token_id is not None:
             self.markers[FRAME_MARKER] = frame_token_id
         # A word-level vocabulary (the tiny model's) maps every word it lacks to one unknown token: those words
@@ -64,8 +64,8 @@ class Tokenizer:
         starts afresh, e.g. with SentencePiece's leading space), and BOS appears once, at the start.
         """
         ids = [self.bos_token_id]
-        if self.frames is not None:
-            prompt = prompt.replace(VIDEO_MARKER, self.frames)
+        if FRAME_MARKER in self.markers:
+            prompt = prompt.replace(VIDEO_MARKER, " ".join([FRAME_MARKER] * self.n_frames))
         pieces = re.split("(" + "|".join(map(re.escape, self.markers)) + ")", prompt)
         for i, piece in enumerate(pieces):
             ids.extend([self.markers[piece]] if i % 2 else self.encode_text(piece))
