@@ -21,7 +21,8 @@ from PIL import Image
 from .image import preprocess
 
 MAX_FRAME_PIXELS = 4096 * 4096   # a frame larger than this is refused before anything is decoded
-SEEK_ABOVE = 600                  # frames: a shorter video is decoded in one pass, a longer one by seeking
+SEEK_ABOVE = 600                  # frames: a shorter video is counted, then decoded keeping the sampled frames;
+                                  # a longer one is read by seeking
 MAX_FRAMES = 1_000_000            # frames a video may have (checked from the header, or while counting them)
 
 
