@@ -1,6 +1,6 @@
 """generate --batch FILE.jsonl: lines of {"image": FILE or [FILES], "video": FILE or [FILES], "prompt": TEXT}
 (an image, a video or both) in, one JSON line out per line in, in input order; a bad line becomes an error line
-and the others still run."""
+and the others still run. A relative file name is read from the batch file's folder, wherever the command runs."""
 
 from __future__ import annotations
 
@@ -28,19 +28,20 @@ def read_batch_file(path) -> list:
                     not ("image" in item or "video" in item):
                 raise ValueError('expected an object with "prompt" (text) and "image" or "video" (a file or a list '
                                  'of files)')
-            out.append((number, (files(item, "image"), item["prompt"], files(item, "video"))))
+            folder = Path(path).parent
+            out.append((number, (files(item, "image", folder), item["prompt"], files(item, "video", folder))))
         except ValueError as e:  # json.JSONDecodeError is a ValueError
             out.append((number, f"{path}:{number}: {e}"))
     return out
 
 
-def files(item: dict, key: str) -> list[str]:
-    """The file names under `key` of a batch line ([] without the key)."""
+def files(item: dict, key: str, folder: Path) -> list[Path]:
+    """The files under `key` of a batch line ([] without the key), relative names under `folder`."""
     names = item.get(key, [])
     names = [names] if isinstance(names, str) else names
     if not isinstance(names, list) or (key in item and not names) or not all(isinstance(i, str) for i in names):
         raise ValueError(f'"{key}" must be a file name or a non-empty list of file names')
-    return names
+    return [folder / name for name in names]   # an absolute name stays as it is
 
 
 def answer_file(path, batch_size: int, pipe, method, sampling) -> int:

@@ -63,7 +63,7 @@ def auto_dtype(device: torch.device, config=None) -> tuple[torch.dtype, str]:
     if device.type == "mps":
         return torch.float16, "MPS device"
     if cpu_has_native_bf16():
-        if config is not None and config.quant is None and decoder_fp32_bytes(config.text) < SMALL_DECODER_BYTES:
+        if config is not None and decoder_fp32_bytes(config.text) < SMALL_DECODER_BYTES:  # float or quantized
             size = decoder_fp32_bytes(config.text) / 2**20
             return torch.float32, (f"a small model: {size:.0f} MiB of fp32 decoder weights, under the "
                                    f"{SMALL_DECODER_BYTES >> 20} MiB where bf16 starts to pay on a CPU")

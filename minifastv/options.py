@@ -22,7 +22,11 @@ def model_arguments(p, default_method="none"):
                    help="minifastv checkpoint directory (default: the shipped tiny model)")
     p.add_argument("--prune", choices=list(METHODS),
                    help=f"visual-token pruning method (default: {default_method})")
-    p.add_argument("--prune-ratio", type=float, help="fraction of image tokens dropped (default 0.5)")
+    p.add_argument("--prune-ratio", type=float,
+                   help="what the method drops (default 0.5): the fraction R of the visual tokens, once (1-R kept: "
+                        "32 of 64 at 0.5); pyramiddrop(-official): R of those left at each of its 3 stages "
+                        "((1-R)^3 kept at the end: 8 of 64 at 0.5); dart-official: whole shares per pivot plus its 4 "
+                        "image pivots (36 of 64 at 0.5). The answer's summary and --json say how many were kept")
     p.add_argument("--prune-k", type=int,
                    help="the layer the method prunes after, where it has one (default: the method's, 2)")
     p.add_argument("--prune-seed", type=int, help="seed, for methods that draw at random (default 0)")

@@ -251,8 +251,15 @@ class Chat:
                 raise ValueError("a later question needs text, and no <image> or <video>: the conversation has its "
                                  "image or video")
             ids, pixels, prune = torch.tensor([self.pending + tok.encode_turn(question)]), None, None
+        # An answer gets max_new_tokens (256 unless given) or what is left of the context, as the server clamps.
+        context = self.pipe.model.config.text.max_seq_len
+        held = 0 if self.position is None else int(self.position.max())
+        room = context - held - self.pipe.model.merged_slots(ids)[1]
+        if room < 1:
+            raise ValueError(f"the conversation fills the model's context of {context} tokens")
+        limit = min(self.sampling.get("max_new_tokens", 256), room)
         run = stream(self.pipe.model, ids, pixels, prune=prune, eos_token_id=eos, cache=self.cache,
-                     position=self.position, **{"max_new_tokens": 256, **self.sampling}, **visual)
+                     position=self.position, **{**self.sampling, "max_new_tokens": limit}, **visual)
         answer = self.pipe.collect(run, on_text, prompt)
         if self.image_report is None:
             self.image_report = {key: getattr(answer, key) for key in ("n_image_tokens", "kept_image_slots", "groups")}

@@ -81,12 +81,17 @@ class Tokenizer:
         encoding, text = self.encode_known(text)
         unknown = [text[a:b] for t, (a, b) in zip(encoding.ids, encoding.offsets) if t == self.unk_token_id]
         if unknown:
-            unknown = list(dict.fromkeys(unknown))
-            words = sorted(w for w in self.tok.get_vocab() if not (w.startswith("<") and w.endswith(">") and len(w) > 2))
+            unknown, words = list(dict.fromkeys(unknown)), self.known_words()
             raise ValueError(f"the tokenizer does not know {', '.join(map(repr, unknown))}: the model cannot read "
                              f"{'it' if len(unknown) == 1 else 'them'}. Its vocabulary is these {len(words)} words and "
                              f"signs: {' '.join(words)}")
         return encoding.ids
+
+    def known_words(self) -> list[str] | None:
+        """A word-level vocabulary's words and signs, sorted (the tiny models'); None for a subword tokenizer."""
+        if self.unk_token_id is None:
+            return None
+        return sorted(w for w in self.tok.get_vocab() if not (w.startswith("<") and w.endswith(">") and len(w) > 2))
 
     def encode_known(self, text: str):
         """(encoding, the text encoded): a word the vocabulary lacks is tried in lower case (the tiny model's

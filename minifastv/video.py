@@ -64,7 +64,7 @@ def read_frames(path: str | Path | bytes, n_frames: int, max_pixels: int = MAX_F
         stream = container.streams.video[0]
         width, height = stream.codec_context.width, stream.codec_context.height
         if width * height > max_pixels:
-            raise VideoError(f"{path}: frames of {width} x {height} pixels, above the cap of {max_pixels} pixels")
+            raise VideoError(f"{path}: frames of {width} x {height} pixels, above the cap of {max_pixels:,} pixels")
         if stream.frames > max_frames:
             raise VideoError(f"{path}: {stream.frames} frames, above the cap of {max_frames}")
         try:
@@ -75,7 +75,7 @@ def read_frames(path: str | Path | bytes, n_frames: int, max_pixels: int = MAX_F
         raise VideoError(f"{path}: the video stream has no frames")
     if frames[0].width * frames[0].height > max_pixels:  # where the header did not say
         raise VideoError(f"{path}: frames of {frames[0].width} x {frames[0].height} pixels, above the cap of "
-                         f"{max_pixels} pixels")
+                         f"{max_pixels:,} pixels")
     return frames
 
 

@@ -164,9 +164,15 @@ def test_chat_takes_one_image_or_one_video(capsys, given):
     assert f"chat is about one image or one video, got {len(given) // 2} (--image, --video)" in capsys.readouterr().err
 
 
-def test_a_full_context_says_to_reset(monkeypatch, capsys):
-    code, out, err = chat_in_process(monkeypatch, capsys, "what colour is the circle?\n", "--max-new-tokens", "500")
-    assert code == 0 and "exceeds the context of 512; /reset starts a new conversation" in err
+def test_answers_get_what_is_left_of_the_context_and_a_full_one_says_to_reset(monkeypatch, capsys):
+    """500 new tokens asked for on the 512-token tiny model: each answer gets what is left (as the server clamps),
+    so the conversation goes on until no room is left at all, and only then says to reset."""
+    code, out, err = chat_in_process(monkeypatch, capsys, "what colour is the circle?\n" * 40, "--max-new-tokens",
+                                     "500")
+    answered = [line for line in out.splitlines() if line]
+    assert code == 1 and len(answered) > 20                 # piped: a question that failed fails the command
+    assert err.count("error: the conversation fills the model's context of 512 tokens; /reset starts a new "
+                     "conversation") == 40 - len(answered)
 
 
 def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(monkeypatch, capsys, pipe):

@@ -40,6 +40,16 @@ def test_help(command):
     assert result.returncode == 0 and usage in result.stdout, result.stderr
 
 
+@pytest.mark.parametrize("command, said", [("chat", "/reset to start over"), ("convert", "docs/converting.md"),
+                                           ("quantize", "a scale and zero point per group")])
+def test_help_describes_the_command(command, said, capsys):
+    from minifastv.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert said in " ".join(capsys.readouterr().out.split())
+
+
 def test_generate_with_fastv(model_dir):
     result = run("generate", "--model", model_dir, "--image", SAMPLES / SAMPLE["image"],
                  "--prompt", SAMPLE["question"], "--fastv-k", 2, "--fastv-ratio", 0.5, "--max-new-tokens", 4)
@@ -127,9 +137,12 @@ def test_pruning_flag_mistakes_are_one_line_errors(model_dir, capsys, options, m
     assert code == 2 and message in err and "Traceback" not in err
 
 
-def test_bench_measures_the_method_asked_for(capsys):
+def test_bench_measures_the_method_asked_for(capsys, monkeypatch):
     """bench on the shipped tiny model: the pruning flags reach its table, whose kept counts and theoretical
-    FLOPs are the model's report of the setting asked for, and whose label is the setting that ran."""
+    FLOPs are the model's report of the setting asked for, and whose label is the setting that ran; a load
+    average above the threads is warned about, and the prefill's spread is printed beside its median."""
+    import os
+
     import torch
 
     from minifastv import RandomDrop, load
@@ -137,10 +150,13 @@ def test_bench_measures_the_method_asked_for(capsys):
     from minifastv.cli import main
     from minifastv.data import TINY_MODEL
 
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 1.0, 1.0))
     assert main(["bench", "--repeats", "2", "--decode-tokens", "3", "--no-hf", "--prune", "random",
-                 "--prune-k", "1"]) == 0
+                 "--prune-k", "1", "--threads", "2"]) == 0
     out = capsys.readouterr().out
     assert "RandomDrop(k=1, ratio=R, seed=0)" in out and "3 new tokens, median of 2" in out
+    assert "2 threads; load average 5.0\nwarning: the load average is above the 2 threads used" in out
+    assert "| prefill ms (spread) |" in out
     model = load(TINY_MODEL)
     with torch.inference_mode():
         for ratio, kept in ((0.5, 32), (0.75, 16)):
@@ -571,6 +587,7 @@ def test_bench_quant_packs_int4_once_and_reports_ratios_to_llama_cpp(capsys, tmp
     cpu7b.report(args, {"int8": run, "int8 + int8 activations": run}, {"x": {"vision_s": 2.0, "dtype": "float32",
                                                                               "settings": {}}}, peer)
     out = capsys.readouterr().out
+    assert "| int8 | bfloat16 | K=2 R=0.5 | 288 | 2.0 | 9.0 | 6.3 (0.1) | 2.00x | 3.00 | 8.00 |" in out  # vs off
     assert "minifastv int8 / llama.cpp Q8_0: TTFT / prompt time off 1.00x, K=2 R=0.5 0.50x; decode speed 0.50x, 0.50x" in out
     assert "minifastv int8 + int8 activations / llama.cpp Q8_0: TTFT" in out
     assert "| int8 + int8 activations | bfloat16 | K=2 R=0.5 | 288 |" in out
@@ -621,3 +638,87 @@ def test_bench_quant_video_llava_shape(monkeypatch, capsys, tmp_path):
     assert "632 tokens (576 visual): K=2 R=0.5 56.5%" in out and "2112 tokens (2056 visual): K=2 R=0.5 52.0%" in out
     assert "measured TTFT saved at 2112 tokens, int8: K=2 R=0.5 50%" in out
     assert "minifastv int8 / llama.cpp Q8_0: TTFT / prompt time off 1.20x, K=2 R=0.5 0.60x" in out
+
+
+def test_the_prune_ratio_help_says_what_each_method_keeps_and_it_is_so(tiny_pipe, capsys):
+    from minifastv.cli import main
+    from minifastv.pruning import make
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    said = " ".join(capsys.readouterr().out.split())
+    for method, kept in (("fastv", 32), ("pyramiddrop", 8), ("pyramiddrop-official", 8), ("dart-official", 36)):
+        assert f"{kept} of 64 at 0.5" in said
+        answer = tiny_pipe.answer([SAMPLES / SAMPLE["image"]], SAMPLE["question"], prune=make(method, 0.5),
+                                  max_new_tokens=1)
+        assert answer.kept == kept, method
+
+
+def test_repeats_that_disagree_by_more_than_2x_are_warned_about():
+    from minifastv.bench.machine import spread_warning
+
+    assert spread_warning("x", [0.010, 0.019, 0.020]) is None
+    assert spread_warning("the prefill", [0.010, 0.021]) == (
+        "warning: the repeats of the prefill disagree by 2.1x (10.0 to 21.0 ms): the box is busy, so its figures are "
+        "unreliable")
+
+
+@pytest.mark.parametrize("flags, message", [(["--repeats", "0"], "--repeats must be at least 1, got 0"),
+                                            (["--decode-tokens", "1"], "--decode-tokens must be at least 2, got 1"),
+                                            (["--threads", "0"], "--threads must be at least 1"),
+                                            (["--layers", "0"], "--layers must be at least 1"),
+                                            (["--ref-layers", "0"], "--ref-layers must be at least 1")])
+def test_bench_quant_refuses_settings_it_cannot_measure(flags, message, tmp_path):
+    import minifastv.bench.cpu7b as cpu7b
+
+    with pytest.raises(ValueError, match=message):
+        cpu7b.main(["--quant", "int8", "--workdir", str(tmp_path), *flags])
+    assert not any(tmp_path.iterdir())                                       # refused before anything is built
+
+
+def test_bench_quant_times_the_first_token_and_the_decode_apart(monkeypatch):
+    """A clock that ticks one second per reading: the first token at 1 s, then one token a second, so TTFT is
+    1 s and the decode speed 1 token/s (the first token, the prefill's, is not a decoded one)."""
+    import itertools
+    import types
+
+    import minifastv.bench.cpu7b as cpu7b
+    from minifastv.data import TINY_MODEL
+
+    def fake_stream(model, ids, **kwargs):
+        class Run:
+            prefill = types.SimpleNamespace(kept_image_slots=lambda: [list(range(64))])
+
+            def __iter__(self):
+                return iter(range(kwargs["max_new_tokens"]))
+        return Run()
+
+    clock = itertools.count()
+    monkeypatch.setattr(cpu7b, "stream", fake_stream)
+    monkeypatch.setattr(cpu7b.time, "perf_counter", lambda: float(next(clock)))
+    got = cpu7b.measure(TINY_MODEL, ["off"], 2, 5, 1, "float32")["settings"]["off"]
+    assert (got["ttft_s"], got["first_ttft_s"], got["ttft_spread_s"], got["decode_tok_s"]) == (1.0, 1.0, 0.0, 1.0)
+
+
+def test_batch_file_names_are_read_from_the_batch_files_folder(model_dir, capsys, tmp_path, monkeypatch):
+    import shutil
+
+    from minifastv.cli import main
+
+    folder = tmp_path / "batches"
+    folder.mkdir()
+    shutil.copy(SAMPLES / SAMPLE["image"], folder / "picture.png")
+    shutil.copy(SAMPLES / SAMPLE["image"], tmp_path / "here.png")                 # beside the command, not the file
+    (folder / "in.jsonl").write_text(json.dumps({"image": "picture.png", "prompt": SAMPLE["question"]}) + "\n" +
+                                     json.dumps({"image": "here.png", "prompt": SAMPLE["question"]}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    code = main(["generate", "--model", str(model_dir), "--batch", "batches/in.jsonl", "--max-new-tokens", "1"])
+    first, second = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert code == 1 and "error" not in first and "batches/here.png" in second["error"]
+
+
+def test_every_pruning_method_is_exported_by_its_class_name():
+    import minifastv
+
+    assert all(getattr(minifastv, cls.__name__) is cls for cls in minifastv.METHODS.values())
+    assert {cls.__name__ for cls in minifastv.METHODS.values()} <= set(minifastv.__all__)

@@ -1,6 +1,7 @@
 """Device, float dtype and thread choices: what `auto` picks on which machine, that the command line's
 --device, --dtype and --threads reach the model, and one-line errors for what the machine cannot do."""
 
+import dataclasses
 import os
 
 import pytest
@@ -50,8 +51,12 @@ def test_auto_keeps_a_model_too_small_for_bf16_in_fp32(half_ckpt, monkeypatch):
     assert machine.decoder_fp32_bytes(model.config.text) == 4 * held
     dtype, why = machine.auto_dtype(torch.device("cpu"), model.config)
     assert dtype == torch.float32 and "a small model: 3 MiB" in why
+    quantized = dataclasses.replace(model.config, quant=minifastv.config.QuantConfig("int8"))
+    assert machine.auto_dtype(torch.device("cpu"), quantized)[0] == torch.float32    # one rule, quantized or not
     big = minifastv.LlavaConfig.from_name("llava-1.5-7b")
     assert machine.auto_dtype(torch.device("cpu"), big)[0] == torch.bfloat16
+    assert machine.auto_dtype(torch.device("cpu"), dataclasses.replace(big, quant=quantized.quant))[0] == \
+        torch.bfloat16
     assert machine.decoder_fp32_bytes(big.text) > 25e9
     monkeypatch.setattr(machine, "SMALL_DECODER_BYTES", machine.decoder_fp32_bytes(model.config.text))
     assert minifastv.load(half_ckpt).dtype == torch.bfloat16           # at the threshold: not small

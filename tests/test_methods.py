@@ -343,6 +343,15 @@ def test_dart_officials_budget_of_128_keeps_132():
     assert counts == {64: 68, 128: 132, 192: 196, 3: 4}
 
 
+def test_pyramiddrop_officials_counts_floor_the_exact_share():
+    """floor(n lambda^s) as the official int() of exact arithmetic: 100 tokens at lambda 0.7 keep 49 at stage 2,
+    though 0.7 ** 2 * 100 comes out 48.99999999999999 in floating point."""
+    from minifastv.pruning import PyramidDropOfficial
+
+    method = PyramidDropOfficial(ratio=0.3)
+    assert [method.count(stage, 100, 100) for stage in method.stages(16)] == [70, 49, 34]
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("ratio", [0.5, 0.3])
 def test_pyramiddrop_official_matches_the_official_loop(pair, ratio):

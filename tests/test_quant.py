@@ -141,6 +141,8 @@ def test_int8_activation_matmul_is_the_rounded_product():
     rounded = (x.double() / step).round()
     want = (rounded @ q["weight"].double().t()) * step * q["scale"].double()
     torch.testing.assert_close(int8_activation_matmul(x, q["weight"], q["scale"]).double(), want, rtol=1e-6, atol=1e-6)
+    half = int8_activation_matmul(x.bfloat16(), q["weight"], q["scale"])      # a bf16 model's linear stays bf16
+    assert half.dtype == torch.bfloat16
 
 
 def test_int8_activations_are_refused_where_they_cannot_run(float_ckpt, monkeypatch):

@@ -39,7 +39,7 @@ def client(server):
 
 def ask(client, i, method=None, ratio=0.5, stream=False, **kwargs):
     s = SAMPLE[i]
-    extra = {"prune": method or "none", **({"prune_ratio": ratio} if method else {})}
+    extra = {"prune": method or "none", **({"prune_ratio": ratio} if method else {}), **kwargs.pop("extra_body", {})}
     reply = client.chat.completions.create(model="tiny", messages=[image_message(SAMPLES / s["image"], s["question"])],
                                            temperature=0, stream=stream, extra_body=extra, **kwargs)
     if not stream:
@@ -124,30 +124,54 @@ def wait_for(condition, seconds=30):
         time.sleep(0.02)
 
 
+def short_request(server):
+    return server.request("POST", "/v1/chat/completions", {"messages": [
+        image_message(SAMPLES / SAMPLE[1]["image"], SAMPLE[1]["question"])], "temperature": 0})
+
+
 def test_a_full_queue_answers_429_and_a_disconnect_frees_the_slot(start_server):
-    server = start_server("--max-batch", "1", "--max-queue", "1")
+    """Decode steps slowed to 50 ms (20 s for the 400 tokens asked): nothing here depends on the box's speed."""
+    server = start_server("--max-batch", "1", "--max-queue", "1", "--step-delay-ms", "50")
     running = long_request(server)
     reply = running.getresponse()
     assert reply.status == 200 and reply.readline().startswith(b"data: ")     # decoding, in the one slot
     waiting = long_request(server, stream=False)                               # the one place in the queue
     wait_for(lambda: server.health()["waiting"] == 1)
-    status, headers, body = server.request("POST", "/v1/chat/completions", {"messages": [
-        image_message(SAMPLES / SAMPLE[1]["image"], SAMPLE[1]["question"])]})
+    status, headers, body = short_request(server)
     assert status == 429 and headers["Retry-After"] == "1" and body["error"]["code"] == "queue_full"
-    waiting.close()                        # gone before its turn: never run
+    waiting.close()                        # gone before its turn: never run, and its place is free at once
+    wait_for(lambda: server.health()["waiting"] == 0)
+    assert server.health()["running"] == 1
+    queued = long_request(server, stream=False)                                # takes the freed place
+    wait_for(lambda: server.health()["waiting"] == 1)
+    queued.close()
     running.close()                        # gone mid-stream: its row is freed at the next step
     wait_for(lambda: server.health()["running"] == 0 and server.health()["waiting"] == 0)
     health = server.health()
-    assert health["cancelled"] == 1 and health["decode_steps"] < 300   # 400 tokens were asked for
-    status, _, body = server.request("POST", "/v1/chat/completions", {"messages": [
-        image_message(SAMPLES / SAMPLE[1]["image"], SAMPLE[1]["question"])], "temperature": 0})
+    assert health["cancelled"] == 3 and health["decode_steps"] < 300   # 400 tokens were asked for
+    status, _, body = short_request(server)
     assert status == 200 and body["choices"][0]["message"]["content"] == SAMPLE[1]["answer"]
 
 
-@pytest.mark.parametrize("grace", [0, 30])
+def test_max_queue_0_serves_while_the_batch_has_room(start_server):
+    """--max-queue 0: no request waits beyond the batch's free rows, but those rows are used."""
+    server = start_server("--max-batch", "1", "--max-queue", "0", "--step-delay-ms", "50")
+    status, _, body = short_request(server)
+    assert status == 200 and body["choices"][0]["message"]["content"] == SAMPLE[1]["answer"]
+    running = long_request(server)
+    assert running.getresponse().readline().startswith(b"data: ")
+    status, _, body = short_request(server)
+    assert status == 429 and body["error"]["code"] == "queue_full"
+    running.close()
+    wait_for(lambda: server.health()["running"] == 0)
+    assert short_request(server)[0] == 200
+
+
+@pytest.mark.parametrize("grace", [0, 120])
 def test_sigterm_ends_in_flight_requests_cleanly_and_refuses_new_ones(grace, start_server):
-    """No grace: the stream ends at the next step. 30 s: it runs to its 400 tokens (well within them)."""
-    server = start_server("--shutdown-grace", str(grace))
+    """No grace (decode steps slowed to 50 ms): the stream ends at the next step. 120 s: it runs to its 400 tokens
+    (a few seconds of work, so no loaded box runs out of grace)."""
+    server = start_server("--shutdown-grace", str(grace), *(["--step-delay-ms", "50"] if grace == 0 else []))
     conn = long_request(server)
     reply = conn.getresponse()
     assert reply.readline().startswith(b"data: ")
@@ -159,7 +183,9 @@ def test_sigterm_ends_in_flight_requests_cleanly_and_refuses_new_ones(grace, sta
     assert tokens < 200 if grace == 0 else tokens == 400
     stderr = server.proc.stderr.read()
     assert server.proc.wait(30) == 0 and "server stopped" in stderr
-    assert ("limits: body 20 MiB, image 10 MiB and 16.7772 Mpixels, 4 images a request, max_tokens 512, no local "
+    assert "POST /v1/chat/completions 200 " in stderr and " completion tokens, length," in stderr   # the request log
+    assert ("limits: body 20 MiB, image 10 MiB and 16,777,216 pixels (4096 x 4096), 4 images a request, max_tokens "
+            "512, no local "
             "files; no API key") in stderr                                   # the caps, said at start
     with pytest.raises(OSError):
         server.request("GET", "/health", timeout=2)
@@ -230,7 +256,7 @@ MALFORMED = [  # (what is wrong, method, path, body (bytes as sent), status, cod
      {"messages": [QUESTION, {"role": "assistant", "content": [picture(PNG)]}, QUESTION]}, 400,
      "messages[1].content[0]"),
     ("too many images", "POST", "/v1/chat/completions",
-     {"messages": [user(*[picture(PNG)] * 5, text("which shape"))]}, 400, "messages"),
+     {"messages": [user(*[picture(PNG)] * 5, text("which shape"))]}, 413, "too_many_images"),
     ("a word the model does not know", "POST", "/v1/chat/completions",
      {"messages": [user(picture(PNG), text("bonjour"))]}, 400, "unknown_words"),
     ("unknown model", "POST", "/v1/chat/completions", {**GOOD, "model": "gpt-4"}, 404, "model_not_found"),
@@ -246,6 +272,13 @@ MALFORMED = [  # (what is wrong, method, path, body (bytes as sent), status, cod
     ("five stop strings", "POST", "/v1/chat/completions", {**GOOD, "stop": list("abcde")}, 400, "stop"),
     ("stream a string", "POST", "/v1/chat/completions", {**GOOD, "stream": "yes"}, 400, "stream"),
     ("n 2", "POST", "/v1/chat/completions", {**GOOD, "n": 2}, 400, "n"),
+    ("logprobs asked for", "POST", "/v1/chat/completions", {**GOOD, "logprobs": True}, 400, "logprobs"),
+    ("a frequency penalty", "POST", "/v1/chat/completions", {**GOOD, "frequency_penalty": 0.5}, 400,
+     "frequency_penalty"),
+    ("tools", "POST", "/v1/chat/completions", {**GOOD, "tools": [{"type": "function"}]}, 400, "tools"),
+    ("a JSON response format", "POST", "/v1/chat/completions", {**GOOD, "response_format": {"type": "json_object"}},
+     400, "response_format"),
+    ("an unrecognized field (a typo)", "POST", "/v1/chat/completions", {**GOOD, "max_token": 4}, 400, "max_token"),
     ("unknown pruning method", "POST", "/v1/chat/completions", {**GOOD, "prune": "magic"}, 400, "unknown_method"),
     ("prune_ratio 1", "POST", "/v1/chat/completions", {**GOOD, "prune": "fastv", "prune_ratio": 1}, 400,
      "prune_ratio"),
@@ -275,6 +308,10 @@ def test_a_malformed_request_gets_its_documented_4xx_and_the_server_stays_up(ser
 def test_after_every_malformed_request_a_good_one_is_answered(server):
     assert len(MALFORMED) >= 30
     assert server.request("POST", "/v1/chat/completions", GOOD)[0] == 200
+    # The OpenAI fields at their harmless values, and the bookkeeping ones, are accepted (and ignored).
+    harmless = {"logprobs": False, "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "tools": [],
+                "response_format": {"type": "text"}, "user": "someone", "metadata": {"a": "b"}, "store": False}
+    assert server.request("POST", "/v1/chat/completions", {**GOOD, **harmless})[0] == 200
 
 
 def test_local_files_only_under_allow_files_and_the_api_key_is_enforced(tmp_path, pipe, start_server):
@@ -329,11 +366,17 @@ def test_every_request_knob_changes_the_answer(client, pipe):
     assert run(temperature=0, max_tokens=5, ignore_eos=True)[1:] == ("length", 5)
     assert run(temperature=0) == (SAMPLE[0]["answer"], "stop", 2)                           # "red", EOS
     cut = run(temperature=0, max_tokens=12, ignore_eos=True, stop=[" " + words[3]])
-    assert cut[0] == " ".join(words[:3]) and cut[1] == "stop"
+    assert cut == (" ".join(words[:3]), "stop", 3)               # the tokens end where the text does, too
+    # A stop string over two tokens: its first token's text is held back while streaming, never sent.
+    across = [" ".join(["", *words[3:5]])]
+    assert ask(client, 0, stream=True, max_tokens=12, stop=across, extra_body={"ignore_eos": True})[0] == \
+        " ".join(words[:3]) == ask(client, 0, max_tokens=12, stop=across, extra_body={"ignore_eos": True})[0]
     sampled = {run(temperature=2.0, seed=seed, max_tokens=12, ignore_eos=True)[0] for seed in range(4)}
     assert len(sampled) > 1                                                                 # temperature, seed
-    assert run(temperature=2.0, seed=7, max_tokens=12, ignore_eos=True) == \
-        run(temperature=2.0, seed=7, max_tokens=12, ignore_eos=True)                        # seed reproduces
+    for seed in (0, 7):                                                                     # seed reproduces
+        assert run(temperature=2.0, seed=seed, max_tokens=12, ignore_eos=True) == \
+            run(temperature=2.0, seed=seed, max_tokens=12, ignore_eos=True)
+    assert run(max_completion_tokens=3, temperature=0, ignore_eos=True)[1:] == ("length", 3)
     assert run(temperature=2.0, top_p=1e-6, seed=3, max_tokens=12, ignore_eos=True)[0] == " ".join(words)
     system = [{"role": "system", "content": "a chat"}, image_message(SAMPLES / SAMPLE[0]["image"],
                                                                     SAMPLE[0]["question"])]
@@ -376,7 +419,7 @@ def test_the_caps_and_settings_on_the_command_line_are_applied(tmp_path, start_s
     assert server.request("GET", "/v1/models")[2]["data"][0]["id"] == "shapes"
     cases = [({"messages": [user(picture(big_url), question)]}, 413, "image_too_large"),           # pixels
              ({"messages": [user(picture(PNG), question)]}, 413, "image_too_large"),               # bytes
-             ({"messages": [user(picture(small_url), picture(small_url), question)]}, 400, "messages"),
+             ({"messages": [user(picture(small_url), picture(small_url), question)]}, 413, "too_many_images"),
              ({"messages": [user(question)], "max_tokens": 9}, 400, "max_tokens"),
              ({"messages": [user(question)], "pad": "x" * 120_000}, 413, "body_too_large")]
     for body, status, named in cases:

@@ -43,6 +43,14 @@ def test_the_page_streams_the_answer_and_outlines_the_kept_patches(browser, tmp_
     browser.get(server.url + "/")
     wait = WebDriverWait(browser, 60)
     wait.until(lambda d: len(Select(d.find_element(By.ID, "method")).options) > 1)
+    vocabulary = browser.find_element(By.ID, "vocabulary")                 # the tiny model's words, said up front
+    assert vocabulary.is_displayed() and " ".join(pipe.tokenizer.known_words()) in vocabulary.text
+    browser.find_element(By.ID, "question").send_keys("what colour?")      # no image yet: asked for, nothing sent
+    browser.find_element(By.ID, "send").click()
+    error = browser.find_element(By.ID, "error")
+    assert error.is_displayed() and error.text.startswith("Pick an image first")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#turns li") and server.health()["decode_steps"] == 0
+    browser.find_element(By.ID, "question").clear()
     browser.find_element(By.ID, "file").send_keys(str(SAMPLES / SAMPLE[0]["image"]))
     wait.until(lambda d: d.find_element(By.ID, "image").get_attribute("src").startswith("data:image/png"))
     Select(browser.find_element(By.ID, "method")).select_by_value("fastv")

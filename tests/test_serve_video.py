@@ -81,8 +81,8 @@ def test_the_video_caps_and_bad_videos_get_their_4xx(random_video_dir, start_ser
              (video_message(wide, question), 413, "video_too_large", "200 x 100 pixels"),
              (video_message("data:video/mp4;base64," + base64.b64encode(b"not a video").decode(), question), 400,
               "invalid_video", "not a video"),
-             (video_message(sample, question, {"type": "video_url", "video_url": {"url": sample}}), 400, "messages",
-              "2 videos in one request"),
+             (video_message(sample, question, {"type": "video_url", "video_url": {"url": sample}}), 413,
+              "too_many_videos", "2 videos in one request"),
              (video_message("https://example.com/v.mp4", question), 400, "url_not_allowed", "never fetches"),
              (video_message(SAMPLES / VIDEOS[0]["video"], question), 403, "file_not_allowed", "--allow-files"),
              ({"role": "user", "content": f"<video>\n{question}"}, 400, "messages[0].content", "video_url parts")]

@@ -9,7 +9,7 @@ import torch
 
 import minifastv
 import video_shapes
-from minifastv.data import SAMPLES, TINY_VIDEO_MODEL
+from minifastv.data import SAMPLES, TINY_MODEL, TINY_VIDEO_MODEL
 from minifastv.pipeline import Pipeline
 from shapes import COLOURS, GRID
 from video_shapes import FRAMES, QUESTION_TYPES, evaluate, example, majority_baseline, make_batch
@@ -122,7 +122,16 @@ def test_the_demo_answers_the_sample_videos_with_the_shipped_video_model(capsys,
     for q in json.loads((SAMPLES / "video_questions.json").read_text()):
         assert f"{q['video']}: {q['question']}  (expected: {q['answer']})" in out
         answer = pipe.answer([], q["question"], videos=[SAMPLES / q["video"]], prune=FastV(2, 0.5), max_new_tokens=4)
-        assert f"FastV K=2 R=0.5    -> {answer.text:<10} visual tokens kept 68/136" in out
+        mark = "  " if answer.text.strip() == q["answer"] else "x "               # a wrong answer is marked
+        assert f"  {mark}FastV K=2 R=0.5    -> {answer.text:<10} visual tokens kept 68/136" in out
+    # The tiny image model loses answers to FastV at K=2: said once, with the reason and DART beside it.
+    images = Pipeline.load(TINY_MODEL, dtype="float32")
+    questions = json.loads((SAMPLES / "questions.json").read_text())
+    answers = [images.answer([SAMPLES / q["image"]], q["question"], prune=FastV(2, 0.5), max_new_tokens=4).text
+               for q in questions]
+    misses = [q for q, a in zip(questions, answers) if a.strip() != q["answer"]]
+    assert misses and out.count("x FastV K=2 R=0.5") >= len(misses)
+    assert out.count("DART keeps what answers: python -m minifastv demo --prune dart") == 1
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "av" else real(name, *a))
     assert main(["demo", "--dtype", "float32"]) == 0

@@ -273,6 +273,11 @@ def main(argv=None) -> int:
                    help="the int8 checkpoint measured with each: float (weight-only) and/or int8 activations "
                         "(int4 stays weight-only)")
     args = p.parse_args(argv)
+    for flag, value, least in (("--repeats", args.repeats, 1), ("--decode-tokens", args.decode_tokens, 2),
+                               ("--threads", args.threads, 1), ("--layers", args.layers, 1),
+                               ("--ref-layers", args.ref_layers, 1)):
+        if value < least:  # decode speed is timed between the first and the last new token: two at least
+            raise ValueError(f"{flag} must be at least {least}, got {value}")
     if "int8" in args.activations and "int8" in args.quant and not int8_gemm_exact():
         raise ValueError("--activations int8: not available on this CPU (its integer GEMM saturates on full-range "
                          "int8 weights; see minifastv/int8act.py); measure with --activations float")

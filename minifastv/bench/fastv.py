@@ -30,10 +30,11 @@ import torch
 from ..checkpoint import load
 from ..config import LlavaConfig
 from ..data import TINY_MODEL
+from ..machine import auto_dtype
 from ..models import KVCache, LlavaModel
 from ..pruning import METHODS, at_budget, make
-from .machine import describe
-from .timing import minifastv_generate, rate, timed
+from .machine import describe, spread_warning
+from .timing import minifastv_generate, rate, spread_ms, timed
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -105,22 +106,26 @@ def bench_fastv(model, ids, pixels, repeats: int, decode_tokens: int, method=mak
             cache = KVCache(cfg.text.n_layers, extra=decode_tokens)
             pre = model.prefill(ids, pixels, prune=prune, cache=cache, last_only=True)
         rows.append(dict(ratio=ratio, kept=len(pre.kept_image_slots()[0]), theory=pre.flops[0] / pre.flops_unpruned[0],
-                         prefill=t_prefill, decode=decode, cache=cache.nbytes(),
+                         prefill=t_prefill, prefills=timing.prefills, decode=decode, cache=cache.nbytes(),
                          flops=model_flops(cfg, pre.layer_tokens[0].tolist())))
     base, n, n_image = rows[0], pre.n_prompt_tokens()[0], pre.n_image_tokens()[0]
     label = repr(prunes[0.5]).replace("ratio=0.5", "ratio=R")  # the settings that ran
     new = f"{timing.tokens} new token{'' if timing.tokens == 1 else 's'}"
     print(f"\n{label}, prompt of {n} tokens ({n_image} image tokens), {new}, median of {timing.runs}")
     print("theoretical: the paper's decoder-only formula; model FLOPs: every matmul, vision tower included")
-    print("| R | image tokens kept | theoretical FLOPs | model FLOPs | prefill ms | measured speedup | "
+    print("| R | image tokens kept | theoretical FLOPs | model FLOPs | prefill ms (spread) | measured speedup | "
           "theoretical speedup | measured/theoretical | measured/model-FLOPs speedup | decode tok/s | "
           "KV cache (allocated) MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         speedup, ideal, model_ideal = base["prefill"] / r["prefill"], 1 / r["theory"], base["flops"] / r["flops"]
         print(f"| {r['ratio']} | {r['kept']} | {r['theory']:.1%} | {r['flops'] / base['flops']:.1%} | "
-              f"{r['prefill'] * 1e3:.1f} | {speedup:.2f}x | {ideal:.2f}x | {speedup / ideal:.2f} | "
-              f"{speedup / model_ideal:.2f} | {rate(r['decode'])} | {r['cache'] / 2**20:.1f} |")
+              f"{r['prefill'] * 1e3:.1f} ({spread_ms(r['prefills'])}) | {speedup:.2f}x | {ideal:.2f}x | "
+              f"{speedup / ideal:.2f} | {speedup / model_ideal:.2f} | {rate(r['decode'])} | {r['cache'] / 2**20:.1f} |")
+    for r in rows:
+        warning = spread_warning(f"the prefill at R={r['ratio']}", list(r["prefills"]))
+        if warning:
+            print(warning)
     return rows
 
 
@@ -138,8 +143,10 @@ def bench_methods(model, ids, pixels, repeats: int, kept: float = 0.25):
             start = time.perf_counter()
             reports.append(prefill(method))
             times.append(time.perf_counter() - start)
+        warnings.append(spread_warning(f"the prefill with {method!r}", times))
         return statistics.median(times), statistics.median(r.select_s for r in reports), reports[0], len(times)
 
+    warnings = []
     base, _, _, runs = run(None)
     print(f"\nevery pruning method keeping {kept:.0%} of the image tokens (K=2 where a method has a layer); "
           f"prefill = vision tower + decoder, median of {runs}")
@@ -150,6 +157,8 @@ def bench_methods(model, ids, pixels, repeats: int, kept: float = 0.25):
         seconds, select, pre, _ = run(at_budget(name, kept))
         print(f"| {name} | {len(pre.kept_image_slots()[0])} | {pre.flops[0] / pre.flops_unpruned[0]:.1%} | "
               f"{seconds * 1e3:.1f} | {base / seconds:.2f}x | {select * 1e3:.2f} | {select / seconds:.1%} |")
+    for warning in filter(None, warnings):
+        print(warning)
 
 
 def profile_prefill(model, ids, pixels, rows: int = 12):
@@ -173,9 +182,10 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="tiny", help="'tiny' (the shipped tiny model), '7b' (random, "
                                                    "LLaVA-1.5-7B-shaped), or a checkpoint directory")
     p.add_argument("--layers", type=int, default=None, help="decoder layers of the 7b model (default 32)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="default: bfloat16 for 7b, the checkpoint's dtype otherwise; on CPUs without native "
-                        "bf16 (no AVX512-BF16/AMX) bf16 matmuls are emulated and very slow: use float32")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
+                   help="default: bfloat16 for 7b, the checkpoint's dtype otherwise; auto: as minifastv.load picks "
+                        "for this machine and model; on CPUs without native bf16 (no AVX512-BF16/AMX) bf16 "
+                        "matmuls are emulated and very slow: use float32 or auto")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -195,7 +205,9 @@ def main(argv=None) -> int:
     if args.model == "7b":
         base = LlavaConfig.from_name("llava-1.5-7b")
         config = dataclasses.replace(base, text=dataclasses.replace(base.text, n_layers=args.layers or 32))
-        model = random_model(config, getattr(torch, args.dtype or "bfloat16"))
+        dtype = auto_dtype(torch.device("cpu"), config)[0] if args.dtype == "auto" else \
+            getattr(torch, args.dtype or "bfloat16")
+        model = random_model(config, dtype)
     else:
         model = load(TINY_MODEL if args.model == "tiny" else args.model, dtype=args.dtype)
     ids, pixels = prompt(model.config)

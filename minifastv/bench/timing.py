@@ -16,6 +16,7 @@ class Timing(NamedTuple):
     decode_tok_s: float | None       # median tokens/s after it (None when a run generates one token)
     tokens: int                      # tokens a run generated
     runs: int                        # runs the medians are taken over (after a warm-up)
+    prefills: tuple[float, ...] = ()  # each run's seconds until the first token
 
 
 def timed(generate_fn, repeats: int) -> Timing:
@@ -30,7 +31,12 @@ def timed(generate_fn, repeats: int) -> Timing:
             if len(stamps) > 2:
                 rates.append((len(stamps) - 2) / (stamps[-1] - stamps[1]))
     return Timing(statistics.median(prefills), statistics.median(rates) if rates else None, len(stamps) - 1,
-                  len(prefills))
+                  len(prefills), tuple(prefills))
+
+
+def spread_ms(seconds) -> str:
+    """The spread of repeated timings, as printed beside their median: max - min in ms."""
+    return f"{(max(seconds) - min(seconds)) * 1e3:.1f}" if len(seconds) > 1 else "-"
 
 
 def rate(tokens_per_s: float | None) -> str:

@@ -25,7 +25,12 @@ def summarize(records: list[dict], **header) -> dict:
                        "relative_prefill_flops": mean(r["flops"] / r["flops_unpruned"] for r in ran),
                        "prefill_s": mean(r["prefill_s"] for r in ran), "decode_s": mean(r["decode_s"] for r in ran),
                        "decode_steps": mean(r["decode_steps"] for r in ran)}
-    return {**header, "tasks": tasks, "requests": sorted(records, key=lambda r: (r["task"], str(r["doc_id"])))}
+    return {**header, "tasks": tasks, "requests": sorted(records, key=lambda r: (r["task"], *in_order(r["doc_id"])))}
+
+
+def in_order(doc_id) -> tuple:
+    """A sort key putting integer ids in numeric order (2 before 10), then any others by their text."""
+    return (0, doc_id, "") if isinstance(doc_id, int) else (1, 0, str(doc_id))
 
 
 def write_json(path, data):

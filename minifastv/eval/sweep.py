@@ -1,12 +1,14 @@
 """Every method at every budget over a list of lmms-eval tasks, one lmms-eval run each (with accelerate across
 processes), then one table and one accuracy-against-FLOPs plot per task from the runs' result files.
 
-    python -m minifastv.eval sweep --model DIR --tasks gqa,pope --methods fastv,dart --kept 64 128 192 \
+    python -m minifastv.eval sweep --model DIR --tasks gqa,pope --methods fastv,dart --kept 64 128 192 \\
         --processes 8 --out results/sweep
 
 A run lives in OUT/<method>-<kept> (OUT/none for the unpruned model) and holds lmms-eval's results, its logged
 samples and minifastv's stats.json; a run whose directory already has both is skipped, so a sweep that was
-stopped goes on where it was.
+stopped goes on where it was. The budgets are checked against the model before anything runs; a run in which a
+request failed (lmms-eval itself exits 0 then) ends the sweep with exit 1, its stats.json kept as
+stats.failed.json so that the next sweep runs it again.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from ..checkpoint import load_config
 from ..data import TINY_MODEL
 from ..pruning import METHODS
 from . import TASKS
+from .settings import pruner
 
 
 def runs(methods: list[str], kept: list[int], baseline: bool = True) -> list[tuple[str, int | None]]:
@@ -30,6 +34,42 @@ def runs(methods: list[str], kept: list[int], baseline: bool = True) -> list[tup
 
 def run_name(method: str, kept: int | None) -> str:
     return "none" if method == "none" else f"{method}-{kept}"
+
+
+def default_budgets(n_patches: int) -> list[int]:
+    """The literature's budgets, 64, 128 and 192 of LLaVA-1.5's 576 image tokens, as the same shares of the
+    model's own: 7, 14 and 21 of the tiny model's 64."""
+    return [max(1, round(n_patches * share / 9)) for share in (1, 2, 3)]
+
+
+def check_budgets(model: str, methods: list[str], kept: list[int], prune_k: int | None) -> None:
+    """Every (method, budget) is one the model can run: a ValueError naming the first that is not."""
+    n = load_config(model).vision.n_patches
+    for k in kept:
+        if not 0 < k < n:
+            raise ValueError(f"--kept {k}: the model's images have {n} tokens; a budget is 1..{n - 1}")
+    for method in methods:
+        with_k = prune_k if "k" in {f.name for f in fields(METHODS[method])} else None
+        for k in kept:
+            try:
+                pruner(method, None, k, with_k, None, n)
+            except ValueError as e:
+                raise ValueError(f"{method} keeping {k} of {n}: {e}") from None
+
+
+def run_failures(run: Path) -> str | None:
+    """What went wrong in a finished lmms-eval run, or None: no stats file, or requests that failed (lmms-eval
+    logs a model's error and exits 0)."""
+    stats = run / "stats.json"
+    if not stats.is_file():
+        return "it wrote no stats.json"
+    data = json.loads(stats.read_text())
+    failed = [r for r in data["requests"] if "error" in r]
+    if not failed:
+        return None
+    stats.replace(run / "stats.failed.json")
+    return (f"{len(failed)} of {len(data['requests'])} requests failed, the first (task {failed[0]['task']}, "
+            f"document {failed[0]['doc_id']}): {failed[0]['error']}")
 
 
 def result_file(run: Path) -> Path | None:
@@ -139,8 +179,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=str(TINY_MODEL), help="minifastv checkpoint (default: the shipped tiny model)")
     p.add_argument("--tasks", default="minifastv_shapes", help="lmms-eval tasks, comma-separated (default: %(default)s)")
     p.add_argument("--methods", default="fastv", help="pruning methods, comma-separated (default: %(default)s)")
-    p.add_argument("--kept", type=int, nargs="+", default=[64, 128, 192],
-                   help="image tokens kept per image (default: %(default)s, of LLaVA-1.5's 576)")
+    p.add_argument("--kept", type=int, nargs="+",
+                   help="image tokens kept per image (default: 64, 128 and 192 for LLaVA-1.5's 576, the same shares "
+                        "of another model's: 7, 14, 21 of the tiny model's 64)")
     p.add_argument("--prune-k", type=int, help="the layer methods prune after, where they have one (default theirs)")
     p.add_argument("--no-baseline", action="store_true", help="skip the unpruned run")
     p.add_argument("--processes", type=int, default=1, help="processes (GPUs where there are) (default: %(default)s)")
@@ -164,8 +205,13 @@ def main(argv=None) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    kept = args.kept or default_budgets(load_config(args.model).vision.n_patches)
+    try:
+        check_budgets(args.model, methods, kept, args.prune_k)
+    except ValueError as e:
+        p.error(str(e))
     out = Path(args.out)
-    plan = runs(methods, args.kept, not args.no_baseline)
+    plan = runs(methods, kept, not args.no_baseline)
     for method, kept in plan:
         run = out / run_name(method, kept)
         cmd = command(args, method, kept, run)
@@ -176,9 +222,10 @@ def main(argv=None) -> int:
             print(f"{run}: done, skipped", file=sys.stderr)
             continue
         print(f"{run}: running", file=sys.stderr, flush=True)
-        if subprocess.run(cmd).returncode != 0:
-            print(f"error: the lmms-eval run for {run} failed (its output is above); the runs done so far stay",
-                  file=sys.stderr)
+        failure = "lmms-eval exited with an error (its output is above)" if subprocess.run(cmd).returncode else \
+            run_failures(run)
+        if failure:
+            print(f"error: the run {run} failed: {failure}; the runs done before it stay", file=sys.stderr)
             return 1
     if args.dry_run:
         return 0

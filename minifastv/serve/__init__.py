@@ -4,6 +4,7 @@ GET /health) and a web page at / that shows which image patches the model kept. 
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 from pathlib import Path
@@ -37,6 +38,7 @@ def add_arguments(p):
     p.add_argument("--max-videos", type=int, default=1, help="videos a request may carry (default: %(default)s)")
     p.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds in-flight requests get to finish "
                    "after SIGINT/SIGTERM; then they end as if their token budget ran out (default: %(default)s)")
+    p.add_argument("--step-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: slow decoding down
     p.add_argument("--served-name", help="the model's name in the API (default: the checkpoint directory's name)")
 
 
@@ -76,7 +78,8 @@ def cmd_serve(args):
                     args.max_images, args.max_tokens, args.allow_files, int(args.max_video_mb * 2**20),
                     args.max_videos, args.max_video_frames)
     name = args.served_name or Path(args.model).name
-    engine = Engine(pipe, max_batch=args.max_batch, max_queue=args.max_queue, batch_wait=args.batch_wait_ms / 1e3)
+    engine = Engine(pipe, max_batch=args.max_batch, max_queue=args.max_queue, batch_wait=args.batch_wait_ms / 1e3,
+                    step_delay=args.step_delay_ms / 1e3)
     app = create_app(engine, limits, model_name=name, default_prune=method, api_key=args.api_key)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=args.shutdown_grace + 5))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import sys
 import time
 import uuid
 from importlib import resources
@@ -23,6 +24,13 @@ from .protocol import ApiError, Limits, read_request, read_video
 
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript; charset=utf-8"),
           "/style.css": ("style.css", "text/css; charset=utf-8")}
+
+
+def log(request: Request, status: int, what: str):
+    """The request log: one line on stderr per chat completion, answered or refused."""
+    client = request.client.host if request.client else "-"
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {client} {request.method} {request.url.path} {status} {what}",
+          file=sys.stderr, flush=True)
 
 
 def error(e: ApiError) -> JSONResponse:
@@ -75,11 +83,13 @@ def create_app(engine: Engine, limits: Limits, *, model_name: str, default_prune
         try:
             engine.submit(job)
         except QueueFull:
-            raise ApiError(429, f"the server is busy: {engine.max_queue} requests are already waiting; retry later",
+            raise ApiError(429, f"the server is busy: its batch is full and {engine.max_queue} requests are already "
+                           "waiting; retry later",
                            None, "queue_full") from None
         except ShuttingDown:
             raise ApiError(503, "the server is shutting down", None, "shutting_down") from None
-        reply = Reply(model_name, job, events, config.vision, describe(spec["prune"]) if spec["prune"] else "none")
+        reply = Reply(model_name, job, events, config.vision, describe(spec["prune"]) if spec["prune"] else "none",
+                      lambda status, what: log(request, status, what))
         watcher = asyncio.create_task(watch_disconnect(request, job))
         if stream:
             return StreamingResponse(reply.chunks(include_usage, watcher), media_type="text/event-stream",
@@ -96,7 +106,7 @@ def create_app(engine: Engine, limits: Limits, *, model_name: str, default_prune
 
     async def health(request: Request):
         return JSONResponse({"status": "ok" if engine.accepting else "shutting down", "model": model_name,
-                             "waiting": len(engine.waiting), "running": engine.running,
+                             "waiting": engine.n_waiting(), "running": engine.running,
                              "decode_steps": engine.steps, "decoded_tokens": engine.decoded,
                              "cancelled": engine.cancelled},
                             status_code=200 if engine.accepting else 503)
@@ -115,7 +125,8 @@ def create_app(engine: Engine, limits: Limits, *, model_name: str, default_prune
                                  "k": getattr(default_prune, "k", None)},
                              "image_mode": config.image_mode, "image_mean": list(config.image_mean),
                              "n_frames": getattr(config, "n_frames", None),
-                             "api_key_required": api_key is not None, "max_tokens": limits.max_tokens})
+                             "api_key_required": api_key is not None, "max_tokens": limits.max_tokens,
+                             "vocabulary": pipe.tokenizer.known_words()})
 
     async def frames(request: Request):
         """A video model's view of a video: {"video": a data: URL (or a file under --allow-files)} -> {"frames":
@@ -132,6 +143,7 @@ def create_app(engine: Engine, limits: Limits, *, model_name: str, default_prune
         return JSONResponse({"frames": views})
 
     async def on_api_error(request, exc: ApiError):
+        log(request, exc.status, f"{exc.code or ''} {exc.param or ''}".strip())
         return error(exc)
 
     async def on_http_error(request, exc: HTTPException):
@@ -179,8 +191,9 @@ async def watch_disconnect(request: Request, job: Job):
 class Reply:
     """A job's events as an OpenAI chat completion, whole or as server-sent events."""
 
-    def __init__(self, model_name, job, events, vision, method: str):
+    def __init__(self, model_name, job, events, vision, method: str, log=lambda status, what: None):
         self.model, self.job, self.events, self.vision, self.method = model_name, job, events, vision, method
+        self.log = log
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def usage(self, answer) -> dict:
@@ -200,6 +213,11 @@ class Reply:
         event = await self.events.get()
         if event[0] == "error":
             raise event[1]
+        if event[0] == "done":
+            answer, reason = event[1:]
+            self.log(200, f"{answer.n_prompt_tokens} prompt + {answer.decode_steps + 1} completion tokens, "
+                          f"{reason}, visual tokens kept {answer.kept}/{answer.n_image_tokens}, pruning {self.method}, "
+                          f"prefill {answer.prefill_s:.3f} s, decode {answer.decode_s:.3f} s")
         return event
 
     async def whole(self) -> dict:
@@ -226,6 +244,7 @@ class Reply:
                 try:
                     event = await self.next()
                 except ApiError as e:
+                    self.log(200, f"stream ended by an error: {e.status} {e.code}")
                     yield f"data: {json.dumps(e.body())}\n\n"
                     break
                 if event[0] == "text":

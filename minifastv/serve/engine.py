@@ -71,8 +71,10 @@ class Job:
 
 
 class Engine:
-    def __init__(self, pipe, *, max_batch: int = 8, max_queue: int = 32, batch_wait: float = 0.01):
+    def __init__(self, pipe, *, max_batch: int = 8, max_queue: int = 32, batch_wait: float = 0.01,
+                 step_delay: float = 0.0):
         self.pipe, self.max_batch, self.max_queue, self.batch_wait = pipe, max_batch, max_queue, batch_wait
+        self.step_delay = step_delay   # seconds slept per decode step: lets tests act while a request runs
         self.model, self.tok = pipe.model, pipe.tokenizer
         self.eos = self.model.config.text.eos_token_id
         self.waiting: collections.deque[Job] = collections.deque()
@@ -87,13 +89,27 @@ class Engine:
         return self
 
     def submit(self, job: Job):
+        """Queue `job`; QueueFull once more than max_queue requests would wait beyond the batch's free rows."""
         with self.cond:
             if not self.accepting:
                 raise ShuttingDown()
-            if len(self.waiting) >= self.max_queue:
+            self.forget_gone()
+            if len(self.waiting) >= self.max_queue + max(0, self.max_batch - self.running):
                 raise QueueFull()
             self.waiting.append(job)
             self.cond.notify()
+
+    def forget_gone(self):
+        """Drop the waiting requests whose client went away: they hold no place in the queue (caller holds cond)."""
+        for job in [j for j in self.waiting if j.cancelled.is_set()]:
+            self.waiting.remove(job)
+            self.cancelled += 1
+            job.send(("error", GONE))
+
+    def n_waiting(self) -> int:
+        with self.cond:
+            self.forget_gone()
+            return len(self.waiting)
 
     def drain(self, grace: float):
         """Stop accepting; requests still running after `grace` seconds end as if their budget ran out."""
@@ -142,9 +158,11 @@ class Engine:
             while self.waiting and len(jobs) < room:
                 job = self.waiting.popleft()
                 if job.cancelled.is_set():
+                    self.cancelled += 1
                     job.send(("error", GONE))
                 else:
                     jobs.append(job)
+            self.running += len(jobs)   # taken: counted as running from here, never in neither count
             return jobs
 
     def prefill(self, jobs: list[Job], prune: Pruner | None) -> Running | None:
@@ -165,6 +183,8 @@ class Engine:
         return self.advance(Running(jobs, cache, pre.next_position), pre.logits[:, -1])
 
     def step(self, running: Running) -> Running | None:
+        if self.step_delay:
+            time.sleep(self.step_delay)
         logits = self.model.decode_step(running.tokens, running.position, running.cache)
         running.position = running.position + 1   # generated tokens continue the original positions
         self.steps, self.decoded = self.steps + 1, self.decoded + len(running.jobs)
@@ -196,8 +216,10 @@ class Engine:
             job.tokens.append(token)
             job.text += job.stream.push(token)
             cut = min((i for i in (job.text.find(s) for s in job.stop) if i >= 0), default=-1)
-            if cut >= 0:
+            if cut >= 0:   # the answer ends before the stop string, and so do its tokens
                 job.text, reason = job.text[:cut], "stop"
+                while job.tokens and len(self.tok.decode(job.tokens[:-1])) >= cut:
+                    job.tokens.pop()
             elif len(job.tokens) >= job.max_tokens or late:
                 reason = "length"
         # Text that may be the start of a stop string waits until it is known not to be.

@@ -19,6 +19,17 @@ from ..pruning import METHODS, make, name_of
 from ..tokenizer import VICUNA_SYSTEM, chat_prompt
 
 ROLES = ("system", "user", "assistant")
+READ = {"model", "messages", "n", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
+        "stream", "stream_options", "prune", "prune_ratio", "prune_k", "ignore_eos"}
+# OpenAI fields that would change what the answer means, with the values that leave it as it is: another value is
+# refused (400), as vLLM refuses what it does not implement, rather than answered as if it had been honoured.
+REFUSED = {"logprobs": (False,), "top_logprobs": (0,), "frequency_penalty": (0,), "presence_penalty": (0,),
+           "logit_bias": ({},), "tools": ([],), "tool_choice": ("none", "auto"), "functions": ([],),
+           "function_call": ("none", "auto"), "response_format": ({"type": "text"},), "modalities": (["text"],),
+           "audio": (), "prediction": (), "reasoning_effort": (), "web_search_options": (), "repetition_penalty": (1,),
+           "min_tokens": (0,), "best_of": (1,)}
+# Fields about the request's bookkeeping, not its answer: accepted and ignored.
+IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier", "prompt_cache_key"}
 
 
 class ApiError(Exception):
@@ -52,8 +63,18 @@ class Limits:
         videos = (f", video {self.max_video_bytes / 2**20:g} MiB and {self.max_video_frames} frames, "
                   f"{self.max_videos} video{'s' * (self.max_videos != 1)} a request") if video else ""
         return (f"limits: body {self.max_body_bytes / 2**20:g} MiB, image {self.max_image_bytes / 2**20:g} MiB and "
-                f"{self.max_image_pixels / 1e6:g} Mpixels, {self.max_images} images a request{videos}, max_tokens "
+                f"{pixels(self.max_image_pixels)}, {self.max_images} images a request{videos}, max_tokens "
                 f"{self.max_tokens}, {files}")
+
+
+def pixels(n: int) -> str:
+    """A pixel count as the server writes it everywhere: "16,777,216 pixels (4096 x 4096)"."""
+    side = math.isqrt(n)
+    return f"{n:,} pixels" + (f" ({side} x {side})" if side * side == n else "")
+
+
+def a(word: str) -> str:
+    return ("an " if word[:1] in "aeiou" else "a ") + word
 
 
 def bad(message, param=None, code="invalid_value"):
@@ -68,7 +89,8 @@ def get(body: dict, name: str, kinds, default=None, check=None, what: str = ""):
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         names = "/".join({int: "integer", float: "number", str: "string", bool: "boolean", list: "array",
                           dict: "object"}[k] for k in kinds)
-        raise ApiError(400, f"{name} must be a {names}, got {type(value).__name__} {value!r:.80}", name, "invalid_type")
+        raise ApiError(400, f"{name} must be {a(names)}, got {type(value).__name__} {value!r:.80}", name,
+                       "invalid_type")
     if check is not None and not check(value):
         raise bad(f"{name} must be {what}, got {value!r:.80}", name)
     return value
@@ -84,6 +106,13 @@ def read_request(body, pipe, limits: Limits, default_prune, model_name: str) -> 
                        "model_not_found")
     if get(body, "n", (int,), 1) != 1:
         raise bad("n must be 1: the server answers each request once", "n")
+    for name, value in body.items():
+        if name in REFUSED and value is not None and value not in REFUSED[name]:
+            raise bad(f"{name} {value!r:.80} is not supported by this server (see docs/serving.md)", name,
+                      "unsupported_field")
+        if name not in READ | REFUSED.keys() | IGNORED:
+            raise bad(f"unrecognized field {name!r:.80} (see docs/serving.md for the fields the server reads)", name,
+                      "unrecognized_field")
     config, tok = pipe.model.config, pipe.tokenizer
     n_frames = getattr(config, "n_frames", None)
     images, videos, ids = read_messages(body.get("messages"), tok, config.text.eos_token_id, limits, n_frames,
@@ -155,7 +184,7 @@ def read_pruning(body, default):
     k = get(body, "prune_k", (int,), getattr(default, "k", None) if same else None, lambda v: v >= 0,
             "a non-negative integer")
     try:
-        return make(name, float(ratio), k)
+        return make(name, float(ratio), k, getattr(default, "seed", None) if same else None)
     except ValueError as e:
         raise bad(str(e), "prune_k" if k is not None else "prune") from None
 
@@ -178,7 +207,7 @@ def read_messages(messages, tok, eos: int, limits: Limits, n_frames: int | None 
             raise bad(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r:.40}", f"{where}.role")
         expected = "user" if not turns or turns[-1][3] is not None else "assistant"
         if role == "system" and i > 0 or role != "system" and role != expected:
-            raise bad(f"{where}: a {role} message cannot come here; the conversation is an optional system message, "
+            raise bad(f"{where}: {a(role)} message cannot come here; the conversation is an optional system message, "
                       "then user and assistant messages in turn, ending with a user message", f"{where}.role")
         text, found, seen = read_content(message.get("content"), where, limits, role == "user", n_frames)
         if role == "system":
@@ -198,9 +227,11 @@ def read_messages(messages, tok, eos: int, limits: Limits, n_frames: int | None 
     if turns[-1][3] is not None:
         raise bad("the last message must be the user's", f"messages[{len(messages) - 1}].role")
     if len(images) > limits.max_images:
-        raise bad(f"{len(images)} images in one request; the server takes at most {limits.max_images}", "messages")
+        raise ApiError(413, f"{len(images)} images in one request; the server takes at most {limits.max_images}",
+                       "messages", "too_many_images")
     if len(videos) > limits.max_videos:
-        raise bad(f"{len(videos)} videos in one request; the server takes at most {limits.max_videos}", "messages")
+        raise ApiError(413, f"{len(videos)} videos in one request; the server takes at most {limits.max_videos}",
+                       "messages", "too_many_videos")
     ids = []
     try:
         for t, (n_images, n_videos, question, answer) in enumerate(turns):
@@ -259,12 +290,16 @@ def read_bytes(url: str, at: str, limits: Limits, kind: str = "image") -> bytes:
     header, comma, payload = url.partition(",")
     if not comma or not header.endswith(";base64"):
         raise bad(f"{at}: a data: URL must be data:<type>;base64,<data>", param, f"invalid_{kind}")
-    if len(payload) > math.ceil(cap / 3) * 4 + 4:
-        raise ApiError(413, f"{at}: the {kind} is over the {cap} bytes the server takes", param, f"{kind}_too_large")
+    too_large = ApiError(413, f"{at}: the {kind} is over the {cap} bytes the server takes", param, f"{kind}_too_large")
+    if len(payload) > math.ceil(cap / 3) * 4 + 4:   # surely over: not decoded
+        raise too_large
     try:
-        return base64.b64decode(payload, validate=True)
+        data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise bad(f"{at}: the data: URL is not valid base64", param, "invalid_base64") from None
+    if len(data) > cap:
+        raise too_large
+    return data
 
 
 def read_video(url: str, at: str, limits: Limits, n_frames: int) -> list[Image.Image]:
@@ -285,12 +320,16 @@ def read_image(url: str, at: str, limits: Limits) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.width * im.height > limits.max_image_pixels:
-                raise ApiError(413, f"{at}: {im.width} x {im.height} pixels is over the {limits.max_image_pixels} the "
-                               "server takes", f"{at}.image_url", "image_too_large")
+                cap = pixels(limits.max_image_pixels)
+                raise ApiError(413, f"{at}: {im.width} x {im.height} pixels is over the {cap} the server takes",
+                               f"{at}.image_url", "image_too_large")
             im.load()
             return to_rgb(im)
     except ApiError:
         raise
+    except Image.UnidentifiedImageError:   # its message names a BytesIO object, not the request's part
+        raise bad(f"{at}: not a readable image (not a format the server reads)", f"{at}.image_url",
+                  "invalid_image") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, ImageError) as e:
         raise bad(f"{at}: not a readable image ({e})", f"{at}.image_url", "invalid_image") from None
 

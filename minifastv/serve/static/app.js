@@ -33,6 +33,11 @@ async function start() {
   }
   $("key-label").hidden = !settings.api_key_required;
   $("max-tokens").value = Math.min(64, settings.max_tokens);
+  if (settings.vocabulary) {  // a word-level model (the tiny ones) reads only these: say so before any error does
+    $("vocabulary").textContent = `This model knows only these ${settings.vocabulary.length} words and signs: ` +
+      settings.vocabulary.join(" ");
+    $("vocabulary").hidden = false;
+  }
 }
 
 function showError(text) {
@@ -191,6 +196,10 @@ async function ask(event) {
   event.preventDefault();
   const question = $("question").value.trim();
   if (!question || busy) return;
+  if (messages.length === 0 && !image && !video) {  // the page is about pictures: nothing is sent without one
+    return showError(`Pick ${settings && settings.n_frames ? "an image or a video" : "an image"} first (drop it on ` +
+                     "the left): the questions here are about it.");
+  }
   busy = true;
   $("send").disabled = true;
   showError("");
