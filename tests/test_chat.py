@@ -113,13 +113,15 @@ def test_chat_command_reads_questions_until_end_of_input(tmp_path):
     result = subprocess.run([sys.executable, "-m", "minifastv", "chat", "--model", str(tmp_path / "m"), "--image",
                              str(IMAGE), "--max-new-tokens", "2", "--prune", "fastv"], input=lines, capture_output=True, text=True,
                             timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count("\n") == 3                   # three answers; the unknown word was an error line
+    assert result.returncode == 1, result.stderr            # piped: a failed question makes the exit status 1 ...
+    assert result.stderr.endswith("error: 1 question failed\n")
+    assert result.stdout.count("\n") == 3                   # ... after the three answers; the unknown word erred
     answers = result.stdout.splitlines()
     fresh = subprocess.run([sys.executable, "-m", "minifastv", "chat", "--model", str(tmp_path / "m"), "--image",
                             str(IMAGE), "--max-new-tokens", "2", "--prune", "fastv"],
                            input="what colour is the circle?\n",
                            capture_output=True, text=True, timeout=120)
+    assert fresh.returncode == 0, fresh.stderr
     assert answers[2] == answers[0] == fresh.stdout.strip()  # after /reset: the first turn's answer again
     # the turn after /reset encodes and prunes the image again: kept tokens and FLOPs are a first turn's
     heads = [line.split(", prefill ")[0] for line in result.stderr.splitlines() if line.startswith("image tokens")]

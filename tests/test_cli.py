@@ -508,7 +508,7 @@ def test_the_readmes_tiny_model_example_runs(capsys):
 def test_bench_quant_says_what_it_is_doing(monkeypatch, capsys, tmp_path):
     """The full-depth run takes many minutes: each step (which checkpoint, which settings) is said on stderr
     with the time since the start. The heavy steps are stood in for here."""
-    import minifastv.bench.cpu7b as cpu7b
+    from minifastv.bench import cpu7b
 
     monkeypatch.setattr(cpu7b, "build_checkpoint", lambda path, config, log: log(f"built {path.name}") or path)
     monkeypatch.setattr(cpu7b, "measure_in_child", lambda *args: {})
@@ -527,7 +527,7 @@ def test_bench_quant_says_what_it_is_doing(monkeypatch, capsys, tmp_path):
 def test_bench_quant_activations_reach_the_int8_checkpoints_prefill(monkeypatch, tmp_path):
     """--activations int8 goes to the child that measures the int8 checkpoint (int4 and float stay as they are);
     --activations float int8 measures it twice."""
-    import minifastv.bench.cpu7b as cpu7b
+    from minifastv.bench import cpu7b
     from minifastv.checkpoint import quantize_checkpoint
     from minifastv.config import QuantConfig
     from minifastv.data import TINY_MODEL
@@ -565,7 +565,7 @@ def test_bench_quant_packs_int4_once_and_reports_ratios_to_llama_cpp(capsys, tmp
     each configuration's TTFT by llama.cpp's prompt time and its decode speed by llama.cpp's."""
     import argparse
 
-    import minifastv.bench.cpu7b as cpu7b
+    from minifastv.bench import cpu7b
     from minifastv.checkpoint import quantize_checkpoint
     from minifastv.config import QuantConfig
     from minifastv.data import TINY_MODEL
@@ -600,8 +600,8 @@ def test_bench_quant_video_llava_shape(monkeypatch, capsys, tmp_path):
     import argparse
 
     import minifastv
-    import minifastv.bench.cpu7b as cpu7b
     import train_tiny
+    from minifastv.bench import cpu7b
     from minifastv.models.video_llava import VIDEO_LLAVA_7B
 
     config = cpu7b.config_7b(2, None, "video-llava")
@@ -669,7 +669,7 @@ def test_repeats_that_disagree_by_more_than_2x_are_warned_about():
                                             (["--layers", "0"], "--layers must be at least 1"),
                                             (["--ref-layers", "0"], "--ref-layers must be at least 1")])
 def test_bench_quant_refuses_settings_it_cannot_measure(flags, message, tmp_path):
-    import minifastv.bench.cpu7b as cpu7b
+    from minifastv.bench import cpu7b
 
     with pytest.raises(ValueError, match=message):
         cpu7b.main(["--quant", "int8", "--workdir", str(tmp_path), *flags])
@@ -682,7 +682,7 @@ def test_bench_quant_times_the_first_token_and_the_decode_apart(monkeypatch):
     import itertools
     import types
 
-    import minifastv.bench.cpu7b as cpu7b
+    from minifastv.bench import cpu7b
     from minifastv.data import TINY_MODEL
 
     def fake_stream(model, ids, **kwargs):

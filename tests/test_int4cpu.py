@@ -71,7 +71,7 @@ def test_a_stale_packed_file_is_ignored_with_a_warning(int4, monkeypatch):
 @pytest.mark.parametrize("damage, message", [
     (lambda t, name: t.pop(name), "do not match the model: .*layers.0.attn.q_proj.packed"),
     (lambda t, name: t.__setitem__(name, t[name][:64]), r"q_proj.packed has shape \[64, 64\]"),
-    (lambda t, name: t.__setitem__("llm.layers.9.attn.q_proj.packed", t[name]),   # a deeper model's: one too many
+    (lambda t, name: t.__setitem__("llm.layers.9.attn.q_proj.packed", t[name].clone()),   # a deeper model's: one too many
      "do not match the model: .*layers.9.attn.q_proj.packed"),
 ])
 def test_a_packed_file_that_does_not_fit_names_file_and_key(int4, damage, message):

@@ -41,6 +41,7 @@ def test_a_run_with_failed_requests_is_named_and_run_again_next_time(tmp_path):
 
 
 def test_stats_list_requests_in_document_order():
-    records = [{"task": "t", "doc_id": i, "error": "x"} for i in (10, 2, 1)] + [{"task": "s", "doc_id": "b", "error": "x"}]
+    records = [{"task": "t", "doc_id": i, "error": "x"} for i in (10, 2, 1)]
+    records.append({"task": "s", "doc_id": "b", "error": "x"})
     assert [(r["task"], r["doc_id"]) for r in summarize(records)["requests"]] == [("s", "b"), ("t", 1), ("t", 2),
                                                                                  ("t", 10)]

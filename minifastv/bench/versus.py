@@ -9,7 +9,7 @@ import torch
 from ..convert import map_key
 from ..models.generate import generate
 from ..models.llava import LlavaModel
-from .timing import minifastv_generate, rate, timed
+from .timing import minifastv_generate, rate, spread_ms, timed
 
 
 def to_transformers(model: LlavaModel, image_token: int):
@@ -82,13 +82,13 @@ def bench_transformers(model, ids, pixels, repeats: int, decode_tokens: int):
     print(f"\nminifastv vs transformers {__import__('transformers').__version__} (sdpa), same tensors, "
           f"{str(model.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads, "
           f"prompt of {expanded.shape[1]} tokens, {decode_tokens} new token{'' if decode_tokens == 1 else 's'}")
-    print("| | prefill ms | decode tok/s |\n|---|---|---|")
+    print("| | prefill ms (spread) | decode tok/s |\n|---|---|---|")
     results = {
         "minifastv": timed(minifastv_generate(model, ids, pixels, decode_tokens), repeats),
         "transformers": timed(lambda on_token: hf_generate(decode_tokens, on_token), repeats),
     }
-    for name, (prefill, decode, _, _) in results.items():
-        print(f"| {name} | {prefill * 1e3:.1f} | {rate(decode)} |")
+    for name, t in results.items():
+        print(f"| {name} | {t.prefill_s * 1e3:.1f} ({spread_ms(t.prefills)}) | {rate(t.decode_tok_s)} |")
     (p_ours, d_ours, *_), (p_hf, d_hf, *_) = results["minifastv"], results["transformers"]
     print(f"| minifastv speedup | {p_hf / p_ours:.2f}x | {'-' if d_ours is None else f'{d_ours / d_hf:.2f}x'} |")
     ours = generate(model, ids, pixels, max_new_tokens=8)[0].tolist()
