@@ -64,6 +64,23 @@ def test_demo(model_dir):
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("unpruned") == len(json.loads((SAMPLES / "questions.json").read_text()))
     assert "image tokens kept 32/64" in result.stdout
+    assert "(x: not the expected answer" not in result.stdout   # the note is about the shipped model
+
+
+def test_demo_marks_the_answers_that_miss_and_says_why_fastv_misses():
+    from minifastv.data import TINY_MODEL
+
+    result = run("demo", "--model", TINY_MODEL)
+    assert result.returncode == 0, result.stderr
+    expected, missed = None, False
+    for line in result.stdout.splitlines():
+        if "(expected: " in line:
+            expected = line.split("(expected: ")[1].rstrip(")")
+        elif " -> " in line:
+            mark, answer = line[2:4], line.split(" -> ")[1].split()[0]
+            assert mark == ("  " if answer == expected else "x "), line
+            missed |= mark == "x " and "FastV" in line
+    assert missed == ("(x: not the expected answer" in result.stdout) and missed   # the shipped model misses some
 
 
 def test_analyze_writes_valid_pngs(model_dir, tmp_path):
@@ -698,6 +715,24 @@ def test_bench_quant_times_the_first_token_and_the_decode_apart(monkeypatch):
     monkeypatch.setattr(cpu7b.time, "perf_counter", lambda: float(next(clock)))
     got = cpu7b.measure(TINY_MODEL, ["off"], 2, 5, 1, "float32")["settings"]["off"]
     assert (got["ttft_s"], got["first_ttft_s"], got["ttft_spread_s"], got["decode_tok_s"]) == (1.0, 1.0, 0.0, 1.0)
+
+
+def test_bench_timing_counts_only_decoded_tokens_in_the_decode_rate(monkeypatch):
+    """The clock ticks one second per reading: each of the 5 tokens comes a second after the one before, so the
+    first (the prefill's) at 1 s and the 4 decoded ones at 1 token/s."""
+    import itertools
+
+    from minifastv.bench import timing
+
+    clock = itertools.count()
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: float(next(clock)))
+
+    def generate(on_token):
+        for _ in range(5):
+            on_token()
+    got = timing.timed(generate, 3)
+    assert (got.prefill_s, got.decode_tok_s, got.tokens, got.runs, got.prefills) == (1.0, 1.0, 5, 3, (1.0,) * 3)
+    assert timing.spread_ms([0.010, 0.0125, 0.011]) == "2.5" and timing.spread_ms([0.01]) == "-"
 
 
 def test_batch_file_names_are_read_from_the_batch_files_folder(model_dir, capsys, tmp_path, monkeypatch):

@@ -29,6 +29,7 @@ def browser():
     options.binary_location = BROWSER
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1100,900"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})   # the console, read by the test
     driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
     yield driver
     driver.quit()
@@ -45,6 +46,7 @@ def test_the_page_streams_the_answer_and_outlines_the_kept_patches(browser, tmp_
     wait.until(lambda d: len(Select(d.find_element(By.ID, "method")).options) > 1)
     vocabulary = browser.find_element(By.ID, "vocabulary")                 # the tiny model's words, said up front
     assert vocabulary.is_displayed() and " ".join(pipe.tokenizer.known_words()) in vocabulary.text
+    assert [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []   # no favicon 404
     browser.find_element(By.ID, "question").send_keys("what colour?")      # no image yet: asked for, nothing sent
     browser.find_element(By.ID, "send").click()
     error = browser.find_element(By.ID, "error")
