@@ -22,7 +22,8 @@ from .config import ConfigError, LlavaConfig, QuantConfig, TextConfig, VisionCon
 from .files import (PICKLED, SAFETENSORS, CheckpointError, ShardWriter, read_json, read_tensors, source_dir, staged,
                     weight_files)
 from .machine import parse_dtype
-from .models import VideoLlavaConfig
+from .models import LlavaNextConfig, VideoLlavaConfig
+from .models.llava_next import PINPOINTS
 from .quant.linear import quantized_tensors
 
 
@@ -50,6 +51,8 @@ PREFIXES = [
     ("model.multi_modal_projector.", "hf_projector"),
     ("multi_modal_projector.", "hf_projector"),
     ("model.mm_projector.", "projector"),
+    ("model.image_newline", "newline"),                            # LLaVA-NeXT: original, transformers 5.x
+    ("image_newline", "newline"),                                  # llava-hf's llava-v1.6 (transformers 4.x)
     ("model.language_model.", "text"),
     ("language_model.model.", "text"),
     ("language_model.lm_head.", "lm_head"),
@@ -102,7 +105,8 @@ VIDEO.update({  # LanguageBind_Video_merge's temporal attention (the -hf convers
                         ("temporal_attn.out_proj", "temporal_attn.o_proj")]
        for p in ("weight", "bias")}})
 TABLES = {"text": TEXT, "lm_head": LM_HEAD, "vision": VISION, "video": VIDEO, "hf_projector": HF_PROJECTOR,
-          "projector": PROJECTOR}
+          "projector": PROJECTOR, "newline": {"": "image_newline"}}
+FAMILY_PARTS = {"video": "video-llava", "newline": "llava-next"}   # parts only one family has
 
 
 def map_key(key: str, config: LlavaConfig, default_part: str | None = None) -> str | None:
@@ -115,7 +119,7 @@ def map_key(key: str, config: LlavaConfig, default_part: str | None = None) -> s
     numbers = re.findall(r"(?:^|\.)(\d+)(?=\.)", rest)
     template = re.sub(r"(^|\.)\d+(?=\.)", r"\1{}", rest)
     table = TABLES.get(part, {})
-    if template not in table or (part == "video" and config.family != "video-llava"):
+    if template not in table or config.family != FAMILY_PARTS.get(part, config.family):
         raise ConversionError(f"unknown tensor {key!r}: not part of any known {config.family} checkpoint layout")
     target = table[template]
     if target is None:
@@ -171,8 +175,9 @@ def vision_config_from_hf(v: dict, feature_layer: int) -> VisionConfig:
 
 
 def config_from_hf(c: dict) -> LlavaConfig:
-    """LlavaConfig from a transformers LlavaForConditionalGeneration config.json (llava-hf, 4.x or 5.x), or a
-    VideoLlavaConfig from a VideoLlavaForConditionalGeneration one (LanguageBind's -hf, or transformers' save)."""
+    """LlavaConfig from a transformers LlavaForConditionalGeneration config.json (llava-hf, 4.x or 5.x), a
+    VideoLlavaConfig from a VideoLlavaForConditionalGeneration one (LanguageBind's -hf, or transformers' save), or
+    a LlavaNextConfig from a LlavaNextForConditionalGeneration one (llava-hf's llava-v1.6)."""
     if c.get("vision_feature_select_strategy", "default") != "default":
         raise ConversionError(f"vision_feature_select_strategy {c['vision_feature_select_strategy']!r} is not "
                               "supported: LLaVA-1.5 drops the class token ('default')")
@@ -190,7 +195,11 @@ def config_from_hf(c: dict) -> LlavaConfig:
         projector_type="mlp2x_gelu",
         image_token_id=c.get("image_token_id", c.get("image_token_index", 32000)),
     )
-    video = c.get("model_type") == "video_llava" or "VideoLlavaForConditionalGeneration" in (c.get("architectures") or [])
+    architectures = c.get("architectures") or []
+    if c.get("model_type") == "llava_next" or "LlavaNextForConditionalGeneration" in architectures:
+        return LlavaNextConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)},
+                               pinpoints=c.get("image_grid_pinpoints", PINPOINTS))
+    video = c.get("model_type") == "video_llava" or "VideoLlavaForConditionalGeneration" in architectures
     if not video:
         return config
     per_frame = config.vision.n_patches + 1                        # a frame keeps its class token
@@ -264,8 +273,8 @@ def is_video_original(c: dict) -> bool:
 
 
 def is_hf_layout(c: dict) -> bool:
-    return "text_config" in c or bool({"LlavaForConditionalGeneration", "VideoLlavaForConditionalGeneration"}
-                                      & set(c.get("architectures") or []))
+    return "text_config" in c or bool({"LlavaForConditionalGeneration", "VideoLlavaForConditionalGeneration",
+                                       "LlavaNextForConditionalGeneration"} & set(c.get("architectures") or []))
 
 
 def files_or_none(directory: Path) -> list[Path] | None:

@@ -153,7 +153,7 @@ def check_inputs(config, input_ids, pixel_values, attention_mask) -> torch.Tenso
     is_image = input_ids == config.image_token_id
     n_images = int(is_image.sum())
     n_given = 0 if pixel_values is None else pixel_values.shape[0]
-    if n_images != n_given:
+    if n_images != n_given and not getattr(config, "placeholder_per_token", False):  # LLaVA-NeXT checks its own
         raise ValueError(f"the prompt has {n_images} image placeholder(s) (id {config.image_token_id}) "
                          f"but {n_given} image(s) were given")
     others = [getattr(config, name, None) for name in ("video_token_id", "frame_token_id")]

@@ -7,6 +7,7 @@
     cache.py      the KV cache (each layer its own length: pruned layers cache fewer slots)
     generate.py   sampling, and generation as one prefill then one-token decode steps
     video_llava.py  Video-LLaVA: a video tower beside the image tower, video placeholders
+    llava_next.py   LLaVA-NeXT: an image as tiles (../anyres.py), packed with newline tokens
 
 A new model family adds its own files here (its towers, resampler, how it lays features into the sequence);
 the decoder, the cache and generation serve every family.
@@ -17,10 +18,12 @@ from .cache import KVCache, LayerCache
 from .generate import Stream, generate, sample, stream
 from .llama import Llama, Sequence
 from .llava import LlavaModel, Prefill
+from .llava_next import LlavaNextConfig, LlavaNextModel
 from .video_llava import VideoLlavaConfig, VideoLlavaModel
 
 # A config.json's "family" -> its config class and model class (no "family": LLaVA-1.5, as before families).
-FAMILIES = {"llava": (LlavaConfig, LlavaModel), "video-llava": (VideoLlavaConfig, VideoLlavaModel)}
+FAMILIES = {"llava": (LlavaConfig, LlavaModel), "video-llava": (VideoLlavaConfig, VideoLlavaModel),
+            "llava-next": (LlavaNextConfig, LlavaNextModel)}
 
-__all__ = ["FAMILIES", "KVCache", "LayerCache", "Llama", "LlavaModel", "Prefill", "Sequence", "Stream", "VideoLlavaConfig",
-           "VideoLlavaModel", "generate", "sample", "stream"]
+__all__ = ["FAMILIES", "KVCache", "LayerCache", "Llama", "LlavaModel", "LlavaNextConfig", "LlavaNextModel", "Prefill",
+           "Sequence", "Stream", "VideoLlavaConfig", "VideoLlavaModel", "generate", "sample", "stream"]

@@ -1,0 +1,100 @@
+"""LLaVA-NeXT (Liu et al., 2024, llava-v1.6): LLaVA-1.5's glue at high resolution. An image is its base image
+and the tiles of the canvas that suits its size (minifastv/anyres.py), each through the same CLIP tower and
+projector; the tiles' features are packed into one grid with the canvas border cut away and a learned
+`image_newline` vector ending each row, after the base image's features (2,928 tokens for 672 x 672).
+
+An image's token count depends on its size, so the prompt holds, as transformers' processor writes it, one
+placeholder per image TOKEN: anyres.n_tokens(...) consecutive image ids per image. Every length check (the
+context, the cache, the server's room for an answer) then sees the real length before anything runs, and each
+placeholder here widens into one slot. pixel_values holds every image's tiles, its base image first, images in
+placeholder order ([n_tiles_total, 3, S, S]); image_sizes [n_images, 2] their sizes (height, width) in pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .. import anyres
+from ..config import ConfigError, LlavaConfig
+from .llava import LlavaModel
+
+PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))   # llava-v1.6's canvases
+
+
+@dataclass(frozen=True)
+class LlavaNextConfig(LlavaConfig):
+    """LlavaConfig with the canvases (height, width) an image may be tiled on, each a multiple of the tower's
+    input size."""
+
+    pinpoints: tuple[tuple[int, int], ...] = PINPOINTS
+    family: ClassVar[str] = "llava-next"
+    placeholder_per_token: ClassVar[bool] = True   # inputs.check_inputs: placeholders count tokens, not images
+
+    def __post_init__(self):
+        super().__post_init__()
+        try:
+            pinpoints = tuple((int(h), int(w)) for h, w in self.pinpoints)
+        except (TypeError, ValueError):
+            raise ConfigError(f"pinpoints must be [height, width] pairs, got {self.pinpoints!r:.80}") from None
+        size = self.vision.image_size
+        bad = [p for p in pinpoints if min(p) <= 0 or p[0] % size or p[1] % size]
+        if not pinpoints or bad:
+            raise ConfigError(f"pinpoints must be canvases whose sides are positive multiples of the image size "
+                              f"{size}, got {bad or 'none'}")
+        object.__setattr__(self, "pinpoints", pinpoints)
+
+    def n_image_tokens(self, height: int, width: int) -> int:
+        """Decoder tokens (and prompt placeholders) of an image of height x width pixels."""
+        return anyres.n_tokens(height, width, self.vision.image_size, self.vision.patch_size, self.pinpoints)
+
+
+class LlavaNextModel(LlavaModel):
+    def __init__(self, config: LlavaNextConfig):
+        super().__init__(config)
+        self.image_newline = nn.Parameter(torch.zeros(config.text.dim))
+
+    def spans(self) -> dict[int, int]:
+        return {self.config.image_token_id: 1}   # one placeholder per image token
+
+    def groups(self) -> dict[int, int]:
+        return {}   # images of different sizes: the per-image methods do not divide them yet
+
+    def encode_anyres(self, pixel_values: torch.Tensor, image_sizes) -> list[torch.Tensor]:
+        """Every image's tiles [n_tiles_total, 3, S, S] (base image first) and sizes [n_images, 2] -> per image,
+        its decoder tokens [n_tokens, text dim]."""
+        cfg, size = self.config, self.config.vision.image_size
+        sizes = [tuple(s) for s in torch.as_tensor(image_sizes).tolist()]
+        if any(len(s) != 2 or min(s) < 1 for s in sizes):
+            raise ValueError(f"image_sizes must be [height, width] pairs of positive sizes, got {sizes[:4]}")
+        counts = [1 + anyres.n_tiles(h, w, size, cfg.pinpoints) for h, w in sizes]
+        if sum(counts) != len(pixel_values):
+            raise ValueError(f"pixel_values has {len(pixel_values)} tiles, but image_sizes {sizes[:4]} need "
+                             f"{sum(counts)} (each image its base image and tiles: {counts[:4]})")
+        features = self.encode_images(pixel_values).split(counts)
+        return [anyres.pack(f, h, w, size, cfg.pinpoints, self.image_newline) for f, (h, w) in zip(features, sizes)]
+
+    def visual_features(self, input_ids, pixel_values, cls_attention: bool, image_sizes=None, **visual):
+        if pixel_values is None or image_sizes is None:
+            if pixel_values is not None or image_sizes is not None or (input_ids == self.config.image_token_id).any():
+                raise ValueError("LLaVA-NeXT takes an image as its tiles in pixel_values with its size in image_sizes "
+                                 "and one prompt placeholder per image token (the command line, chat, the server "
+                                 "and lmms-eval do not prepare them yet)")
+            return super().visual_features(input_ids, None, cls_attention, **visual)
+        if cls_attention:
+            raise ValueError("the methods that rank by the vision tower's class-token attention (fastervlm, "
+                             "visionzip) do not take LLaVA-NeXT's tiles yet")
+        super().visual_features(input_ids, None, False, **visual)   # refuses what this model does not take
+        packed = self.encode_anyres(pixel_values, image_sizes)
+        here = input_ids == self.config.image_token_id
+        flat = torch.cat([here, here.new_zeros(len(here), 1)], 1).flatten().int()   # a gap after each row
+        edges = flat.diff(prepend=flat.new_zeros(1))
+        lengths = ((edges == -1).nonzero() - (edges == 1).nonzero())[:, 0].tolist()   # each run of placeholders
+        if lengths != [len(p) for p in packed]:
+            raise ValueError(f"the prompt's image placeholders come in runs of {lengths[:4]}, but the images need "
+                             f"{[len(p) for p in packed][:4]} (one placeholder per image token, as "
+                             "LlavaNextConfig.n_image_tokens counts them)")
+        return [(self.config.image_token_id, torch.cat(packed)[:, None], None)]
