@@ -60,12 +60,20 @@ def kept_patches_picture(view: Image.Image, grid: int, kept: list[int], scale: i
 
 
 @torch.inference_mode()
-def kept_patches(model, input_ids, pixel_values, method) -> list[int]:
-    """Row-major patch indices, in the first image's grid, of that image's tokens that `method` keeps."""
-    pre = model.prefill(input_ids, pixel_values, prune=method)
+def kept_patches(model, input_ids, pixel_values, method, **visual) -> list[int]:
+    """Row-major patch indices, in the first image's grid, of that image's tokens that `method` keeps (LLaVA-NeXT:
+    its base image's, the first of its tokens). `visual`: a family's other inputs (image_sizes)."""
+    pre = model.prefill(input_ids, pixel_values, prune=method, **visual)
     first = int(pre.image_mask[0].nonzero()[0])
     n = model.config.vision.n_patches
     return [s - first for s in pre.kept_image_slots()[0] if s - first < n]
+
+
+@torch.inference_mode()
+def kept_share(model, input_ids, pixel_values, method, **visual) -> float:
+    """The share of the first sample's image tokens that `method` keeps."""
+    pre = model.prefill(input_ids, pixel_values, prune=method, **visual)
+    return len(pre.kept_image_slots()[0]) / pre.n_image_tokens()[0]
 
 
 LEGEND = "outlined: kept; dimmed: dropped"

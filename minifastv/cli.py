@@ -131,7 +131,7 @@ def cmd_analyze(args):
     """Attention shares per layer (table + PNG), the patches a pruning method keeps (PNG and a `kept patches:`
     line, row-major indices in the first image's grid; for a video, a line per frame and the frames side by
     side), and the patches every method keeps, side by side."""
-    from .analyze import attention_shares, kept_patches, kept_patches_picture, picture_grid
+    from .analyze import attention_shares, kept_patches, kept_patches_picture, kept_share, picture_grid
     from .image import load_image, model_view
     from .pruning import METHODS, FastV, at_budget
 
@@ -152,20 +152,30 @@ def cmd_analyze(args):
         return analyze_video(args, pipe, method, out)
     image = load_image(args.image[0])
     batch = pipe.inputs([image], args.prompt)
-    ids, pixels = batch.input_ids, batch.pixel_values
-    print_attention_shares(attention_shares(model, ids, pixels), out)
-    view = model_view(image, cfg.vision.image_size, cfg.image_mode, cfg.image_mean)
+    ids, pixels, visual = batch.input_ids, batch.pixel_values, batch.visual_inputs()
+    print_attention_shares(attention_shares(model, ids, pixels, **visual), out)
+    tiles = getattr(cfg, "tiles", None)   # LLaVA-NeXT: the picture is its base image, the first of its tokens
+    view = tiles(image)[0] if tiles else model_view(image, cfg.vision.image_size, cfg.image_mode, cfg.image_mean)
     grid = cfg.vision.grid
     scale = max(1, 384 // cfg.vision.image_size)
-    kept = kept_patches(model, ids, pixels, method)
+    kept = kept_patches(model, ids, pixels, method, **visual)
     picture_grid([(describe(method), kept_patches_picture(view, grid, kept, scale=scale))], columns=1).save(
         out / "kept_patches.png")
-    print(f"\n{describe(method)} keeps {len(kept)} of {grid * grid} patches")
+    print(f"\n{describe(method)} keeps {len(kept)} of {grid * grid} patches"
+          + (" of the base image (its tiles' tokens are not drawn)" if tiles else ""))
     print("kept patches: " + ", ".join(map(str, kept)))
-    share = len(kept) / (grid * grid)  # every method at the same budget, K=2 where it has a layer
-    every = [(f"{name} ({len(k)})", kept_patches_picture(view, grid, k, scale=scale))
-             for name, k in ((name, kept_patches(model, ids, pixels, at_budget(name, share))) for name in METHODS)]
+    share = kept_share(model, ids, pixels, method, **visual)  # every method at the same budget, K=2 where it has one
+    every, left_out = [], []
+    for name in METHODS:
+        try:
+            k = kept_patches(model, ids, pixels, at_budget(name, share), **visual)
+        except ValueError as e:   # a method this model's images cannot take (said, not drawn)
+            left_out.append(f"{name} ({e})")
+            continue
+        every.append((f"{name} ({len(k)})", kept_patches_picture(view, grid, k, scale=scale)))
     picture_grid(every).save(out / "kept_patches_methods.png")
+    if left_out:
+        print("not drawn: " + "; ".join(left_out))
     print(f"wrote {out / 'attention_shares.png'}, {out / 'kept_patches.png'} and {out / 'kept_patches_methods.png'} "
           f"(every method keeping {share:.1%} of the patches)")
 

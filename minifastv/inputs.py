@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .image import ImageError, preprocess
+from .image import ImageError, preprocess, to_rgb
 from .tokenizer import IMAGE_MARKER, VICUNA_SYSTEM, Tokenizer, chat_prompt
 from .video import frames_pixels
 
@@ -24,28 +24,51 @@ class Batch:
     pixel_values: torch.Tensor | None     # [n_images, 3, S, S], sample 0's images first, each in prompt order
     labels: torch.Tensor | None = None    # [B, T] training targets, IGNORE where nothing is learnt
     video_values: torch.Tensor | None = None  # [n_videos, n_frames, 3, S, S], as pixel_values
+    image_sizes: torch.Tensor | None = None   # [n_images, 2] (height, width): LLaVA-NeXT's (pixel_values: tiles)
+
+    def visual_inputs(self) -> dict:
+        """The family's other visual inputs, those it has: video_values, image_sizes (a model takes only its own)."""
+        return {name: value for name in ("video_values", "image_sizes") if (value := getattr(self, name)) is not None}
 
     def model_inputs(self) -> dict:
-        """Keyword arguments for LlavaModel.prefill/forward and generate/stream (video_values only when the batch
-        has videos: a model without video takes none)."""
-        videos = {} if self.video_values is None else {"video_values": self.video_values}
+        """Keyword arguments for LlavaModel.prefill/forward and generate/stream."""
         return {"input_ids": self.input_ids, "pixel_values": self.pixel_values, "attention_mask": self.attention_mask,
-                **videos}
+                **self.visual_inputs()}
 
 
 def image_pixels(config, images: Sequence[Image.Image], names: Sequence[str] | None = None) -> torch.Tensor | None:
-    """Images preprocessed as the checkpoint's config says (size, pad or crop, normalisation): [n, 3, S, S].
-    An image that cannot be used is an ImageError naming it (`names`, e.g. the files, else its position)."""
+    """Images preprocessed as the checkpoint's config says (size, pad or crop, normalisation): [n, 3, S, S]; for
+    LLaVA-NeXT each image's base image and tiles (its config's `tiles`), [n_tiles_total, 3, S, S]. An image that
+    cannot be used is an ImageError naming it (`names`, e.g. the files, else its position)."""
     if not images:
         return None
-    pixels = []
+    pixels, tiles = [], getattr(config, "tiles", None)
     for i, im in enumerate(images):
         try:
-            pixels.append(preprocess(im, config.vision.image_size, config.image_mode, config.image_mean,
-                                     config.image_std))
+            views = [im] if tiles is None else tiles(to_rgb(im))
+            pixels += [preprocess(view, config.vision.image_size, config.image_mode, config.image_mean,
+                                  config.image_std) for view in views]
         except ImageError as e:
             raise ImageError(f"{names[i] if names else f'image {i}'}: {e}") from None
     return torch.stack(pixels)
+
+
+def image_sizes(config, images: Sequence[Image.Image]) -> torch.Tensor | None:
+    """[n_images, 2] (height, width) for a model whose prompts hold a placeholder per image token (LLaVA-NeXT)."""
+    if not images or not getattr(config, "placeholder_per_token", False):
+        return None
+    return torch.tensor([[im.height, im.width] for im in images])
+
+
+def widen(config, ids: list[int], images: Sequence[Image.Image]) -> list[int]:
+    """A prompt with one placeholder per image, as the tokenizer writes it, in the form the model takes: as it is,
+    or (LLaVA-NeXT) each image's placeholder repeated once per token of the image (its size decides how many)."""
+    if not getattr(config, "placeholder_per_token", False):
+        return ids
+    sizes, out = iter(images), []
+    for t in ids:
+        out += [t] * (config.n_image_tokens((im := next(sizes)).height, im.width) if t == config.image_token_id else 1)
+    return out
 
 
 def video_values(config, videos, names: Sequence[str] | None = None) -> torch.Tensor | None:
@@ -82,11 +105,13 @@ def questions(tokenizer: Tokenizer, config, requests: Sequence[tuple], names: Se
     rows = []
     for images, question, *videos in requests:
         check_question(tokenizer, question)
-        rows.append(tokenizer.encode_prompt(chat_prompt(question, n_images=len(images), system=system_line(config),
-                                                        n_videos=len(videos[0]) if videos else 0)))
+        rows.append(widen(config, tokenizer.encode_prompt(chat_prompt(
+            question, n_images=len(images), system=system_line(config), n_videos=len(videos[0]) if videos else 0)),
+            images))
     ids, mask, _ = left_pad(rows, config.text.pad_token_id)
     images, videos = every_image_and_video(requests)
-    return Batch(ids, mask, image_pixels(config, images, names), video_values=video_values(config, videos, video_names))
+    return Batch(ids, mask, image_pixels(config, images, names), video_values=video_values(config, videos, video_names),
+                 image_sizes=image_sizes(config, images))
 
 
 def every_image_and_video(requests) -> tuple[list, list]:

@@ -102,6 +102,7 @@ def visual_groups(model, prompt_ids: list[int]) -> list[tuple[int, int, int]]:
     spans, cfg = model.spans(), model.config
     video_id, n_frames = getattr(model, "video_placeholder", None), getattr(cfg, "n_frames", 1)
     per_frame = getattr(cfg, "frame_token_id", None) is not None  # the original's layout: a placeholder a frame
+    per_token = getattr(cfg, "placeholder_per_token", False)      # LLaVA-NeXT: an image is a run of placeholders
     groups, slot, frames_seen = [], 0, 0
     for token in prompt_ids:
         n = spans.get(token, 1)
@@ -110,6 +111,8 @@ def visual_groups(model, prompt_ids: list[int]) -> list[tuple[int, int, int]]:
             frames_seen += 1
         elif token == video_id:
             groups += [(slot + f * (n // n_frames), n // n_frames, f) for f in range(n_frames)]
+        elif token == cfg.image_token_id and per_token and groups and sum(groups[-1][:2]) == slot:
+            groups[-1] = (groups[-1][0], groups[-1][1] + n, -1)
         elif token == cfg.image_token_id:
             groups.append((slot, n, -1))
         slot += n
@@ -245,7 +248,7 @@ class Chat:
         if self.cache is None:
             batch = self.pipe.inputs(self.media[0], question, self.media[1])
             ids, pixels, prune, prompt = batch.input_ids, batch.pixel_values, self.prune, prompt_ids(batch, 0)
-            visual = {"video_values": batch.video_values} if batch.video_values is not None else {}
+            visual = batch.visual_inputs()
         else:
             if not question.strip() or any(marker in question for marker in tok.markers):
                 raise ValueError("a later question needs text, and no <image> or <video>: the conversation has its "

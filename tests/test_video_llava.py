@@ -223,7 +223,7 @@ def test_bad_video_input_is_a_named_error(pair):
     with pytest.raises(ValueError, match="do not take videos yet"):
         ours(ids, video_values=frames(1, 0), prune=make("fastervlm", 0.5))
     mixed = torch.tensor([prompt(1, 6, (1,), (2,))])
-    with pytest.raises(ValueError, match="do not divide a batch that mixes images and videos"):
+    with pytest.raises(ValueError, match="do not divide visual groups of different sizes"):
         ours(mixed, pixels(1, 0), video_values=frames(1, 0), prune=make("uniform", 0.5))
 
 

@@ -161,7 +161,7 @@ def test_the_class_token_attention_methods_refuse_videos_by_name(model, name):
 def test_the_per_frame_methods_refuse_a_batch_mixing_images_and_videos_by_name(model, name):
     ids = torch.tensor([prompt(12, 6, videos=(2,), images=(4,))])
     px = torch.randn(1, 3, 16, 16)
-    with pytest.raises(ValueError, match="mixes images and videos"):
+    with pytest.raises(ValueError, match="images beside videos"):
         model.prefill(ids, px, prune=make(name, 0.5), video_values=video(1, 12))
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from .. import anyres
 from ..config import ConfigError, LlavaConfig
+from ..image import ImageError
 from .llava import LlavaModel
 
 PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))   # llava-v1.6's canvases
@@ -46,6 +47,12 @@ class LlavaNextConfig(LlavaConfig):
             raise ConfigError(f"pinpoints must be canvases whose sides are positive multiples of the image size "
                               f"{size}, got {bad or 'none'}")
         object.__setattr__(self, "pinpoints", pinpoints)
+
+    def tiles(self, image):
+        """What the vision tower sees of an RGB PIL image: its base image, then its tiles."""
+        if min(image.size) < 1:
+            raise ImageError(f"image has no pixels ({image.size[0]}x{image.size[1]})")
+        return anyres.tiles(image, self.vision.image_size, self.pinpoints)
 
     def n_image_tokens(self, height: int, width: int) -> int:
         """Decoder tokens (and prompt placeholders) of an image of height x width pixels."""
@@ -81,8 +88,8 @@ class LlavaNextModel(LlavaModel):
         if pixel_values is None or image_sizes is None:
             if pixel_values is not None or image_sizes is not None or (input_ids == self.config.image_token_id).any():
                 raise ValueError("LLaVA-NeXT takes an image as its tiles in pixel_values with its size in image_sizes "
-                                 "and one prompt placeholder per image token (the command line, chat, the server "
-                                 "and lmms-eval do not prepare them yet)")
+                                 "and one prompt placeholder per image token (minifastv.inputs.questions prepares "
+                                 "them, as Pipeline.inputs does)")
             return super().visual_features(input_ids, None, cls_attention, **visual)
         if cls_attention:
             raise ValueError("the methods that rank by the vision tower's class-token attention (fastervlm, "

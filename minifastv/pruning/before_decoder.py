@@ -62,8 +62,9 @@ def image_budgets(ctx, b: int) -> list[tuple[torch.Tensor, int]]:
     sample's n_keep): equal shares, the first groups taking the remainder. Before the decoder each group's slots
     are consecutive."""
     if ctx.n_patches is None:
-        raise ValueError("the per-image methods (uniform, pool, visionzip) do not divide a batch that mixes "
-                         "images and videos yet: use fastv, dart, divprune, random or pyramiddrop there")
+        raise ValueError("the per-image methods (uniform, pool, visionzip) do not divide visual groups of "
+                         "different sizes yet (images beside videos, LLaVA-NeXT's images): use fastv, dart, "
+                         "divprune, random or pyramiddrop there")
     images = ctx.image_mask[b].nonzero()[:, 0].split(ctx.n_patches)
     budget = int(ctx.n_keep[b])
     return [(slots, budget // len(images) + (j < budget % len(images))) for j, slots in enumerate(images)]

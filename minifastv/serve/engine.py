@@ -56,6 +56,7 @@ class Job:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     videos: torch.Tensor | None = None   # [n_videos, n_frames, 3, S, S] (a video model's)
+    image_sizes: torch.Tensor | None = None  # [n_images, 2] (LLaVA-NeXT's; its pixels are the images' tiles)
     cancelled: threading.Event = field(default_factory=threading.Event)
     # The engine's own state of the request:
     tokens: list[int] = field(default_factory=list)
@@ -169,11 +170,13 @@ class Engine:
         ids, mask, _ = left_pad([j.ids for j in jobs], self.model.config.text.pad_token_id)
         pixels = [j.pixels for j in jobs if j.pixels is not None]
         videos = [j.videos for j in jobs if j.videos is not None]
+        sizes = [j.image_sizes for j in jobs if j.image_sizes is not None]
         cache = KVCache(self.model.config.text.n_layers, extra=max(j.max_tokens for j in jobs))
         start = time.perf_counter()
         pre = self.model.prefill(ids, torch.cat(pixels) if pixels else None, attention_mask=mask,
                                  prune=prune, cache=cache, last_only=True,
-                                 **({"video_values": torch.cat(videos)} if videos else {}))
+                                 **({"video_values": torch.cat(videos)} if videos else {}),
+                                 **({"image_sizes": torch.cat(sizes)} if sizes else {}))
         now = time.perf_counter()
         for i, job in enumerate(jobs):
             job.report = Answer.of(self.tok, pre, i, [], now - start, 0.0, 0, True, self.model, job.ids)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from ..image import ImageError, to_rgb
-from ..inputs import check_inputs, image_pixels, system_line, video_values
+from ..inputs import check_inputs, image_pixels, image_sizes, system_line, video_values, widen
 from ..pruning import METHODS, make, name_of
 from ..tokenizer import VICUNA_SYSTEM, chat_prompt
 
@@ -117,7 +117,9 @@ def read_request(body, pipe, limits: Limits, default_prune, model_name: str) -> 
     n_frames = getattr(config, "n_frames", None)
     images, videos, ids = read_messages(body.get("messages"), tok, config.text.eos_token_id, limits, n_frames,
                                         system_line(config))
-    pixels = image_pixels(config, [im for im, _ in images], [name for _, name in images]) if images else None
+    pictures = [im for im, _ in images]
+    pixels = image_pixels(config, pictures, [name for _, name in images]) if images else None
+    ids = widen(config, ids, pictures)   # LLaVA-NeXT: a placeholder per image token
     try:  # the frames PyAV decoded, preprocessed: a frame the preprocessing refuses is the request's fault
         videos = video_values(config, [frames for frames, _ in videos], [name for _, name in videos]) if videos \
             else None
@@ -146,7 +148,8 @@ def read_request(body, pipe, limits: Limits, default_prune, model_name: str) -> 
         raise bad(f"stop must be a non-empty string or a list of up to 4 of them, got {stop!r:.80}", "stop")
     options = get(body, "stream_options", (dict,), {})
     return {
-        "ids": ids, "pixels": pixels, "videos": videos, "prune": read_pruning(body, default_prune),
+        "ids": ids, "pixels": pixels, "videos": videos, "image_sizes": image_sizes(config, pictures),
+        "prune": read_pruning(body, default_prune),
         "max_tokens": max_tokens or cap, "stop": tuple(stop),
         "temperature": float(get(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2,
                                  "a number in [0, 2]")),  # 1 when absent, as the OpenAI API

@@ -1,0 +1,151 @@
+"""LLaVA-NeXT through the entry points, on a random tiny model converted from transformers: the pipeline, a
+batch, chat and the server prepare each image's tiles, its size and a placeholder per image token, and answer
+as the model does on inputs made here by hand from minifastv.anyres."""
+
+import queue
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import write_hf_checkpoint
+from PIL import Image
+from test_llava_next import hf_llava_next
+
+from minifastv import Chat, Pipeline, generate
+from minifastv.convert import convert
+from minifastv.image import preprocess
+from minifastv.inputs import system_line
+from minifastv.tokenizer import chat_prompt
+
+QUESTION = "What colour is the square?"
+
+
+@pytest.fixture(scope="module")
+def next_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("next")
+    return convert(write_hf_checkpoint(hf_llava_next(), tmp / "src"), tmp / "out", log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def pipe(next_dir):
+    return Pipeline.load(next_dir, dtype="float32")
+
+
+def picture(width, height, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (height, width, 3), generator=g, dtype=torch.uint8).numpy())
+
+
+def by_hand(pipe, images, question=QUESTION, new_tokens=6):
+    """The answer's ids from inputs made here: tiles and base images from anyres, the prompt's image placeholder
+    repeated n_image_tokens times."""
+    cfg, tok = pipe.model.config, pipe.tokenizer
+    ids = []
+    for t in tok.encode_prompt(chat_prompt(question, len(images), system_line(cfg))):
+        ids += [t] * (cfg.n_image_tokens(images[0].height, images[0].width) if t == cfg.image_token_id else 1)
+        images = images[1:] if t == cfg.image_token_id else images
+    return ids
+
+
+def test_the_pipeline_prepares_tiles_sizes_and_placeholders(pipe):
+    cfg = pipe.model.config
+    images = [picture(50, 30), picture(20, 90, seed=1)]
+    batch = pipe.inputs(images, QUESTION)
+    tiles = [preprocess(t, cfg.vision.image_size, "crop") for im in images for t in cfg.tiles(im)]
+    assert torch.equal(batch.pixel_values, torch.stack(tiles))
+    assert batch.image_sizes.tolist() == [[30, 50], [90, 20]]
+    expected = by_hand(pipe, list(images))
+    assert batch.input_ids[0].tolist() == expected
+    assert (batch.input_ids == cfg.image_token_id).sum() == sum(cfg.n_image_tokens(im.height, im.width)
+                                                                for im in images)
+    answer = pipe.answer(images, QUESTION, max_new_tokens=6)
+    ids = generate(pipe.model, torch.tensor([expected]), torch.stack(tiles), max_new_tokens=6,
+                   image_sizes=torch.tensor([[30, 50], [90, 20]]))[0].tolist()
+    counts = [cfg.n_image_tokens(30, 50), cfg.n_image_tokens(90, 20)]
+    assert answer.token_ids == ids[:len(answer.token_ids)] and answer.n_image_tokens == sum(counts)
+    assert [n for _, n, _ in answer.groups] == counts                    # one group per image, not per token
+
+
+def test_an_image_with_alpha_is_made_rgb_before_it_is_tiled(pipe):
+    """As transformers' processor converts to RGB first: resizing RGBA would weigh colours by their alpha."""
+    rgba = picture(50, 30).convert("RGBA")
+    rgba.putalpha(Image.fromarray(torch.randint(0, 256, (30, 50), dtype=torch.uint8).numpy()))
+    tiled = [pipe.inputs([im], QUESTION).pixel_values for im in (rgba, rgba.convert("RGB"))]
+    assert torch.equal(*tiled)
+
+
+def test_a_batch_of_images_of_different_sizes_answers_as_each_alone(pipe):
+    requests = [([picture(50, 30)], QUESTION), ([picture(70, 70, seed=2)], "Is there a circle at the top left?"),
+                ([picture(10, 8, seed=3), picture(30, 50, seed=4)], QUESTION)]
+    together = pipe.answer_batch(requests, max_new_tokens=5)
+    for (images, question), answer in zip(requests, together):
+        assert answer.token_ids == pipe.answer(images, question, max_new_tokens=5).token_ids
+
+
+def test_chat_keeps_the_image_and_fastv_prunes_its_packed_tokens(pipe):
+    from minifastv.pruning import FastV
+
+    image = picture(50, 30)
+    chat = Chat(pipe, image, max_new_tokens=4, prune=FastV(2, 0.5))
+    first = chat.ask(QUESTION)
+    assert first.token_ids == pipe.answer([image], QUESTION, prune=FastV(2, 0.5), max_new_tokens=4).token_ids
+    n = pipe.model.config.n_image_tokens(30, 50)
+    assert (first.n_image_tokens, first.kept) == (n, n - n // 2)
+    second = chat.ask("how many triangles are there")
+    assert second.n_image_tokens == n and len(second.token_ids) >= 1
+
+
+def test_the_server_widens_the_prompt_and_answers_as_the_pipeline(pipe):
+    import base64
+    import io
+
+    from minifastv.serve.engine import Engine, Job
+    from minifastv.serve.protocol import Limits, read_request
+
+    image = picture(20, 90, seed=5)
+    data = io.BytesIO()
+    image.save(data, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(data.getvalue()).decode()
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": QUESTION}]}],
+            "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    spec = read_request(body, pipe, Limits(), None, "next")
+    assert spec["image_sizes"].tolist() == [[90, 20]] and spec["ids"] == by_hand(pipe, [image])
+    spec.pop("stream"), spec.pop("include_usage")
+    events, engine = queue.Queue(), Engine(pipe, batch_wait=0).start()
+    engine.submit(Job(**spec, send=events.put))
+    kind, *rest = events.get(timeout=60)
+    while kind == "text":
+        kind, *rest = events.get(timeout=60)
+    engine.drain(0)
+    engine.close()
+    expected = generate(pipe.model, torch.tensor([spec["ids"]]), spec["pixels"], max_new_tokens=5,
+                        image_sizes=spec["image_sizes"])[0].tolist()
+    assert kind == "done" and rest[0].token_ids == expected
+
+
+def test_generate_on_the_command_line(next_dir, tmp_path):
+    picture(50, 30).save(tmp_path / "wide.png")
+    result = subprocess.run([sys.executable, "-m", "minifastv", "generate", "--model", str(next_dir), "--image",
+                             str(tmp_path / "wide.png"), "--prompt", QUESTION, "--max-new-tokens", "3", "--prune",
+                             "fastv", "--dtype", "float32"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    n = Pipeline.load(next_dir).model.config.n_image_tokens(30, 50)
+    assert f"image tokens kept {n - n // 2}/{n}" in result.stdout + result.stderr
+
+
+def test_analyze_draws_the_base_image_and_says_what_it_leaves_out(next_dir, tmp_path):
+    picture(50, 30).save(tmp_path / "wide.png")
+    result = subprocess.run([sys.executable, "-m", "minifastv", "analyze", "--model", str(next_dir), "--image",
+                             str(tmp_path / "wide.png"), "--prompt", QUESTION, "--out-dir", str(tmp_path / "out"),
+                             "--dtype", "float32"], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    grid = Pipeline.load(next_dir).model.config.vision.grid
+    assert f"of {grid * grid} patches of the base image" in result.stdout
+    assert "not drawn: uniform (the per-image methods" in result.stdout   # and fastv, dart, ... are drawn
+    # every method at FastV's share of all the image's tokens, not of the base image's
+    n = Pipeline.load(next_dir).model.config.n_image_tokens(30, 50)
+    assert f"every method keeping {(n - n // 2) / n:.1%}" in result.stdout
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"attention_shares.png", "kept_patches.png",
+                                                             "kept_patches_methods.png"}
