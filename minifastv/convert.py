@@ -142,6 +142,9 @@ HF_LLAVA_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_laye
 
 def text_config_from_hf(t: dict) -> TextConfig:
     t = {**HF_TEXT_DEFAULTS, **{k: v for k, v in t.items() if v is not None or k == "pad_token_id"}}
+    if t.get("sliding_window") is not None and t["sliding_window"] < t["max_position_embeddings"]:
+        raise ConversionError(f"sliding_window {t['sliding_window']} is not supported (attention sees the whole "
+                              "context; Mistral-7B-Instruct-v0.2, LLaVA-NeXT's, has none)")
     if t["hidden_act"] != "silu":
         raise ConversionError(f"text hidden_act {t['hidden_act']!r} is not supported (LLaMA uses silu)")
     for flag in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
@@ -188,6 +191,9 @@ def config_from_hf(c: dict) -> LlavaConfig:
         raise ConversionError(f"projector_hidden_act {c['projector_hidden_act']!r} is not supported (exact gelu)")
     if c.get("multimodal_projector_bias", True) is not True:
         raise ConversionError("multimodal_projector_bias false is not supported")
+    kind = (c.get("text_config") or {}).get("model_type", "llama")
+    if kind not in ("llama", "mistral"):   # Mistral (LLaVA-NeXT's) is LLaMA-shaped
+        raise ConversionError(f"text model_type {kind!r} is not supported (llama or mistral)")
     vision = c.get("vision_config")
     config = LlavaConfig(
         vision=vision_config_from_hf(HF_LLAVA_VISION if vision is None else vision, layer),

@@ -18,14 +18,17 @@ PINPOINTS = [[S, 2 * S], [2 * S, S], [2 * S, 2 * S], [3 * S, S], [S, 3 * S]]
 SIZES = [(30, 50), (50, 30), (70, 70), (10, 8), (20, 120)]
 
 
-def hf_llava_next(*, n_kv_heads=4, rope_theta=10000.0, seed=0):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextForConditionalGeneration
+def hf_llava_next(*, n_kv_heads=4, rope_theta=10000.0, seed=0, decoder="llama"):
+    """A small random transformers LlavaNextForConditionalGeneration, its decoder LLaMA or Mistral (llava-v1.6's
+    Mistral-7B-Instruct-v0.2: no sliding window, rope theta 1e6)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextForConditionalGeneration, MistralConfig
     from transformers import LlavaNextConfig as HFConfig
 
-    text = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                       num_attention_heads=4, num_key_value_heads=n_kv_heads, rms_norm_eps=1e-5,
-                       max_position_embeddings=1024, pad_token_id=0,
-                       rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
+    text = {"llama": LlamaConfig, "mistral": MistralConfig}[decoder](
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=n_kv_heads, rms_norm_eps=1e-5, max_position_embeddings=1024, pad_token_id=0,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta}, **({"sliding_window": None}
+                                                                              if decoder == "mistral" else {}))
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                               image_size=S, patch_size=PATCH)
     cfg = HFConfig(text_config=text, vision_config=vision, image_token_index=IMAGE_TOKEN, vision_feature_layer=-2,
@@ -35,9 +38,13 @@ def hf_llava_next(*, n_kv_heads=4, rope_theta=10000.0, seed=0):
     return randomize(model, seed).eval()
 
 
-@pytest.fixture(scope="module", params=["mha", "gqa-theta500"])
+DECODERS = {"llama-mha": {}, "llama-gqa-theta500": {"n_kv_heads": 2, "rope_theta": 500.0, "seed": 1},
+            "mistral-gqa-theta1e6": {"n_kv_heads": 2, "rope_theta": 1e6, "seed": 2, "decoder": "mistral"}}
+
+
+@pytest.fixture(scope="module", params=list(DECODERS))
 def pair(request):
-    hf = hf_llava_next(**({} if request.param == "mha" else {"n_kv_heads": 2, "rope_theta": 500.0, "seed": 1}))
+    hf = hf_llava_next(**DECODERS[request.param])
     return hf, to_minifastv(hf)
 
 
@@ -142,3 +149,14 @@ def test_inputs_that_do_not_fit_are_named(pair):
             ours(torch.tensor([ids]), pixels, image_sizes=sizes)   # the last: placeholders and no image at all
     with pytest.raises(ConfigError, match="positive multiples of the image size 28"):
         LlavaNextConfig(vision=ours.config.vision, text=ours.config.text, pinpoints=((28, 50),))
+
+
+def test_a_decoder_that_is_not_llama_shaped_is_refused():
+    from minifastv.convert import config_from_hf, text_config_from_hf
+
+    mistral = {"model_type": "mistral", "max_position_embeddings": 32768, "rope_theta": 1e6}
+    assert text_config_from_hf({**mistral, "sliding_window": None}).rope_theta == 1e6
+    with pytest.raises(ConversionError, match="sliding_window 4096 is not supported"):   # Mistral-7B v0.1's
+        text_config_from_hf({**mistral, "sliding_window": 4096})
+    with pytest.raises(ConversionError, match="text model_type 'qwen2' is not supported"):
+        config_from_hf({"text_config": {"model_type": "qwen2"}})
