@@ -200,7 +200,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return Tokenizer.from_file(path / TOKENIZER, bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id,
                                image_token_id=config.image_token_id,
                                **{name: getattr(config, name) for name in ("video_token_id", "frame_token_id",
-                                                                           "n_frames") if hasattr(config, name)})
+                                                                           "n_frames", "template")
+                                  if hasattr(config, name)})
 
 
 def save(model: LlavaModel, tokenizer: Tokenizer, path: str | Path, *, max_shard_bytes: int = 2 << 30,

@@ -203,8 +203,13 @@ def config_from_hf(c: dict) -> LlavaConfig:
     )
     architectures = c.get("architectures") or []
     if c.get("model_type") == "llava_next" or "LlavaNextForConditionalGeneration" in architectures:
+        # The template follows the decoder, as LLaVA-NeXT's releases pair them: Mistral-7B-Instruct's [INST]; Nous-
+        # Hermes-2-Yi-34B's ChatML (a 64,000-word vocabulary, Yi's); Vicuna's vicuna_v1. config.json may be edited.
+        template, system = (("mistral_instruct", "") if kind == "mistral" else
+                            ("chatml", "Answer the questions.") if config.text.vocab_size >= 64000 else
+                            ("vicuna_v1", None))
         return LlavaNextConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)},
-                               pinpoints=c.get("image_grid_pinpoints", PINPOINTS))
+                               pinpoints=c.get("image_grid_pinpoints", PINPOINTS), template=template, system=system)
     video = c.get("model_type") == "video_llava" or "VideoLlavaForConditionalGeneration" in architectures
     if not video:
         return config

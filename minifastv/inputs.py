@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from .image import ImageError, preprocess, to_rgb
-from .tokenizer import IMAGE_MARKER, VICUNA_SYSTEM, Tokenizer, chat_prompt
+from .tokenizer import IMAGE_MARKER, VICUNA_SYSTEM, Tokenizer
 from .video import frames_pixels
 
 IGNORE = -100  # label of a token the loss does not train on (prompt, padding), as torch's cross_entropy
@@ -105,9 +105,8 @@ def questions(tokenizer: Tokenizer, config, requests: Sequence[tuple], names: Se
     rows = []
     for images, question, *videos in requests:
         check_question(tokenizer, question)
-        rows.append(widen(config, tokenizer.encode_prompt(chat_prompt(
-            question, n_images=len(images), system=system_line(config), n_videos=len(videos[0]) if videos else 0)),
-            images))
+        rows.append(widen(config, tokenizer.first_turn(question, len(images), system_line(config),
+                                                       len(videos[0]) if videos else 0), images))
     ids, mask, _ = left_pad(rows, config.text.pad_token_id)
     images, videos = every_image_and_video(requests)
     return Batch(ids, mask, image_pixels(config, images, names), video_values=video_values(config, videos, video_names),
@@ -142,7 +141,7 @@ def encode_conversation(tokenizer: Tokenizer, turns: Sequence[tuple[str, str]], 
     ASSISTANT: a2 </s> ...". Returns (ids, labels): labels are the answers and their EOS, IGNORE elsewhere."""
     ids, labels = [], []
     for t, (question, answer) in enumerate(turns):
-        prompt = tokenizer.encode_prompt(chat_prompt(question, n_images, system, n_videos)) if t == 0 \
+        prompt = tokenizer.first_turn(question, n_images, system, n_videos) if t == 0 \
             else tokenizer.encode_turn(question)
         target = tokenizer.encode_text(answer) + [tokenizer.eos_token_id]
         ids += prompt + target

@@ -21,16 +21,32 @@ def media(n_images: int, n_videos: int = 0) -> str:
     return (IMAGE_MARKER + "\n") * n_images + (VIDEO_MARKER + "\n") * n_videos
 
 
-def chat_prompt(question: str, n_images: int = 1, system: str = VICUNA_SYSTEM, n_videos: int = 0) -> str:
-    """LLaVA-1.5's vicuna_v1 single-turn prompt (Video-LLaVA's llava_v1 is the same with its own system line;
-    "" leaves it out); images and videos go first, each on its own line."""
-    return f"{system + ' ' if system else ''}USER: {media(n_images, n_videos)}{question} ASSISTANT:"
+# The conversation templates, as LLaVA's conversation.py lays them out: per name, (the first turn from the system
+# line s (may be ""), the turn's media markers m and question q; a later turn, after the previous answer and its
+# EOS). vicuna_v1: LLaVA-1.5, Video-LLaVA, LLaVA-NeXT on Vicuna; mistral_instruct: LLaVA-NeXT on Mistral-7B-Instruct
+# (no system line); chatml: LLaVA-NeXT-34B on Nous-Hermes-2-Yi (its EOS is <|im_end|>).
+TEMPLATES = {
+    "vicuna_v1": (lambda s, m, q: f"{s + ' ' if s else ''}USER: {m}{q} ASSISTANT:",
+                  lambda m, q: f"USER: {m}{q} ASSISTANT:"),
+    "mistral_instruct": (lambda s, m, q: f"[INST] {m}{q} [/INST]", lambda m, q: f"[INST] {m}{q} [/INST]"),
+    "chatml": (lambda s, m, q: (f"<|im_start|>system\n{s}<|im_end|>\n" if s else "")
+               + f"<|im_start|>user\n{m}{q}<|im_end|>\n<|im_start|>assistant\n",
+               lambda m, q: f"\n<|im_start|>user\n{m}{q}<|im_end|>\n<|im_start|>assistant\n"),
+}
+
+
+def chat_prompt(question: str, n_images: int = 1, system: str = VICUNA_SYSTEM, n_videos: int = 0,
+                template: str = "vicuna_v1") -> str:
+    """A conversation's first turn (LLaVA-1.5's vicuna_v1 unless `template` names another; Video-LLaVA's llava_v1
+    is vicuna_v1 with its own system line; "" leaves it out); images and videos go first, each on its own line."""
+    return TEMPLATES[template][0](system, media(n_images, n_videos), question)
 
 
 class Tokenizer:
     def __init__(self, tokenizer: _Tokenizer, *, bos_token_id: int, eos_token_id: int, image_token_id: int,
-                 video_token_id: int | None = None, frame_token_id: int | None = None, n_frames: int = 0):
-        self.tok = tokenizer
+                 video_token_id: int | None = None, frame_token_id: int | None = None, n_frames: int = 0,
+                 template: str = "vicuna_v1"):
+        self.tok, self.template = tokenizer, template   # template: the conversation layout (TEMPLATES)
         self.bos_token_id, self.eos_token_id, self.image_token_id = bos_token_id, eos_token_id, image_token_id
         self.video_token_id = video_token_id  # None: the model takes no video, and "<video>" is plain text
         self.markers = {IMAGE_MARKER: image_token_id, **({VIDEO_MARKER: video_token_id} if video_token_id is not None
@@ -72,9 +88,13 @@ class Tokenizer:
         return ids
 
     def encode_turn(self, question: str, n_images: int = 0, n_videos: int = 0) -> list[int]:
-        """A later turn of a vicuna_v1 conversation, after the previous answer and its EOS: "USER: q ASSISTANT:",
-        its images and videos (if any) first, each on its own line, as in chat_prompt."""
-        return self.encode_prompt(f"USER: {media(n_images, n_videos)}{question} ASSISTANT:")[1:]
+        """A later turn of the conversation, after the previous answer and its EOS (vicuna_v1: "USER: q
+        ASSISTANT:"), its images and videos (if any) first, each on its own line, as in chat_prompt."""
+        return self.encode_prompt(TEMPLATES[self.template][1](media(n_images, n_videos), question))[1:]
+
+    def first_turn(self, question: str, n_images: int = 1, system: str = VICUNA_SYSTEM, n_videos: int = 0):
+        """The ids of a conversation's first turn (BOS first) in this tokenizer's template."""
+        return self.encode_prompt(chat_prompt(question, n_images, system, n_videos, self.template))
 
     def encode_text(self, text: str) -> list[int]:
         """Ids of plain text (no BOS); words the vocabulary lacks are an error that names them."""

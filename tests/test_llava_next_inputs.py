@@ -149,3 +149,49 @@ def test_analyze_draws_the_base_image_and_says_what_it_leaves_out(next_dir, tmp_
     assert f"every method keeping {(n - n // 2) / n:.1%}" in result.stdout
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"attention_shares.png", "kept_patches.png",
                                                              "kept_patches_methods.png"}
+
+
+@pytest.mark.parametrize("template, first, later", [
+    ("vicuna_v1", "SYS USER: <image>\nQ? ASSISTANT:", "USER: Q? ASSISTANT:"),
+    ("mistral_instruct", "[INST] <image>\nQ? [/INST]", "[INST] Q? [/INST]"),
+    ("chatml", "<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\n<image>\nQ?<|im_end|>\n<|im_start|>assistant\n",
+     "\n<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n"),
+])
+def test_each_template_lays_out_turns_as_llavas_conversations(template, first, later):
+    """LLaVA's conversation.py: vicuna_v1 (sep " ", sep2 </s>), mistral_instruct (LLAMA_2 style, no system),
+    chatml_direct (each message ended by <|im_end|> and a newline)."""
+    from minifastv.tokenizer import TEMPLATES, chat_prompt
+
+    assert chat_prompt("Q?", 1, "SYS", template=template) == first   # mistral_instruct has no system line
+    assert TEMPLATES[template][1]("", "Q?") == later
+
+
+@pytest.fixture(scope="module")
+def mistral_pipe(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mistral")
+    hf = hf_llava_next(n_kv_heads=2, rope_theta=1e6, seed=2, decoder="mistral")
+    return Pipeline.load(convert(write_hf_checkpoint(hf, tmp / "src"), tmp / "out", log=lambda _: None),
+                         dtype="float32")
+
+
+def test_a_mistral_llava_next_converts_to_the_mistral_template_and_chats_in_it(mistral_pipe):
+    from minifastv.convert import config_from_hf
+
+    pipe, cfg, tok = mistral_pipe, mistral_pipe.model.config, mistral_pipe.tokenizer
+    assert (cfg.template, cfg.system, tok.template) == ("mistral_instruct", "", "mistral_instruct")
+    image = picture(50, 30)
+    ids = pipe.inputs([image], QUESTION).input_ids[0].tolist()
+    n = cfg.n_image_tokens(30, 50)
+    assert ids == [t for t in tok.encode_prompt(f"[INST] <image>\n{QUESTION} [/INST]")
+                   for t in ([t] * n if t == cfg.image_token_id else [t])]
+    chat = Chat(pipe, image, max_new_tokens=3)
+    first = chat.ask(QUESTION)
+    assert first.token_ids == pipe.answer([image], QUESTION, max_new_tokens=3).token_ids
+    turn = tok.encode_turn("how many triangles are there")
+    assert turn == tok.encode_prompt("[INST] how many triangles are there [/INST]")[1:]
+    chat.ask("how many triangles are there")
+    # Yi's vocabulary picks ChatML with LLaVA-NeXT-34B's system line; Vicuna keeps vicuna_v1
+    yi = {"architectures": ["LlavaNextForConditionalGeneration"], "image_grid_pinpoints": [[336, 672]],
+          "text_config": {"vocab_size": 64064}}
+    assert (config_from_hf(yi).template, config_from_hf(yi).system) == ("chatml", "Answer the questions.")
+    assert config_from_hf({**yi, "text_config": {}}).template == "vicuna_v1"

@@ -117,6 +117,17 @@ def long_request(server, stream=True):
     return conn
 
 
+def first_text(reply) -> bytes:
+    """Read a streamed reply up to its first text chunk: the role chunk comes at once, the text only once the
+    engine has taken the request and decoded (so it is running, no longer waiting)."""
+    while True:
+        line = reply.readline()
+        assert line, "the stream ended before any text"
+        if line.startswith(b"data: ") and b'"role"' not in line:
+            assert reply.readline() == b"\n"                  # the blank line that ends the event
+            return line
+
+
 def wait_for(condition, seconds=30):
     deadline = time.monotonic() + seconds
     while not condition():
@@ -134,7 +145,7 @@ def test_a_full_queue_answers_429_and_a_disconnect_frees_the_slot(start_server):
     server = start_server("--max-batch", "1", "--max-queue", "1", "--step-delay-ms", "50")
     running = long_request(server)
     reply = running.getresponse()
-    assert reply.status == 200 and reply.readline().startswith(b"data: ")     # decoding, in the one slot
+    assert reply.status == 200 and b'"content"' in first_text(reply)          # decoding, in the one slot
     waiting = long_request(server, stream=False)                               # the one place in the queue
     wait_for(lambda: server.health()["waiting"] == 1)
     status, headers, body = short_request(server)
@@ -159,7 +170,7 @@ def test_max_queue_0_serves_while_the_batch_has_room(start_server):
     status, _, body = short_request(server)
     assert status == 200 and body["choices"][0]["message"]["content"] == SAMPLE[1]["answer"]
     running = long_request(server)
-    assert running.getresponse().readline().startswith(b"data: ")
+    assert b'"content"' in first_text(running.getresponse())
     status, _, body = short_request(server)
     assert status == 429 and body["error"]["code"] == "queue_full"
     running.close()
@@ -174,7 +185,7 @@ def test_sigterm_ends_in_flight_requests_cleanly_and_refuses_new_ones(grace, sta
     server = start_server("--shutdown-grace", str(grace), *(["--step-delay-ms", "50"] if grace == 0 else []))
     conn = long_request(server)
     reply = conn.getresponse()
-    assert reply.readline().startswith(b"data: ")
+    assert b'"content"' in first_text(reply)          # running (not waiting, which SIGTERM would refuse)
     server.proc.send_signal(signal.SIGTERM)
     events = [line for line in reply.read().decode().split("\n\n") if line]
     last, usage = (json.loads(event.removeprefix("data: ")) for event in events[-3:-1])

@@ -21,6 +21,7 @@ from torch import nn
 from .. import anyres
 from ..config import ConfigError, LlavaConfig
 from ..image import ImageError
+from ..tokenizer import TEMPLATES
 from .llava import LlavaModel
 
 PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))   # llava-v1.6's canvases
@@ -29,9 +30,12 @@ PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))   # l
 @dataclass(frozen=True)
 class LlavaNextConfig(LlavaConfig):
     """LlavaConfig with the canvases (height, width) an image may be tiled on, each a multiple of the tower's
-    input size."""
+    input size, and the decoder's conversation template (tokenizer.TEMPLATES: vicuna_v1, mistral_instruct, chatml)
+    with its system line (None: vicuna_v1's; "" none)."""
 
     pinpoints: tuple[tuple[int, int], ...] = PINPOINTS
+    template: str = "vicuna_v1"
+    system: str | None = None
     family: ClassVar[str] = "llava-next"
     placeholder_per_token: ClassVar[bool] = True   # inputs.check_inputs: placeholders count tokens, not images
 
@@ -47,6 +51,10 @@ class LlavaNextConfig(LlavaConfig):
             raise ConfigError(f"pinpoints must be canvases whose sides are positive multiples of the image size "
                               f"{size}, got {bad or 'none'}")
         object.__setattr__(self, "pinpoints", pinpoints)
+        if self.template not in TEMPLATES:
+            raise ConfigError(f"template {self.template!r:.40} is not one of {', '.join(TEMPLATES)}")
+        if self.system is not None and not isinstance(self.system, str):
+            raise ConfigError(f"system must be text, got {self.system!r:.40}")
 
     def tiles(self, image):
         """What the vision tower sees of an RGB PIL image: its base image, then its tiles."""

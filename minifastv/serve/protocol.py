@@ -16,7 +16,7 @@ from PIL import Image
 from ..image import ImageError, to_rgb
 from ..inputs import check_inputs, image_pixels, image_sizes, system_line, video_values, widen
 from ..pruning import METHODS, make, name_of
-from ..tokenizer import VICUNA_SYSTEM, chat_prompt
+from ..tokenizer import VICUNA_SYSTEM
 
 ROLES = ("system", "user", "assistant")
 READ = {"model", "messages", "n", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
@@ -238,7 +238,7 @@ def read_messages(messages, tok, eos: int, limits: Limits, n_frames: int | None 
     ids = []
     try:
         for t, (n_images, n_videos, question, answer) in enumerate(turns):
-            ids += (tok.encode_prompt(chat_prompt(question, n_images, system, n_videos)) if t == 0 else
+            ids += (tok.first_turn(question, n_images, system, n_videos) if t == 0 else
                     tok.encode_turn(question, n_images, n_videos))
             if answer is not None:
                 ids += tok.encode_text(answer) + [eos]
