@@ -65,7 +65,8 @@ def n_tiles(height: int, width: int, size: int, pinpoints: Pinpoints) -> int:
 def unpadded_cells(height: int, width: int, rows: int, cols: int) -> tuple[int, int, int, int]:
     """(top, left, rows, cols): the part of a rows x cols grid of feature cells that shows the image of
     height x width pixels, the border the canvas added cut away (an equal number of cells off each side). The
-    scaled side is rounded to 7 decimals first, as transformers does (110 x 176: 29.999999999999996 cells)."""
+    scaled side is rounded to 7 decimals first, as transformers does (110 x 176: 29.999999999999996 cells); the
+    original LLaVA-NeXT code truncates instead, so for a few sizes its border is a cell wider or narrower."""
     if width / height > cols / rows:   # wider than the canvas: black bands above and below
         pad = (rows - int(round(height * (cols / width), 7))) // 2
         return pad, 0, rows - 2 * pad, cols

@@ -203,13 +203,7 @@ def config_from_hf(c: dict) -> LlavaConfig:
     )
     architectures = c.get("architectures") or []
     if c.get("model_type") == "llava_next" or "LlavaNextForConditionalGeneration" in architectures:
-        # The template follows the decoder, as LLaVA-NeXT's releases pair them: Mistral-7B-Instruct's [INST]; Nous-
-        # Hermes-2-Yi-34B's ChatML (a 64,000-word vocabulary, Yi's); Vicuna's vicuna_v1. config.json may be edited.
-        template, system = (("mistral_instruct", "") if kind == "mistral" else
-                            ("chatml", "Answer the questions.") if config.text.vocab_size >= 64000 else
-                            ("vicuna_v1", None))
-        return LlavaNextConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)},
-                               pinpoints=c.get("image_grid_pinpoints", PINPOINTS), template=template, system=system)
+        return next_config(config, c.get("image_grid_pinpoints", PINPOINTS), kind)
     video = c.get("model_type") == "video_llava" or "VideoLlavaForConditionalGeneration" in architectures
     if not video:
         return config
@@ -220,6 +214,16 @@ def config_from_hf(c: dict) -> LlavaConfig:
     return VideoLlavaConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)},
                             video_token_id=c.get("video_token_id", c.get("video_token_index", 32001)),
                             n_frames=length // per_frame, system="")  # transformers' prompt: "USER: <video>\n..."
+
+
+def next_config(config: LlavaConfig, pinpoints, decoder: str) -> LlavaNextConfig:
+    """LLaVA-NeXT's config: `config`'s fields, the canvases, and the conversation template its releases pair with
+    the decoder: Mistral-7B-Instruct's [INST] (no system line); Nous-Hermes-2-Yi-34B's ChatML (told by Yi's
+    64,000-word vocabulary); Vicuna's vicuna_v1. The template is a config.json field, to be edited if need be."""
+    template, system = (("mistral_instruct", "") if decoder == "mistral" else
+                        ("chatml", "Answer the questions.") if config.text.vocab_size >= 64000 else ("vicuna_v1", None))
+    return LlavaNextConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)},
+                           pinpoints=pinpoints, template=template, system=system)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -243,8 +247,18 @@ def config_from_original(c: dict, vision: VisionConfig | None) -> LlavaConfig:
         raise ConversionError(f"mm_hidden_size {c['mm_hidden_size']} differs from the vision tower's width {vision.dim}")
     layer = c.get("mm_vision_select_layer", -2)
     vision = VisionConfig(**{**vision.__dict__, "feature_layer": layer})
-    return LlavaConfig(vision=vision, text=text_config_from_hf(c), projector_type=projector, image_token_id=-200,
-                       image_mode="pad" if c.get("image_aspect_ratio", "pad") == "pad" else "crop")
+    config = LlavaConfig(vision=vision, text=text_config_from_hf(c), projector_type=projector, image_token_id=-200,
+                         image_mode="pad" if c.get("image_aspect_ratio", "pad") == "pad" else "crop")
+    if c.get("image_aspect_ratio") != "anyres":
+        return config
+    # LLaVA-NeXT (liuhaotian/llava-v1.6-*): tiles packed with a newline per row ("spatial_unpad")
+    if c.get("mm_patch_merge_type", "flat") != "spatial_unpad":
+        raise ConversionError(f"mm_patch_merge_type {c.get('mm_patch_merge_type', 'flat')!r} with anyres is not "
+                              "supported (LLaVA-NeXT's is 'spatial_unpad')")
+    # The original lists its canvases as (width, height) and tries them in that order; minifastv's are (height,
+    # width), as transformers', so they are swapped here: the same canvases, tried in the original's order.
+    pinpoints = [(h, w) for w, h in c.get("image_grid_pinpoints") or []]
+    return next_config(config, pinpoints, "mistral" if c.get("model_type") == "llava_mistral" else "llama")
 
 
 def config_from_video_original(c: dict, image_tower: Path | None, video_tower: Path | None) -> VideoLlavaConfig:

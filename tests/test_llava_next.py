@@ -160,3 +160,73 @@ def test_a_decoder_that_is_not_llama_shaped_is_refused():
         text_config_from_hf({**mistral, "sliding_window": 4096})
     with pytest.raises(ConversionError, match="text model_type 'qwen2' is not supported"):
         config_from_hf({"text_config": {"model_type": "qwen2"}})
+
+
+@pytest.mark.parametrize("decoder", ["llama", "mistral"])
+def test_the_original_layout_converts_to_the_same_model(tmp_path, decoder):
+    """liuhaotian/llava-v1.6-*: LlavaLlamaForCausalLM (LlavaMistralForCausalLM) names, the tower embedded,
+    image_aspect_ratio anyres with canvases listed (width, height), model.image_newline. Its canvases listed here
+    as the transformers model's swapped, the converted model is that model."""
+    import json
+
+    from helpers import build_tokenizer
+    from safetensors.torch import save_file
+    from test_convert import renamed, text_fields, vision_fields
+
+    from minifastv import load
+    from minifastv.convert import convert
+
+    hf = hf_llava_next(**DECODERS["mistral-gqa-theta1e6" if decoder == "mistral" else "llama-mha"])
+    state = renamed(hf.state_dict(), [("model.language_model.", "model."),
+                                      ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
+                                      ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
+                                      ("model.vision_tower.", "model.vision_tower.vision_tower.vision_model.")])
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(src / "model.safetensors"))
+    config = {"architectures": [f"Llava{decoder.capitalize()}ForCausalLM"],
+              "model_type": "llava_mistral" if decoder == "mistral" else "llava", **text_fields(hf),
+              "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+              "mm_hidden_size": hf.config.vision_config.hidden_size, "mm_vision_tower": "clip",
+              "image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad",
+              "image_grid_pinpoints": [[w, h] for h, w in PINPOINTS], "bos_token_id": 1, "eos_token_id": 2,
+              "pad_token_id": 0, "hidden_act": "silu"}
+    (src / "config.json").write_text(json.dumps(config))
+    build_tokenizer(src / "tokenizer.json")
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "config.json").write_text(json.dumps(vision_fields(hf) | {"hidden_act": "quick_gelu"}))
+    ours = load(convert(src, tmp_path / "out", vision_tower=tmp_path / "clip", log=lambda _: None), dtype=None)
+    assert ours.config.pinpoints == tuple(map(tuple, PINPOINTS)) and ours.config.image_token_id == -200
+    assert ours.config.template == ("mistral_instruct" if decoder == "mistral" else "vicuna_v1")
+    sizes = [SIZES[3], SIZES[0]]
+    tiles, ids = tiles_of(sizes), prompt(ours, sizes)
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor([ids]), pixel_values=hf_pixels(tiles), image_sizes=torch.tensor(sizes))
+        mine = ours(torch.tensor([[-200 if t == IMAGE_TOKEN else t for t in ids]]), torch.cat(tiles),
+                    image_sizes=torch.tensor(sizes))
+    torch.testing.assert_close(mine, theirs.logits, rtol=1e-4, atol=1e-4)
+    config["mm_patch_merge_type"] = "flat"
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match="mm_patch_merge_type 'flat' with anyres is not supported"):
+        convert(src, tmp_path / "flat", vision_tower=tmp_path / "clip", log=lambda _: None)
+
+
+def test_conversion_quantizes_the_decoder_and_keeps_the_newline(tmp_path):
+    from helpers import write_hf_checkpoint
+
+    from minifastv import load
+    from minifastv.config import QuantConfig
+    from minifastv.convert import convert
+
+    hf = hf_llava_next()
+    out = convert(write_hf_checkpoint(hf, tmp_path / "src"), tmp_path / "int8", quant=QuantConfig("int8"),
+                  log=lambda _: None)
+    ours = load(out, dtype="float32")
+    assert ours.config.quant == QuantConfig("int8") and isinstance(ours.config, LlavaNextConfig)
+    torch.testing.assert_close(ours.image_newline, hf.model.image_newline, rtol=0, atol=0)
+    sizes = [SIZES[0]]
+    tiles, ids = tiles_of(sizes), prompt(ours, sizes)
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor([ids]), pixel_values=hf_pixels(tiles), image_sizes=torch.tensor(sizes))
+        mine = ours(torch.tensor([ids]), torch.cat(tiles), image_sizes=torch.tensor(sizes))
+    assert (mine.argmax(-1) == theirs.logits.argmax(-1)).float().mean() > 0.9   # int8 weights: close, not equal
