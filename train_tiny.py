@@ -95,7 +95,7 @@ def is_video(pipe: Pipeline) -> bool:
 
 def batch_loss(pipe: Pipeline, batch: Batch) -> torch.Tensor:
     return pipe.model.loss(batch.input_ids, batch.pixel_values, batch.labels, attention_mask=batch.attention_mask,
-                           **({"video_values": batch.video_values} if batch.video_values is not None else {}))
+                           **batch.visual_inputs())
 
 
 def train(steps: int, seed: int, batch_size: int = 32, lr: float = 2e-3, log_every: int = 50, eval_every: int = 0,

@@ -60,14 +60,16 @@ def image_sizes(config, images: Sequence[Image.Image]) -> torch.Tensor | None:
     return torch.tensor([[im.height, im.width] for im in images])
 
 
-def widen(config, ids: list[int], images: Sequence[Image.Image]) -> list[int]:
+def widen(config, ids: list[int], images: Sequence[Image.Image], labels: list[int] | None = None) -> list[int]:
     """A prompt with one placeholder per image, as the tokenizer writes it, in the form the model takes: as it is,
-    or (LLaVA-NeXT) each image's placeholder repeated once per token of the image (its size decides how many)."""
+    or (LLaVA-NeXT) each image's placeholder repeated once per token of the image (its size decides how many).
+    With `labels` (a training sample's, one per id), the labels widened the same way instead."""
     if not getattr(config, "placeholder_per_token", False):
-        return ids
+        return ids if labels is None else labels
     sizes, out = iter(images), []
-    for t in ids:
-        out += [t] * (config.n_image_tokens((im := next(sizes)).height, im.width) if t == config.image_token_id else 1)
+    for t, label in zip(ids, ids if labels is None else labels):
+        out += [label] * (config.n_image_tokens((im := next(sizes)).height, im.width) if t == config.image_token_id
+                          else 1)
     return out
 
 
@@ -154,9 +156,12 @@ def conversations(tokenizer: Tokenizer, config, dialogues: Sequence[tuple]) -> B
     with labels."""
     encoded = [encode_conversation(tokenizer, turns, len(images), len(videos[0]) if videos else 0, system_line(config))
                for images, turns, *videos in dialogues]
+    encoded = [(widen(config, ids, images), widen(config, ids, images, labels))   # LLaVA-NeXT: a placeholder a token
+               for (ids, labels), (images, *_) in zip(encoded, dialogues)]
     ids, mask, labels = left_pad([e[0] for e in encoded], config.text.pad_token_id, [e[1] for e in encoded])
     images, videos = every_image_and_video(dialogues)
-    return Batch(ids, mask, image_pixels(config, images), labels, video_values(config, videos))
+    return Batch(ids, mask, image_pixels(config, images), labels, video_values(config, videos),
+                 image_sizes(config, images))
 
 
 def check_inputs(config, input_ids, pixel_values, attention_mask) -> torch.Tensor:

@@ -195,3 +195,27 @@ def test_a_mistral_llava_next_converts_to_the_mistral_template_and_chats_in_it(m
           "text_config": {"vocab_size": 64064}}
     assert (config_from_hf(yi).template, config_from_hf(yi).system) == ("chatml", "Answer the questions.")
     assert config_from_hf({**yi, "text_config": {}}).template == "vicuna_v1"
+
+
+def test_a_training_batch_widens_placeholders_and_their_labels(pipe):
+    """conversations() for LLaVA-NeXT: each image a run of placeholders (labels IGNORE), its tiles and size; the
+    loss is the answers' cross-entropy over the model's own logits."""
+    from minifastv.inputs import IGNORE, conversations
+
+    cfg = pipe.model.config
+    images = [picture(50, 30), picture(20, 90, seed=1)]
+    dialogues = [([images[0]], [(QUESTION, "red"), ("how many triangles are there", "three")]),
+                 ([images[1]], [(QUESTION, "yes")])]
+    batch = conversations(pipe.tokenizer, cfg, dialogues)
+    assert batch.image_sizes.tolist() == [[30, 50], [90, 20]]
+    for row, labels, im in zip(batch.input_ids, batch.labels, images):
+        here = row == cfg.image_token_id
+        assert int(here.sum()) == cfg.n_image_tokens(im.height, im.width) and (labels[here] == IGNORE).all()
+    with torch.no_grad():
+        loss = pipe.model.loss(batch.input_ids, batch.pixel_values, batch.labels, attention_mask=batch.attention_mask,
+                               image_sizes=batch.image_sizes)
+        logits = pipe.model(batch.input_ids, batch.pixel_values, attention_mask=batch.attention_mask,
+                            image_sizes=batch.image_sizes)
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch.labels[:, 1:].flatten(),
+                                                 ignore_index=IGNORE)
+    torch.testing.assert_close(loss, expected)
