@@ -59,21 +59,19 @@ def kept_patches_picture(view: Image.Image, grid: int, kept: list[int], scale: i
     return out
 
 
-@torch.inference_mode()
 def kept_patches(model, input_ids, pixel_values, method, **visual) -> list[int]:
     """Row-major patch indices, in the first image's grid, of that image's tokens that `method` keeps (LLaVA-NeXT:
     its base image's, the first of its tokens). `visual`: a family's other inputs (image_sizes)."""
-    pre = model.prefill(input_ids, pixel_values, prune=method, **visual)
-    first = int(pre.image_mask[0].nonzero()[0])
-    n = model.config.vision.n_patches
-    return [s - first for s in pre.kept_image_slots()[0] if s - first < n]
+    return kept_patches_and_share(model, input_ids, pixel_values, method, **visual)[0]
 
 
 @torch.inference_mode()
-def kept_share(model, input_ids, pixel_values, method, **visual) -> float:
-    """The share of the first sample's image tokens that `method` keeps."""
+def kept_patches_and_share(model, input_ids, pixel_values, method, **visual) -> tuple[list[int], float]:
+    """kept_patches, and the share of the first sample's image tokens that `method` keeps, from one prefill."""
     pre = model.prefill(input_ids, pixel_values, prune=method, **visual)
-    return len(pre.kept_image_slots()[0]) / pre.n_image_tokens()[0]
+    first, kept = int(pre.image_mask[0].nonzero()[0]), pre.kept_image_slots()[0]
+    n = model.config.vision.n_patches
+    return [s - first for s in kept if s - first < n], len(kept) / pre.n_image_tokens()[0]
 
 
 LEGEND = "outlined: kept; dimmed: dropped"

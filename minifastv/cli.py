@@ -131,7 +131,7 @@ def cmd_analyze(args):
     """Attention shares per layer (table + PNG), the patches a pruning method keeps (PNG and a `kept patches:`
     line, row-major indices in the first image's grid; for a video, a line per frame and the frames side by
     side), and the patches every method keeps, side by side."""
-    from .analyze import attention_shares, kept_patches, kept_patches_picture, kept_share, picture_grid
+    from .analyze import attention_shares, kept_patches, kept_patches_and_share, kept_patches_picture, picture_grid
     from .image import load_image, model_view
     from .pruning import METHODS, FastV, at_budget
 
@@ -158,13 +158,13 @@ def cmd_analyze(args):
     view = tiles(image)[0] if tiles else model_view(image, cfg.vision.image_size, cfg.image_mode, cfg.image_mean)
     grid = cfg.vision.grid
     scale = max(1, 384 // cfg.vision.image_size)
-    kept = kept_patches(model, ids, pixels, method, **visual)
+    kept, share = kept_patches_and_share(model, ids, pixels, method, **visual)
     picture_grid([(describe(method), kept_patches_picture(view, grid, kept, scale=scale))], columns=1).save(
         out / "kept_patches.png")
     print(f"\n{describe(method)} keeps {len(kept)} of {grid * grid} patches"
           + (" of the base image (its tiles' tokens are not drawn)" if tiles else ""))
     print("kept patches: " + ", ".join(map(str, kept)))
-    share = kept_share(model, ids, pixels, method, **visual)  # every method at the same budget, K=2 where it has one
+    # every method at `share`, the budget `method` kept of the image's tokens, K=2 where a method has a layer
     every, left_out = [], []
     for name in METHODS:
         try:

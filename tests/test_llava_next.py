@@ -144,6 +144,8 @@ def test_inputs_that_do_not_fit_are_named(pair):
     first = ids.index(IMAGE_TOKEN)
     with pytest.raises(ValueError, match=r"runs of \[\d+, \d+\], but the images need"):   # one placeholder short
         ours(torch.tensor([ids[:first] + ids[first + 1:]]), torch.cat(tiles), image_sizes=torch.tensor(SIZES[:2]))
+    with pytest.raises(ValueError, match=r"this model \(llava-next\) takes no video_values"):
+        ours(torch.tensor([ids]), torch.cat(tiles), image_sizes=torch.tensor(SIZES[:2]), video_values=torch.zeros(1))
     for pixels, sizes in ((torch.cat(tiles), None), (None, torch.tensor(SIZES[:2])), (None, None)):
         with pytest.raises(ValueError, match="LLaVA-NeXT takes an image as its tiles in pixel_values with its size"):
             ours(torch.tensor([ids]), pixels, image_sizes=sizes)   # the last: placeholders and no image at all

@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import write_hf_checkpoint
 from PIL import Image
+from test_anyres import noise as picture
 from test_llava_next import hf_llava_next
 
 from minifastv import Chat, Pipeline, generate
@@ -30,11 +31,6 @@ def next_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipe(next_dir):
     return Pipeline.load(next_dir, dtype="float32")
-
-
-def picture(width, height, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (height, width, 3), generator=g, dtype=torch.uint8).numpy())
 
 
 def by_hand(pipe, images, question=QUESTION, new_tokens=6):

@@ -118,3 +118,5 @@ def test_gone_requests_free_their_queue_places(pipe):
     engine.submit(jobs[2])                                 # the gone request's place is free at once
     assert [(kind, e.code) for kind, e in sent] == [("error", "cancelled")]
     assert engine.n_waiting() == 2 and engine.cancelled == 1
+    jobs[1].cancel()
+    assert engine.take(8) == [jobs[2]] and engine.cancelled == 2   # a gone request is never prefilled

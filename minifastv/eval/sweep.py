@@ -42,9 +42,9 @@ def default_budgets(n_patches: int) -> list[int]:
     return [max(1, round(n_patches * share / 9)) for share in (1, 2, 3)]
 
 
-def check_budgets(model: str, methods: list[str], kept: list[int], prune_k: int | None) -> None:
-    """Every (method, budget) is one the model can run: a ValueError naming the first that is not."""
-    n = load_config(model).vision.n_patches
+def check_budgets(n: int, methods: list[str], kept: list[int], prune_k: int | None) -> None:
+    """Every (method, budget) is one a model whose images have n tokens can run: a ValueError naming the first that
+    is not."""
     for k in kept:
         if not 0 < k < n:
             raise ValueError(f"--kept {k}: the model's images have {n} tokens; a budget is 1..{n - 1}")
@@ -205,9 +205,10 @@ def main(argv=None) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    kept = args.kept or default_budgets(load_config(args.model).vision.n_patches)
+    n_patches = load_config(args.model).vision.n_patches
+    kept = args.kept or default_budgets(n_patches)
     try:
-        check_budgets(args.model, methods, kept, args.prune_k)
+        check_budgets(n_patches, methods, kept, args.prune_k)
     except ValueError as e:
         p.error(str(e))
     out = Path(args.out)

@@ -93,16 +93,16 @@ class LlavaNextModel(LlavaModel):
         return [anyres.pack(f, h, w, size, cfg.pinpoints, self.image_newline) for f, (h, w) in zip(features, sizes)]
 
     def visual_features(self, input_ids, pixel_values, cls_attention: bool, image_sizes=None, **visual):
+        super().visual_features(input_ids, None, False, **visual)   # refuses the inputs this model does not take
         if pixel_values is None or image_sizes is None:
             if pixel_values is not None or image_sizes is not None or (input_ids == self.config.image_token_id).any():
                 raise ValueError("LLaVA-NeXT takes an image as its tiles in pixel_values with its size in image_sizes "
                                  "and one prompt placeholder per image token (minifastv.inputs.questions prepares "
                                  "them, as Pipeline.inputs does)")
-            return super().visual_features(input_ids, None, cls_attention, **visual)
+            return []
         if cls_attention:
             raise ValueError("the methods that rank by the vision tower's class-token attention (fastervlm, "
                              "visionzip) do not take LLaVA-NeXT's tiles yet")
-        super().visual_features(input_ids, None, False, **visual)   # refuses what this model does not take
         packed = self.encode_anyres(pixel_values, image_sizes)
         here = input_ids == self.config.image_token_id
         flat = torch.cat([here, here.new_zeros(len(here), 1)], 1).flatten().int()   # a gap after each row

@@ -155,14 +155,8 @@ class Engine:
 
     def take(self, room: int) -> list[Job]:
         with self.cond:
-            jobs = []
-            while self.waiting and len(jobs) < room:
-                job = self.waiting.popleft()
-                if job.cancelled.is_set():
-                    self.cancelled += 1
-                    job.send(("error", GONE))
-                else:
-                    jobs.append(job)
+            self.forget_gone()
+            jobs = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
             self.running += len(jobs)   # taken: counted as running from here, never in neither count
             return jobs
 
