@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from PIL import Image, ImageDraw
 
+from .anyres import kept_on_grid
 from .plot import label_font
 
 SEGMENTS = ("system", "image", "instruction")
@@ -45,16 +46,31 @@ def kept_patches_picture(view: Image.Image, grid: int, kept: list[int], scale: i
     """The model's view of the image, enlarged, with dropped patches dimmed and kept ones outlined.
     `kept` are patch indices in row-major order."""
     big = view.resize((view.width * scale, view.height * scale), Image.Resampling.NEAREST)
-    dim = Image.blend(big, Image.new("RGB", big.size, (0, 0, 0)), 0.7)
     cell = big.width / grid
-    boxes = [(c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1) for r, c in (divmod(p, grid) for p in kept)]
-    mask = Image.new("L", big.size, 0)
+    return outlined(big, [(c * cell, r * cell, (c + 1) * cell, (r + 1) * cell) for r in range(grid) for c in range(grid)],
+                    kept)
+
+
+def kept_cells_picture(image: Image.Image, boxes: list[tuple[float, ...]], kept: list[int],
+                       longest: int = 1344) -> Image.Image:
+    """LLaVA-NeXT: the image itself (at most `longest` pixels on its longer side) with the cells of its tile
+    grid (boxes in its pixels, anyres.cell_boxes) dimmed where dropped and outlined where kept."""
+    f = min(1.0, longest / max(image.size))
+    picture = image.convert("RGB").resize((max(1, round(image.width * f)), max(1, round(image.height * f))))
+    return outlined(picture, [tuple(v * f for v in box) for box in boxes], kept)
+
+
+def outlined(picture: Image.Image, boxes: list[tuple[float, ...]], kept: list[int]) -> Image.Image:
+    """`picture` dimmed but for the boxes (left, top, right, bottom) of the indices `kept`, which are outlined."""
+    dim = Image.blend(picture, Image.new("RGB", picture.size, (0, 0, 0)), 0.7)
+    chosen = [(x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)) for x0, y0, x1, y1 in (boxes[i] for i in kept)]
+    mask = Image.new("L", picture.size, 0)
     pen = ImageDraw.Draw(mask)
-    for box in boxes:
+    for box in chosen:
         pen.rectangle(box, fill=255)
-    out = Image.composite(big, dim, mask)
+    out = Image.composite(picture, dim, mask)
     outline = ImageDraw.Draw(out)
-    for box in boxes:
+    for box in chosen:
         outline.rectangle(box, outline=(255, 200, 0))
     return out
 
@@ -66,12 +82,17 @@ def kept_patches(model, input_ids, pixel_values, method, **visual) -> list[int]:
 
 
 @torch.inference_mode()
-def kept_patches_and_share(model, input_ids, pixel_values, method, **visual) -> tuple[list[int], float]:
-    """kept_patches, and the share of the first sample's image tokens that `method` keeps, from one prefill."""
+def kept_patches_and_share(model, input_ids, pixel_values, method, **visual) -> tuple[list[int], float, dict | None]:
+    """kept_patches, the share of the first sample's image tokens that `method` keeps, and (LLaVA-NeXT) the first
+    image's kept tokens on its tile grid (anyres.kept_on_grid; None for the other families), from one prefill."""
     pre = model.prefill(input_ids, pixel_values, prune=method, **visual)
     first, kept = int(pre.image_mask[0].nonzero()[0]), pre.kept_image_slots()[0]
     n = model.config.vision.n_patches
-    return [s - first for s in kept if s - first < n], len(kept) / pre.n_image_tokens()[0]
+    on_grid = None
+    if getattr(pre, "parts", None) is not None:
+        labels = pre.parts[0, first:first + model.config.n_image_tokens(*visual["image_sizes"][0].tolist())]
+        on_grid = kept_on_grid(labels.tolist(), [s - first for s in kept if s - first < len(labels)])
+    return [s - first for s in kept if s - first < n], len(kept) / pre.n_image_tokens()[0], on_grid
 
 
 LEGEND = "outlined: kept; dimmed: dropped"

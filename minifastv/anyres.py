@@ -74,13 +74,31 @@ def unpadded_cells(height: int, width: int, rows: int, cols: int) -> tuple[int, 
     return 0, pad, rows, cols - 2 * pad
 
 
-def n_tokens(height: int, width: int, size: int, patch: int, pinpoints: Pinpoints) -> int:
-    """Decoder tokens of an image of height x width pixels: the base image's cells, then the unpadded grid's
-    rows, each followed by a newline token."""
+def grid_shape(height: int, width: int, size: int, patch: int, pinpoints: Pinpoints) -> tuple[int, int, int]:
+    """(p, rows, cols): the base image is p x p cells, the unpadded grid of an image of height x width pixels
+    rows x cols."""
     p = size // patch
     H, W = best_resolution(height, width, pinpoints)
     _, _, rows, cols = unpadded_cells(height, width, H // size * p, W // size * p)
+    return p, rows, cols
+
+
+def n_tokens(height: int, width: int, size: int, patch: int, pinpoints: Pinpoints) -> int:
+    """Decoder tokens of an image of height x width pixels: the base image's cells, then the unpadded grid's
+    rows, each followed by a newline token."""
+    p, rows, cols = grid_shape(height, width, size, patch, pinpoints)
     return p * p + rows * (cols + 1)
+
+
+BASE, TILE, NEWLINE = 1, 2, 3   # what an image's decoder token is (parts); 0 where a slot holds no image token
+
+
+def parts(height: int, width: int, size: int, patch: int, pinpoints: Pinpoints) -> torch.Tensor:
+    """[n_tokens]: what each decoder token of an image of height x width pixels is, in pack's order: BASE for
+    the base image's cells, then each grid row's TILE cells and its NEWLINE."""
+    p, rows, cols = grid_shape(height, width, size, patch, pinpoints)
+    row = torch.tensor([TILE] * cols + [NEWLINE])
+    return torch.cat([torch.full((p * p,), BASE), row.repeat(rows)])
 
 
 def pack(features: torch.Tensor, height: int, width: int, size: int, pinpoints: Pinpoints,
@@ -95,3 +113,36 @@ def pack(features: torch.Tensor, height: int, width: int, size: int, pinpoints: 
     grid = grid[top:top + rows, left:left + cols]                                    # rows, cols, C
     grid = torch.cat([grid, newline.to(grid.dtype).expand(rows, 1, -1)], dim=1)      # rows, cols + 1, C
     return torch.cat([features[0], grid.flatten(0, 1)])
+
+
+def kept_on_grid(labels: list[int], kept) -> dict:
+    """One image's kept tokens (indices among its tokens, labelled by `labels` as parts gives them) on its tile
+    grid: {"rows", "cols": the unpadded grid's shape, "kept": its kept cells, row-major, "newlines": the rows
+    whose newline token was kept}."""
+    rows, first = labels.count(NEWLINE), labels.count(BASE)
+    cols = labels.count(TILE) // max(rows, 1)
+    cells, newlines = [], []
+    for t in sorted(kept):
+        if t >= first:
+            r, c = divmod(t - first, cols + 1)
+            newlines.append(r) if c == cols else cells.append(r * cols + c)
+    return {"rows": rows, "cols": cols, "kept": cells, "newlines": newlines}
+
+
+def cell_boxes(height: int, width: int, size: int, patch: int, pinpoints: Pinpoints) -> list[tuple[float, ...]]:
+    """Where each cell of the unpadded tile grid lies on the image of height x width pixels itself, row-major:
+    (left, top, right, bottom) in its pixels (a cell is patch x patch pixels of the canvas, where the image
+    lies scaled and centred)."""
+    H, W = best_resolution(height, width, pinpoints)
+    h, w = fitted_size(height, width, H, W)
+    p = size // patch
+    top, left, rows, cols = unpadded_cells(height, width, H // size * p, W // size * p)
+    dy, dx = (H - h) // 2, (W - w) // 2
+
+    def x(c):
+        return min(max(((left + c) * patch - dx) * width / w, 0), width)
+
+    def y(r):
+        return min(max(((top + r) * patch - dy) * height / h, 0), height)
+
+    return [(x(c), y(r), x(c + 1), y(r + 1)) for r in range(rows) for c in range(cols)]

@@ -131,7 +131,15 @@ def cmd_analyze(args):
     """Attention shares per layer (table + PNG), the patches a pruning method keeps (PNG and a `kept patches:`
     line, row-major indices in the first image's grid; for a video, a line per frame and the frames side by
     side), and the patches every method keeps, side by side."""
-    from .analyze import attention_shares, kept_patches, kept_patches_and_share, kept_patches_picture, picture_grid
+    from . import anyres
+    from .analyze import (
+        attention_shares,
+        kept_cells_picture,
+        kept_patches,
+        kept_patches_and_share,
+        kept_patches_picture,
+        picture_grid,
+    )
     from .image import load_image, model_view
     from .pruning import METHODS, FastV, at_budget
 
@@ -158,12 +166,21 @@ def cmd_analyze(args):
     view = tiles(image)[0] if tiles else model_view(image, cfg.vision.image_size, cfg.image_mode, cfg.image_mean)
     grid = cfg.vision.grid
     scale = max(1, 384 // cfg.vision.image_size)
-    kept, share = kept_patches_and_share(model, ids, pixels, method, **visual)
+    kept, share, on_grid = kept_patches_and_share(model, ids, pixels, method, **visual)
     picture_grid([(describe(method), kept_patches_picture(view, grid, kept, scale=scale))], columns=1).save(
         out / "kept_patches.png")
-    print(f"\n{describe(method)} keeps {len(kept)} of {grid * grid} patches"
-          + (" of the base image (its tiles' tokens are not drawn)" if tiles else ""))
+    print(f"\n{describe(method)} keeps {len(kept)} of {grid * grid} patches" + (" of the base image" if tiles else ""))
     print("kept patches: " + ", ".join(map(str, kept)))
+    written = [out / "attention_shares.png", out / "kept_patches.png"]
+    if on_grid is not None:   # LLaVA-NeXT: the tile grid's kept cells, drawn on the image itself
+        rows, cols = on_grid["rows"], on_grid["cols"]
+        boxes = anyres.cell_boxes(image.height, image.width, cfg.vision.image_size, cfg.vision.patch_size, cfg.pinpoints)
+        kept_cells_picture(image, boxes, on_grid["kept"]).save(out / "kept_tiles.png")
+        written.append(out / "kept_tiles.png")
+        print(f"and {len(on_grid['kept'])} of the {rows} x {cols} cells of its tiles, and the newline token of "
+              f"{len(on_grid['newlines'])} of the {rows} rows")
+        print("kept cells: " + ", ".join(map(str, on_grid["kept"])))
+        print("kept newlines (rows): " + ", ".join(map(str, on_grid["newlines"])))
     # every method at `share`, the budget `method` kept of the image's tokens, K=2 where a method has a layer
     every, left_out = [], []
     for name in METHODS:
@@ -176,8 +193,8 @@ def cmd_analyze(args):
     picture_grid(every).save(out / "kept_patches_methods.png")
     if left_out:
         print("not drawn: " + "; ".join(left_out))
-    print(f"wrote {out / 'attention_shares.png'}, {out / 'kept_patches.png'} and {out / 'kept_patches_methods.png'} "
-          f"(every method keeping {share:.1%} of the patches)")
+    print(f"wrote {', '.join(map(str, written))} and {out / 'kept_patches_methods.png'} (every method keeping "
+          f"{share:.1%} of the {'image tokens' if tiles else 'patches'})")
 
 
 def print_attention_shares(shares, out: Path):
@@ -281,7 +298,7 @@ def main(argv=None, *, convert_prog: str | None = None):
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="answer a question about one or more images or videos")
-    model_arguments(g)
+    model_arguments(g, anyres=True)
     g.add_argument("--image", action="append", help="image file (repeat for several)")
     g.add_argument("--video", action="append",
                    help="video file, for a video model (repeat for several; needs the [video] extra)")
@@ -297,7 +314,7 @@ def main(argv=None, *, convert_prog: str | None = None):
     c = sub.add_parser("chat", help="a conversation about one image or video: questions on standard input",
                        description=cmd_chat.__doc__.replace("\n    ", "\n") + " Each answer gets --max-new-tokens "
                        "or what is left of the model's context; piped, the command exits 1 if a question failed.")
-    model_arguments(c)
+    model_arguments(c, anyres=True)
     c.add_argument("--image", action="append", help="image file (one)")
     c.add_argument("--video", action="append", help="video file (one; for a video model)")
     sampling_arguments(c, max_new_tokens=256)
@@ -308,7 +325,7 @@ def main(argv=None, *, convert_prog: str | None = None):
     d.set_defaults(run=cmd_demo)
 
     a = sub.add_parser("analyze", help="attention shares per layer and the patches FastV keeps, as tables and PNGs")
-    model_arguments(a, default_method="fastv K=2 R=0.5")
+    model_arguments(a, default_method="fastv K=2 R=0.5", anyres=True)
     a.add_argument("--image", action="append", help="image file (one)")
     a.add_argument("--video", action="append", help="video file (one; for a video model)")
     a.add_argument("--prompt", required=True, help="the question")

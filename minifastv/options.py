@@ -14,9 +14,11 @@ from .machine import DTYPES, physical_cores
 DEFAULT_GROUP_SIZE = 128
 
 
-def model_arguments(p, default_method="none"):
-    """--model, the pruning method, and the machine (dtype, device, threads) for subcommands that run a model."""
+def model_arguments(p, default_method="none", anyres: bool = False):
+    """--model, the pruning method, and the machine (dtype, device, threads) for subcommands that run a model
+    (anyres: with --anyres, the treatments of LLaVA-NeXT's packed image tokens)."""
     from .pruning import METHODS
+    from .pruning.anyres_parts import TREATMENTS
 
     p.add_argument("--model", default=str(TINY_MODEL),
                    help="minifastv checkpoint directory (default: the shipped tiny model)")
@@ -32,6 +34,11 @@ def model_arguments(p, default_method="none"):
     p.add_argument("--prune-seed", type=int, help="seed, for methods that draw at random (default 0)")
     p.add_argument("--fastv-k", type=int, help="FastV's spelling: --prune fastv --prune-k K")
     p.add_argument("--fastv-ratio", type=float, help="FastV's spelling: --prune-ratio R (with --fastv-k)")
+    if anyres:
+        p.add_argument("--anyres", choices=list(TREATMENTS),
+                       help="LLaVA-NeXT: how the method treats an image's packed tokens (default: one set, base image, "
+                            "tiles and row-ending newlines alike, as transformers lays them out); newlines-kept: every "
+                            "newline kept within the budget; views-apart: base image and tiles each keep their share")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="float weights' dtype; auto: bf16 where the CPU (or GPU) computes it natively, "
                         "else fp32 (default: %(default)s)")
@@ -50,15 +57,27 @@ def model_arguments(p, default_method="none"):
 def pruner_from_args(args, default=None):
     """The pruning method the command line asks for: --prune NAME with --prune-ratio/--prune-k/--prune-seed,
     or FastV's own spelling --fastv-k K [--fastv-ratio R]; `default` when neither is given (and the method
-    that --prune-* settings alone apply to)."""
-    from .pruning import FastV, make, name_of
-
+    that --prune-* settings alone apply to); with --anyres, the method in that treatment."""
     prune_opts = [f"--prune-{n}" for n in ("ratio", "k", "seed") if getattr(args, f"prune_{n}") is not None]
     check_seed("--prune-seed", args.prune_seed)
     fastv_opts = [f"--fastv-{n}" for n in ("k", "ratio") if getattr(args, f"fastv_{n}") is not None]
     if fastv_opts and (args.prune is not None or prune_opts):
         raise ValueError(f"{' and '.join(fastv_opts)} {'is' if len(fastv_opts) == 1 else 'are'} FastV's own "
                          "spelling and cannot be mixed with --prune: use --prune-ratio and --prune-k")
+    method = chosen_method(args, default, prune_opts, fastv_opts)
+    treatment = getattr(args, "anyres", None)
+    if treatment is None:
+        return method
+    if method is None:
+        raise ValueError(f"--anyres {treatment} treats a pruning method's choice: give one (--prune NAME)")
+    from .pruning.anyres_parts import TREATMENTS, AnyresParts
+
+    return AnyresParts(method, **TREATMENTS[treatment])
+
+
+def chosen_method(args, default, prune_opts: list[str], fastv_opts: list[str]):
+    from .pruning import FastV, make, name_of
+
     name = args.prune
     if name is None and prune_opts:
         if default is None:
@@ -110,6 +129,8 @@ def describe(method) -> str:
     """'FastV K=2 R=0.5': the method and its settings."""
     from dataclasses import fields
 
+    if hasattr(method, "keep_newlines"):   # an anyres treatment around a method
+        return f"{describe(method.method)}, {method.name}"
     names = {"k": "K", "ratio": "R"}
     return type(method).__name__ + "".join(f" {names.get(f.name, f.name)}={getattr(method, f.name)}"
                                             for f in fields(method))

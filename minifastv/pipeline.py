@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .anyres import BASE, kept_on_grid
 from .checkpoint import load, load_tokenizer
 from .image import load_image
 from .inputs import Batch, every_image_and_video, questions
@@ -38,6 +39,8 @@ class Answer:
     #   in prompt order: (first slot, as kept_image_slots; tokens; the frame's index in its video, -1 for an image)
     prompt_ids: list[int] = dataclasses.field(default_factory=list)  # the prompt as the model receives it: one id
     #   per image or video placeholder, no padding (rebuild a template's prompt from it, or check one)
+    parts: list[int] = dataclasses.field(default_factory=list)  # LLaVA-NeXT: per prompt slot, what it holds
+    #   (anyres.BASE, TILE, NEWLINE; 0 text); empty for the other families
 
     @classmethod
     def of(cls, tokenizer: Tokenizer, pre, i: int, ids: list[int], prefill_s: float, decode_s: float, steps: int,
@@ -45,20 +48,25 @@ class Answer:
         """Sample i of a Stream's run: its generated ids and what the prefill `pre` reports of it, kept visual
         slots counted from the sample's own first slot (a batch left-pads it); prompt_ids: its prompt unpadded."""
         padding = pre.valid.shape[1] - pre.n_prompt_tokens()[i]
+        parts = getattr(pre, "parts", None)
         return cls(tokenizer.decode(ids), ids, pre.n_prompt_tokens()[i], pre.n_image_tokens()[i],
                    [s - padding for s in pre.kept_image_slots()[i]], pre.flops[i], pre.flops_unpruned[i],
-                   prefill_s, decode_s, steps, ended, visual_groups(model, prompt_ids), list(prompt_ids))
+                   prefill_s, decode_s, steps, ended, visual_groups(model, prompt_ids), list(prompt_ids),
+                   [] if parts is None else parts[i, padding:].tolist())
 
     @property
     def kept(self) -> int:
         return len(self.kept_image_slots)
 
     def as_json(self) -> dict:
-        """What generate --json prints: the fields (but `ended` and `groups`), the kept visual token count, the
-        kept patches per image and per video frame, and per video the frames whose class token was kept."""
-        fields = {key: value for key, value in dataclasses.asdict(self).items() if key not in ("ended", "groups")}
+        """What generate --json prints: the fields (but `ended`, `groups` and `parts`), the kept visual token count,
+        the kept patches per image and per video frame, per video the frames whose class token was kept, and per
+        LLaVA-NeXT image its kept cells of the tile grid."""
+        fields = {key: value for key, value in dataclasses.asdict(self).items()
+                  if key not in ("ended", "groups", "parts")}
         videos = {"kept_class_tokens": self.kept_class_tokens} if self.has_video else {}
-        return {**fields, "kept_image_tokens": self.kept, "kept_patches": self.kept_patches, **videos}
+        tiles = {"kept_grid": self.kept_grid} if self.parts else {}
+        return {**fields, "kept_image_tokens": self.kept, "kept_patches": self.kept_patches, **videos, **tiles}
 
     def kept_in(self, start: int, n: int) -> list[int]:
         return [s - start for s in self.kept_image_slots if start <= s < start + n]
@@ -66,12 +74,20 @@ class Answer:
     @property
     def kept_patches(self) -> list[list[int]]:
         """Per image and per video frame (in prompt order), the kept patches as row-major indices of its patch grid
-        (what `analyze` prints), where kept_image_slots are positions in the prompt."""
+        (what `analyze` prints; LLaVA-NeXT: of its base image, see kept_grid for the tiles), where
+        kept_image_slots are positions in the prompt."""
         out = []
         for start, n, frame in self.groups:
             lead = 1 if frame >= 0 else 0  # a video frame's class token comes before its patches
-            out.append([s - lead for s in self.kept_in(start, n) if s >= lead])
+            base = self.parts[start:start + n].count(BASE) if self.parts else n
+            out.append([s - lead for s in self.kept_in(start, n) if lead <= s < base])
         return out
+
+    @property
+    def kept_grid(self) -> list[dict]:
+        """LLaVA-NeXT: per image, its kept tokens on the tile grid (anyres.kept_on_grid: the grid's rows and cols,
+        the kept cells row-major, the rows whose newline token was kept)."""
+        return [kept_on_grid(self.parts[start:start + n], self.kept_in(start, n)) for start, n, _ in self.groups]
 
     @property
     def kept_class_tokens(self) -> list[list[int]]:

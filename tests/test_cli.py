@@ -621,7 +621,7 @@ def test_bench_quant_video_llava_shape(monkeypatch, capsys, tmp_path):
     from minifastv.bench import cpu7b
     from minifastv.models.video_llava import VIDEO_LLAVA_7B
 
-    config = cpu7b.config_7b(2, None, "video-llava")
+    config = cpu7b.bench_config(2, None, "video-llava")
     assert config == dataclasses.replace(VIDEO_LLAVA_7B, text=dataclasses.replace(VIDEO_LLAVA_7B.text, n_layers=2))
     ids, visual = cpu7b.random_prompt(config)
     assert ids[0].tolist().count(config.video_token_id) == 1 and list(visual) == ["video_values"]
@@ -655,6 +655,57 @@ def test_bench_quant_video_llava_shape(monkeypatch, capsys, tmp_path):
     assert "632 tokens (576 visual): K=2 R=0.5 56.5%" in out and "2112 tokens (2056 visual): K=2 R=0.5 52.0%" in out
     assert "measured TTFT saved at 2112 tokens, int8: K=2 R=0.5 50%" in out
     assert "minifastv int8 / llama.cpp Q8_0: TTFT / prompt time off 1.20x, K=2 R=0.5 0.60x" in out
+
+
+def test_bench_quant_13b_and_llava_next_shapes(monkeypatch, capsys, tmp_path):
+    """--size 13b: LLaVA-1.5-13B's decoder (40 layers by default, 5120 wide) with its FastV FLOPs cut printed
+    beside the paper's 45%; --family llava-next: one 672 x 672 image (2,928 image tokens in 2,984), measured
+    with a fourth setting that keeps 320 of them; Video-LLaVA has no 13B, refused before anything is built."""
+    import argparse
+
+    from minifastv.bench import cpu7b
+    from minifastv.models.llava_next import LlavaNextConfig
+
+    built, children = [], []
+    monkeypatch.setattr(cpu7b, "build_checkpoint", lambda path, config, log: built.append((path.name, config)) or path)
+    monkeypatch.setattr(cpu7b, "measure_in_child", lambda path, settings, *a: children.append(settings) or {})
+    monkeypatch.setattr(cpu7b, "pack_for_this_cpu", lambda path, log: None)
+    monkeypatch.setattr(cpu7b, "report", lambda *args: None)
+    assert cpu7b.main(["--quant", "int4", "--size", "13b", "--ref-layers", "1", "--workdir", str(tmp_path)]) == 0
+    assert [name for name, _ in built] == ["13b-int4-40layers", "13b-float-1layers"]
+    assert (built[0][1].text.dim, built[0][1].text.n_layers, built[0][1].text.intermediate_size) == (5120, 40, 13824)
+    assert children[0] == ["off", "K=2 R=0.5", "K=2 R=0.75"]
+    built.clear(), children.clear()
+    assert cpu7b.main(["--quant", "int8", "--family", "llava-next", "--layers", "2", "--ref-layers", "1",
+                       "--workdir", str(tmp_path)]) == 0
+    assert [name for name, _ in built] == ["llava-next-int8-2layers", "llava-next-float-1layers"]
+    assert all(isinstance(c, LlavaNextConfig) and c.text.dim == 4096 for _, c in built)
+    assert children[0] == ["off", "K=2 R=0.5", "K=2 R=0.75", "K=2 320 kept"]
+    built.clear()
+    with pytest.raises(ValueError, match="--size 13b: Video-LLaVA has a 7B model only"):
+        cpu7b.main(["--quant", "int8", "--family", "video-llava", "--size", "13b", "--workdir", str(tmp_path)])
+    assert not built
+    config = cpu7b.bench_config(1, None, "llava-next")
+    ids, visual = cpu7b.random_prompt(config)
+    assert ids.shape[1] == 2984 and (ids == config.image_token_id).sum() == 2928 and cpu7b.prompt_tokens("llava-next", "13b") == 2984
+    assert list(visual["pixel_values"].shape) == [5, 3, 336, 336] and visual["image_sizes"].tolist() == [[672, 672]]
+    monkeypatch.undo()
+    setting = {"kept": 320, "first_ttft_s": 9.0, "ttft_s": 6.0, "ttft_spread_s": 0.1, "decode_tok_s": 3.0}
+    run = {"dtype": "bfloat16", "load_s": 2.0, "peak_rss": 8 << 30, "settings": {"off": dict(setting, kept=2928),
+                                                                                "K=2 320 kept": setting}}
+    reference = {"x": {"vision_s": 2.0, "dtype": "float32", "settings": {}}}
+    args = argparse.Namespace(layers=32, ref_layers=4, decode_tokens=16, repeats=2, family="llava-next", size="7b")
+    cpu7b.report(args, {"int8": run}, reference, None)
+    out = capsys.readouterr().out
+    assert "LLaVA-NeXT-7B shape, 32 decoder layers, random weights; prompt 2984 tokens (2928 image)" in out
+    assert "| int8 | bfloat16 | K=2 320 kept | 320 |" in out and "a base image and 4 tiles" in out
+    assert "2984 tokens (2928 visual): K=2 R=0.5 50.9%, K=2 R=0.75 28.6%, K=2 320 kept 16.7%" in out
+    args = argparse.Namespace(**dict(vars(args), family="llava", size="13b", layers=40))
+    cpu7b.report(args, {"int8": run}, reference, None)
+    out = capsys.readouterr().out
+    assert "LLaVA-1.5-13B shape, 40 decoder layers" in out and "13B, relative to off: 632 tokens" in out
+    assert "FastV K=2 R=0.5 cuts LLaVA-1.5-13B's prefill FLOPs by 43.9% at 40 layers (the paper: 45%)" in out
+    assert "2112 tokens" not in out                                    # no Video-LLaVA line at 13B
 
 
 def test_the_prune_ratio_help_says_what_each_method_keeps_and_it_is_so(tiny_pipe, capsys):

@@ -2,6 +2,7 @@
 batch, chat and the server prepare each image's tiles, its size and a placeholder per image token, and answer
 as the model does on inputs made here by hand from minifastv.anyres."""
 
+import json
 import queue
 import subprocess
 import sys
@@ -131,20 +132,56 @@ def test_generate_on_the_command_line(next_dir, tmp_path):
     assert f"image tokens kept {n - n // 2}/{n}" in result.stdout + result.stderr
 
 
-def test_analyze_draws_the_base_image_and_says_what_it_leaves_out(next_dir, tmp_path):
+def test_analyze_draws_the_base_image_and_the_tiles_and_says_what_it_leaves_out(next_dir, tmp_path):
+    """The base image's kept patches, and the tile grid's kept cells drawn on the image itself: the same cells
+    and newline rows as generate --json reports (kept_grid), the picture as large as the image."""
     picture(50, 30).save(tmp_path / "wide.png")
-    result = subprocess.run([sys.executable, "-m", "minifastv", "analyze", "--model", str(next_dir), "--image",
-                             str(tmp_path / "wide.png"), "--prompt", QUESTION, "--out-dir", str(tmp_path / "out"),
-                             "--dtype", "float32"], capture_output=True, text=True, timeout=180)
+    common = ["--model", str(next_dir), "--image", str(tmp_path / "wide.png"), "--prompt", QUESTION, "--dtype",
+              "float32", "--prune", "fastv", "--anyres", "views-apart"]
+    result = subprocess.run([sys.executable, "-m", "minifastv", "analyze", *common, "--out-dir", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=180, check=False)
     assert result.returncode == 0, result.stderr
-    grid = Pipeline.load(next_dir).model.config.vision.grid
-    assert f"of {grid * grid} patches of the base image" in result.stdout
+    cfg = Pipeline.load(next_dir).model.config
+    grid, n = cfg.vision.grid, cfg.n_image_tokens(30, 50)
+    assert "FastV K=2 R=0.5, views-apart keeps" in result.stdout and f"of {grid * grid} patches of the base image" \
+        in result.stdout
     assert "not drawn: uniform (the per-image methods" in result.stdout   # and fastv, dart, ... are drawn
     # every method at FastV's share of all the image's tokens, not of the base image's
-    n = Pipeline.load(next_dir).model.config.n_image_tokens(30, 50)
-    assert f"every method keeping {(n - n // 2) / n:.1%}" in result.stdout
+    assert f"every method keeping {(n - n // 2) / n:.1%} of the image tokens" in result.stdout
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"attention_shares.png", "kept_patches.png",
-                                                             "kept_patches_methods.png"}
+                                                             "kept_patches_methods.png", "kept_tiles.png"}
+    assert Image.open(tmp_path / "out" / "kept_tiles.png").size == (50, 30)
+    said = dict(line.split(": ", 1) for line in result.stdout.splitlines() if line.startswith("kept "))
+    generated = subprocess.run([sys.executable, "-m", "minifastv", "generate", *common, "--json",
+                                "--max-new-tokens", "1"], capture_output=True, text=True, timeout=180, check=True)
+    report = json.loads(generated.stdout)
+    assert said["kept patches"] == ", ".join(map(str, report["kept_patches"][0]))
+    assert said["kept cells"] == ", ".join(map(str, report["kept_grid"][0]["kept"]))
+    assert said["kept newlines (rows)"] == ", ".join(map(str, report["kept_grid"][0]["newlines"]))
+
+
+def test_an_answer_reports_its_kept_tokens_on_the_base_image_and_on_the_tile_grid(pipe):
+    """kept_patches: the base image's cells only; kept_grid: the tile grid's shape, its kept cells (row-major)
+    and the rows whose newline was kept, read off kept_image_slots with a layout made here."""
+    from minifastv import anyres
+    from minifastv.pruning import FastV
+
+    images = [picture(90, 40), picture(20, 60, seed=3)]
+    answer = pipe.answer(images, QUESTION, prune=FastV(2, 0.6), max_new_tokens=1)
+    cfg, ids = pipe.model.config, answer.prompt_ids   # a placeholder per image token: slots are ids
+    starts = [i for i, t in enumerate(ids) if t == cfg.image_token_id and ids[i - 1] != t]
+    assert len(answer.kept_grid) == len(answer.kept_patches) == len(starts) == 2
+    for image, grid, base, first in zip(images, answer.kept_grid, answer.kept_patches, starts):
+        p, rows, cols = anyres.grid_shape(image.height, image.width, cfg.vision.image_size, cfg.vision.patch_size,
+                                          cfg.pinpoints)
+        kept = [s - first for s in answer.kept_image_slots if first <= s < first + p * p + rows * (cols + 1)]
+        assert base == [t for t in kept if t < p * p]
+        on_grid = [divmod(t - p * p, cols + 1) for t in kept if t >= p * p]
+        assert grid == {"rows": rows, "cols": cols, "kept": [r * cols + c for r, c in on_grid if c < cols],
+                        "newlines": [r for r, c in on_grid if c == cols]}
+    assert "kept_grid" in answer.as_json() and "parts" not in answer.as_json()
+    assert sum(len(g["kept"]) + len(g["newlines"]) for g in answer.kept_grid) + sum(map(len, answer.kept_patches)) \
+        == answer.kept
 
 
 @pytest.mark.parametrize("template, first, later", [
@@ -215,3 +252,15 @@ def test_a_training_batch_widens_placeholders_and_their_labels(pipe):
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch.labels[:, 1:].flatten(),
                                                  ignore_index=IGNORE)
     torch.testing.assert_close(loss, expected)
+
+
+def test_bench_measures_a_llava_next_prompt(next_dir):
+    """bench --family llava-next's measurement on a tiny model: the prompt holds one 672 x 672 image's tokens,
+    the vision time is the tiles' (encode_anyres), and each setting keeps its share of them."""
+    from minifastv.bench import cpu7b
+
+    cfg = Pipeline.load(next_dir, dtype="float32").model.config
+    n = cfg.n_image_tokens(672, 672)
+    got = cpu7b.measure(next_dir, ["off", "K=2 R=0.5", "K=2 320 kept"], 1, 2, 1, "float32")
+    assert got["prompt_tokens"] == 56 + n and got["vision_s"] > 0
+    assert [s["kept"] for s in got["settings"].values()] == [n, round(n / 2), round(n * 320 / 2928)]

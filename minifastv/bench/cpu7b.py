@@ -1,19 +1,23 @@
-"""LLaVA-1.5-7B (or Video-LLaVA-7B) on a CPU at full depth: weight-only int8 / int4, FastV off and on, and
-llama.cpp beside it.
+"""LLaVA-1.5-7B or -13B (or Video-LLaVA-7B, LLaVA-NeXT-7B/13B) on a CPU at full depth: weight-only int8 / int4,
+FastV off and on, and llama.cpp beside it.
 
-    python -m minifastv bench --quant int8 int4 [--family video-llava] [--layers 32] [--workdir DIR]
-                              [--repeats 2] [--peer llama.cpp]
+    python -m minifastv bench --quant int8 int4 [--family llava|video-llava|llava-next] [--size 7b|13b]
+                              [--layers N] [--workdir DIR] [--repeats 2] [--peer llama.cpp]
 
-1. Builds a random LLaVA-1.5-7B-shaped checkpoint per method on disk, one tensor at a time (the float model is
-   never in memory): float parts in fp16 as in the released checkpoints, decoder linears quantized by
-   minifastv's own quantizer. It stays in --workdir for the next run.
+1. Builds a random checkpoint of the shape per method on disk, one tensor at a time (the float model is never
+   in memory): float parts in fp16 as in the released checkpoints, decoder linears quantized by minifastv's
+   own quantizer. It stays in --workdir for the next run.
 2. Measures each in a fresh process, so that peak RSS is that run's own: load time from a warm page cache,
    time to first token (vision tower + prefill of LLaVA's 632-token prompt with one 576-token image) for
    FastV off, K=2 R=0.5 and K=2 R=0.75, the first run (weights paged in from the mapped files) apart from the
    median of the rest, decode tokens/s, and peak RSS. Float weights take the dtype `auto` picks (printed).
+   --size 13b: LLaVA-1.5-13B's decoder (40 layers, 5120 wide), the same prompt.
    --family video-llava: Video-LLaVA-7B's shape (CLIP ViT-L/14 at 224 px, an image tower and a video tower,
    vocabulary 32064) with one 8-frame video: 2,056 video tokens in a prompt of 2,112; the video tower's 8
    frames replace the image in the vision time.
+   --family llava-next: LLaVA-NeXT's shape (llava-v1.6-vicuna) with one 672 x 672 image, its base image and
+   four tiles through the tower: 2,928 image tokens in a prompt of 2,984, and one more setting, FastV at K=2
+   keeping 320 of them (the budget recent papers report at this length).
 3. The float reference: the same model with float linears and --ref-layers decoder layers (fp32 7B does not
    fit in 24 GiB), timed the same way and scaled to the full depth per layer.
 4. --peer llama.cpp (needs the gguf package, `pip install -e ".[peer]"`, and llama.cpp's llama-bench and
@@ -36,11 +40,13 @@ from pathlib import Path
 
 import torch
 
+from .. import anyres
 from ..checkpoint import CONFIG, TOKENIZER, config_from_dict, empty_model, load
 from ..config import LlavaConfig, QuantConfig
 from ..files import ShardWriter, staged
 from ..machine import auto_dtype, peak_rss_bytes, physical_cores, set_threads
 from ..models.generate import stream
+from ..models.llava_next import LlavaNextConfig
 from ..models.video_llava import VIDEO_LLAVA_7B
 from ..pruning import FastV, theoretical_flops
 from ..quant import int8_gemm_exact, set_activations
@@ -48,16 +54,41 @@ from ..quant.linear import cpu_int4_block, quantized_tensors
 from .machine import describe
 
 METHODS = {"int8": QuantConfig("int8"), "int4": QuantConfig("int4", 128)}
-SETTINGS = {"off": None, "K=2 R=0.5": FastV(2, 0.5), "K=2 R=0.75": FastV(2, 0.75)}
+NEXT_IMAGE = (672, 672)   # a LLaVA-NeXT image (height, width): base image + 2 x 2 tiles, 2,928 tokens
+SETTINGS = {"off": None, "K=2 R=0.5": FastV(2, 0.5), "K=2 R=0.75": FastV(2, 0.75),
+            "K=2 320 kept": FastV(2, 1 - 320 / 2928)}   # LLaVA-NeXT only: 320 of its 2,928 image tokens
 GiB = 2**30
+PAPER_FLOPS_CUT_13B = 0.45   # FastV's abstract: K=2 R=50% cuts LLaVA-1.5-13B's FLOPs by 45%
+
+FAMILIES = {"llava": ("LLaVA-1.5", ""), "video-llava": ("Video-LLaVA", "video-llava-"),   # name, files' prefix
+            "llava-next": ("LLaVA-NeXT", "llava-next-")}
+SIZES = {"7b": "llava-1.5-7b", "13b": "llava-1.5-13b"}   # the decoder's preset
 
 
-FAMILIES = {"llava": ("LLaVA-1.5-7B", ""), "video-llava": ("Video-LLaVA-7B", "video-llava-")}  # name, files' prefix
+def settings_of(family: str) -> list[str]:
+    """The FastV settings measured for a family: off, R=0.5, R=0.75, and for LLaVA-NeXT a 320-token budget."""
+    return [name for name in SETTINGS if name != "K=2 320 kept" or family == "llava-next"]
 
 
-def config_7b(layers: int, quant: QuantConfig | None, family: str = "llava") -> LlavaConfig:
-    base = VIDEO_LLAVA_7B if family == "video-llava" else LlavaConfig.from_name("llava-1.5-7b")
+def bench_config(layers: int | None, quant: QuantConfig | None, family: str = "llava", size: str = "7b") -> LlavaConfig:
+    """The benchmarked shape, with `layers` decoder layers (None: the model's own depth)."""
+    if family == "video-llava" and size != "7b":
+        raise ValueError(f"--size {size}: Video-LLaVA has a 7B model only")
+    base = LlavaConfig.from_name(SIZES[size])
+    if family == "video-llava":
+        base = VIDEO_LLAVA_7B
+    elif family == "llava-next":
+        base = LlavaNextConfig(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
+    layers = base.text.n_layers if layers is None else layers
     return dataclasses.replace(base, text=dataclasses.replace(base.text, n_layers=layers), quant=quant)
+
+
+def shape_name(family: str, size: str = "7b") -> str:
+    return f"{FAMILIES[family][0]}-{size.upper()}"
+
+
+def checkpoint_name(family: str, size: str, what: str, layers: int) -> str:
+    return f"{FAMILIES[family][1]}{'' if size == '7b' else size + '-'}{what}-{layers}layers"
 
 
 def write_tokenizer(path: Path):
@@ -92,16 +123,32 @@ def build_checkpoint(path: Path, config: LlavaConfig, log) -> Path:
 
 
 def random_prompt(config: LlavaConfig):
-    """(ids, visual inputs): BOS, 35 system tokens, the image placeholder (a video model's: a video placeholder),
-    20 question tokens: 632 tokens once LLaVA-1.5's image is widened, 2,112 once Video-LLaVA's 8 frames are."""
+    """(ids, visual inputs): BOS, 35 system tokens, the image placeholder (a video model's: a video placeholder;
+    LLaVA-NeXT's: one per image token), 20 question tokens: 632 tokens once LLaVA-1.5's image is widened, 2,112
+    once Video-LLaVA's 8 frames are, 2,984 with LLaVA-NeXT's 672 x 672 image."""
     g = torch.Generator().manual_seed(1)
     size, video = config.vision.image_size, getattr(config, "n_frames", None)
     placeholder = config.video_token_id if video else config.image_token_id
     words = [i for i in range(4, min(config.text.vocab_size, 30000)) if i not in (placeholder, config.image_token_id)]
     text = [words[i] for i in torch.randint(len(words), (55,), generator=g).tolist()]
+    if isinstance(config, LlavaNextConfig):
+        h, w = NEXT_IMAGE
+        n_tiles = 1 + anyres.n_tiles(h, w, size, config.pinpoints)
+        ids = [config.text.bos_token_id] + text[:35] + [placeholder] * config.n_image_tokens(h, w) + text[35:]
+        return torch.tensor([ids]), {"pixel_values": torch.randn((n_tiles, 3, size, size), generator=g),
+                                     "image_sizes": torch.tensor([[h, w]])}
     ids = [config.text.bos_token_id] + text[:35] + [placeholder] + text[35:]
     shape = (1, video, 3, size, size) if video else (1, 3, size, size)
     return torch.tensor([ids]), {"video_values" if video else "pixel_values": torch.randn(shape, generator=g)}
+
+
+def encode_visual(model, visual: dict):
+    """The vision tower and projector alone on the prompt's image or video."""
+    if "video_values" in visual:
+        return model.encode_videos(visual["video_values"])
+    if "image_sizes" in visual:
+        return model.encode_anyres(**visual)
+    return model.encode_images(**visual)
 
 
 @torch.inference_mode()
@@ -118,7 +165,7 @@ def measure(path: Path, settings: list[str], repeats: int, decode_tokens: int, t
               "dtype": str(model.dtype).removeprefix("torch."), "settings": {}}
     ids, visual = random_prompt(model.config)
     start = time.perf_counter()
-    model.encode_videos(visual["video_values"]) if "video_values" in visual else model.encode_images(**visual)
+    encode_visual(model, visual)
     result["vision_s"] = time.perf_counter() - start
     result["prompt_tokens"] = model.merged_slots(ids)[1]
     for name in settings:
@@ -173,9 +220,8 @@ def pack_for_this_cpu(path: Path, log):
 def float_reference(args, log) -> dict:
     """The float model at --ref-layers depth, in fp32 and (where `auto` picks it) bf16; per-layer figures are
     scaled to --layers in the report."""
-    prefix = FAMILIES[args.family][1]
-    path = build_checkpoint(Path(args.workdir) / f"{prefix}float-{args.ref_layers}layers",
-                            config_7b(args.ref_layers, None, args.family), log)
+    path = build_checkpoint(Path(args.workdir) / checkpoint_name(args.family, args.size, "float", args.ref_layers),
+                            bench_config(args.ref_layers, None, args.family, args.size), log)
     chosen = args.dtype if args.dtype != "auto" else str(auto_dtype(torch.device("cpu"))[0]).removeprefix("torch.")
     dtypes = dict.fromkeys(["float32", chosen])
     return {dtype: measure_in_child(path, ["off", "K=2 R=0.5"], args, dtype) for dtype in dtypes}
@@ -184,35 +230,56 @@ def float_reference(args, log) -> dict:
 def peer_llama_cpp(args, log) -> dict:
     from .llama_cpp import run_peer
 
-    return run_peer(Path(args.workdir), args.layers, args.threads, args.decode_tokens, args.peer_bin, log,
-                    prompt_tokens(getattr(args, "family", "llava")))
+    text = bench_config(args.layers, None, args.family, args.size).text
+    return run_peer(Path(args.workdir), text, args.threads, args.decode_tokens, args.peer_bin, log,
+                    prompt_tokens(args.family, args.size), name=f"llama{args.size}")
 
 
-def prompt_tokens(family: str) -> int:
-    """The benchmark prompt's length with its image or video widened: 632 (LLaVA-1.5), 2,112 (Video-LLaVA)."""
-    config = config_7b(1, None, family)
-    visual = config.n_frames * (config.vision.n_patches + 1) if family == "video-llava" else config.vision.n_patches
-    return len(random_prompt(config)[0][0]) - 1 + visual
+def visual_tokens(config: LlavaConfig) -> int:
+    """The benchmark prompt's visual tokens: 576 (one LLaVA-1.5 image), 2,056 (Video-LLaVA's 8 frames with
+    their class tokens), 2,928 (LLaVA-NeXT's 672 x 672 image)."""
+    if isinstance(config, LlavaNextConfig):
+        return config.n_image_tokens(*NEXT_IMAGE)
+    video = getattr(config, "n_frames", None)
+    return video * (config.vision.n_patches + 1) if video else config.vision.n_patches
 
 
-def pruning_share(layers: int) -> str:
-    """FastV's theoretical prefill FLOPs at LLaVA-1.5's 632 tokens (576 image) and Video-LLaVA's 2,112 (2,056
-    video): the share of the prefill that pruning saves grows with the visual tokens' share of the prompt."""
+def prompt_tokens(family: str, size: str = "7b") -> int:
+    """The benchmark prompt's length with its image or video widened: 632 (LLaVA-1.5), 2,112 (Video-LLaVA),
+    2,984 (LLaVA-NeXT)."""
+    config = bench_config(1, None, family, size)
+    ids = random_prompt(config)[0][0]
+    return len(ids) if isinstance(config, LlavaNextConfig) else len(ids) - 1 + visual_tokens(config)
+
+
+def pruning_share(layers: int, size: str = "7b") -> str:
+    """FastV's theoretical prefill FLOPs at each family's prompt (LLaVA-1.5's 632 tokens, 576 image;
+    Video-LLaVA's 2,112, 2,056 video; LLaVA-NeXT's 2,984, 2,928 image): the share of the prefill that pruning
+    saves grows with the visual tokens' share of the prompt. At 13B, K=2 R=0.5's cut beside the paper's."""
     cells = []
-    for family, visual in (("llava", 576), ("video-llava", 2056)):
-        text, n = config_7b(layers, None, family).text, prompt_tokens(family)
-        flops = {name: theoretical_flops(text, n, visual, m) for name, m in SETTINGS.items() if m is not None}
+    for family in FAMILIES:
+        if family == "video-llava" and size != "7b":
+            continue
+        config = bench_config(layers, None, family, size)
+        n, visual = prompt_tokens(family, size), visual_tokens(config)
+        flops = {name: theoretical_flops(config.text, n, visual, SETTINGS[name]) for name in settings_of(family)[1:]}
         ratios = ", ".join(f"{name} {pruned / unpruned:.1%}" for name, (pruned, unpruned) in flops.items())
         cells.append(f"{n} tokens ({visual} visual): {ratios}")
-    return "theoretical prefill FLOPs of FastV, relative to off: " + "; ".join(cells)
+    line = f"theoretical prefill FLOPs of FastV at {size.upper()}, relative to off: " + "; ".join(cells)
+    if size == "13b":
+        text = bench_config(layers, None, "llava", size).text
+        pruned, unpruned = theoretical_flops(text, prompt_tokens("llava", size), 576, SETTINGS["K=2 R=0.5"])
+        line += (f"\nFastV K=2 R=0.5 cuts LLaVA-1.5-13B's prefill FLOPs by {1 - pruned / unpruned:.1%} at "
+                 f"{layers} layers (the paper: {PAPER_FLOPS_CUT_13B:.0%})")
+    return line
 
 
 def report(args, results: dict, reference: dict, peer: dict | None):
     layers, ref_layers = args.layers, args.ref_layers
-    family = getattr(args, "family", "llava")
-    n = prompt_tokens(family)
-    visual = "2056 video" if family == "video-llava" else "576 image"
-    print(f"\n{FAMILIES[family][0]} shape, {layers} decoder layers, random weights; prompt {n} tokens ({visual}), "
+    family, size = getattr(args, "family", "llava"), getattr(args, "size", "7b")
+    n, config = prompt_tokens(family, size), bench_config(1, None, family, size)
+    visual = f"{visual_tokens(config)} {'video' if family == 'video-llava' else 'image'}"
+    print(f"\n{shape_name(family, size)} shape, {layers} decoder layers, random weights; prompt {n} tokens ({visual}), "
           f"{args.decode_tokens} new tokens; medians of {args.repeats} runs after a first one")
     print("| linears | float dtype | FastV | image tokens kept | load s | first TTFT s | TTFT s (spread) | "
           "TTFT vs off | decode tok/s | peak RSS GiB |")
@@ -230,9 +297,10 @@ def report(args, results: dict, reference: dict, peer: dict | None):
             print(f"| float, {ref_layers} layers scaled to {layers} | {ref['dtype']} | {name} | {s['kept']} | - | - | "
                   f"{scale(s['ttft_s']):.1f} | - | {decode:.2f} | - |")
     first = next(iter(reference.values()))
-    tower = "8 frames of CLIP ViT-L/14-224" if family == "video-llava" else "CLIP ViT-L/14-336"
+    tower = {"video-llava": "8 frames of CLIP ViT-L/14-224", "llava-next": "CLIP ViT-L/14-336 on a base image and 4 "
+             "tiles"}.get(family, "CLIP ViT-L/14-336")
     print(f"vision tower ({tower}, 23 blocks) alone: {first['vision_s']:.2f} s in {first['dtype']}")
-    print(pruning_share(layers))
+    print(pruning_share(layers, size))
     for label, r in results.items():
         off = r["settings"]["off"]["ttft_s"]
         saved = ", ".join(f"{name} {1 - s['ttft_s'] / off:.0%}" for name, s in r["settings"].items() if name != "off")
@@ -256,9 +324,11 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quant", nargs="+", choices=list(METHODS), default=["int8", "int4"])
     p.add_argument("--family", choices=list(FAMILIES), default="llava",
-                   help="llava: LLaVA-1.5-7B, one image (632 tokens); video-llava: Video-LLaVA-7B, one 8-frame video "
-                        "(2,112 tokens)")
-    p.add_argument("--layers", type=int, default=32, help="decoder layers (LLaVA-1.5-7B has 32)")
+                   help="llava: LLaVA-1.5, one image (632 tokens); video-llava: Video-LLaVA-7B, one 8-frame video "
+                        "(2,112 tokens); llava-next: LLaVA-NeXT, one 672 x 672 image (2,984 tokens)")
+    p.add_argument("--size", choices=list(SIZES), default="7b",
+                   help="the decoder: 7b (32 layers, 4096 wide) or 13b (40 layers, 5120 wide)")
+    p.add_argument("--layers", type=int, help="decoder layers (default: the model's, 32 for 7B, 40 for 13B)")
     p.add_argument("--ref-layers", type=int, default=4, help="decoder layers of the float reference")
     p.add_argument("--workdir", default="/tmp/minifastv-bench", help="where the generated checkpoints are kept")
     p.add_argument("--repeats", type=int, default=2)
@@ -274,13 +344,16 @@ def main(argv=None) -> int:
                         "(int4 stays weight-only)")
     args = p.parse_args(argv)
     for flag, value, least in (("--repeats", args.repeats, 1), ("--decode-tokens", args.decode_tokens, 2),
-                               ("--threads", args.threads, 1), ("--layers", args.layers, 1),
+                               ("--threads", args.threads, 1), ("--layers", 1 if args.layers is None else args.layers, 1),
                                ("--ref-layers", args.ref_layers, 1)):
         if value < least:  # decode speed is timed between the first and the last new token: two at least
             raise ValueError(f"{flag} must be at least {least}, got {value}")
     if "int8" in args.activations and "int8" in args.quant and not int8_gemm_exact():
         raise ValueError("--activations int8: not available on this CPU (its integer GEMM saturates on full-range "
                          "int8 weights; see minifastv/int8act.py); measure with --activations float")
+    if args.family == "video-llava" and args.size != "7b":
+        raise ValueError(f"--size {args.size}: Video-LLaVA has a 7B model only")
+    args.layers = args.layers or bench_config(None, None, args.family, args.size).text.n_layers
     if args.child:
         print(json.dumps(measure(Path(args.child), args.settings, args.repeats, args.decode_tokens, args.threads,
                                  args.dtype, args.activations[0])))
@@ -290,16 +363,17 @@ def main(argv=None) -> int:
     print(describe(args.threads))
     print(f"command: python -m minifastv bench {' '.join(sys.argv[1:] if argv is None else argv)}")
     results = {}
+    settings = settings_of(args.family)
     for method in args.quant:
-        path = build_checkpoint(Path(args.workdir) / f"{FAMILIES[args.family][1]}{method}-{args.layers}layers",
-                                config_7b(args.layers, METHODS[method], args.family), log)
-        log(f"{method}: measuring {', '.join(SETTINGS)} ({args.repeats} runs after a first one, {args.decode_tokens} "
+        path = build_checkpoint(Path(args.workdir) / checkpoint_name(args.family, args.size, method, args.layers),
+                                bench_config(args.layers, METHODS[method], args.family, args.size), log)
+        log(f"{method}: measuring {', '.join(settings)} ({args.repeats} runs after a first one, {args.decode_tokens} "
             f"new tokens) in a child process per activation type")
         if method == "int4":
             pack_for_this_cpu(path, log)
         for activations in args.activations if method == "int8" else ["float"]:
             label = method + (" + int8 activations" if activations == "int8" else "")
-            results[label] = measure_in_child(path, list(SETTINGS), args, args.dtype, activations)
+            results[label] = measure_in_child(path, settings, args, args.dtype, activations)
             log(f"{label}: {json.dumps(results[label])}")
     log(f"float reference: {args.ref_layers} decoder layers")
     reference = float_reference(args, log)

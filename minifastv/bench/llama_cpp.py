@@ -1,10 +1,11 @@
 """llama.cpp on the same decoder shapes, for `bench --quant ... --peer llama.cpp` (cpu7b.py).
 
-What CPU users run instead of minifastv is llama.cpp with a Q8_0 or Q4_0 GGUF. This writes a LLaMA-7B-shaped
-GGUF with random F16 weights (the `gguf` package; nothing is downloaded), quantizes it with llama-quantize and
-times it with llama-bench: prompt processing at minifastv's prompt length (632 tokens: LLaVA-1.5's prompt with
-one image; 2,112: Video-LLaVA's with one 8-frame video, for which llama.cpp has no model, so the decoder alone
-is the anchor) and generation of a few tokens, same thread count. Peak RSS is read from a wrapper process's
+What CPU users run instead of minifastv is llama.cpp with a Q8_0 or Q4_0 GGUF. This writes a GGUF of the
+benchmarked decoder's shape (LLaMA-7B or -13B) with random F16 weights (the `gguf` package; nothing is
+downloaded), quantizes it with llama-quantize and times it with llama-bench: prompt processing at minifastv's
+prompt length (632 tokens: LLaVA-1.5's prompt with one image; 2,112: Video-LLaVA's with one 8-frame video, for
+which llama.cpp has no model, so the decoder alone is the anchor; 2,984: LLaVA-NeXT's with one 672 x 672 image)
+and generation of a few tokens, same thread count. Peak RSS is read from a wrapper process's
 children.
 """
 
@@ -17,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-LLAMA_7B = dict(dim=4096, ffn=11008, heads=32, vocab=32000)
 PEER_TYPES = ("Q8_0", "Q4_0")
 
 
@@ -29,8 +29,9 @@ def find_tool(name: str, bin_dir: str | None) -> Path:
     return Path(path)
 
 
-def write_gguf(path: Path, layers: int, log):
-    """A LLaMA decoder with random F16 weights (norms 1, F32) and a stand-in vocabulary, streamed to disk."""
+def write_gguf(path: Path, text, log, vocab: int = 32000):
+    """A LLaMA decoder of the shape of `text` (a TextConfig) with random F16 weights (norms 1, F32) and a stand-in
+    vocabulary of `vocab` words, streamed to disk."""
     try:
         import gguf
         import numpy as np
@@ -38,11 +39,12 @@ def write_gguf(path: Path, layers: int, log):
         raise SystemExit(f"--peer llama.cpp writes a GGUF file and needs the gguf package ({e}): "
                          'pip install -e ".[peer]"') from None
 
-    d, ffn, heads, vocab = LLAMA_7B["dim"], LLAMA_7B["ffn"], LLAMA_7B["heads"], LLAMA_7B["vocab"]
+    d, ffn, heads, kv_heads, layers = text.dim, text.intermediate_size, text.n_heads, text.n_kv_heads, text.n_layers
+    kv = d // heads * kv_heads
     shapes = [("token_embd.weight", (vocab, d))]
     for i in range(layers):
         shapes += [(f"blk.{i}.attn_norm.weight", (d,)), (f"blk.{i}.attn_q.weight", (d, d)),
-                   (f"blk.{i}.attn_k.weight", (d, d)), (f"blk.{i}.attn_v.weight", (d, d)),
+                   (f"blk.{i}.attn_k.weight", (kv, d)), (f"blk.{i}.attn_v.weight", (kv, d)),
                    (f"blk.{i}.attn_output.weight", (d, d)), (f"blk.{i}.ffn_norm.weight", (d,)),
                    (f"blk.{i}.ffn_gate.weight", (ffn, d)), (f"blk.{i}.ffn_up.weight", (ffn, d)),
                    (f"blk.{i}.ffn_down.weight", (d, ffn))]
@@ -54,10 +56,10 @@ def write_gguf(path: Path, layers: int, log):
     w.add_block_count(layers)
     w.add_feed_forward_length(ffn)
     w.add_head_count(heads)
-    w.add_head_count_kv(heads)
-    w.add_layer_norm_rms_eps(1e-5)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(text.norm_eps)
     w.add_rope_dimension_count(d // heads)
-    w.add_rope_freq_base(10000.0)
+    w.add_rope_freq_base(text.rope_theta)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     w.add_tokenizer_model("llama")
     w.add_token_list(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(3, vocab)])
@@ -95,16 +97,18 @@ def peak_rss_of(cmd: list[str]) -> tuple[str, int]:
     return "\n".join(lines[:-1]), int(lines[-1])
 
 
-def run_peer(workdir: Path, layers: int, threads: int, decode_tokens: int, bin_dir: str | None, log,
-             prompt: int = 632) -> dict:
+def run_peer(workdir: Path, text, threads: int, decode_tokens: int, bin_dir: str | None, log,
+             prompt: int = 632, name: str = "llama7b") -> dict:
+    """llama-bench on a random GGUF of the decoder `text` (a TextConfig), kept in workdir as NAME-NNlayers-*.gguf."""
     bench, quantize = find_tool("llama-bench", bin_dir), find_tool("llama-quantize", bin_dir)
     workdir.mkdir(parents=True, exist_ok=True)
-    f16 = workdir / f"llama7b-{layers}layers-F16.gguf"
+    layers = text.n_layers
+    f16 = workdir / f"{name}-{layers}layers-F16.gguf"
     if not f16.is_file():
-        write_gguf(f16, layers, log)
+        write_gguf(f16, text, log)
     runs, build = {}, "?"
     for qtype in PEER_TYPES:
-        model = workdir / f"llama7b-{layers}layers-{qtype}.gguf"
+        model = workdir / f"{name}-{layers}layers-{qtype}.gguf"
         if not model.is_file():
             start = time.perf_counter()
             subprocess.run([str(quantize), str(f16), str(model), qtype, str(threads)], check=True, capture_output=True)

@@ -21,8 +21,9 @@ from torch import nn
 from .. import anyres
 from ..config import ConfigError, LlavaConfig
 from ..image import ImageError
+from ..pruning.anyres_parts import AnyresParts
 from ..tokenizer import TEMPLATES
-from .llava import LlavaModel
+from .llava import LlavaModel, Prefill
 
 PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))   # llava-v1.6's canvases
 
@@ -67,6 +68,13 @@ class LlavaNextConfig(LlavaConfig):
         return anyres.n_tokens(height, width, self.vision.image_size, self.vision.patch_size, self.pinpoints)
 
 
+@dataclass
+class NextPrefill(Prefill):
+    """A Prefill that also says what each merged slot holds (anyres.BASE, TILE, NEWLINE; 0 elsewhere): [B, T]."""
+
+    parts: torch.Tensor | None = None
+
+
 class LlavaNextModel(LlavaModel):
     def __init__(self, config: LlavaNextConfig):
         super().__init__(config)
@@ -91,6 +99,28 @@ class LlavaNextModel(LlavaModel):
                              f"{sum(counts)} (each image its base image and tiles: {counts[:4]})")
         features = self.encode_images(pixel_values).split(counts)
         return [anyres.pack(f, h, w, size, cfg.pinpoints, self.image_newline) for f, (h, w) in zip(features, sizes)]
+
+    def parts(self, input_ids: torch.Tensor, image_sizes) -> torch.Tensor | None:
+        """[B, T_out] what each merged slot holds (anyres.BASE, TILE, NEWLINE; 0 text or padding), for the
+        pruning options that treat the parts apart; None when the placeholders do not match the images (the
+        pass itself then says how)."""
+        cfg, here = self.config, input_ids == self.config.image_token_id
+        labels = [anyres.parts(h, w, cfg.vision.image_size, cfg.vision.patch_size, cfg.pinpoints)
+                  for h, w in torch.as_tensor(image_sizes).tolist()]
+        if sum(map(len, labels)) != int(here.sum()):
+            return None
+        start, T_out = self.merged_slots(input_ids)
+        out = torch.zeros(len(input_ids), T_out, dtype=torch.long, device=input_ids.device)
+        rows = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(input_ids)
+        out[rows[here], start[here]] = torch.cat(labels).to(out.device)   # placeholders in order, one slot each
+        return out
+
+    def prefill(self, input_ids, pixel_values=None, *, prune=None, image_sizes=None, **kwargs) -> NextPrefill:
+        parts = None if image_sizes is None else self.parts(input_ids.to(self.device), image_sizes)
+        if isinstance(prune, AnyresParts) and parts is not None:   # the option learns where the parts lie
+            prune = prune.bound(parts)
+        pre = super().prefill(input_ids, pixel_values, prune=prune, image_sizes=image_sizes, **kwargs)
+        return NextPrefill(**vars(pre), parts=parts)
 
     def visual_features(self, input_ids, pixel_values, cls_attention: bool, image_sizes=None, **visual):
         super().visual_features(input_ids, None, False, **visual)   # refuses the inputs this model does not take

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from .anyres_parts import AnyresParts
 from .base import AfterLayer, PruneContext, Pruner, Stage, active_stages, keep_slots
 from .before_decoder import BeforeDecoder
 from .dart import DART, DARTOfficial
@@ -58,7 +59,7 @@ def make(name: str, ratio: float, k: int | None = None, seed: int | None = None)
     return METHODS[name](ratio=ratio, **extra)
 
 
-__all__ = ["DART", "DARTOfficial", "METHODS", "active_stages", "AfterLayer", "at_budget", "BeforeDecoder",
+__all__ = ["AnyresParts", "DART", "DARTOfficial", "METHODS", "active_stages", "AfterLayer", "at_budget", "BeforeDecoder",
            "decoder_flops", "DivPrune", "FasterVLM", "FastV", "keep_slots", "layer_flops", "make", "name_of", "Pool",
            "PruneContext", "Pruner", "PyramidDrop", "PyramidDropOfficial", "RandomDrop", "Schedule", "Stage",
            "theoretical_flops", "Uniform", "VisionZip"]

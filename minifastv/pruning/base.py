@@ -151,27 +151,27 @@ def stage_counts(method: Pruner, stage: Stage, n_image: list[int], n_first: list
     return counts
 
 
+def chosen_slots(method: Pruner, ctx: PruneContext) -> torch.Tensor:
+    """[B, S] bool: the image slots method.select chose (its mask, or each sample's n_keep best-scored)."""
+    choice = method.select(ctx)
+    check_choice(method, ctx, choice)
+    if choice.dtype == torch.bool:
+        return choice
+    k_max = int(ctx.n_keep.max())
+    top = choice.float().masked_fill(~ctx.image_mask, float("-inf")).topk(k_max, dim=1).indices   # B, k_max
+    first = torch.arange(k_max, device=top.device)[None, :] < ctx.n_keep[:, None]
+    return torch.zeros_like(ctx.image_mask).scatter(1, top, first)
+
+
 def keep_slots(method: Pruner, ctx: PruneContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """THE rule: every valid non-image slot survives, and each sample's chosen image slots. Samples may keep
     different counts, so the result is left-padded again: keep [B, L] (slot indices, in slot order) and
     kept_valid [B, L]; and the hidden states [B, S, C] to gather them from (the method's merge, if any)."""
-    image_mask, valid = ctx.image_mask, ctx.valid
-    choice = method.select(ctx)
-    check_choice(method, ctx, choice)
-    if choice.dtype == torch.bool:
-        chosen = choice
-    else:
-        chosen = torch.zeros_like(image_mask)
-        k_max = int(ctx.n_keep.max())
-        if k_max > 0:
-            scores = choice.float().masked_fill(~image_mask, float("-inf"))
-            top = scores.topk(k_max, dim=1).indices                                          # B, k_max
-            first = torch.arange(k_max, device=top.device)[None, :] < ctx.n_keep[:, None]
-            chosen = chosen.scatter(1, top, first)
+    chosen = chosen_slots(method, ctx)
     hidden = method.merge(ctx, chosen)
     check_merged(method, ctx, hidden)
     hidden = ctx.hidden if hidden is None else hidden
-    keep_mask = (valid & ~image_mask) | chosen
+    keep_mask = (ctx.valid & ~ctx.image_mask) | chosen
     # A stable sort of the 0/1 mask puts dropped slots first and kept slots last, both in slot order.
     L = int(keep_mask.sum(1).max())
     keep = torch.sort(keep_mask.to(torch.uint8), dim=1, stable=True).indices[:, -L:]
