@@ -1,6 +1,7 @@
 """convert_weights.py on random checkpoints written in every on-disk layout, checked against transformers."""
 
 import contextlib
+import dataclasses
 import io
 import json
 import shutil
@@ -341,3 +342,29 @@ def test_original_layout_uses_a_local_mm_vision_tower(hf_models, tokenizer_json,
     assert result.returncode == 0, result.stderr
     assert f"vision tower: {clip} (mm_vision_tower in" in result.stderr
     check_against_hf(hf, tmp_path / "out")
+
+
+def test_llava_15_13b_converts_to_the_shape_the_13b_benchmark_measures():
+    """llava-hf/llava-1.5-13b-hf's config.json (as published) reads as the 13B preset's tower and decoder (40
+    layers, 40 heads, 5120 wide, 13,824 intermediate): the shape `bench --size 13b` builds and measures."""
+    from minifastv.bench.cpu7b import bench_config
+    from minifastv.config import LlavaConfig
+    from minifastv.convert import config_from_hf
+
+    published = {
+        "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100, "image_token_index": 32000,
+        "model_type": "llava", "pad_token_id": 32001, "projector_hidden_act": "gelu", "tie_word_embeddings": False,
+        "text_config": {"_name_or_path": "lmsys/vicuna-13b-v1.5", "architectures": ["LlamaForCausalLM"],
+                        "hidden_size": 5120, "intermediate_size": 13824, "max_position_embeddings": 4096,
+                        "model_type": "llama", "num_attention_heads": 40, "num_hidden_layers": 40,
+                        "num_key_value_heads": 40, "rms_norm_eps": 1e-05, "torch_dtype": "float16", "vocab_size": 32064},
+        "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                          "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
+                          "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
+        "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064}
+    config, preset = config_from_hf(published), LlavaConfig.from_name("llava-1.5-13b")
+    text = dataclasses.replace(config.text, vocab_size=32000)   # llava-hf pads the vocabulary by 64 rows
+    assert config.text.vocab_size == 32064 and (text, config.vision, config.projector_type) == (
+        preset.text, preset.vision, preset.projector_type)
+    measured = bench_config(None, None, "llava", "13b")
+    assert (measured.text, measured.vision) == (text, config.vision)
