@@ -150,3 +150,11 @@ def test_the_command_line_names_the_treatment_and_needs_a_method(tmp_path, capsy
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: the newlines-kept option applies to LLaVA-NeXT's images, and this model has no tiles")
 
+
+
+@pytest.mark.parametrize("sizes", [[[0, 40]], [[40, 90, 1]], [40, 90]])
+def test_bad_image_sizes_get_the_models_own_error_not_the_parts(pipe, sizes):
+    batch = batch_of(pipe, IMAGES[:1])
+    with pytest.raises(ValueError, match="image_sizes must be"):
+        pipe.model.prefill(batch.input_ids, batch.pixel_values, image_sizes=torch.tensor(sizes),
+                           prune=AnyresParts(FastV(), apart=True))

@@ -90,9 +90,10 @@ class LlavaNextModel(LlavaModel):
         """Every image's tiles [n_tiles_total, 3, S, S] (base image first) and sizes [n_images, 2] -> per image,
         its decoder tokens [n_tokens, text dim]."""
         cfg, size = self.config, self.config.vision.image_size
-        sizes = [tuple(s) for s in torch.as_tensor(image_sizes).tolist()]
-        if any(len(s) != 2 or min(s) < 1 for s in sizes):
-            raise ValueError(f"image_sizes must be [height, width] pairs of positive sizes, got {sizes[:4]}")
+        given = torch.as_tensor(image_sizes)
+        if given.dim() != 2 or given.shape[1] != 2 or (given < 1).any():
+            raise ValueError(f"image_sizes must be [height, width] pairs of positive sizes, got {given.tolist()[:4]}")
+        sizes = [tuple(s) for s in given.tolist()]
         counts = [1 + anyres.n_tiles(h, w, size, cfg.pinpoints) for h, w in sizes]
         if sum(counts) != len(pixel_values):
             raise ValueError(f"pixel_values has {len(pixel_values)} tiles, but image_sizes {sizes[:4]} need "
@@ -105,8 +106,10 @@ class LlavaNextModel(LlavaModel):
         pruning options that treat the parts apart; None when the placeholders do not match the images (the
         pass itself then says how)."""
         cfg, here = self.config, input_ids == self.config.image_token_id
-        labels = [anyres.parts(h, w, cfg.vision.image_size, cfg.vision.patch_size, cfg.pinpoints)
-                  for h, w in torch.as_tensor(image_sizes).tolist()]
+        sizes = torch.as_tensor(image_sizes).tolist()
+        if any(not isinstance(s, list) or len(s) != 2 or min(s) < 1 for s in sizes):
+            return None   # encode_anyres names what is wrong with them
+        labels = [anyres.parts(h, w, cfg.vision.image_size, cfg.vision.patch_size, cfg.pinpoints) for h, w in sizes]
         if sum(map(len, labels)) != int(here.sum()):
             return None
         start, T_out = self.merged_slots(input_ids)
