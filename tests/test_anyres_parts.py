@@ -82,7 +82,7 @@ def test_each_treatment_keeps_what_a_hand_made_selection_keeps(pipe, keep_newlin
 def test_the_default_ranks_one_set_and_the_options_differ_from_it(pipe):
     """FastV alone drops newline tokens on this image; with newlines kept none is dropped, at the same count."""
     batch = batch_of(pipe, IMAGES[:1])
-    run = lambda m: set(pipe.model.prefill(batch.input_ids, batch.pixel_values, prune=m,  # noqa: E731
+    run = lambda m: set(pipe.model.prefill(batch.input_ids, batch.pixel_values, prune=m,
                                            **batch.visual_inputs()).kept_image_slots()[0])
     parts = pipe.model.parts(batch.input_ids, batch.image_sizes)[0]
     newlines = set((parts == anyres.NEWLINE).nonzero()[:, 0].tolist())
