@@ -354,8 +354,7 @@ def main(argv=None) -> int:
     if "int8" in args.activations and "int8" in args.quant and not int8_gemm_exact():
         raise ValueError("--activations int8: not available on this CPU (its integer GEMM saturates on full-range "
                          "int8 weights; see minifastv/int8act.py); measure with --activations float")
-    if args.family == "video-llava" and args.size != "7b":
-        raise ValueError(f"--size {args.size}: Video-LLaVA has a 7B model only")
+    # the model's depth; bench_config also refuses a size the family does not have, before anything is built
     args.layers = args.layers or bench_config(None, None, args.family, args.size).text.n_layers
     if args.child:
         print(json.dumps(measure(Path(args.child), args.settings, args.repeats, args.decode_tokens, args.threads,

@@ -68,6 +68,14 @@ class LlavaNextConfig(LlavaConfig):
         return anyres.n_tokens(height, width, self.vision.image_size, self.vision.patch_size, self.pinpoints)
 
 
+def checked_sizes(image_sizes) -> list[tuple[int, int]]:
+    """image_sizes [n_images, 2] as (height, width) pairs; a one-line error if they are not positive pairs."""
+    given = torch.as_tensor(image_sizes)
+    if given.dim() != 2 or given.shape[1] != 2 or (given < 1).any():
+        raise ValueError(f"image_sizes must be [height, width] pairs of positive sizes, got {given.tolist()[:4]}")
+    return [tuple(s) for s in given.tolist()]
+
+
 @dataclass
 class NextPrefill(Prefill):
     """A Prefill that also says what each merged slot holds (anyres.BASE, TILE, NEWLINE; 0 elsewhere): [B, T]."""
@@ -89,11 +97,7 @@ class LlavaNextModel(LlavaModel):
     def encode_anyres(self, pixel_values: torch.Tensor, image_sizes) -> list[torch.Tensor]:
         """Every image's tiles [n_tiles_total, 3, S, S] (base image first) and sizes [n_images, 2] -> per image,
         its decoder tokens [n_tokens, text dim]."""
-        cfg, size = self.config, self.config.vision.image_size
-        given = torch.as_tensor(image_sizes)
-        if given.dim() != 2 or given.shape[1] != 2 or (given < 1).any():
-            raise ValueError(f"image_sizes must be [height, width] pairs of positive sizes, got {given.tolist()[:4]}")
-        sizes = [tuple(s) for s in given.tolist()]
+        cfg, size, sizes = self.config, self.config.vision.image_size, checked_sizes(image_sizes)
         counts = [1 + anyres.n_tiles(h, w, size, cfg.pinpoints) for h, w in sizes]
         if sum(counts) != len(pixel_values):
             raise ValueError(f"pixel_values has {len(pixel_values)} tiles, but image_sizes {sizes[:4]} need "
@@ -104,12 +108,10 @@ class LlavaNextModel(LlavaModel):
     def parts(self, input_ids: torch.Tensor, image_sizes) -> torch.Tensor | None:
         """[B, T_out] what each merged slot holds (anyres.BASE, TILE, NEWLINE; 0 text or padding), for the
         pruning options that treat the parts apart; None when the placeholders do not match the images (the
-        pass itself then says how)."""
+        pass itself then says how). Malformed image_sizes are refused here."""
         cfg, here = self.config, input_ids == self.config.image_token_id
-        sizes = torch.as_tensor(image_sizes).tolist()
-        if any(not isinstance(s, list) or len(s) != 2 or min(s) < 1 for s in sizes):
-            return None   # encode_anyres names what is wrong with them
-        labels = [anyres.parts(h, w, cfg.vision.image_size, cfg.vision.patch_size, cfg.pinpoints) for h, w in sizes]
+        labels = [anyres.parts(h, w, cfg.vision.image_size, cfg.vision.patch_size, cfg.pinpoints)
+                  for h, w in checked_sizes(image_sizes)]
         if sum(map(len, labels)) != int(here.sum()):
             return None
         start, T_out = self.merged_slots(input_ids)
