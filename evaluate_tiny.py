@@ -2,10 +2,11 @@
 pruning method at kept budgets of 50%, 25% and 12.5% of the image tokens; prints markdown tables and writes
 PNGs of accuracy against relative prefill FLOPs (--plot for FastV's grid, --methods-plot for the methods).
 With --video, the same for the tiny video model on the video task (video_shapes.py), FastV at K=2 and K=5,
-R=50%, as the paper's Table 6 runs Video-LLaVA.
+R=50%, as the paper's Table 6 runs Video-LLaVA. With --anyres, the tiny LLaVA-NeXT on anyres_shapes.py, with a row
+for the base image alone (every tile blank) and FastV under each treatment of the packed tokens (--anyres).
 
-    python evaluate_tiny.py [--video] [--model minifastv/data/tiny] [--n 400] [--plot results/fastv_tiny.png]
-                            [--methods-plot results/pruning_tiny.png] [--dtype float32]
+    python evaluate_tiny.py [--video | --anyres] [--model minifastv/data/tiny] [--n 400]
+                            [--plot results/fastv_tiny.png] [--methods-plot results/pruning_tiny.png] [--dtype float32]
 
 It also prints the accuracy with the decoder's linears quantized to int8 and int4 (minifastv/quant.py), and
 where FastV's attention ranking puts its kept tokens (the measurement behind the README's explanation).
@@ -22,18 +23,21 @@ import torch
 
 from minifastv import FastV, RandomDrop
 from minifastv.config import QuantConfig
+import anyres_shapes
 import shapes
 import video_shapes
-from minifastv.data import TINY_MODEL, TINY_VIDEO_MODEL
+from minifastv.data import TINY_MODEL, TINY_NEXT_MODEL, TINY_VIDEO_MODEL
 from minifastv.pipeline import Pipeline
 from minifastv.plot import line_plot
-from minifastv.pruning import METHODS, AfterLayer, at_budget
+from minifastv.pruning import METHODS, AfterLayer, AnyresParts, at_budget
+from minifastv.pruning.anyres_parts import TREATMENTS
 from minifastv.quant.linear import quantize_model
 from shapes import make_batch
 
 GRID_K, GRID_R = (1, 2), (0.25, 0.5, 0.75)
 VIDEO_GRID_K, VIDEO_GRID_R = (2, 5), (0.5,)   # the paper's Table 6: Video-LLaVA at K=2 and K=5, R=50%
 NO_VIDEO = ("fastervlm", "visionzip")         # they rank by the vision tower's class-token attention
+NO_ANYRES = (*NO_VIDEO, "uniform", "pool")    # LLaVA-NeXT's tiles do not take them yet (nor the per-image ones)
 RANDOM_SEEDS = (0, 1, 2)
 BUDGETS = (0.5, 0.25, 0.125)  # fractions of the image tokens kept
 K = 2
@@ -66,7 +70,22 @@ def compare_methods(pipe, n: int, task=shapes) -> list[dict]:
 
 
 def methods_for(task) -> list[str]:
-    return [name for name in METHODS if task is shapes or name not in NO_VIDEO]
+    skip = {shapes: (), video_shapes: NO_VIDEO, anyres_shapes: NO_ANYRES}[task]
+    return [name for name in METHODS if name not in skip]
+
+
+def anyres_treatments(pipe, n: int, kept: float = 0.25) -> list[tuple[str, dict]]:
+    """FastV at K=2 keeping `kept` of the image tokens, on the packed tokens as one set and under each named
+    treatment (pruning/anyres_parts.py); and the same for random dropping, mean over RANDOM_SEEDS."""
+    rows = []
+    for name, method in (("fastv", lambda s: at_budget("fastv", kept, K)),
+                         ("random", lambda s: at_budget("random", kept, K, s))):
+        for treatment in ("one set", *TREATMENTS):
+            runs = [anyres_shapes.evaluate(pipe, n, prune=method(s) if treatment == "one set"
+                                           else AnyresParts(method(s), **TREATMENTS[treatment]))
+                    for s in (RANDOM_SEEDS if name == "random" else (0,))]
+            rows.append((f"{name}, {treatment}", {key: sum(r[key] for r in runs) / len(runs) for key in runs[0]}))
+    return rows
 
 
 @torch.inference_mode()
@@ -92,8 +111,11 @@ def fastv_position_bias(pipe, n: int, kept: float = 0.25) -> tuple[float, float,
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--video", action="store_true", help="the tiny video model on the video task")
-    p.add_argument("--model", help="checkpoint (default: the shipped tiny model, or tiny video model with --video)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--video", action="store_true", help="the tiny video model on the video task")
+    which.add_argument("--anyres", action="store_true", help="the tiny LLaVA-NeXT on anyres_shapes.py")
+    p.add_argument("--model", help="checkpoint (default: the shipped tiny model, tiny video model with --video, "
+                   "tiny LLaVA-NeXT with --anyres)")
     p.add_argument("--n", type=int, default=400, help="held-out examples")
     p.add_argument("--plot", default="results/fastv_tiny.png", help="FastV's grid (default: %(default)s; the "
                    "README's pictures are made with --plot docs/fastv_tiny.png --methods-plot docs/pruning_tiny.png)")
@@ -103,9 +125,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     for picture in (args.plot, args.methods_plot):
         Path(picture).parent.mkdir(parents=True, exist_ok=True)
-    task = video_shapes if args.video else shapes
+    task = video_shapes if args.video else anyres_shapes if args.anyres else shapes
     grid_k, grid_r = (VIDEO_GRID_K, VIDEO_GRID_R) if args.video else (GRID_K, GRID_R)
-    pipe = Pipeline.load(args.model or (TINY_VIDEO_MODEL if args.video else TINY_MODEL), dtype=args.dtype)
+    default = TINY_VIDEO_MODEL if args.video else TINY_NEXT_MODEL if args.anyres else TINY_MODEL
+    pipe = Pipeline.load(args.model or default, dtype=args.dtype)
     model, evaluate, kinds = pipe.model, task.evaluate, task.QUESTION_TYPES
     base = evaluate(pipe, args.n)
     blind = evaluate(pipe, args.n, blank_images=True)
@@ -114,9 +137,11 @@ def main(argv=None) -> int:
     int4 = evaluate(Pipeline(quantize_model(copy.deepcopy(model), QuantConfig("int4", INT4_GROUP)), pipe.tokenizer),
                     args.n)
     blank = "blank video" if args.video else "blank image"
+    base_only = [("model, base image only (tiles blank)", evaluate(pipe, args.n, blank_tiles=True))] \
+        if args.anyres else []
     print(f"held-out accuracy, {args.n} examples, FastV off")
     print("| | " + " | ".join(kinds) + " | all |\n|---|" + "---|" * (len(kinds) + 1))
-    for name, acc in (("model", base), (f"model, {blank}", blind), ("majority answer", majority),
+    for name, acc in (("model", base), (f"model, {blank}", blind), *base_only, ("majority answer", majority),
                       ("model, int8 weights", int8), (f"model, int4 weights (groups of {INT4_GROUP})", int4)):
         print(f"| {name} | " + " | ".join(f"{acc[k]:.1%}" for k in (*kinds, "all")) + " |")
 
@@ -153,12 +178,21 @@ def main(argv=None) -> int:
         print(f"| {name} | " + " | ".join(cells) + " |")
     if args.video:
         print(f"({', '.join(NO_VIDEO)} take no video: they rank by the vision tower's class-token attention)")
+    if args.anyres:
+        print(f"({', '.join(NO_ANYRES)} take no tiles yet: {', '.join(NO_VIDEO)} rank by the vision tower's "
+              "class-token attention, uniform and pool work per image of one fixed size)")
     series = {name: [(r["flops"], r["acc"]) for r in methods if r["method"] == name] + [(1.0, base["all"])]
               for name in methods_for(task)}
     line_plot(series, args.methods_plot, xlabel="relative prefill FLOPs", ylabel="held-out accuracy",
               xlim=(0.0, 1.0), ylim=(0.0, 1.0), percent_y=True)
 
-    if args.video:
+    if args.anyres:
+        print(f"\nthe packed tokens' treatments (--anyres), {args.n} held-out examples, K={K}, 25% of the image tokens "
+              f"kept; random: mean over seeds {RANDOM_SEEDS}")
+        print("| method, treatment | " + " | ".join(kinds) + " | all |\n|---|" + "---|" * (len(kinds) + 1))
+        for name, acc in anyres_treatments(pipe, args.n):
+            print(f"| {name} | " + " | ".join(f"{acc[k]:.1%}" for k in (*kinds, "all")) + " |")
+    if args.video or args.anyres:
         print(f"\nwrote {args.plot} and {args.methods_plot}")
         return 0
     rho, row, share = fastv_position_bias(pipe, min(args.n, 200))

@@ -46,13 +46,17 @@ def cell_name(it: Item) -> str:
     return f"row {NUMBERS[it.row + 1]} column {NUMBERS[it.col + 1]}"
 
 
-def draw(items, size: int = 64) -> Image.Image:
-    img = Image.new("RGB", (size, size), BACKGROUND)
+def draw(items, size: int = 64, *, height: int | None = None, grid: tuple[int, int] = (GRID, GRID),
+         margin: float = 0.12) -> Image.Image:
+    """The items on a size x size canvas in a GRID x GRID grid; or on a size wide, `height` high one in a grid of
+    (rows, columns), each shape `margin` of its cell in from the cell's sides (anyres_shapes.py's small shapes)."""
+    height = size if height is None else height
+    img = Image.new("RGB", (size, height), BACKGROUND)
     pen = ImageDraw.Draw(img)
-    cell = size / GRID
+    cell_h, cell_w = height / grid[0], size / grid[1]
     for it in items:
-        x0, y0 = it.col * cell + cell * 0.12, it.row * cell + cell * 0.12
-        x1, y1 = (it.col + 1) * cell - cell * 0.12, (it.row + 1) * cell - cell * 0.12
+        x0, y0 = it.col * cell_w + cell_w * margin, it.row * cell_h + cell_h * margin
+        x1, y1 = (it.col + 1) * cell_w - cell_w * margin, (it.row + 1) * cell_h - cell_h * margin
         fill = COLOURS[it.colour]
         if it.shape == "square":
             pen.rectangle((x0, y0, x1, y1), fill=fill)
@@ -72,8 +76,8 @@ def sample_items(rng: random.Random) -> tuple[Item, ...]:
     return tuple(Item(rng.choice(SHAPES), rng.choice(list(COLOURS)), c // GRID, c % GRID) for c in cells)
 
 
-def ask(items, kind: str, rng: random.Random) -> tuple[str, str]:
-    """A question of `kind` about the items, and its one-word answer."""
+def ask(items, kind: str, rng: random.Random, grid: tuple[int, int] = (GRID, GRID)) -> tuple[str, str]:
+    """A question of `kind` about the items in a grid of (rows, columns), and its one-word answer."""
     if kind == "colour":
         it = rng.choice(items)
         return f"what colour is the {it.shape} in {cell_name(it)}?", it.colour
@@ -81,14 +85,14 @@ def ask(items, kind: str, rng: random.Random) -> tuple[str, str]:
         it = rng.choice(items)
         return f"which shape is in {cell_name(it)}?", it.shape
     if kind == "count":  # half the time about a row that holds a shape, so "zero" does not dominate
-        row = rng.choice(items).row if rng.random() < 0.5 else rng.randrange(GRID)
+        row = rng.choice(items).row if rng.random() < 0.5 else rng.randrange(grid[0])
         return f"how many shapes are in row {NUMBERS[row + 1]}?", NUMBERS[sum(it.row == row for it in items)]
     # "exists": half the time about a cell that holds a shape
     if rng.random() < 0.5:
         it = rng.choice(items)
         row, col = it.row, it.col
     else:
-        row, col = rng.randrange(GRID), rng.randrange(GRID)
+        row, col = rng.randrange(grid[0]), rng.randrange(grid[1])
     present = any((it.row, it.col) == (row, col) for it in items)
     return f"is there a shape in row {NUMBERS[row + 1]} column {NUMBERS[col + 1]}?", "yes" if present else "no"
 
@@ -204,9 +208,10 @@ def write_samples(directory, n: int = 4, size: int = 64) -> None:
     (directory / "questions.json").write_text(json.dumps(entries, indent=2) + "\n")
 
 
-def write_task_data(path, n: int = 400, size: int = 64) -> None:
+def write_task_data(path, n: int = 400, size: int = 64, *, task_example=None) -> None:
     """The first n held-out examples as JSON lines for the lmms-eval task minifastv_shapes: id, kind, question,
-    answer and the image as base64 PNG (lossless: the model sees the pixels evaluate() draws):
+    answer and the image as base64 PNG (lossless: the model sees the pixels evaluate() draws); `task_example`:
+    another task's, whose pictures have their own sizes (anyres_shapes.py's):
     python -c "from shapes import write_task_data; write_task_data('minifastv/eval/tasks/minifastv_shapes/heldout.jsonl')"."""
     import base64
     import io
@@ -215,9 +220,9 @@ def write_task_data(path, n: int = 400, size: int = 64) -> None:
 
     lines = []
     for i in range(n):
-        ex = example("heldout", i)
+        ex = (task_example or example)("heldout", i)
         png = io.BytesIO()
-        ex.image(size).save(png, format="PNG")
+        (ex.image(size) if task_example is None else ex.image()).save(png, format="PNG")
         lines.append(json.dumps({"id": i, "kind": ex.kind, "question": ex.question, "answer": ex.answer,
                                  "image": base64.b64encode(png.getvalue()).decode()}))
     Path(path).write_text("\n".join(lines) + "\n")

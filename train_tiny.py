@@ -1,15 +1,17 @@
-"""Train the "tiny" LLaVA from scratch (vision tower, projector, decoder) on the synthetic shapes task, or with
---video the tiny Video-LLaVA on the synthetic video task (video_shapes.py).
+"""Train the "tiny" LLaVA from scratch (vision tower, projector, decoder) on the synthetic shapes task, with
+--video the tiny Video-LLaVA on the synthetic video task (video_shapes.py), or with --anyres the tiny LLaVA-NeXT
+on small shapes on wide and tall canvases (anyres_shapes.py).
 
 Each training dialogue asks one question of every type about an image (a video) and includes a "describe the
 image." ("describe the video.") turn at a random place, which ties words to image regions densely, as LLaVA's
 detailed-description data does; with one question per image the model stays on the answer prior for the whole
 default run.
 
-    python train_tiny.py [--video] [--steps 1250] [--batch-size 32] [--out results/tiny] [--seed 0] [--force]
+    python train_tiny.py [--video | --anyres] [--steps 1250] [--batch-size 32] [--out results/tiny] [--seed 0]
+                         [--force]
 
-The shipped models (minifastv/data/tiny, minifastv/data/tiny_video) are what this wrote with --threads 1; the
-default output is a new directory, so that a run never replaces a model inside an installed package by accident.
+The shipped models (minifastv/data/tiny, tiny_video, tiny_next) are what this wrote with --threads 1; the default
+output is a new directory, so that a run never replaces a model inside an installed package by accident.
 
 Uses the same model code as inference and writes a minifastv checkpoint with minifastv.save.
 """
@@ -27,23 +29,29 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, trainers
 
+import anyres_shapes
 import minifastv
 import shapes
 import video_shapes
 from minifastv import LlavaConfig, LlavaModel, Tokenizer, chat_prompt
 from minifastv.inputs import Batch, conversations
-from minifastv.models import VideoLlavaConfig, VideoLlavaModel
+from minifastv.models import FAMILIES, LlavaNextConfig, VideoLlavaConfig
 from minifastv.pipeline import Pipeline
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<image>"]  # ids 0..3: pad/unk, BOS, EOS, the image placeholder
 VIDEO_SPECIALS = [*SPECIALS, "<video>"]      # id 4: the video placeholder
+# task: its synthetic task (module) and the preset of the model trained on it
+TASKS = {"image": (shapes, lambda: LlavaConfig.from_name("tiny")),
+         "video": (video_shapes, lambda: VideoLlavaConfig.from_name("tiny-video")),
+         "anyres": (anyres_shapes, lambda: LlavaNextConfig.from_name("tiny-next"))}
 
 
-def build_tokenizer(video: bool = False) -> Tokenizer:
+def build_tokenizer(task: str = "image") -> Tokenizer:
     """A word-level tokenizer over the task's text: every answer is one token."""
+    video = task == "video"
     tok = HFTokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    texts = (video_shapes if video else shapes).corpus() + [chat_prompt("x")]
+    texts = TASKS[task][0].corpus() + [chat_prompt("x")]
     tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=VIDEO_SPECIALS if video else SPECIALS))
     text = LlavaConfig.from_name("tiny").text
     return Tokenizer(tok, bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id,
@@ -51,17 +59,15 @@ def build_tokenizer(video: bool = False) -> Tokenizer:
                      video_token_id=tok.token_to_id("<video>") if video else None)
 
 
-def build_model(tok: Tokenizer, seed: int) -> LlavaModel:
-    """The tiny preset (the tiny video preset for a tokenizer with a video placeholder) at the tokenizer's
-    vocabulary size, in the small normal init training starts from."""
-    video = tok.video_token_id is not None
-    base = VideoLlavaConfig.from_name("tiny-video") if video else LlavaConfig.from_name("tiny")
+def build_model(tok: Tokenizer, seed: int, task: str = "image") -> LlavaModel:
+    """The task's tiny preset at the tokenizer's vocabulary size, in the small normal init training starts from."""
+    base = TASKS[task][1]()
     vocab = -(-tok.vocab_size // 8) * 8
     config = dataclasses.replace(base, text=dataclasses.replace(base.text, vocab_size=vocab),
                                  image_token_id=tok.image_token_id,
-                                 **({"video_token_id": tok.video_token_id} if video else {}))
+                                 **({"video_token_id": tok.video_token_id} if task == "video" else {}))
     torch.manual_seed(seed)
-    model = (VideoLlavaModel if video else LlavaModel)(config)
+    model = FAMILIES[config.family][1](config)
     with torch.no_grad():  # small normal init everywhere; norms start at 1, biases at 0
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -77,20 +83,20 @@ def training_batch(pipe: Pipeline, indices) -> Batch:
     """Multi-turn dialogues as LLaVA trains: "<system> USER: <image>\\n q1 ASSISTANT: a1 </s> USER: q2 ASSISTANT:
     a2 </s> ...", so one image (video) serves several questions. The first turn is exactly the single-turn prompt
     the model is evaluated on. Labels are the answers and their EOS (inputs.encode_conversation)."""
-    size = pipe.model.config.vision.image_size
+    size, task = pipe.model.config.vision.image_size, task_of(pipe)
     dialogues = []
     for i in indices:
-        if is_video(pipe):
-            tracks, turns = video_shapes.conversation("train", i)
-            dialogues.append(([], turns, [video_shapes.video_frames(tracks, size)]))
+        seen, turns = TASKS[task][0].conversation("train", i)
+        if task == "video":
+            dialogues.append(([], turns, [video_shapes.video_frames(seen, size)]))
         else:
-            items, turns = shapes.conversation("train", i)
-            dialogues.append(([shapes.draw(items, size)], turns))
+            dialogues.append(([seen.image() if task == "anyres" else shapes.draw(seen, size)], turns))
     return conversations(pipe.tokenizer, pipe.model.config, dialogues)
 
 
-def is_video(pipe: Pipeline) -> bool:
-    return pipe.tokenizer.video_token_id is not None
+def task_of(pipe: Pipeline) -> str:
+    """The task a tiny model is trained on, from its family."""
+    return {"video-llava": "video", "llava-next": "anyres"}.get(pipe.model.config.family, "image")
 
 
 def batch_loss(pipe: Pipeline, batch: Batch) -> torch.Tensor:
@@ -99,11 +105,12 @@ def batch_loss(pipe: Pipeline, batch: Batch) -> torch.Tensor:
 
 
 def train(steps: int, seed: int, batch_size: int = 32, lr: float = 2e-3, log_every: int = 50, eval_every: int = 0,
-          log=lambda msg: print(msg, flush=True), video: bool = False) -> Pipeline:
-    """Train from scratch; every eval_every steps (0: never) also log held-out accuracy on 100 examples."""
+          log=lambda msg: print(msg, flush=True), task: str = "image") -> Pipeline:
+    """Train from scratch on `task` (TASKS); every eval_every steps (0: never) also log held-out accuracy on 100
+    examples."""
     torch.manual_seed(seed)
-    tok = build_tokenizer(video)
-    model = build_model(tok, seed)
+    tok = build_tokenizer(task)
+    model = build_model(tok, seed, task)
     pipe = Pipeline(model, tok)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -130,7 +137,7 @@ def train(steps: int, seed: int, batch_size: int = 32, lr: float = 2e-3, log_eve
             recent = []
         if eval_every and (step + 1) % eval_every == 0:
             model.eval()
-            acc = (video_shapes if video else shapes).evaluate(pipe, 100)
+            acc = TASKS[task][0].evaluate(pipe, 100)
             model.train()
             log(f"step {step + 1}  held-out accuracy " + "  ".join(f"{k} {v:.0%}" for k, v in acc.items()
                                                                if k not in ("flops", "kept")))
@@ -140,7 +147,10 @@ def train(steps: int, seed: int, batch_size: int = 32, lr: float = 2e-3, log_eve
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--video", action="store_true", help="the tiny Video-LLaVA on the video task (video_shapes.py)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--video", action="store_true", help="the tiny Video-LLaVA on the video task (video_shapes.py)")
+    which.add_argument("--anyres", action="store_true", help="the tiny LLaVA-NeXT on small shapes on wide and tall "
+                       "canvases (anyres_shapes.py)")
     p.add_argument("--steps", type=int, default=1250)
     p.add_argument("--out", default="results/tiny", help="output directory (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
@@ -157,7 +167,8 @@ def main(argv=None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = train(args.steps, args.seed, args.batch_size, args.lr, eval_every=args.eval_every, video=args.video)
+    task = "video" if args.video else "anyres" if args.anyres else "image"
+    pipe = train(args.steps, args.seed, args.batch_size, args.lr, eval_every=args.eval_every, task=task)
     minifastv.save(pipe.model, pipe.tokenizer, args.out, overwrite=args.force)
     print(f"wrote {args.out}")
     return 0

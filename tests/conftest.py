@@ -35,8 +35,8 @@ def random_video_dir(tmp_path_factory):
     import train_tiny
 
     path = tmp_path_factory.mktemp("video") / "tiny-video"
-    tok = train_tiny.build_tokenizer(video=True)
-    minifastv.save(train_tiny.build_model(tok, seed=3), tok, path)
+    tok = train_tiny.build_tokenizer("video")
+    minifastv.save(train_tiny.build_model(tok, seed=3, task="video"), tok, path)
     return path
 
 

@@ -369,6 +369,21 @@ def test_evaluate_tiny_writes_its_pictures_to_results_unless_told(tmp_path, monk
     assert not (tmp_path / "docs").exists()
 
 
+def test_evaluate_tiny_anyres_prints_the_base_image_row_and_the_treatments(tmp_path, monkeypatch, capsys):
+    import evaluate_tiny
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(evaluate_tiny, "BUDGETS", (0.5,))
+    monkeypatch.setattr(evaluate_tiny, "GRID_K", (2,))
+    monkeypatch.setattr(evaluate_tiny, "GRID_R", (0.5,))
+    assert evaluate_tiny.main(["--anyres", "--n", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "| model, base image only (tiles blank) |" in out
+    for row in ("fastv, one set", "fastv, newlines-kept", "fastv, views-apart", "random, newlines-kept+views-apart"):
+        assert f"| {row} |" in out
+    assert "| uniform |" not in out and "| dart |" in out
+
+
 def test_numpy_is_declared_so_torch_does_not_warn_on_every_run():
     """torch prints "Failed to initialize NumPy" at each run without numpy (einops registers its torch ops,
     which imports that path): the package declares it, and a run prints no warning."""
@@ -638,8 +653,8 @@ def test_bench_quant_video_llava_shape(monkeypatch, capsys, tmp_path):
     assert [name for name, _ in built] == ["video-llava-int8-2layers", "video-llava-float-1layers"]
     assert all(c.family == "video-llava" for _, c in built)
     # The measurement itself, on a tiny video model: the vision time is the video tower's, FastV keeps half.
-    tok = train_tiny.build_tokenizer(video=True)
-    minifastv.save(train_tiny.build_model(tok, seed=0), tok, tmp_path / "v")
+    tok = train_tiny.build_tokenizer("video")
+    minifastv.save(train_tiny.build_model(tok, seed=0, task="video"), tok, tmp_path / "v")
     got = cpu7b.measure(tmp_path / "v", ["off", "K=2 R=0.5"], 1, 2, 1, "float32")
     assert got["prompt_tokens"] == 56 + 136 and got["settings"]["K=2 R=0.5"]["kept"] == 68
     setting = {"kept": 1028, "first_ttft_s": 90.0, "ttft_s": 60.0, "ttft_spread_s": 1.0, "decode_tok_s": 3.0}

@@ -65,12 +65,12 @@ def test_the_answers_are_in_the_frames_and_need_their_order():
 def test_a_few_training_steps_reduce_the_loss_and_save_a_loadable_checkpoint(tmp_path):
     import train_tiny
 
-    tok = train_tiny.build_tokenizer(video=True)
-    fresh = Pipeline(train_tiny.build_model(tok, seed=0), tok)
+    tok = train_tiny.build_tokenizer("video")
+    fresh = Pipeline(train_tiny.build_model(tok, seed=0, task="video"), tok)
     batch = train_tiny.training_batch(fresh, range(10**9, 10**9 + 16))
     with torch.no_grad():
         before = train_tiny.batch_loss(fresh, batch).item()
-    pipe = train_tiny.train(steps=30, seed=0, batch_size=8, log=lambda _: None, video=True)
+    pipe = train_tiny.train(steps=30, seed=0, batch_size=8, log=lambda _: None, task="video")
     with torch.no_grad():
         after = train_tiny.batch_loss(pipe, batch).item()
     assert after < 0.6 * before, (before, after)

@@ -43,7 +43,8 @@ class MiniFastV(lmms):
     """lmms-eval's model arguments: pretrained (a minifastv checkpoint directory; default the shipped tiny
     model), prune (a method of minifastv.METHODS) with prune_ratio (the fraction of image tokens dropped) or
     prune_kept (image tokens kept per image, as papers quote budgets: 64, 128, 192 of LLaVA-1.5's 576),
-    prune_k, prune_seed; dtype (auto, float32, float16, bfloat16), activations (float, or int8 for an int8
+    prune_k, prune_seed; anyres (LLaVA-NeXT: newlines-kept, views-apart or both, as the command line's --anyres);
+    dtype (auto, float32, float16, bfloat16), activations (float, or int8 for an int8
     checkpoint on a CPU: int8act.py), device (default cuda:<local rank> where CUDA is, else cpu), threads
     (default: the physical cores shared among this machine's processes), batch_size, seed (sampling),
     require_image (default true: a request without an image is an error), stats (a JSON file for what the
@@ -53,6 +54,7 @@ class MiniFastV(lmms):
 
     def __init__(self, pretrained: str = str(TINY_MODEL), prune: str | None = None, prune_ratio: float | None = None,
                  prune_kept: int | None = None, prune_k: int | None = None, prune_seed: int | None = None,
+                 anyres: str | None = None,
                  dtype: str = "auto", activations: str = "float", device: str | None = None,
                  threads: int | None = None, batch_size: int | str = 1, seed: int = 0, require_image: bool = True,
                  stats: str | None = None, max_batch_size=None, **unknown):
@@ -75,7 +77,9 @@ class MiniFastV(lmms):
         resolve_dtype(dtype, self._device)  # a bad name is an error before anything is read
         self.pipe = Pipeline.load(pretrained, dtype=dtype, device=self._device)
         set_activations(self.pipe.model, activations)
-        self.prune = pruner(prune, prune_ratio, prune_kept, prune_k, prune_seed, self.pipe.model.config.vision.n_patches)
+        config = self.pipe.model.config
+        self.prune = pruner(prune, prune_ratio, prune_kept, prune_k, prune_seed, config.vision.n_patches,
+                            anyres=anyres, sized=getattr(config, "placeholder_per_token", False))
         self.batch_size_per_gpu = int(batch_size)
         if self.batch_size_per_gpu < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")

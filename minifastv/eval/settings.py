@@ -57,20 +57,33 @@ class Sampling:
         return text
 
 
-def pruner(name, ratio, kept, k, seed, n_patches: int):
+def pruner(name, ratio, kept, k, seed, n_patches: int, *, anyres: str | None = None, sized: bool = False):
     """The pruning method of the model args: prune_ratio drops a fraction; prune_kept keeps that many image
-    tokens per image after the method's last stage (PyramidDrop's three stages included)."""
+    tokens per image after the method's last stage (PyramidDrop's three stages included), where every image has
+    n_patches tokens (not `sized` images: LLaVA-NeXT's count with their size); anyres: the method in one of
+    LLaVA-NeXT's treatments of the packed tokens (pruning/anyres_parts.py)."""
+    from ..pruning.anyres_parts import TREATMENTS, AnyresParts
+
     if name in (None, "", "none"):
-        if any(v is not None for v in (ratio, kept, k, seed)):
-            raise ValueError("prune_ratio, prune_kept, prune_k and prune_seed need prune=METHOD")
+        if any(v is not None for v in (ratio, kept, k, seed, anyres)):
+            raise ValueError("prune_ratio, prune_kept, prune_k, prune_seed and anyres need prune=METHOD")
         return None
+    if anyres is not None and anyres not in TREATMENTS:
+        raise ValueError(f"anyres={anyres}: not one of {', '.join(TREATMENTS)}")
+    if anyres is not None and not sized:
+        raise ValueError(f"anyres={anyres}: this model has no tiles (the option treats LLaVA-NeXT's packed tokens)")
     if ratio is not None and kept is not None:
         raise ValueError("give prune_ratio (the fraction dropped) or prune_kept (tokens kept per image), not both")
     if kept is not None:
+        if sized:
+            raise ValueError(f"prune_kept={kept}: this model's images have as many tokens as their size gives them "
+                             "(LLaVA-NeXT: 2,928 at 672 x 672), so a count per image is no one budget; give prune_ratio")
         if not 0 <= kept <= n_patches:
             raise ValueError(f"prune_kept={kept}: an image has {n_patches} tokens")
-        return at_budget(name, kept / n_patches, k, seed)
-    return make(name, 0.5 if ratio is None else float(ratio), k, seed)
+        method = at_budget(name, kept / n_patches, k, seed)
+    else:
+        method = make(name, 0.5 if ratio is None else float(ratio), k, seed)
+    return method if anyres is None else AnyresParts(method, **TREATMENTS[anyres])
 
 
 def process_layout() -> tuple[int, int, int, int]:

@@ -12,6 +12,7 @@ placeholder order ([n_tiles_total, 3, S, S]); image_sizes [n_images, 2] their si
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -57,6 +58,12 @@ class LlavaNextConfig(LlavaConfig):
         if self.system is not None and not isinstance(self.system, str):
             raise ConfigError(f"system must be text, got {self.system!r:.40}")
 
+    @classmethod
+    def from_name(cls, name: str) -> LlavaNextConfig:
+        if name not in NEXT_PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(NEXT_PRESETS)}")
+        return NEXT_PRESETS[name]
+
     def tiles(self, image):
         """What the vision tower sees of an RGB PIL image: its base image, then its tiles."""
         if min(image.size) < 1:
@@ -66,6 +73,16 @@ class LlavaNextConfig(LlavaConfig):
     def n_image_tokens(self, height: int, width: int) -> int:
         """Decoder tokens (and prompt placeholders) of an image of height x width pixels."""
         return anyres.n_tokens(height, width, self.vision.image_size, self.vision.patch_size, self.pinpoints)
+
+
+_TINY = LlavaConfig.from_name("tiny")
+NEXT_PRESETS = {
+    # The tiny model's tower on 32 px tiles (4 x 4 patches) and its decoder, with llava-v1.6's canvases scaled
+    # from 336 to 32 px (train_tiny.py --anyres: 52-76 image tokens for anyres_shapes.py's pictures).
+    "tiny-next": LlavaNextConfig(vision=dataclasses.replace(_TINY.vision, image_size=32), text=_TINY.text,
+                                 image_token_id=3, pinpoints=tuple((h * 32 // 336, w * 32 // 336)
+                                                                   for h, w in PINPOINTS)),
+}
 
 
 def checked_sizes(image_sizes) -> list[tuple[int, int]]:
