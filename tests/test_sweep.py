@@ -28,6 +28,15 @@ def test_a_budget_the_model_cannot_keep_is_refused_before_anything_runs(kept, me
     assert e.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "sweep").exists()
 
 
+def test_a_llava_next_model_is_refused_before_anything_runs(tmp_path, capsys):
+    from minifastv.data import TINY_NEXT_MODEL
+
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(TINY_NEXT_MODEL), "--out", str(tmp_path / "sweep")])
+    assert e.value.code == 2 and "run lmms-eval with prune_ratio instead" in capsys.readouterr().err
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_a_run_with_failed_requests_is_named_and_run_again_next_time(tmp_path):
     run = tmp_path / "fastv-16"
     run.mkdir()

@@ -205,7 +205,11 @@ def main(argv=None) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    n_patches = load_config(args.model).vision.n_patches
+    config = load_config(args.model)
+    if getattr(config, "placeholder_per_token", False):
+        p.error(f"{args.model}: the sweep keeps a count of tokens per image (--kept), and this model's images have as "
+                "many tokens as their size gives them (LLaVA-NeXT); run lmms-eval with prune_ratio instead")
+    n_patches = config.vision.n_patches
     kept = args.kept or default_budgets(n_patches)
     try:
         check_budgets(n_patches, methods, kept, args.prune_k)
