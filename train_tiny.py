@@ -10,8 +10,9 @@ default run.
     python train_tiny.py [--video | --anyres] [--steps 1250] [--batch-size 32] [--out results/tiny] [--seed 0]
                          [--force]
 
-The shipped models (minifastv/data/tiny, tiny_video, tiny_next) are what this wrote with --threads 1; the default
-output is a new directory, so that a run never replaces a model inside an installed package by accident.
+The shipped models are what this wrote: minifastv/data/tiny and tiny_video with --threads 1, tiny_next with
+--anyres --steps 3000 at 2 threads. The default output is a new directory, so that a run never replaces a model
+inside an installed package by accident.
 
 Uses the same model code as inference and writes a minifastv checkpoint with minifastv.save.
 """
