@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 import shapes
-from shapes import COLOURS, NUMBERS, SHAPES, Item, draw
+from shapes import COLOURS, NUMBERS, SHAPES, Item, cell_name, draw
 
 CANVASES = ((32, 96), (96, 32), (32, 64), (64, 32))   # (height, width): wide and tall, each a tiny-next canvas
 CELL = 16
@@ -67,10 +67,6 @@ def sample_picture(rng: random.Random) -> Picture:
                    height, width)
 
 
-def cell_words(row: int, col: int) -> str:
-    return f"row {NUMBERS[row + 1]} column {NUMBERS[col + 1]}"
-
-
 def ask(picture: Picture, kind: str, rng: random.Random) -> tuple[str, str]:
     """shapes.py's question of `kind` on the picture's own grid, and its one-word answer."""
     return shapes.ask(picture.items, kind, rng, picture.grid)
@@ -86,7 +82,7 @@ def example(split: str, index: int) -> AnyresExample:
 def describe(picture: Picture) -> str:
     """Every shape with its colour and cell, in reading order: "red square row one column two , ..."."""
     ordered = sorted(picture.items, key=lambda it: (it.row, it.col))
-    return " , ".join(f"{it.colour} {it.shape} {cell_words(it.row, it.col)}" for it in ordered)
+    return " , ".join(f"{it.colour} {it.shape} {cell_name(it)}" for it in ordered)
 
 
 def conversation(split: str, index: int) -> tuple[Picture, list[tuple[str, str]]]:
