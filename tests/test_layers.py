@@ -13,7 +13,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "minifastv"
 # its __init__, only by its own name); it may import its own layer (without a loop) and the layers below.
 LAYERS = [
     ["minifastv.config", "minifastv.config_checks", "minifastv.machine", "minifastv.files", "minifastv.data"],
-    ["minifastv.image", "minifastv.anyres", "minifastv.video", "minifastv.tokenizer", "minifastv.inputs"],
+    ["minifastv.image", "minifastv.anyres", "minifastv.video", "minifastv.tokenizer", "minifastv.tiktoken_bpe",
+     "minifastv.inputs"],
     ["minifastv.pruning", "minifastv.quant"],
     ["minifastv.models"],
     ["minifastv.checkpoint", "minifastv.convert"],
