@@ -492,3 +492,33 @@ def test_int4_groups_keep_zero_in_their_range():
     lo, hi = -zero * scale, (15 - zero) * scale                                 # each group's grid ends
     assert (lo <= 0).all() and (hi >= 0).all()
     assert ((back - w).abs().view(2, 4, 32) <= scale[..., None] * 0.5 + 1e-6).all()
+
+
+@pytest.mark.parametrize("method", [INT8, INT4], ids=["int8", "int4"])
+def test_a_biased_linear_keeps_its_bias_in_float_through_quantize_save_and_load(method):
+    """Qwen's q/k/v projections have a bias: quantization replaces the weight and keeps the bias, in floating
+    point, through the model's state dict and the loader's empty quantized model."""
+    from minifastv.config import LlavaConfig
+    from minifastv.models import LlavaModel
+    from minifastv.models.qwen import QwenDecoder
+    from minifastv.quant.linear import replace_linears
+
+    torch.manual_seed(0)
+    model = LlavaModel(LlavaConfig.from_name("tiny"))
+    model.llm = QwenDecoder(model.config.text)
+    q_proj = model.llm.layers[0].attn.q_proj
+    bias, x = q_proj.bias.detach().clone() + 0.5, torch.randn(3, q_proj.in_features)
+    with torch.no_grad():
+        q_proj.bias.copy_(bias)
+    quantize_model(model, method, pack=False)
+    linear = model.llm.layers[0].attn.q_proj
+    ref = F.linear(x, linear.dequantize(), bias)   # the kernels round activations to bf16 (see above)
+    torch.testing.assert_close(linear(x), ref, atol=0.01 * ref.abs().max(), rtol=0)
+    state = model.state_dict()
+    assert torch.equal(state["llm.layers.0.attn.q_proj.bias"], bias) and "llm.layers.0.attn.o_proj.bias" not in state
+    with torch.device("meta"):
+        empty = LlavaModel(model.config)
+        empty.llm = QwenDecoder(model.config.text)
+        replace_linears(empty, method)
+    empty.load_state_dict(state, assign=True, strict=True)
+    torch.testing.assert_close(empty.llm.layers[0].attn.q_proj(x), linear(x))

@@ -19,6 +19,7 @@ class LayerCache:
         self.length = 0
         self.segment = 0  # the stretch of layers between pruning stages it belongs to (one attention mask each)
         self.shift = None  # [B] positions given up by renumbering stages before it (None: positions are original)
+        self.theta = None  # [B] the rotary base its keys were rotated with, per sample (None: the config's)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor):
         """Append k, v [B, H, T, D] and valid [B, T]; return everything cached so far."""

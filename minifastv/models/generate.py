@@ -71,14 +71,11 @@ class Stream:
     @torch.inference_mode()
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         model, max_new = self.model, self.max_new_tokens
-        if self.cache is None:
-            self.cache = KVCache(model.config.text.n_layers, extra=max_new)
-        cache = self.cache
+        cache = self.cache = KVCache(model.config.text.n_layers, extra=max_new) if self.cache is None else self.cache
         pre = model.prefill(self.input_ids, self.pixel_values, attention_mask=self.attention_mask, prune=self.prune,
                             cache=cache, last_only=True, start_position=self.position, **self.visual)
-        self.prefill = pre
+        self.prefill, self.position = pre, pre.next_position
         logits, position = pre.logits[:, -1], pre.next_position
-        self.position = position
         done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
         for step in range(max_new):
             tokens = sample(logits, self.temperature, self.top_p, self.generator)

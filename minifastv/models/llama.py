@@ -47,15 +47,16 @@ class Embedding(nn.Embedding):
 
 
 class Rotary:
-    """Rotary tables (cos, sin) [B, T, head_dim] for integer positions [B, T], computed in fp32 (bf16 positions
-    past 256 are not even exact integers), in the rotate-half layout: both halves share a frequency."""
+    """Rotary tables (cos, sin) [B, T, head_dim] at integer positions [B, T] in fp32 (bf16 positions past 256 are
+    not exact integers), rotate-half layout (both halves share a frequency); theta [B]: a base per sample if given."""
 
     def __init__(self, head_dim: int, theta: float):
         self.head_dim, self.theta = head_dim, theta
 
-    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype, theta: torch.Tensor | None = None):
         exponent = torch.arange(0, self.head_dim, 2, device=positions.device, dtype=torch.int64).float() / self.head_dim
-        inv_freq = 1.0 / (self.theta ** exponent)                 # head_dim/2
+        base = self.theta if theta is None else theta.to(positions.device).float()[:, None, None]
+        inv_freq = 1.0 / (base ** exponent)                        # head_dim/2 (or B, 1, head_dim/2)
         freqs = positions.float()[..., None] * inv_freq            # B, T, head_dim/2
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -120,6 +121,7 @@ class Sequence:
     # [B] positions given up by renumbering stages (pruning methods with `renumber`). In the prefill they are
     # already taken off `positions`; in a later pass each layer's cache says which shift its tables apply.
     shift: torch.Tensor | None = None
+    theta: torch.Tensor | None = None    # [B] rotary base per sample (Rotary); a cache keeps its prefill's
     masks: dict = field(default_factory=dict, compare=False, repr=False)  # attention masks by segment
 
     def mask(self, cache: LayerCache | None):
@@ -131,21 +133,21 @@ class Sequence:
         return self.masks[segment]
 
     def entering(self, cache: LayerCache | None, rotary: Rotary) -> Sequence:
-        """The sequence as the layer owning `cache` runs on it. A prefill marks the cache with the segment and
-        the shift; a later pass moves the rotary tables back by the shift the cache was filled with."""
+        """The sequence as the layer owning `cache` runs on it. A prefill marks the cache with its segment, shift
+        and rotary base; a later pass takes the rotary tables back to those the cache was filled with."""
         if cache is not None and cache.length == 0:
-            cache.segment, cache.shift = self.segment, self.shift
-        if cache is None or cache.shift is self.shift:
+            cache.segment, cache.shift, cache.theta = self.segment, self.shift, self.theta
+        if cache is None or cache.shift is self.shift and cache.theta is self.theta:
             return self
         positions = self.positions if cache.shift is None else self.positions - cache.shift[:, None]
-        cos, sin = rotary(positions, self.x.dtype)
-        return dataclasses.replace(self, cos=cos, sin=sin, shift=cache.shift)
+        cos, sin = rotary(positions, self.x.dtype, cache.theta)
+        return dataclasses.replace(self, cos=cos, sin=sin, shift=cache.shift, theta=cache.theta)
 
     def renumbered(self, dropped: torch.Tensor, rotary: Rotary) -> Sequence:
         """Each slot moved back by the `dropped` [B, T] slots before it, as if they had never been there."""
         positions = self.positions - dropped.long().cumsum(1)
         shift = dropped.sum(1) + (0 if self.shift is None else self.shift)
-        cos, sin = rotary(positions, self.x.dtype)
+        cos, sin = rotary(positions, self.x.dtype, self.theta)
         return dataclasses.replace(self, positions=positions, cos=cos, sin=sin, shift=shift)
 
     def gather(self, keep: torch.Tensor, kept_valid: torch.Tensor, x: torch.Tensor) -> Sequence:
@@ -154,7 +156,7 @@ class Sequence:
         return Sequence(take(x, keep), take(self.positions, keep), take(self.cos, keep), take(self.sin, keep),
                         kept_valid, take(self.image, keep) & kept_valid,  # padding may point at a dropped image slot
                         vision_attention, self.n_patches, keep if self.slots is None else self.slots.gather(1, keep),
-                        self.segment + 1, self.shift)
+                        self.segment + 1, self.shift, self.theta)
 
 
 class DecoderOutput(NamedTuple):
@@ -181,10 +183,14 @@ class Attention(nn.Module):
         """The keys [B, H_kv, T, D] of x (normed input) after rotary, as attention uses them."""
         return apply_rope(self.heads(self.k_proj(x)), cos, sin)
 
+    def queries(self, x, seq: Sequence):
+        """The queries [B, H, T, D] of x (normed input at the last T slots of seq) after rotary."""
+        return apply_rope(self.heads(self.q_proj(x)), seq.cos[:, -x.shape[1]:], seq.sin[:, -x.shape[1]:])
+
     def rows(self, x, seq: Sequence, n: int, cache: LayerCache | None = None):
         """[B, n, S]: the head-mean attention of the last n slots over all slots, as this layer computes it
         (x: the layer's normed input). Once the layer has run, its cache holds the keys, so they are reused."""
-        q = apply_rope(self.heads(self.q_proj(x[:, -n:])), seq.cos[:, -n:], seq.sin[:, -n:])
+        q = self.queries(x[:, -n:], seq)
         if cache is not None and cache.length:
             return query_attention(q, cache.k[:, :, :cache.length], cache.valid[:, :cache.length])
         return query_attention(q, self.keys(x, seq.cos, seq.sin), seq.valid)
@@ -192,8 +198,7 @@ class Attention(nn.Module):
     def forward(self, x, seq: Sequence, cache: LayerCache | None = None):
         """x [B, T, C] (normed input) at the slots of `seq`; the cache, if any, gets the new keys and values."""
         T = x.shape[1]
-        q, k, v = (self.heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        q, k = apply_rope(q, seq.cos, seq.sin), apply_rope(k, seq.cos, seq.sin)
+        q, k, v = self.queries(x, seq), self.keys(x, seq.cos, seq.sin), self.heads(self.v_proj(x))
         if x.device.type == "cpu":
             # torch's CPU attention kernel takes as long for a whole prefill in fp32 as in bf16, but one bf16
             # query (a decode step) runs ~9x slower than one fp32 query: on a CPU attention and the KV cache
@@ -252,7 +257,7 @@ class Llama(nn.Module):
     def sequence(self, x, positions, valid, **slots) -> Sequence:
         """Embeddings x [B, T, C] at `positions` [B, T], `valid` [B, T] False at padding, as the first layer's
         Sequence; `slots` are its other fields (image, vision_attention, n_patches)."""
-        return Sequence(x, positions, *self.rotary(positions, x.dtype), valid, **slots)
+        return Sequence(x, positions, *self.rotary(positions, x.dtype, slots.get("theta")), valid, **slots)
 
     def forward(self, seq: Sequence, cache: KVCache | None = None, prune: Pruner | None = None,
                 attention_rows: int = 0) -> DecoderOutput:

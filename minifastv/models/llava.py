@@ -173,10 +173,8 @@ class LlavaModel(nn.Module):
         seq = self.llm.sequence(x, positions, valid, image=image_mask, vision_attention=vision_scores,
                                 n_patches=sizes.pop() if len(sizes) == 1 else None)  # None: groups of two sizes
         out = self.llm(seq, cache, prune, attention_rows)
-        h, keep, kept_valid, layer_tokens = out.hidden, out.seq.slots, out.seq.valid, out.layer_tokens
-        if last_only:
-            h = h[:, -1:]
-        layer_tokens = layer_tokens.T.cpu()
+        h = out.hidden[:, -1:] if last_only else out.hidden
+        keep, kept_valid, layer_tokens = out.seq.slots, out.seq.valid, out.layer_tokens.T.cpu()
         text = self.config.text
         next_position = valid.sum(1) + (0 if start_position is None else start_position.to(valid.device))
         return Prefill(self.llm.lm_head(h), valid, image_mask, keep, kept_valid, next_position=next_position,

@@ -83,20 +83,23 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 class QuantLinear(nn.Module):
-    """A bias-free linear whose weight is stored quantized; subclasses say how to dequantize and which
-    kernel to call."""
+    """A linear whose weight is stored quantized (its bias, if any, in floating point); subclasses say how to
+    dequantize and which kernel to call."""
 
-    def __init__(self, in_features: int, out_features: int, quant: QuantConfig, device=None):
+    def __init__(self, in_features: int, out_features: int, quant: QuantConfig, device=None, bias: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.quant = in_features, out_features, quant
         for name, (shape, dtype) in stored_shapes(out_features, in_features, quant).items():
             self.register_buffer(name, torch.empty(shape, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, quant={self.quant}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matmul(x.reshape(-1, self.in_features))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
     def dequantize_rows(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
@@ -238,8 +241,8 @@ def replace_linears(model: nn.Module, quant: QuantConfig, device=None):
     does not change."""
     for name, linear in quantized_modules(model):
         parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr,
-                LINEARS[quant.method](linear.in_features, linear.out_features, quant, device))
+        setattr(model.get_submodule(parent), attr, LINEARS[quant.method](
+            linear.in_features, linear.out_features, quant, device, bias=linear.bias is not None))
 
 
 def pack_for_device(model: nn.Module):
@@ -259,11 +262,14 @@ def quantize_model(model, quant: QuantConfig, *, pack: bool = True):
     if model.config.quant is not None:
         raise ValueError(f"the model is already quantized ({model.config.quant.method})")
     model.config = dataclasses.replace(model.config, quant=quant)  # validates group_size against the shapes
-    weights = {name: linear.weight for name, linear in quantized_modules(model)}
+    weights = {name: (linear.weight, linear.bias) for name, linear in quantized_modules(model)}
     replace_linears(model, quant, device=model.device)
     for name, linear in quantized_modules(model):
-        for suffix, tensor in quantize_weight(weights.pop(name), quant).items():
+        weight, bias = weights.pop(name)
+        for suffix, tensor in quantize_weight(weight, quant).items():
             getattr(linear, suffix).copy_(tensor)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias.detach(), requires_grad=False)
     if pack:
         pack_for_device(model)
     return model
