@@ -4,7 +4,7 @@ of a config.json as a file (unknown keys, sizes beyond any real model) are the l
 from __future__ import annotations
 
 PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
-IMAGE_MODES = ("pad", "crop")
+IMAGE_MODES = ("pad", "crop", "squash")
 QUANT_METHODS = ("int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels accept
 

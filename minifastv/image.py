@@ -2,7 +2,7 @@
 
 "pad" (LLaVA-1.5's image_aspect_ratio="pad"): centre the image on a square canvas of the mean colour, then
 bicubic-resize to S x S, so nothing is cut off. "crop" (llava-hf's processor): resize the shortest edge to
-S, then take the centre S x S.
+S, then take the centre S x S. "squash" (Qwen-VL's): a plain bicubic resize to S x S, the aspect ratio given up.
 """
 
 from __future__ import annotations
@@ -92,7 +92,9 @@ def model_view(image: Image.Image, size: int, mode: str = "pad", mean=CLIP_MEAN)
         return pad_to_square(image, tuple(int(m * 255) for m in mean)).resize((size, size), Image.Resampling.BICUBIC)
     if mode == "crop":
         return center_crop(resize_shortest_edge(image, size), size)
-    raise ValueError(f"image mode must be 'pad' or 'crop', got {mode!r}")
+    if mode == "squash":
+        return image.resize((size, size), Image.Resampling.BICUBIC)
+    raise ValueError(f"image mode must be 'pad', 'crop' or 'squash', got {mode!r}")
 
 
 def preprocess(image: Image.Image, size: int, mode: str = "pad",

@@ -65,9 +65,23 @@ def test_non_rgb_images_are_converted(mode, tmp_path):
     torch.testing.assert_close(preprocess(loaded, 64), preprocess(img.convert("RGB"), 64))
 
 
+@pytest.mark.parametrize("w, h", [(300, 171), (171, 600), (1000, 999)], ids=["wide", "tall", "large"])
+def test_squash_matches_a_plain_resize_as_qwen_vl_makes_it(w, h):
+    """Qwen-VL's transform (torchvision's Resize((448, 448), BICUBIC) on a PIL image, ToTensor, Normalize): PIL's
+    bicubic resize of the whole image to a square, which CLIP's PIL processor does with a height and width size
+    and no crop."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    img = random_image(w, h, seed=w - h)
+    ref = CLIPImageProcessorPil(size={"height": 448, "width": 448}, do_center_crop=False, image_mean=list(CLIP_MEAN),
+                                image_std=list(CLIP_STD))(images=img, return_tensors="pt")["pixel_values"][0]
+    got = preprocess(img, 448, mode="squash")
+    assert got.shape == (3, 448, 448) and (got - ref).abs().max() <= 1e-6
+
+
 def test_unknown_mode_is_refused():
-    with pytest.raises(ValueError, match="image mode must be 'pad' or 'crop'"):
-        preprocess(random_image(10, 10), 64, mode="squash")
+    with pytest.raises(ValueError, match="image mode must be 'pad', 'crop' or 'squash'"):
+        preprocess(random_image(10, 10), 64, mode="stretch")
 
 
 def test_normalisation_and_pad_colour_are_clips_published_numbers():
