@@ -19,6 +19,7 @@ import torch
 
 from .checkpoint import CONFIG, TOKENIZER, empty_model
 from .config import ConfigError, LlavaConfig, QuantConfig, TextConfig, VisionConfig
+from .convert_qwen import TIKTOKEN, is_qwen, qwen_config, qwen_tensors, qwen_tokenizer
 from .files import (PICKLED, SAFETENSORS, CheckpointError, ShardWriter, read_json, read_tensors, source_dir, staged,
                     weight_files)
 from .machine import parse_dtype
@@ -318,8 +319,9 @@ def source_dtype(c: dict) -> torch.dtype:
 def convert(src, out, *, vision_tower=None, image_tower=None, video_tower=None, dtype=None, tokenizer=None,
             force=False, quant: QuantConfig | None = None, max_shard_bytes: int = 2 << 30,
             log=lambda msg: print(msg, file=sys.stderr)) -> Path:
-    """Convert a LLaVA or Video-LLaVA checkpoint directory (original, -hf, or transformers 5.x names) into a
-    minifastv checkpoint at `out`, streaming tensor by tensor, optionally with the decoder's linears quantized
+    """Convert a LLaVA, Video-LLaVA, LLaVA-NeXT (original, -hf, or transformers 5.x names) or Qwen-VL (hub layout,
+    convert_qwen.py; its qwen.tiktoken becomes the tokenizer.json) checkpoint directory into a minifastv checkpoint
+    at `out`, streaming tensor by tensor, optionally with the decoder's linears quantized
     (`quant`; `dtype` is then the float parts' dtype). An original Video-LLaVA takes its towers from
     `image_tower` and `video_tower` (LanguageBind_Image, LanguageBind_Video_merge). Every tensor is checked for
     NaN and infinity on the way. Nothing appears at `out` unless conversion succeeds."""
@@ -338,11 +340,17 @@ def convert(src, out, *, vision_tower=None, image_tower=None, video_tower=None, 
     towers = {"vision": image_tower, "video": video_tower}
     towers = {part: source_dir(Path(d), f"--{'image' if part == 'vision' else 'video'}-tower directory")
               for part, d in towers.items() if d is not None}
+    qwen = is_qwen(source)
+    if qwen and (towers or vision_tower is not None):
+        raise ConversionError(f"{src / CONFIG}: a Qwen-VL checkpoint carries its own vision tower: drop "
+                              "--vision-tower, --image-tower and --video-tower")
     if towers and not is_video_original(source):
         raise ConversionError(f"{src / CONFIG}: --image-tower and --video-tower are for an original Video-LLaVA "
                               "checkpoint (mm_image_tower, mm_video_tower); this one is not")
     try:
-        if is_video_original(source):
+        if qwen:
+            config = qwen_config(source)
+        elif is_video_original(source):
             config = config_from_video_original(source, towers.get("vision"), towers.get("video"))
         elif is_hf_layout(source):
             config = config_from_hf(source)
@@ -352,10 +360,12 @@ def convert(src, out, *, vision_tower=None, image_tower=None, video_tower=None, 
                 vision = VisionConfig()  # CLIP ViT-L/14-336, embedded in the checkpoint or reported missing below
             config = config_from_original(source, vision)
         output_config = config if quant is None else dataclasses.replace(config, quant=quant)
-    except ConfigError as e:
-        raise ConversionError(f"{src / CONFIG}: {e}") from None
+    except (ConfigError, ValueError, KeyError) as e:
+        raise ConversionError(f"{src / CONFIG}: {e if not isinstance(e, KeyError) else f'no field {e}'}") from None
     dtype = parse_dtype(dtype) or source_dtype(source)
-    tokenizer_file = Path(tokenizer) if tokenizer is not None else src / TOKENIZER
+    tokenizer_file = Path(tokenizer) if tokenizer is not None else src / (TIKTOKEN if qwen else TOKENIZER)
+    if not tokenizer_file.is_file() and qwen:
+        raise FileNotFoundError(f"{tokenizer_file}: not found. Pass --tokenizer FILE: Qwen-VL-Chat's qwen.tiktoken")
     if not tokenizer_file.is_file():
         hint = " (only a SentencePiece tokenizer.model is there)" if (src / "tokenizer.model").is_file() else ""
         raise FileNotFoundError(f"{tokenizer_file}: no tokenizer.json{hint}. Pass --tokenizer FILE: llava-hf's "
@@ -370,31 +380,40 @@ def convert(src, out, *, vision_tower=None, image_tower=None, video_tower=None, 
     files += [file for file in parts if file not in files]
     with staged(out, force) as tmp:
         writer, seen = ShardWriter(tmp, max_shard_bytes), {}
+
+        def write(target: str, tensor: torch.Tensor, key: str) -> int:
+            """Check one tensor against the model's and store it (quantized if asked); 1 for the count."""
+            if target not in expected:  # the temporal attention's weights, for a config without it
+                raise ConversionError(f"{file}: {key!r} has no place in the model {src / CONFIG} describes "
+                                      f"({target}; temporal attention: {getattr(config, 'temporal', False)})")
+            if target in seen:
+                raise ConversionError(f"{file}: {key!r} and {seen[target]!r} both map to {target!r}")
+            if tensor.shape != expected[target]:
+                raise ConversionError(f"{file}: {key} has shape {list(tensor.shape)}, but {src / CONFIG} "
+                                      f"implies {list(expected[target])} for {target}")
+            if tensor.is_floating_point() and not tensor.isfinite().all():
+                raise ConversionError(f"{file}: {key} contains NaN or infinite values")
+            seen[target] = key
+            for name, stored in quantized_tensors(target, tensor, quant, dtype):
+                writer.add(name, stored)
+            return 1
+
         for i, file in enumerate(files, 1):
             start, count = time.perf_counter(), 0
             for key, tensor in read_tensors(file):
                 try:
                     name = f"video_tower.{key}" if parts.get(file) == "video" and key.startswith("vision_model.") \
                         else key  # the video tower's vision_model is minifastv's video tower
-                    target = map_key(name, config, parts.get(file))
+                    pairs = qwen_tensors(key, tensor, config) if qwen else [(map_key(name, config, parts.get(file)),
+                                                                               tensor)]
+                    if pairs is None:
+                        raise ConversionError(f"unknown tensor {key!r}: not part of any known qwen-vl checkpoint "
+                                              "layout")
                 except ConversionError as e:
                     raise ConversionError(f"{file}: {e}") from None
-                if target is None:
-                    continue
-                if target not in expected:  # the temporal attention's weights, for a config without it
-                    raise ConversionError(f"{file}: {key!r} has no place in the model {src / CONFIG} describes "
-                                          f"({target}; temporal attention: {getattr(config, 'temporal', False)})")
-                if target in seen:
-                    raise ConversionError(f"{file}: {key!r} and {seen[target]!r} both map to {target!r}")
-                if tensor.shape != expected[target]:
-                    raise ConversionError(f"{file}: {key} has shape {list(tensor.shape)}, but {src / CONFIG} "
-                                          f"implies {list(expected[target])} for {target}")
-                if tensor.is_floating_point() and not tensor.isfinite().all():
-                    raise ConversionError(f"{file}: {key} contains NaN or infinite values")
-                seen[target] = key
-                for name, stored in quantized_tensors(target, tensor, quant, dtype):
-                    writer.add(name, stored)
-                count += 1
+                for target, value in pairs:
+                    if target is not None:
+                        count += write(target, value, key)
             log(f"[{i}/{len(files)}] {file.name}: {count} tensors in {time.perf_counter() - start:.1f}s")
         missing = sorted(set(expected) - set(seen))
         if missing:
@@ -404,7 +423,10 @@ def convert(src, out, *, vision_tower=None, image_tower=None, video_tower=None, 
                                      and not towers else ""))
         writer.close()
         (tmp / CONFIG).write_text(json.dumps(output_config.to_dict(), indent=2) + "\n")
-        shutil.copyfile(tokenizer_file, tmp / TOKENIZER)
+        if tokenizer_file.name.endswith(".tiktoken"):   # Qwen-VL's: rewritten as a tokenizer.json
+            qwen_tokenizer(tokenizer_file).save(str(tmp / TOKENIZER))
+        else:
+            shutil.copyfile(tokenizer_file, tmp / TOKENIZER)
     quantized = "" if quant is None else f", decoder linears {quant.method}"
     log(f"wrote {out} ({len(seen)} tensors, {str(dtype).removeprefix('torch.')}{quantized})")
     return out

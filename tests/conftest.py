@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+import types
+
 import pytest
 from helpers import build_tokenizer, hf_llava, to_minifastv
+from torch import nn
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +68,24 @@ def start_server():
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def open_clip_modules():
+    """open_clip's transformer.py and pos_embed.py without its package __init__, which imports torchvision (PyPI's
+    build does not load beside the CPU torch): its model code needs only torchvision's FrozenBatchNorm2d name."""
+    spec = importlib.util.find_spec("open_clip")
+    saved = {name: sys.modules.get(name) for name in ("open_clip", "torchvision", "torchvision.ops",
+                                                       "torchvision.ops.misc")}
+    package = types.ModuleType("open_clip")
+    package.__path__ = list(spec.submodule_search_locations)
+    misc = types.ModuleType("torchvision.ops.misc")
+    misc.FrozenBatchNorm2d = nn.BatchNorm2d
+    sys.modules.update({"open_clip": package, "torchvision": types.ModuleType("torchvision"),
+                        "torchvision.ops": types.ModuleType("torchvision.ops"), "torchvision.ops.misc": misc})
+    try:
+        yield importlib.import_module("open_clip.transformer"), importlib.import_module("open_clip.pos_embed")
+    finally:
+        for name in [n for n in sys.modules if n == "open_clip" or n.startswith(("open_clip.", "torchvision"))]:
+            del sys.modules[name]
+        sys.modules.update({k: v for k, v in saved.items() if v is not None})

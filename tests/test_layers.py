@@ -17,7 +17,7 @@ LAYERS = [
      "minifastv.inputs"],
     ["minifastv.pruning", "minifastv.quant"],
     ["minifastv.models"],
-    ["minifastv.checkpoint", "minifastv.convert"],
+    ["minifastv.checkpoint", "minifastv.convert", "minifastv.convert_qwen"],
     ["minifastv.pipeline", "minifastv.batch"],
     ["minifastv.options", "minifastv.plot", "minifastv.analyze", "minifastv.serve", "minifastv.eval",
      "minifastv.bench", "minifastv.cli"],

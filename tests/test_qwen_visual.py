@@ -3,40 +3,15 @@ blocks against open_clip's (a test-only dependency; its VisionTransformer always
 has not, so its own convolution, ln_pre and Transformer are run in Qwen's order), the resampler's attention against
 torch.nn.MultiheadAttention run as Qwen's Resampler runs it, the sin-cos table against open_clip's MAE function."""
 
-import importlib
 import math
-import sys
-import types
 from functools import partial
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from minifastv.config import VisionConfig
 from minifastv.models.qwen_visual import QwenVisionTower, Resampler, resized, sincos_2d
-
-
-@pytest.fixture(scope="module")
-def open_clip_modules():
-    """open_clip's transformer.py and pos_embed.py without its package __init__, which imports torchvision (PyPI's
-    build does not load beside the CPU torch): its model code needs only torchvision's FrozenBatchNorm2d name."""
-    spec = importlib.util.find_spec("open_clip")
-    saved = {name: sys.modules.get(name) for name in ("open_clip", "torchvision", "torchvision.ops",
-                                                       "torchvision.ops.misc")}
-    package = types.ModuleType("open_clip")
-    package.__path__ = list(spec.submodule_search_locations)
-    misc = types.ModuleType("torchvision.ops.misc")
-    misc.FrozenBatchNorm2d = nn.BatchNorm2d
-    sys.modules.update({"open_clip": package, "torchvision": types.ModuleType("torchvision"),
-                        "torchvision.ops": types.ModuleType("torchvision.ops"), "torchvision.ops.misc": misc})
-    try:
-        yield importlib.import_module("open_clip.transformer"), importlib.import_module("open_clip.pos_embed")
-    finally:
-        for name in [n for n in sys.modules if n == "open_clip" or n.startswith(("open_clip.", "torchvision"))]:
-            del sys.modules[name]
-        sys.modules.update({k: v for k, v in saved.items() if v is not None})
 
 
 def randomise(module: nn.Module, seed: int):
