@@ -16,15 +16,19 @@ VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence a
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 
 
-def media(n_images: int, n_videos: int = 0) -> str:
-    """The markers a turn starts with: images first, then videos, each on its own line."""
+def media(n_images: int, n_videos: int = 0, template: str = "vicuna_v1") -> str:
+    """The markers a turn starts with: images first, then videos, each on its own line. Qwen-VL writes each image
+    as "Picture i: <img>...</img>" (its from_list_format), numbered from 1 in each turn."""
+    if template == "qwen":
+        return "".join(f"Picture {i}: <img>{IMAGE_MARKER}</img>\n" for i in range(1, n_images + 1))
     return (IMAGE_MARKER + "\n") * n_images + (VIDEO_MARKER + "\n") * n_videos
 
 
 # The conversation templates, as LLaVA's conversation.py lays them out: per name, (the first turn from the system
 # line s (may be ""), the turn's media markers m and question q; a later turn, after the previous answer and its
 # EOS). vicuna_v1: LLaVA-1.5, Video-LLaVA, LLaVA-NeXT on Vicuna; mistral_instruct: LLaVA-NeXT on Mistral-7B-Instruct
-# (no system line); chatml: LLaVA-NeXT-34B on Nous-Hermes-2-Yi (its EOS is <|im_end|>).
+# (no system line); chatml: LLaVA-NeXT-34B on Nous-Hermes-2-Yi (its EOS is <|im_end|>); qwen: Qwen-VL-Chat, ChatML
+# as its make_context lays it out, with its own image lines (media) and no BOS (NO_BOS).
 TEMPLATES = {
     "vicuna_v1": (lambda s, m, q: f"{s + ' ' if s else ''}USER: {m}{q} ASSISTANT:",
                   lambda m, q: f"USER: {m}{q} ASSISTANT:"),
@@ -33,13 +37,15 @@ TEMPLATES = {
                + f"<|im_start|>user\n{m}{q}<|im_end|>\n<|im_start|>assistant\n",
                lambda m, q: f"\n<|im_start|>user\n{m}{q}<|im_end|>\n<|im_start|>assistant\n"),
 }
+TEMPLATES["qwen"] = TEMPLATES["chatml"]
+NO_BOS = {"qwen"}
 
 
 def chat_prompt(question: str, n_images: int = 1, system: str = VICUNA_SYSTEM, n_videos: int = 0,
                 template: str = "vicuna_v1") -> str:
     """A conversation's first turn (LLaVA-1.5's vicuna_v1 unless `template` names another; Video-LLaVA's llava_v1
     is vicuna_v1 with its own system line; "" leaves it out); images and videos go first, each on its own line."""
-    return TEMPLATES[template][0](system, media(n_images, n_videos), question)
+    return TEMPLATES[template][0](system, media(n_images, n_videos, template), question)
 
 
 class Tokenizer:
@@ -47,7 +53,8 @@ class Tokenizer:
                  video_token_id: int | None = None, frame_token_id: int | None = None, n_frames: int = 0,
                  template: str = "vicuna_v1"):
         self.tok, self.template = tokenizer, template   # template: the conversation layout (TEMPLATES)
-        self.bos_token_id, self.eos_token_id, self.image_token_id = bos_token_id, eos_token_id, image_token_id
+        self.bos_token_id = None if template in NO_BOS else bos_token_id   # None: prompts start without one
+        self.eos_token_id, self.image_token_id = eos_token_id, image_token_id
         self.video_token_id = video_token_id  # None: the model takes no video, and "<video>" is plain text
         self.markers = {IMAGE_MARKER: image_token_id, **({VIDEO_MARKER: video_token_id} if video_token_id is not None
                                                          else {})}
@@ -73,13 +80,13 @@ class Tokenizer:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        """BOS, then each text chunk between "<image>" (and, for a video model, "<video>") markers tokenized on
-        its own, joined by one placeholder id per marker.
+        """BOS (unless the template has none: NO_BOS), then each text chunk between "<image>" (and, for a video
+        model, "<video>") markers tokenized on its own, joined by one placeholder id per marker.
 
         This is LLaVA's tokenizer_image_token: chunks are tokenized separately (so a chunk after an image
         starts afresh, e.g. with SentencePiece's leading space), and BOS appears once, at the start.
         """
-        ids = [self.bos_token_id]
+        ids = [] if self.bos_token_id is None else [self.bos_token_id]
         if FRAME_MARKER in self.markers:
             prompt = prompt.replace(VIDEO_MARKER, " ".join([FRAME_MARKER] * self.n_frames))
         pieces = re.split("(" + "|".join(map(re.escape, self.markers)) + ")", prompt)
@@ -90,7 +97,8 @@ class Tokenizer:
     def encode_turn(self, question: str, n_images: int = 0, n_videos: int = 0) -> list[int]:
         """A later turn of the conversation, after the previous answer and its EOS (vicuna_v1: "USER: q
         ASSISTANT:"), its images and videos (if any) first, each on its own line, as in chat_prompt."""
-        return self.encode_prompt(TEMPLATES[self.template][1](media(n_images, n_videos), question))[1:]
+        ids = self.encode_prompt(TEMPLATES[self.template][1](media(n_images, n_videos, self.template), question))
+        return ids if self.bos_token_id is None else ids[1:]
 
     def first_turn(self, question: str, n_images: int = 1, system: str = VICUNA_SYSTEM, n_videos: int = 0):
         """The ids of a conversation's first turn (BOS first) in this tokenizer's template."""

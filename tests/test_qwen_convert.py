@@ -205,3 +205,26 @@ def test_quantized_conversion_and_the_refusals(hub, tmp_path):
     with pytest.raises(ConversionError, match="unknown tensor 'transformer.visual.mystery'"):
         convert(extra, tmp_path / "never", log=lambda _: None)
     assert not (tmp_path / "never").exists()
+
+
+def test_the_chat_prompt_is_qwens_make_context(hub):
+    """Qwen-VL-Chat's first turn as its qwen_generation_utils.make_context builds it with tiktoken (role and content
+    encoded apart, the image as 'Picture 1: <img>path</img>' whose content Qwen turns into 256 slots), with the
+    image's content replaced by the one placeholder here; no BOS. A later turn follows the answer's <|im_end|>."""
+    import tiktoken
+
+    from minifastv.checkpoint import load_tokenizer
+
+    _, _, _, ranks, model, out = hub
+    special = qwen_special(len(ranks))
+    enc = tiktoken.Encoding("q", pat_str=QWEN_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+    nl, start, end = enc.encode("\n"), [special["<|im_start|>"]], [special["<|im_end|>"]]
+    role = lambda name, content: enc.encode(name) + nl + content
+    query = (enc.encode("Picture 1: ") + [special["<img>"], model.config.image_token_id, special["</img>"]]
+             + enc.encode("\nWhat is on the mat?"))
+    want = (start + role("system", enc.encode("You are a helpful assistant.")) + end + nl
+            + start + role("user", query) + end + nl + start + enc.encode("assistant") + nl)
+    tok = load_tokenizer(out)
+    assert tok.first_turn("What is on the mat?", 1, model.config.system) == want
+    later = nl + start + role("user", enc.encode("And now?")) + end + nl + start + enc.encode("assistant") + nl
+    assert tok.encode_turn("And now?") == later and tok.bos_token_id is None

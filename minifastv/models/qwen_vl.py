@@ -37,6 +37,7 @@ class QwenVLConfig(LlavaConfig):
     image_end_id: int = 151858      # </img>
     system: str = "You are a helpful assistant."
     family: ClassVar[str] = "qwen-vl"
+    template: ClassVar[str] = "qwen"   # tokenizer.TEMPLATES: ChatML, "Picture i: <img>...</img>", no BOS
 
     def __post_init__(self):
         super().__post_init__()
