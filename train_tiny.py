@@ -1,13 +1,14 @@
 """Train the "tiny" LLaVA from scratch (vision tower, projector, decoder) on the synthetic shapes task, with
---video the tiny Video-LLaVA on the synthetic video task (video_shapes.py), or with --anyres the tiny LLaVA-NeXT
-on small shapes on wide and tall canvases (anyres_shapes.py).
+--video the tiny Video-LLaVA on the synthetic video task (video_shapes.py), with --anyres the tiny LLaVA-NeXT
+on small shapes on wide and tall canvases (anyres_shapes.py), or with --qwen the tiny Qwen-VL on the shapes task
+(its own byte-level BPE vocabulary, made as Qwen's is: tiktoken ranks, Qwen's split pattern and special tokens).
 
 Each training dialogue asks one question of every type about an image (a video) and includes a "describe the
 image." ("describe the video.") turn at a random place, which ties words to image regions densely, as LLaVA's
 detailed-description data does; with one question per image the model stays on the answer prior for the whole
 default run.
 
-    python train_tiny.py [--video | --anyres] [--steps 1250] [--batch-size 32] [--out results/tiny] [--seed 0]
+    python train_tiny.py [--video | --anyres | --qwen] [--steps 1250] [--batch-size 32] [--out results/tiny] [--seed 0]
                          [--force]
 
 The shipped models are what this wrote: minifastv/data/tiny and tiny_video with --threads 1, tiny_next with
@@ -27,8 +28,8 @@ import time
 from pathlib import Path
 
 import torch
+from tokenizers import Regex, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import models, pre_tokenizers, trainers
 
 import anyres_shapes
 import minifastv
@@ -36,19 +37,46 @@ import shapes
 import video_shapes
 from minifastv import LlavaConfig, LlavaModel, Tokenizer, chat_prompt
 from minifastv.inputs import Batch, conversations
-from minifastv.models import FAMILIES, LlavaNextConfig, VideoLlavaConfig
+from minifastv.models import FAMILIES, LlavaNextConfig, QwenVLConfig, VideoLlavaConfig
 from minifastv.pipeline import Pipeline
+from minifastv.tiktoken_bpe import QWEN_PATTERN, byte_chars, qwen_special, tokenizer_from_ranks
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<image>"]  # ids 0..3: pad/unk, BOS, EOS, the image placeholder
 VIDEO_SPECIALS = [*SPECIALS, "<video>"]      # id 4: the video placeholder
 # task: its synthetic task (module) and the preset of the model trained on it
 TASKS = {"image": (shapes, lambda: LlavaConfig.from_name("tiny")),
          "video": (video_shapes, lambda: VideoLlavaConfig.from_name("tiny-video")),
-         "anyres": (anyres_shapes, lambda: LlavaNextConfig.from_name("tiny-next"))}
+         "anyres": (anyres_shapes, lambda: LlavaNextConfig.from_name("tiny-next")),
+         "qwen": (shapes, lambda: QwenVLConfig.from_name("tiny-qwen"))}
+QWEN_RANKS = 512   # at most; the trainer stops at 407, where no pair repeats: every word of the task is one token
+
+
+def qwen_ranks() -> dict[bytes, int]:
+    """The tiny Qwen-VL's vocabulary as tiktoken ranks: byte-level BPE trained on the task's text over Qwen's split
+    pattern (tokenizers' BPE trainer: the 256 bytes, then each merge in the order it was made)."""
+    bpe = HFTokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    texts = shapes.corpus() + [chat_prompt("x", template="qwen", system=QwenVLConfig.system)]
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=QWEN_RANKS, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    byte_of = {c: b for b, c in enumerate(byte_chars())}
+    return {bytes(byte_of[c] for c in token): rank for token, rank in bpe.get_vocab().items()}
+
+
+def build_qwen_tokenizer() -> Tokenizer:
+    """The tiny Qwen-VL's tokenizer: its ranks with Qwen's special tokens after them, built as a converted
+    Qwen-VL's is (tiktoken_bpe.py)."""
+    ranks = qwen_ranks()
+    special = qwen_special(len(ranks))
+    return Tokenizer(tokenizer_from_ranks(ranks, QWEN_PATTERN, special), bos_token_id=special["<|endoftext|>"],
+                     eos_token_id=special["<|im_end|>"], image_token_id=special["<imgpad>"], template="qwen")
 
 
 def build_tokenizer(task: str = "image") -> Tokenizer:
-    """A word-level tokenizer over the task's text: every answer is one token."""
+    """A word-level tokenizer over the task's text: every answer is one token (the tiny Qwen-VL's: a BPE)."""
+    if task == "qwen":
+        return build_qwen_tokenizer()
     video = task == "video"
     tok = HFTokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -64,9 +92,14 @@ def build_model(tok: Tokenizer, seed: int, task: str = "image") -> LlavaModel:
     """The task's tiny preset at the tokenizer's vocabulary size, in the small normal init training starts from."""
     base = TASKS[task][1]()
     vocab = -(-tok.vocab_size // 8) * 8
-    config = dataclasses.replace(base, text=dataclasses.replace(base.text, vocab_size=vocab),
-                                 image_token_id=tok.image_token_id,
-                                 **({"video_token_id": tok.video_token_id} if task == "video" else {}))
+    ids = {"video_token_id": tok.video_token_id} if task == "video" else {}
+    text = dataclasses.replace(base.text, vocab_size=vocab)
+    if task == "qwen":   # its special ids follow its ranks
+        ids = {"image_start_id": tok.tok.token_to_id("<img>"), "image_end_id": tok.tok.token_to_id("</img>")}
+        end_of_text = tok.tok.token_to_id("<|endoftext|>")
+        text = dataclasses.replace(text, bos_token_id=end_of_text, pad_token_id=end_of_text,
+                                   eos_token_id=tok.eos_token_id)
+    config = dataclasses.replace(base, text=text, image_token_id=tok.image_token_id, **ids)
     torch.manual_seed(seed)
     model = FAMILIES[config.family][1](config)
     with torch.no_grad():  # small normal init everywhere; norms start at 1, biases at 0
@@ -97,7 +130,7 @@ def training_batch(pipe: Pipeline, indices) -> Batch:
 
 def task_of(pipe: Pipeline) -> str:
     """The task a tiny model is trained on, from its family."""
-    return {"video-llava": "video", "llava-next": "anyres"}.get(pipe.model.config.family, "image")
+    return {"video-llava": "video", "llava-next": "anyres", "qwen-vl": "qwen"}.get(pipe.model.config.family, "image")
 
 
 def batch_loss(pipe: Pipeline, batch: Batch) -> torch.Tensor:
@@ -152,6 +185,7 @@ def main(argv=None) -> int:
     which.add_argument("--video", action="store_true", help="the tiny Video-LLaVA on the video task (video_shapes.py)")
     which.add_argument("--anyres", action="store_true", help="the tiny LLaVA-NeXT on small shapes on wide and tall "
                        "canvases (anyres_shapes.py)")
+    which.add_argument("--qwen", action="store_true", help="the tiny Qwen-VL on the shapes task, with a BPE vocabulary")
     p.add_argument("--steps", type=int, default=1250)
     p.add_argument("--out", default="results/tiny", help="output directory (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
@@ -168,7 +202,7 @@ def main(argv=None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    task = "video" if args.video else "anyres" if args.anyres else "image"
+    task = "video" if args.video else "anyres" if args.anyres else "qwen" if args.qwen else "image"
     pipe = train(args.steps, args.seed, args.batch_size, args.lr, eval_every=args.eval_every, task=task)
     minifastv.save(pipe.model, pipe.tokenizer, args.out, overwrite=args.force)
     print(f"wrote {args.out}")
