@@ -1,4 +1,4 @@
-"""Convert a LLaVA-1.5 checkpoint (original liuhaotian, llava-hf, or transformers 5.x names) to minifastv.
+"""Convert a LLaVA-1.5, LLaVA-NeXT, Video-LLaVA or Qwen-VL-Chat checkpoint to minifastv (docs/converting.md).
 
     python convert_weights.py SRC OUT [--vision-tower CLIP_DIR] [--dtype float16] [--tokenizer tokenizer.json]
 

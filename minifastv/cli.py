@@ -334,8 +334,8 @@ def main(argv=None, *, convert_prog: str | None = None):
 
     c = sub.add_parser("convert", help="convert a LLaVA checkpoint (1.5, NeXT, Video-LLaVA; as convert_weights.py)",
                        description="Convert a LLaVA-1.5, LLaVA-NeXT or Video-LLaVA checkpoint (original, -hf, or "
-                                   "transformers' save_pretrained names; the layout is read from the files) to "
-                                   "minifastv's format. "
+                                   "transformers' save_pretrained names; the layout is read from the files), or "
+                                   "Qwen-VL-Chat's hub checkpoint (its qwen.tiktoken included), to minifastv's format. "
                                    "Original checkpoints also need their towers (--vision-tower, or --image-tower "
                                    "and --video-tower) and --tokenizer; docs/converting.md has every layout.",
                        **({"prog": convert_prog} if convert_prog else {}))
