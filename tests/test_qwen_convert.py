@@ -228,3 +228,32 @@ def test_the_chat_prompt_is_qwens_make_context(hub):
     assert tok.first_turn("What is on the mat?", 1, model.config.system) == want
     later = nl + start + role("user", enc.encode("And now?")) + end + nl + start + enc.encode("assistant") + nl
     assert tok.encode_turn("And now?") == later and tok.bos_token_id is None
+
+
+# Qwen/Qwen-VL-Chat-Int4's published config.json (x1ngzai/Qwen-VL-Chat-Int4), as it is; the float Qwen-VL-Chat's is
+# the same without quantization_config.
+PUBLISHED = {
+    "architectures": ["QWenLMHeadModel"], "attn_dropout_prob": 0.0, "bf16": False, "emb_dropout_prob": 0.0,
+    "fp16": True, "fp32": False, "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 22016,
+    "kv_channels": 128, "layer_norm_epsilon": 1e-06, "max_position_embeddings": 8192, "model_type": "qwen",
+    "no_bias": True, "num_attention_heads": 32, "num_hidden_layers": 32, "onnx_safe": None,
+    "quantization_config": {"bits": 4, "group_size": 128, "damp_percent": 0.01, "desc_act": False,
+                            "static_groups": False, "sym": True, "true_sequential": True,
+                            "model_name_or_path": None, "model_file_base_name": "model", "quant_method": "gptq"},
+    "rotary_emb_base": 10000, "rotary_pct": 1.0, "scale_attn_weights": True, "seq_length": 2048,
+    "tie_word_embeddings": False, "tokenizer_type": "QWenTokenizer", "torch_dtype": "float16",
+    "transformers_version": "4.32.0", "use_cache": True, "use_dynamic_ntk": True, "use_flash_attn": "auto",
+    "use_logn_attn": True, "vocab_size": 151936,
+    "visual": {"heads": 16, "image_size": 448, "image_start_id": 151857, "layers": 48, "mlp_ratio": 4.9231,
+               "output_dim": 4096, "patch_size": 14, "width": 1664}}
+
+
+def test_the_published_config_reads_as_the_qwen_vl_chat_preset_and_gptq_is_refused():
+    from minifastv.convert_qwen import qwen_config
+    from minifastv.models.qwen_vl import QWEN_VL_CHAT
+
+    float_config = {k: v for k, v in PUBLISHED.items() if k != "quantization_config"}
+    assert qwen_config(float_config) == QWEN_VL_CHAT
+    assert QWEN_VL_CHAT.vision.intermediate_size == 8192 and QWEN_VL_CHAT.text.intermediate_size == 11008
+    with pytest.raises(ValueError, match="gptq-quantized Qwen-VL"):
+        qwen_config(PUBLISHED)
