@@ -42,8 +42,8 @@ VISUAL = {
     "attn_pool.pos_embed": "projector.pos_embed",
     "attn_pool.kv_proj.weight": "projector.kv_proj.weight",
     **{f"attn_pool.{src}.{p}": f"projector.{dst}.{p}"
-       for src, dst in (("ln_q", "ln_q"), ("ln_kv", "ln_kv"), ("attn.out_proj", "o_proj")) for p in ("weight", "bias")},
-    **{f"ln_post.{p}": f"projector.ln_post.{p}" for p in ("weight", "bias")},
+       for src, dst in (("ln_q", "q_norm"), ("ln_kv", "kv_norm"), ("attn.out_proj", "o_proj")) for p in ("weight", "bias")},
+    **{f"ln_post.{p}": f"projector.post_norm.{p}" for p in ("weight", "bias")},
     "proj": "projector.proj",
 }
 # Fused q, k, v -> the three projections: (source template, target prefix template, laid out head by head).

@@ -83,9 +83,10 @@ def open_clip_modules():
     misc.FrozenBatchNorm2d = nn.BatchNorm2d
     sys.modules.update({"open_clip": package, "torchvision": types.ModuleType("torchvision"),
                         "torchvision.ops": types.ModuleType("torchvision.ops"), "torchvision.ops.misc": misc})
-    try:
-        yield importlib.import_module("open_clip.transformer"), importlib.import_module("open_clip.pos_embed")
+    try:   # imported, the modules keep what they took; the stand-ins leave at once (transformers looks for them)
+        modules = importlib.import_module("open_clip.transformer"), importlib.import_module("open_clip.pos_embed")
     finally:
         for name in [n for n in sys.modules if n == "open_clip" or n.startswith(("open_clip.", "torchvision"))]:
             del sys.modules[name]
         sys.modules.update({k: v for k, v in saved.items() if v is not None})
+    return modules

@@ -77,7 +77,7 @@ class QwenVisionTower(nn.Module):
 
 
 class Resampler(nn.Module):
-    """Patch features [N, P, width] -> [N, n_queries, dim]: learned queries cross-attend to them, then ln_post and
+    """Patch features [N, P, width] -> [N, n_queries, dim]: learned queries cross-attend to them, then post_norm and
     proj. dim is the decoder's width; heads of 128."""
 
     def __init__(self, width: int, dim: int, n_queries: int = 256, eps: float = 1e-6):
@@ -86,18 +86,18 @@ class Resampler(nn.Module):
         self.query = nn.Parameter(torch.zeros(n_queries, dim))
         self.register_buffer("pos_embed", sincos_2d(dim, math.isqrt(n_queries)))   # checkpoints carry Qwen's own
         self.kv_proj = nn.Linear(width, dim, bias=False)
-        self.ln_q, self.ln_kv = nn.LayerNorm(dim, eps=eps), nn.LayerNorm(dim, eps=eps)
+        self.q_norm, self.kv_norm = nn.LayerNorm(dim, eps=eps), nn.LayerNorm(dim, eps=eps)   # Qwen's ln_q, ln_kv
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.o_proj = nn.Linear(dim, dim)
-        self.ln_post = nn.LayerNorm(dim, eps=eps)
+        self.post_norm = nn.LayerNorm(dim, eps=eps)                                           # Qwen's ln_post
         self.proj = nn.Parameter(torch.zeros(dim, dim))   # applied as x @ proj
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        x = self.ln_kv(self.kv_proj(features))                                  # N, P, dim
+        x = self.kv_norm(self.kv_proj(features))                                  # N, P, dim
         pos = self.pos_embed.to(x.dtype)
-        q = (self.ln_q(self.query) + pos).expand(len(x), -1, -1)                 # N, Q, dim
+        q = (self.q_norm(self.query) + pos).expand(len(x), -1, -1)                 # N, Q, dim
         heads = lambda t: rearrange(t, "n t (h d) -> n h t d", h=self.n_heads)
         y = F.scaled_dot_product_attention(heads(self.q_proj(q)), heads(self.k_proj(x + resized(pos, x.shape[1]))),
                                            heads(self.v_proj(x)))
         y = self.o_proj(rearrange(y, "n h t d -> n t (h d)"))
-        return self.ln_post(y) @ self.proj.to(y.dtype)
+        return self.post_norm(y) @ self.proj.to(y.dtype)
