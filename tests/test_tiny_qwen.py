@@ -52,3 +52,15 @@ def test_a_few_training_steps_reduce_the_loss_and_save_a_loadable_checkpoint(tmp
     assert loaded.tokenizer.first_turn("is there a red circle?") == pipe.tokenizer.first_turn("is there a red circle?")
     acc = shapes.evaluate(loaded, 8)
     assert 0 <= acc["all"] <= 1 and acc["kept"] == 1.0
+
+
+def test_training_starts_every_norm_at_one_in_every_family():
+    """build_model draws weights from N(0, 0.02) and starts norms at 1 by their names: a norm named otherwise
+    (Qwen's ln_q once was) would start near zero and mute what passes through it."""
+    from minifastv.models.llama import RMSNorm
+
+    for task in train_tiny.TASKS:
+        model = train_tiny.build_model(train_tiny.build_tokenizer(task), seed=0, task=task)
+        norms = [(name, m) for name, m in model.named_modules() if isinstance(m, (torch.nn.LayerNorm, RMSNorm))]
+        assert norms and all(bool((m.weight == 1).all()) for _, m in norms), (task, [n for n, m in norms
+                                                                                       if not (m.weight == 1).all()])
