@@ -173,14 +173,14 @@ class LlavaModel(nn.Module):
         seq = self.llm.sequence(x, positions, valid, image=image_mask, vision_attention=vision_scores,
                                 n_patches=sizes.pop() if len(sizes) == 1 else None)  # None: groups of two sizes
         out = self.llm(seq, cache, prune, attention_rows)
-        h = out.hidden[:, -1:] if last_only else out.hidden
+        h = out.hidden[:, -1] if last_only else out.hidden   # [B, C]: for a [B, 1, C] slice torch copies lm_head
         keep, kept_valid, layer_tokens = out.seq.slots, out.seq.valid, out.layer_tokens.T.cpu()
         text = self.config.text
         next_position = valid.sum(1) + (0 if start_position is None else start_position.to(valid.device))
-        return Prefill(self.llm.lm_head(h), valid, image_mask, keep, kept_valid, next_position=next_position,
-                       layer_tokens=layer_tokens, flops=[decoder_flops(text, n) for n in layer_tokens.tolist()],
-                       flops_unpruned=[decoder_flops(text, [int(n)] * text.n_layers) for n in valid.sum(1)],
-                       attention=out.attention, select_s=out.select_s)
+        return Prefill(self.llm.lm_head(h).view(len(h), -1, text.vocab_size), valid, image_mask, keep, kept_valid,
+                       next_position=next_position, layer_tokens=layer_tokens, attention=out.attention,
+                       select_s=out.select_s, flops=[decoder_flops(text, n) for n in layer_tokens.tolist()],
+                       flops_unpruned=[decoder_flops(text, [int(n)] * text.n_layers) for n in valid.sum(1)])
 
     def forward(self, input_ids, pixel_values=None, *, attention_mask=None, prune: Pruner | None = None, **visual):
         """logits [B, T_out, vocab]; T_out is the merged (and, when pruned, shortened) length."""
