@@ -3,9 +3,10 @@ pruning method at kept budgets of 50%, 25% and 12.5% of the image tokens; prints
 PNGs of accuracy against relative prefill FLOPs (--plot for FastV's grid, --methods-plot for the methods).
 With --video, the same for the tiny video model on the video task (video_shapes.py), FastV at K=2 and K=5,
 R=50%, as the paper's Table 6 runs Video-LLaVA. With --anyres, the tiny LLaVA-NeXT on anyres_shapes.py, with a row
-for the base image alone (every tile blank) and FastV under each treatment of the packed tokens (--anyres).
+for the base image alone (every tile blank) and FastV under each treatment of the packed tokens (--anyres). With
+--qwen, the tiny Qwen-VL on the shapes task (its tokens are the resampler's queries, not patches).
 
-    python evaluate_tiny.py [--video | --anyres] [--model minifastv/data/tiny] [--n 400]
+    python evaluate_tiny.py [--video | --anyres | --qwen] [--model minifastv/data/tiny] [--n 400]
                             [--plot results/fastv_tiny.png] [--methods-plot results/pruning_tiny.png] [--dtype float32]
 
 It also prints the accuracy with the decoder's linears quantized to int8 and int4 (minifastv/quant.py), and
@@ -26,7 +27,7 @@ from minifastv.config import QuantConfig
 import anyres_shapes
 import shapes
 import video_shapes
-from minifastv.data import TINY_MODEL, TINY_NEXT_MODEL, TINY_VIDEO_MODEL
+from minifastv.data import TINY_MODEL, TINY_NEXT_MODEL, TINY_QWEN_MODEL, TINY_VIDEO_MODEL
 from minifastv.pipeline import Pipeline
 from minifastv.plot import line_plot
 from minifastv.pruning import METHODS, AfterLayer, AnyresParts, at_budget
@@ -37,6 +38,7 @@ from shapes import make_batch
 GRID_K, GRID_R = (1, 2), (0.25, 0.5, 0.75)
 VIDEO_GRID_K, VIDEO_GRID_R = (2, 5), (0.5,)   # the paper's Table 6: Video-LLaVA at K=2 and K=5, R=50%
 NO_VIDEO = ("fastervlm", "visionzip")         # they rank by the vision tower's class-token attention
+NO_CLASS_TOKEN = NO_VIDEO                     # Qwen-VL's tower has no class token either
 NO_ANYRES = (*NO_VIDEO, "uniform", "pool")    # LLaVA-NeXT's tiles do not take them yet (nor the per-image ones)
 RANDOM_SEEDS = (0, 1, 2)
 BUDGETS = (0.5, 0.25, 0.125)  # fractions of the image tokens kept
@@ -58,7 +60,7 @@ def plot(rows, path: str):
 
 def compare_methods(pipe, n: int, task=shapes) -> list[dict]:
     rows = []
-    for name in methods_for(task):
+    for name in methods_for(task, pipe):
         for kept in BUDGETS:
             seeds = RANDOM_SEEDS if name == "random" else (0,)
             k = K if issubclass(METHODS[name], AfterLayer) else None
@@ -69,8 +71,10 @@ def compare_methods(pipe, n: int, task=shapes) -> list[dict]:
     return rows
 
 
-def methods_for(task) -> list[str]:
+def methods_for(task, pipe) -> list[str]:
     skip = {shapes: (), video_shapes: NO_VIDEO, anyres_shapes: NO_ANYRES}[task]
+    if pipe.model.config.family == "qwen-vl":
+        skip = (*skip, *NO_CLASS_TOKEN)
     return [name for name in METHODS if name not in skip]
 
 
@@ -114,8 +118,9 @@ def main(argv=None) -> int:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--video", action="store_true", help="the tiny video model on the video task")
     which.add_argument("--anyres", action="store_true", help="the tiny LLaVA-NeXT on anyres_shapes.py")
+    which.add_argument("--qwen", action="store_true", help="the tiny Qwen-VL on the shapes task")
     p.add_argument("--model", help="checkpoint (default: the shipped tiny model, tiny video model with --video, "
-                   "tiny LLaVA-NeXT with --anyres)")
+                   "tiny LLaVA-NeXT with --anyres, tiny Qwen-VL with --qwen)")
     p.add_argument("--n", type=int, default=400, help="held-out examples")
     p.add_argument("--plot", default="results/fastv_tiny.png", help="FastV's grid (default: %(default)s; the "
                    "README's pictures are made with --plot docs/fastv_tiny.png --methods-plot docs/pruning_tiny.png)")
@@ -127,7 +132,8 @@ def main(argv=None) -> int:
         Path(picture).parent.mkdir(parents=True, exist_ok=True)
     task = video_shapes if args.video else anyres_shapes if args.anyres else shapes
     grid_k, grid_r = (VIDEO_GRID_K, VIDEO_GRID_R) if args.video else (GRID_K, GRID_R)
-    default = TINY_VIDEO_MODEL if args.video else TINY_NEXT_MODEL if args.anyres else TINY_MODEL
+    default = TINY_VIDEO_MODEL if args.video else TINY_NEXT_MODEL if args.anyres else \
+        TINY_QWEN_MODEL if args.qwen else TINY_MODEL
     pipe = Pipeline.load(args.model or default, dtype=args.dtype)
     model, evaluate, kinds = pipe.model, task.evaluate, task.QUESTION_TYPES
     base = evaluate(pipe, args.n)
@@ -170,7 +176,7 @@ def main(argv=None) -> int:
           f"image tokens kept; K={K} where a method has a layer; random: mean over seeds {RANDOM_SEEDS}; "
           "pyramiddrop keeps the share after its last stage, the share present in an average layer is given")
     print("| method | " + " | ".join(f"{b:.1%} kept" for b in BUDGETS) + " |\n|---|" + "---|" * len(BUDGETS))
-    for name in methods_for(task):
+    for name in methods_for(task, pipe):
         cells = []
         for r in (x for x in methods if x["method"] == name):
             note = f", {r['kept']:.0%} on average" if name.startswith("pyramiddrop") else ""
@@ -181,8 +187,11 @@ def main(argv=None) -> int:
     if args.anyres:
         print(f"({', '.join(NO_ANYRES)} take no tiles yet: {', '.join(NO_VIDEO)} rank by the vision tower's "
               "class-token attention, uniform and pool work per image of one fixed size)")
+    if args.qwen:
+        print(f"({', '.join(NO_CLASS_TOKEN)} do not apply: they rank by the vision tower's class-token attention, "
+              "and Qwen-VL's tower has no class token)")
     series = {name: [(r["flops"], r["acc"]) for r in methods if r["method"] == name] + [(1.0, base["all"])]
-              for name in methods_for(task)}
+              for name in methods_for(task, pipe)}
     line_plot(series, args.methods_plot, xlabel="relative prefill FLOPs", ylabel="held-out accuracy",
               xlim=(0.0, 1.0), ylim=(0.0, 1.0), percent_y=True)
 
@@ -192,7 +201,7 @@ def main(argv=None) -> int:
         print("| method, treatment | " + " | ".join(kinds) + " | all |\n|---|" + "---|" * (len(kinds) + 1))
         for name, acc in anyres_treatments(pipe, args.n):
             print(f"| {name} | " + " | ".join(f"{acc[k]:.1%}" for k in (*kinds, "all")) + " |")
-    if args.video or args.anyres:
+    if args.video or args.anyres or args.qwen:  # the position bias is of a patch grid; Qwen-VL's tokens are queries
         print(f"\nwrote {args.plot} and {args.methods_plot}")
         return 0
     rho, row, share = fastv_position_bias(pipe, min(args.n, 200))

@@ -12,8 +12,8 @@ default run.
                          [--force]
 
 The shipped models are what this wrote: minifastv/data/tiny and tiny_video with --threads 1, tiny_next with
---anyres --steps 3000 at 2 threads. The default output is a new directory, so that a run never replaces a model
-inside an installed package by accident.
+--anyres --steps 3000 at 2 threads, tiny_qwen with --qwen --steps 3000 at 2 threads. The default output is a new
+directory, so that a run never replaces a model inside an installed package by accident.
 
 Uses the same model code as inference and writes a minifastv checkpoint with minifastv.save.
 """

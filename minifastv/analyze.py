@@ -7,6 +7,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .anyres import kept_on_grid
+from .image import tokens_per_image
 from .plot import label_font
 
 SEGMENTS = ("system", "image", "instruction")
@@ -87,7 +88,7 @@ def kept_patches_and_share(model, input_ids, pixel_values, method, **visual) -> 
     image's kept tokens on its tile grid (anyres.kept_on_grid; None for the other families), from one prefill."""
     pre = model.prefill(input_ids, pixel_values, prune=method, **visual)
     first, kept = int(pre.image_mask[0].nonzero()[0]), pre.kept_image_slots()[0]
-    n = model.config.vision.n_patches
+    n = tokens_per_image(model.config)
     on_grid = None
     if getattr(pre, "parts", None) is not None:
         labels = pre.parts[0, first:first + model.config.n_image_tokens(*visual["image_sizes"][0].tolist())]

@@ -140,7 +140,7 @@ def cmd_analyze(args):
         kept_patches_picture,
         picture_grid,
     )
-    from .image import load_image, model_view
+    from .image import load_image, model_view, token_grid
     from .pruning import METHODS, FastV, at_budget
 
     out = Path(args.out_dir)
@@ -164,12 +164,13 @@ def cmd_analyze(args):
     print_attention_shares(attention_shares(model, ids, pixels, **visual), out)
     tiles = getattr(cfg, "tiles", None)   # LLaVA-NeXT: the picture is its base image, the first of its tokens
     view = tiles(image)[0] if tiles else model_view(image, cfg.vision.image_size, cfg.image_mode, cfg.image_mean)
-    grid = cfg.vision.grid
+    grid = token_grid(cfg)
     scale = max(1, 384 // cfg.vision.image_size)
     kept, share, on_grid = kept_patches_and_share(model, ids, pixels, method, **visual)
     picture_grid([(describe(method), kept_patches_picture(view, grid, kept, scale=scale))], columns=1).save(
         out / "kept_patches.png")
-    print(f"\n{describe(method)} keeps {len(kept)} of {grid * grid} patches" + (" of the base image" if tiles else ""))
+    unit = "patches" if grid == cfg.vision.grid else "tokens (a grid of resampled queries, not patches)"
+    print(f"\n{describe(method)} keeps {len(kept)} of {grid * grid} {unit}" + (" of the base image" if tiles else ""))
     print("kept patches: " + ", ".join(map(str, kept)))
     written = [out / "attention_shares.png", out / "kept_patches.png"]
     if on_grid is not None:   # LLaVA-NeXT: the tile grid's kept cells, drawn on the image itself

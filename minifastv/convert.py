@@ -364,12 +364,11 @@ def convert(src, out, *, vision_tower=None, image_tower=None, video_tower=None, 
         raise ConversionError(f"{src / CONFIG}: {e if not isinstance(e, KeyError) else f'no field {e}'}") from None
     dtype = parse_dtype(dtype) or source_dtype(source)
     tokenizer_file = Path(tokenizer) if tokenizer is not None else src / (TIKTOKEN if qwen else TOKENIZER)
-    if not tokenizer_file.is_file() and qwen:
-        raise FileNotFoundError(f"{tokenizer_file}: not found. Pass --tokenizer FILE: Qwen-VL-Chat's qwen.tiktoken")
     if not tokenizer_file.is_file():
         hint = " (only a SentencePiece tokenizer.model is there)" if (src / "tokenizer.model").is_file() else ""
-        raise FileNotFoundError(f"{tokenizer_file}: no tokenizer.json{hint}. Pass --tokenizer FILE: llava-hf's "
-                                "tokenizer.json (llava-hf/llava-1.5-7b-hf) serves both LLaVA-1.5 families")
+        wanted = "Qwen-VL-Chat's qwen.tiktoken" if qwen else \
+            "llava-hf's tokenizer.json (llava-hf/llava-1.5-7b-hf) serves both LLaVA-1.5 families"
+        raise FileNotFoundError(f"{tokenizer_file}: not found{hint}. Pass --tokenizer FILE: {wanted}")
 
     expected = {k: v.shape for k, v in empty_model(config).state_dict().items()}
     files = weight_files(src, (SAFETENSORS, PICKLED))

@@ -97,6 +97,18 @@ def model_view(image: Image.Image, size: int, mode: str = "pad", mean=CLIP_MEAN)
     raise ValueError(f"image mode must be 'pad', 'crop' or 'squash', got {mode!r}")
 
 
+def token_grid(config) -> int:
+    """The side of the square grid an image's tokens are drawn on (analyze, the server's reports, the page): its
+    patches, or the grid a family's config names when its tokens are not patches (Qwen-VL's resampler queries)."""
+    return getattr(config, "token_grid", config.vision.grid)
+
+
+def tokens_per_image(config) -> int:
+    """The decoder tokens one image widens into, where that is one number (not LLaVA-NeXT's, which its size sets:
+    there, its base image's): what a per-image budget (lmms-eval's prune_kept, the sweep's --kept) counts in."""
+    return token_grid(config) ** 2
+
+
 def preprocess(image: Image.Image, size: int, mode: str = "pad",
                mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     image = model_view(image, size, mode, mean)

@@ -9,6 +9,7 @@ import torch
 
 from .config_checks import INT4_GROUP_SIZES, QUANT_METHODS
 from .data import TINY_MODEL
+from .image import tokens_per_image
 from .machine import DTYPES, physical_cores
 
 DEFAULT_GROUP_SIZE = 128
@@ -113,11 +114,11 @@ def check_pruning(method, config, asked: bool) -> None:
             raise ValueError(message + (f" (--prune-k must be below {n_layers})" if hasattr(method, "k") else ""))
         print(f"warning: {message}", file=sys.stderr)
         return
-    n = config.vision.n_patches
+    n = per_image = tokens_per_image(config)
     for stage in stages.values():
-        n = stage_counts(method, stage, [n], [config.vision.n_patches])[0]
+        n = stage_counts(method, stage, [n], [per_image])[0]
     if n == 0:
-        print(f"warning: {describe(method)} keeps 0 of an image's {config.vision.n_patches} tokens: the model "
+        print(f"warning: {describe(method)} keeps 0 of an image's {per_image} tokens: the model "
               "answers without seeing the image", file=sys.stderr)
 
 

@@ -357,31 +357,38 @@ def test_converted_checkpoints_are_not_tracked_by_git():
     assert ignored("weights/llava-1.5-7b/model.safetensors") and ignored("weights/tiny")
 
 
-def test_evaluate_tiny_writes_its_pictures_to_results_unless_told(tmp_path, monkeypatch, capsys):
+def small_evaluate_tiny(tmp_path, monkeypatch):
+    """evaluate_tiny, run in tmp_path with one budget and one (K, R): its main."""
     import evaluate_tiny
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(evaluate_tiny, "BUDGETS", (0.5,))
     monkeypatch.setattr(evaluate_tiny, "GRID_K", (2,))
     monkeypatch.setattr(evaluate_tiny, "GRID_R", (0.5,))
-    assert evaluate_tiny.main(["--n", "4"]) == 0
+    return evaluate_tiny.main
+
+
+def test_evaluate_tiny_writes_its_pictures_to_results_unless_told(tmp_path, monkeypatch, capsys):
+    assert small_evaluate_tiny(tmp_path, monkeypatch)(["--n", "4"]) == 0
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["fastv_tiny.png", "pruning_tiny.png"]
     assert not (tmp_path / "docs").exists()
 
 
 def test_evaluate_tiny_anyres_prints_the_base_image_row_and_the_treatments(tmp_path, monkeypatch, capsys):
-    import evaluate_tiny
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(evaluate_tiny, "BUDGETS", (0.5,))
-    monkeypatch.setattr(evaluate_tiny, "GRID_K", (2,))
-    monkeypatch.setattr(evaluate_tiny, "GRID_R", (0.5,))
-    assert evaluate_tiny.main(["--anyres", "--n", "4"]) == 0
+    assert small_evaluate_tiny(tmp_path, monkeypatch)(["--anyres", "--n", "4"]) == 0
     out = capsys.readouterr().out
     assert "| model, base image only (tiles blank) |" in out
     for row in ("fastv, one set", "fastv, newlines-kept", "fastv, views-apart", "random, newlines-kept+views-apart"):
         assert f"| {row} |" in out
     assert "| uniform |" not in out and "| dart |" in out
+
+
+def test_evaluate_tiny_qwen_runs_the_tiny_qwen_vl_without_the_class_token_methods(tmp_path, monkeypatch, capsys):
+    assert small_evaluate_tiny(tmp_path, monkeypatch)(["--qwen", "--n", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "| model, blank image |" in out and "| 2 | 0.5 |" in out
+    assert "| fastervlm |" not in out and "| visionzip |" not in out and "| dart |" in out and "| uniform |" in out
+    assert "Qwen-VL's tower has no class token" in out and "Spearman" not in out
 
 
 def test_numpy_is_declared_so_torch_does_not_warn_on_every_run():
@@ -532,7 +539,7 @@ def test_json_gives_kept_patches_as_analyze_prints_them(capsys, tmp_path):
 def test_the_readmes_tiny_model_example_runs(capsys):
     """The Use section's lines for the shipped model, as the README prints them, answer "red"."""
     readme = (ROOT / "README.md").read_text()
-    block = readme.split("# The tiny model that ships inside the package")[1].split("```")[0]
+    block = readme.split("# The tiny model inside the package")[1].split("```")[0]
     exec(compile("from minifastv import Pipeline\n#" + block, "README.md", "exec"), {})
     assert capsys.readouterr().out.strip() == "red"
 
@@ -722,6 +729,56 @@ def test_bench_quant_13b_and_llava_next_shapes(monkeypatch, capsys, tmp_path):
     assert ("FastV K=2 R=0.5 cuts LLaVA-1.5-13B's prefill FLOPs (40 layers) by 43.9% at this 632-token prompt, 45.0% "
             "at 616 tokens (the paper: 45%)") in out
     assert "2112 tokens" not in out                                    # no Video-LLaVA line at 13B
+
+
+def test_bench_quant_qwen_vl_shape(monkeypatch, capsys, tmp_path):
+    """--family qwen-vl: Qwen-VL-Chat-7B's shape (the 48-block tower at 448 px, the resampler, Qwen-7B with its
+    151,936-word vocabulary), one image's 256 tokens between <img> and </img> in 314; llama.cpp's anchor is a GGUF
+    of the same vocabulary; no 13B; and the measurement itself on the tiny Qwen-VL."""
+    import argparse
+
+    from minifastv.bench import cpu7b
+    from minifastv.data import TINY_QWEN_MODEL
+    from minifastv.models.qwen_vl import QwenVLConfig
+
+    built, children, peers = [], [], []
+    monkeypatch.setattr(cpu7b, "build_checkpoint", lambda path, config, log: built.append((path.name, config)) or path)
+    monkeypatch.setattr(cpu7b, "measure_in_child", lambda path, settings, *a: children.append(settings) or {})
+    monkeypatch.setattr(cpu7b, "report", lambda *args: None)
+    monkeypatch.setattr("minifastv.bench.llama_cpp.run_peer", lambda workdir, text, *a, **kw: peers.append((
+        text.vocab_size, a[-1], kw["name"])) or {})
+    assert cpu7b.main(["--quant", "int8", "--family", "qwen-vl", "--layers", "2", "--ref-layers", "1",
+                       "--workdir", str(tmp_path), "--peer", "llama.cpp"]) == 0
+    assert [name for name, _ in built] == ["qwen-vl-int8-2layers", "qwen-vl-float-1layers"]
+    assert all(isinstance(c, QwenVLConfig) and (c.text.vocab_size, c.vision.n_layers) == (151936, 48) for _, c in built)
+    assert children[0] == ["off", "K=2 R=0.5", "K=2 R=0.75"]
+    assert peers == [(151936, 314, "llama7b-vocab151936")]
+    with pytest.raises(ValueError, match="--size 13b: Qwen-VL-Chat has a 7B model only"):
+        cpu7b.main(["--quant", "int8", "--family", "qwen-vl", "--size", "13b", "--workdir", str(tmp_path)])
+    config = cpu7b.bench_config(1, None, "qwen-vl")
+    ids = cpu7b.random_prompt(config)[0][0].tolist()
+    at = ids.index(config.image_token_id)
+    assert ids[at - 1:at + 2] == [config.image_start_id, config.image_token_id, config.image_end_id]
+    assert cpu7b.prompt_tokens("qwen-vl") == 314 == len(ids) - 1 + 256
+    monkeypatch.undo()
+    setting = {"kept": 128, "first_ttft_s": 9.0, "ttft_s": 6.0, "ttft_spread_s": 0.1, "decode_tok_s": 3.0}
+    run = {"dtype": "bfloat16", "load_s": 2.0, "peak_rss": 8 << 30, "settings": {"off": dict(setting, kept=256),
+                                                                                "K=2 R=0.5": setting}}
+    args = argparse.Namespace(layers=32, ref_layers=4, decode_tokens=16, repeats=2, family="qwen-vl", size="7b")
+    cpu7b.report(args, {"int8": run}, {"x": {"vision_s": 2.0, "dtype": "float32", "settings": {}}}, None)
+    out = capsys.readouterr().out
+    assert "Qwen-VL-Chat-7B shape, 32 decoder layers, random weights; prompt 314 tokens (256 image)" in out
+    assert "ViT-bigG-style at 448 px, 48 blocks, and the resampler" in out
+    assert "314 tokens (256 visual): K=2 R=0.5" in out
+    got = cpu7b.measure(TINY_QWEN_MODEL, ["off", "K=2 R=0.5", "K=2 R=0.75"], 1, 2, 1, "float32")
+    assert got["prompt_tokens"] == 58 + 16 and [s["kept"] for s in got["settings"].values()] == [16, 8, 4]
+    import dataclasses
+
+    from minifastv.config import QuantConfig
+
+    tiny = dataclasses.replace(QwenVLConfig.from_name("tiny-qwen"), quant=QuantConfig("int8"))
+    built = cpu7b.measure(cpu7b.build_checkpoint(tmp_path / "q8", tiny, lambda _: None), ["off"], 1, 2, 1, "bfloat16")
+    assert built["prompt_tokens"] == 58 + 16     # the sin-cos table is written in float32, as the loader expects
 
 
 def test_the_prune_ratio_help_says_what_each_method_keeps_and_it_is_so(tiny_pipe, capsys):

@@ -204,6 +204,9 @@ def test_quantized_conversion_and_the_refusals(hub, tmp_path):
     save_file({**t, "transformer.visual.mystery": torch.zeros(2)}, str(extra / "model.safetensors"))
     with pytest.raises(ConversionError, match="unknown tensor 'transformer.visual.mystery'"):
         convert(extra, tmp_path / "never", log=lambda _: None)
+    (extra / "qwen.tiktoken").unlink()
+    with pytest.raises(FileNotFoundError, match="qwen.tiktoken: not found. Pass --tokenizer FILE: Qwen-VL-Chat's"):
+        convert(extra, tmp_path / "never", log=lambda _: None)
     assert not (tmp_path / "never").exists()
 
 

@@ -116,3 +116,44 @@ def test_the_page_takes_a_video_and_outlines_the_kept_patches_frame_by_frame(bro
     assert browser.find_element(By.ID, "kept").text == f"{alone.kept} / 136"
     shot = Path(os.environ.get("MINIFASTV_VIDEO_SCREENSHOT", tmp_path / "video_page.png"))
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+
+
+def test_a_qwen_vl_page_shows_the_squashed_image_and_the_kept_queries(browser, tmp_path, start_server):
+    """Qwen-VL resizes the whole image to a square (image mode "squash"): the page draws it so, and outlines the
+    kept tokens on the resampler's 4 x 4 grid of queries as the library reports them."""
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from minifastv.data import TINY_QWEN_MODEL
+    from minifastv.pipeline import Pipeline
+
+    wide = Image.new("RGB", (120, 40), (0, 0, 255))
+    wide.paste((255, 0, 0), (0, 0, 20, 40))            # a red left sixth: a crop would cut it, a pad would add grey
+    wide.save(tmp_path / "wide.png")
+    server = start_server("--model", str(TINY_QWEN_MODEL))
+    browser.get(server.url + "/")
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: len(Select(d.find_element(By.ID, "method")).options) > 1)
+    browser.find_element(By.ID, "file").send_keys(str(tmp_path / "wide.png"))
+    wait.until(lambda d: d.find_element(By.ID, "image").get_attribute("src").startswith("data:image/png"))
+    corners = browser.execute_script("""
+        const img = document.getElementById('image'), c = document.createElement('canvas');
+        c.width = img.naturalWidth; c.height = img.naturalHeight;
+        const ctx = c.getContext('2d'); ctx.drawImage(img, 0, 0);
+        const at = (x, y) => Array.from(ctx.getImageData(x, y, 1, 1).data.slice(0, 3));
+        return [c.width, c.height, at(2, 2), at(2, c.height - 3), at(c.width - 3, 2)];""")
+    assert corners == [120, 120, [255, 0, 0], [255, 0, 0], [0, 0, 255]]
+    question = "what colour is the shape in row one column one?"
+    Select(browser.find_element(By.ID, "method")).select_by_value("fastv")
+    browser.find_element(By.ID, "question").send_keys(question)
+    browser.find_element(By.ID, "send").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#turns li.assistant.done")) == 1)
+    assert browser.find_element(By.ID, "error").get_attribute("hidden") is not None
+    alone = Pipeline.load(TINY_QWEN_MODEL, dtype="float32").answer([tmp_path / "wide.png"], question,
+                                                                   prune=make("fastv", 0.5))
+    assert browser.execute_script("return document.querySelector('#turns li.assistant').firstChild.data;") == alone.text
+    rects = browser.find_elements(By.CSS_SELECTOR, "#overlay rect")
+    kept = [i for i, r in enumerate(rects) if r.get_attribute("class") == "kept"]
+    assert len(rects) == 16 and kept == alone.kept_patches[0]
+    assert browser.find_element(By.ID, "kept").text == "8 / 16"

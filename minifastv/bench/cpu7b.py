@@ -1,7 +1,7 @@
-"""LLaVA-1.5-7B or -13B (or Video-LLaVA-7B, LLaVA-NeXT-7B/13B) on a CPU at full depth: weight-only int8 / int4,
-FastV off and on, and llama.cpp beside it.
+"""LLaVA-1.5-7B or -13B (or Video-LLaVA-7B, LLaVA-NeXT-7B/13B, Qwen-VL-Chat-7B) on a CPU at full depth: weight-only
+int8 / int4, FastV off and on, and llama.cpp beside it.
 
-    python -m minifastv bench --quant int8 int4 [--family llava|video-llava|llava-next] [--size 7b|13b]
+    python -m minifastv bench --quant int8 int4 [--family llava|video-llava|llava-next|qwen-vl] [--size 7b|13b]
                               [--layers N] [--workdir DIR] [--repeats 2] [--peer llama.cpp]
 
 1. Builds a random checkpoint of the shape per method on disk, one tensor at a time (the float model is never
@@ -18,13 +18,16 @@ FastV off and on, and llama.cpp beside it.
    --family llava-next: LLaVA-NeXT's shape (llava-v1.6-vicuna) with one 672 x 672 image, its base image and
    four tiles through the tower: 2,928 image tokens in a prompt of 2,984, and one more setting, FastV at K=2
    keeping 320 of them (the budget recent papers report at this length).
+   --family qwen-vl: Qwen-VL-Chat's shape (the ViT-bigG-style tower at 448 px, 48 blocks, and the resampler; the
+   Qwen-7B decoder, vocabulary 151,936) with one image: 256 image tokens between <img> and </img>, 314 in all.
 3. The float reference: the same model with float linears and --ref-layers decoder layers (fp32 7B does not
    fit in 24 GiB), timed the same way and scaled to the full depth per layer.
 4. --peer llama.cpp (needs the gguf package, `pip install -e ".[peer]"`, and llama.cpp's llama-bench and
    llama-quantize, on PATH or in --peer-bin): the same decoder as a GGUF with random weights, quantized by
    llama-quantize to Q8_0 and Q4_0 and timed by llama-bench (a prompt as long as minifastv's, 16 generated)
    with the same threads, in the same run. llama.cpp's figure is the decoder alone, without a vision tower
-   (llama.cpp has no Video-LLaVA: for the video shape it is the decoder-only anchor at the same length).
+   (llama.cpp has no Video-LLaVA: for the video shape it is the decoder-only anchor at the same length; for
+   Qwen-VL a LLaMA decoder of Qwen-7B's shape and vocabulary, without its q, k, v bias).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from ..files import ShardWriter, staged
 from ..machine import auto_dtype, peak_rss_bytes, physical_cores, set_threads
 from ..models.generate import stream
 from ..models.llava_next import LlavaNextConfig
+from ..models.qwen_vl import QWEN_VL_CHAT
 from ..models.video_llava import VIDEO_LLAVA_7B
 from ..pruning import FastV, theoretical_flops
 from ..quant import int8_gemm_exact, set_activations
@@ -61,7 +65,11 @@ GiB = 2**30
 PAPER_FLOPS_CUT_13B = 0.45   # FastV's abstract: K=2 R=50% cuts LLaVA-1.5-13B's FLOPs by 45%
 
 FAMILIES = {"llava": ("LLaVA-1.5", ""), "video-llava": ("Video-LLaVA", "video-llava-"),   # name, files' prefix
-            "llava-next": ("LLaVA-NeXT", "llava-next-")}
+            "llava-next": ("LLaVA-NeXT", "llava-next-"), "qwen-vl": ("Qwen-VL-Chat", "qwen-vl-")}
+ONLY_7B = ("video-llava", "qwen-vl")   # families without a 13B model
+TOWERS = {"llava": "CLIP ViT-L/14-336, 23 blocks", "video-llava": "8 frames of CLIP ViT-L/14-224, 23 blocks",
+          "llava-next": "CLIP ViT-L/14-336 on a base image and 4 tiles, 23 blocks",
+          "qwen-vl": "ViT-bigG-style at 448 px, 48 blocks, and the resampler"}
 SIZES = {"7b": "llava-1.5-7b", "13b": "llava-1.5-13b"}   # the decoder's preset
 
 
@@ -72,11 +80,11 @@ def settings_of(family: str) -> list[str]:
 
 def bench_config(layers: int | None, quant: QuantConfig | None, family: str = "llava", size: str = "7b") -> LlavaConfig:
     """The benchmarked shape, with `layers` decoder layers (None: the model's own depth)."""
-    if family == "video-llava" and size != "7b":
-        raise ValueError(f"--size {size}: Video-LLaVA has a 7B model only")
+    if family in ONLY_7B and size != "7b":
+        raise ValueError(f"--size {size}: {FAMILIES[family][0]} has a 7B model only")
     base = LlavaConfig.from_name(SIZES[size])
-    if family == "video-llava":
-        base = VIDEO_LLAVA_7B
+    if family in ONLY_7B:
+        base = VIDEO_LLAVA_7B if family == "video-llava" else QWEN_VL_CHAT
     elif family == "llava-next":
         base = LlavaNextConfig(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
     layers = base.text.n_layers if layers is None else layers
@@ -108,11 +116,16 @@ def build_checkpoint(path: Path, config: LlavaConfig, log) -> Path:
     float_config = dataclasses.replace(config, quant=None)
     with staged(path, True) as tmp:
         writer = ShardWriter(tmp)
-        for name, meta in empty_model(float_config).state_dict().items():
+        model = empty_model(float_config)
+        buffers = dict(model.named_buffers())   # fixed tables (Qwen-VL's sin-cos), stored in their own dtype
+        for name, meta in model.state_dict().items():
             if "norm" in name and name.endswith("weight"):
                 tensor = torch.ones(meta.shape)
             else:
                 tensor = torch.randn(meta.shape, generator=g).mul_(0.02)
+            if name in buffers:
+                writer.add(name, tensor.to(meta.dtype))
+                continue
             for stored_name, stored in quantized_tensors(name, tensor, config.quant, torch.float16):
                 writer.add(stored_name, stored)
         writer.close()
@@ -124,12 +137,15 @@ def build_checkpoint(path: Path, config: LlavaConfig, log) -> Path:
 
 def random_prompt(config: LlavaConfig):
     """(ids, visual inputs): BOS, 35 system tokens, the image placeholder (a video model's: a video placeholder;
-    LLaVA-NeXT's: one per image token), 20 question tokens: 632 tokens once LLaVA-1.5's image is widened, 2,112
-    once Video-LLaVA's 8 frames are, 2,984 with LLaVA-NeXT's 672 x 672 image."""
+    LLaVA-NeXT's: one per image token; Qwen-VL's: between <img> and </img>), 20 question tokens: 632 tokens once
+    LLaVA-1.5's image is widened, 2,112 once Video-LLaVA's 8 frames are, 2,984 with LLaVA-NeXT's 672 x 672 image,
+    314 with Qwen-VL's."""
     g = torch.Generator().manual_seed(1)
     size, video = config.vision.image_size, getattr(config, "n_frames", None)
     placeholder = config.video_token_id if video else config.image_token_id
-    words = [i for i in range(4, min(config.text.vocab_size, 30000)) if i not in (placeholder, config.image_token_id)]
+    around = [getattr(config, "image_start_id", None), placeholder, getattr(config, "image_end_id", None)]
+    special = (*around, config.image_token_id)
+    words = [i for i in range(4, min(config.text.vocab_size, 30000)) if i not in special]
     text = [words[i] for i in torch.randint(len(words), (55,), generator=g).tolist()]
     if isinstance(config, LlavaNextConfig):
         h, w = NEXT_IMAGE
@@ -137,7 +153,7 @@ def random_prompt(config: LlavaConfig):
         ids = [config.text.bos_token_id] + text[:35] + [placeholder] * config.n_image_tokens(h, w) + text[35:]
         return torch.tensor([ids]), {"pixel_values": torch.randn((n_tiles, 3, size, size), generator=g),
                                      "image_sizes": torch.tensor([[h, w]])}
-    ids = [config.text.bos_token_id] + text[:35] + [placeholder] + text[35:]
+    ids = [config.text.bos_token_id] + text[:35] + [i for i in around if i is not None] + text[35:]
     shape = (1, video, 3, size, size) if video else (1, 3, size, size)
     return torch.tensor([ids]), {"video_values" if video else "pixel_values": torch.randn(shape, generator=g)}
 
@@ -232,21 +248,23 @@ def peer_llama_cpp(args, log) -> dict:
 
     text = bench_config(args.layers, None, args.family, args.size).text
     return run_peer(Path(args.workdir), text, args.threads, args.decode_tokens, args.peer_bin, log,
-                    prompt_tokens(args.family, args.size), name=f"llama{args.size}")
+                    prompt_tokens(args.family, args.size), name=f"llama{args.size}-vocab{text.vocab_size}")
 
 
 def visual_tokens(config: LlavaConfig) -> int:
     """The benchmark prompt's visual tokens: 576 (one LLaVA-1.5 image), 2,056 (Video-LLaVA's 8 frames with
-    their class tokens), 2,928 (LLaVA-NeXT's 672 x 672 image)."""
+    their class tokens), 2,928 (LLaVA-NeXT's 672 x 672 image), 256 (Qwen-VL's resampled image)."""
     if isinstance(config, LlavaNextConfig):
         return config.n_image_tokens(*NEXT_IMAGE)
+    if getattr(config, "n_queries", None):
+        return config.n_queries
     video = getattr(config, "n_frames", None)
     return video * (config.vision.n_patches + 1) if video else config.vision.n_patches
 
 
 def prompt_tokens(family: str, size: str = "7b") -> int:
     """The benchmark prompt's length with its image or video widened: 632 (LLaVA-1.5), 2,112 (Video-LLaVA),
-    2,984 (LLaVA-NeXT)."""
+    2,984 (LLaVA-NeXT), 314 (Qwen-VL)."""
     config = bench_config(1, None, family, size)
     ids = random_prompt(config)[0][0]
     return len(ids) if isinstance(config, LlavaNextConfig) else len(ids) - 1 + visual_tokens(config)
@@ -254,11 +272,12 @@ def prompt_tokens(family: str, size: str = "7b") -> int:
 
 def pruning_share(layers: int, size: str = "7b") -> str:
     """FastV's theoretical prefill FLOPs at each family's prompt (LLaVA-1.5's 632 tokens, 576 image;
-    Video-LLaVA's 2,112, 2,056 video; LLaVA-NeXT's 2,984, 2,928 image): the share of the prefill that pruning
-    saves grows with the visual tokens' share of the prompt. At 13B, K=2 R=0.5's cut beside the paper's."""
+    Video-LLaVA's 2,112, 2,056 video; LLaVA-NeXT's 2,984, 2,928 image; Qwen-VL's 314, 256 image): the share of
+    the prefill that pruning saves grows with the visual tokens' share of the prompt. At 13B, K=2 R=0.5's cut beside
+    the paper's."""
     cells = []
     for family in FAMILIES:
-        if family == "video-llava" and size != "7b":
+        if family in ONLY_7B and size != "7b":
             continue
         config = bench_config(layers, None, family, size)
         n, visual = prompt_tokens(family, size), visual_tokens(config)
@@ -300,9 +319,7 @@ def report(args, results: dict, reference: dict, peer: dict | None):
             print(f"| float, {ref_layers} layers scaled to {layers} | {ref['dtype']} | {name} | {s['kept']} | - | - | "
                   f"{scale(s['ttft_s']):.1f} | - | {decode:.2f} | - |")
     first = next(iter(reference.values()))
-    tower = {"video-llava": "8 frames of CLIP ViT-L/14-224", "llava-next": "CLIP ViT-L/14-336 on a base image and 4 "
-             "tiles"}.get(family, "CLIP ViT-L/14-336")
-    print(f"vision tower ({tower}, 23 blocks) alone: {first['vision_s']:.2f} s in {first['dtype']}")
+    print(f"vision tower ({TOWERS[family]}) alone: {first['vision_s']:.2f} s in {first['dtype']}")
     print(pruning_share(layers, size))
     for label, r in results.items():
         off = r["settings"]["off"]["ttft_s"]
@@ -328,7 +345,8 @@ def main(argv=None) -> int:
     p.add_argument("--quant", nargs="+", choices=list(METHODS), default=["int8", "int4"])
     p.add_argument("--family", choices=list(FAMILIES), default="llava",
                    help="llava: LLaVA-1.5, one image (632 tokens); video-llava: Video-LLaVA-7B, one 8-frame video "
-                        "(2,112 tokens); llava-next: LLaVA-NeXT, one 672 x 672 image (2,984 tokens)")
+                        "(2,112 tokens); llava-next: LLaVA-NeXT, one 672 x 672 image (2,984 tokens); qwen-vl: "
+                        "Qwen-VL-Chat-7B, one image (314 tokens)")
     p.add_argument("--size", choices=list(SIZES), default="7b",
                    help="the decoder: 7b (32 layers, 4096 wide) or 13b (40 layers, 5120 wide)")
     p.add_argument("--layers", type=int, help="decoder layers (default: the model's, 32 for 7B, 40 for 13B)")

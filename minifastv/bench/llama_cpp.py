@@ -29,9 +29,9 @@ def find_tool(name: str, bin_dir: str | None) -> Path:
     return Path(path)
 
 
-def write_gguf(path: Path, text, log, vocab: int = 32000):
+def write_gguf(path: Path, text, log):
     """A LLaMA decoder of the shape of `text` (a TextConfig) with random F16 weights (norms 1, F32) and a stand-in
-    vocabulary of `vocab` words, streamed to disk."""
+    vocabulary as large as the model's, streamed to disk."""
     try:
         import gguf
         import numpy as np
@@ -40,6 +40,7 @@ def write_gguf(path: Path, text, log, vocab: int = 32000):
                          'pip install -e ".[peer]"') from None
 
     d, ffn, heads, kv_heads, layers = text.dim, text.intermediate_size, text.n_heads, text.n_kv_heads, text.n_layers
+    vocab = text.vocab_size
     kv = d // heads * kv_heads
     shapes = [("token_embd.weight", (vocab, d))]
     for i in range(layers):
@@ -99,12 +100,13 @@ def peak_rss_of(cmd: list[str]) -> tuple[str, int]:
 
 def run_peer(workdir: Path, text, threads: int, decode_tokens: int, bin_dir: str | None, log,
              prompt: int = 632, name: str = "llama7b") -> dict:
-    """llama-bench on a random GGUF of the decoder `text` (a TextConfig), kept in workdir as NAME-NNlayers-*.gguf."""
+    """llama-bench on a random GGUF of the decoder `text` (a TextConfig), kept in workdir as NAME-NNlayers-*.gguf
+    (the F16 file only until the quantized ones are made: at 7B it is 13-15 GB of disk)."""
     bench, quantize = find_tool("llama-bench", bin_dir), find_tool("llama-quantize", bin_dir)
     workdir.mkdir(parents=True, exist_ok=True)
     layers = text.n_layers
     f16 = workdir / f"{name}-{layers}layers-F16.gguf"
-    if not f16.is_file():
+    if not f16.is_file() and not all((workdir / f"{name}-{layers}layers-{q}.gguf").is_file() for q in PEER_TYPES):
         write_gguf(f16, text, log)
     runs, build = {}, "?"
     for qtype in PEER_TYPES:
@@ -122,4 +124,5 @@ def run_peer(workdir: Path, text, threads: int, decode_tokens: int, bin_dir: str
         runs[qtype] = {"pp_tok_s": pp["avg_ts"], "pp_stddev": pp["stddev_ts"], "tg_tok_s": tg["avg_ts"],
                        "tg_stddev": tg["stddev_ts"], "peak_rss": rss}
         log(f"llama.cpp {qtype}: {json.dumps(runs[qtype])}")
+    f16.unlink(missing_ok=True)
     return {"build": build, "runs": runs}

@@ -23,7 +23,7 @@ from PIL import Image, ImageFile
 from tqdm import tqdm
 
 from ..data import TINY_MODEL
-from ..image import to_rgb
+from ..image import to_rgb, tokens_per_image
 from ..machine import physical_cores, resolve_device, resolve_dtype, set_threads
 from ..models.cache import KVCache
 from ..options import describe
@@ -78,7 +78,7 @@ class MiniFastV(lmms):
         self.pipe = Pipeline.load(pretrained, dtype=dtype, device=self._device)
         set_activations(self.pipe.model, activations)
         config = self.pipe.model.config
-        self.prune = pruner(prune, prune_ratio, prune_kept, prune_k, prune_seed, config.vision.n_patches,
+        self.prune = pruner(prune, prune_ratio, prune_kept, prune_k, prune_seed, tokens_per_image(config),
                             anyres=anyres, sized=getattr(config, "placeholder_per_token", False))
         self.batch_size_per_gpu = int(batch_size)
         if self.batch_size_per_gpu < 1:

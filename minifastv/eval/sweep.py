@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..checkpoint import load_config
 from ..data import TINY_MODEL
+from ..image import tokens_per_image
 from ..pruning import METHODS
 from . import TASKS
 from .settings import pruner
@@ -209,7 +210,7 @@ def main(argv=None) -> int:
     if getattr(config, "placeholder_per_token", False):
         p.error(f"{args.model}: the sweep keeps a count of tokens per image (--kept), and this model's images have as "
                 "many tokens as their size gives them (LLaVA-NeXT); run lmms-eval with prune_ratio instead")
-    n_patches = config.vision.n_patches
+    n_patches = tokens_per_image(config)
     kept = args.kept or default_budgets(n_patches)
     try:
         check_budgets(n_patches, methods, kept, args.prune_k)

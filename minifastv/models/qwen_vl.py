@@ -55,6 +55,11 @@ class QwenVLConfig(LlavaConfig):
             if not 0 <= value < self.text.vocab_size or list(ids.values()).count(value) > 1:
                 raise ConfigError(f"{name} {value} must be a vocabulary id of its own (vocabulary {self.text.vocab_size})")
 
+    @property
+    def token_grid(self) -> int:
+        """The queries' grid, on which the entry points draw the kept tokens (image.token_grid)."""
+        return math.isqrt(self.n_queries)
+
     @classmethod
     def from_name(cls, name: str) -> QwenVLConfig:
         if name not in QWEN_PRESETS:

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..image import token_grid
 from ..options import describe
 from ..pruning import METHODS, name_of
 from .engine import Engine, Job, QueueFull, ShuttingDown
@@ -88,7 +89,7 @@ def create_app(engine: Engine, limits: Limits, *, model_name: str, default_prune
                            None, "queue_full") from None
         except ShuttingDown:
             raise ApiError(503, "the server is shutting down", None, "shutting_down") from None
-        reply = Reply(model_name, job, events, config.vision, describe(spec["prune"]) if spec["prune"] else "none",
+        reply = Reply(model_name, job, events, token_grid(config), describe(spec["prune"]) if spec["prune"] else "none",
                       lambda status, what: log(request, status, what))
         watcher = asyncio.create_task(watch_disconnect(request, job))
         if stream:
@@ -117,7 +118,7 @@ def create_app(engine: Engine, limits: Limits, *, model_name: str, default_prune
 
     async def settings(request: Request):
         """What the page needs to know: the model, its patch grid, the pruning methods and the defaults."""
-        return JSONResponse({"model": model_name, "patch_grid": config.vision.grid,
+        return JSONResponse({"model": model_name, "patch_grid": token_grid(config),
                              "methods": ["none", *METHODS],
                              "default_prune": None if default_prune is None else {
                                  "method": name_of(default_prune),
@@ -191,8 +192,8 @@ async def watch_disconnect(request: Request, job: Job):
 class Reply:
     """A job's events as an OpenAI chat completion, whole or as server-sent events."""
 
-    def __init__(self, model_name, job, events, vision, method: str, log=lambda status, what: None):
-        self.model, self.job, self.events, self.vision, self.method = model_name, job, events, vision, method
+    def __init__(self, model_name, job, events, grid: int, method: str, log=lambda status, what: None):
+        self.model, self.job, self.events, self.grid, self.method = model_name, job, events, grid, method
         self.log = log
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -201,7 +202,7 @@ class Reply:
         return {"prompt_tokens": answer.n_prompt_tokens, "completion_tokens": completion,
                 "total_tokens": answer.n_prompt_tokens + completion,
                 "image_tokens": answer.n_image_tokens, "image_tokens_kept": answer.kept,
-                "kept_patches": answer.kept_patches, "patch_grid": self.vision.grid,
+                "kept_patches": answer.kept_patches, "patch_grid": self.grid,
                 **({"kept_class_tokens": answer.kept_class_tokens} if answer.has_video else {}),
                 "prefill_flops": answer.flops, "prefill_flops_unpruned": answer.flops_unpruned,
                 "prefill_s": round(answer.prefill_s, 6), "decode_s": round(answer.decode_s, 6), "pruning": self.method}

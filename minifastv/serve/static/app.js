@@ -45,7 +45,8 @@ function showError(text) {
   $("error").hidden = !text;
 }
 
-// The image as the model sees it: "pad" centres it on a square of the mean colour, "crop" takes the centre.
+// The image as the model sees it: "pad" centres it on a square of the mean colour, "crop" takes the centre,
+// "squash" stretches the whole image to a square (Qwen-VL).
 function modelView(img) {
   const side = Math.max(img.width, img.height), small = Math.min(img.width, img.height);
   const canvas = document.createElement("canvas");
@@ -56,6 +57,9 @@ function modelView(img) {
     ctx.fillStyle = `rgb(${r}, ${g}, ${b})`;
     ctx.fillRect(0, 0, side, side);
     ctx.drawImage(img, (side - img.width) / 2, (side - img.height) / 2);
+  } else if (settings.image_mode === "squash") {
+    canvas.width = canvas.height = side;
+    ctx.drawImage(img, 0, 0, side, side);
   } else {
     canvas.width = canvas.height = small;
     ctx.drawImage(img, (img.width - small) / 2, (img.height - small) / 2, small, small, 0, 0, small, small);
