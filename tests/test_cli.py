@@ -781,6 +781,35 @@ def test_bench_quant_qwen_vl_shape(monkeypatch, capsys, tmp_path):
     assert built["prompt_tokens"] == 58 + 16     # the sin-cos table is written in float32, as the loader expects
 
 
+def test_the_peer_decoder_has_the_models_vocabulary_and_only_its_quantized_files_stay(tmp_path, monkeypatch):
+    """bench --peer's GGUF has the benchmarked model's vocabulary (Qwen-VL's 151,936 words cost llama.cpp as they
+    cost minifastv), and its F16 file, 13-15 GB at 7B, is removed once llama-quantize made Q8_0 and Q4_0 from it;
+    a second run uses those. llama-quantize and llama-bench are stand-ins here."""
+    import gguf
+
+    from minifastv.bench import llama_cpp
+    from minifastv.config import TextConfig
+
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    tools.joinpath("llama-quantize").write_text(f"#!{sys.executable}\nimport shutil, sys\n"
+                                                "shutil.copyfile(sys.argv[1], sys.argv[2])\n")
+    runs = [{"n_prompt": 10, "n_gen": 0, "avg_ts": 50.0, "stddev_ts": 1.0}, {"n_prompt": 0, "n_gen": 4, "avg_ts": 5.0,
+                                                                            "stddev_ts": 0.1}]
+    tools.joinpath("llama-bench").write_text(f"#!{sys.executable}\nprint({json.dumps(json.dumps(runs))})\n")
+    for tool in tools.iterdir():
+        tool.chmod(0o755)
+    text = TextConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96)
+    work = tmp_path / "work"
+    got = llama_cpp.run_peer(work, text, 1, 4, str(tools), lambda _: None, prompt=10, name="tiny")
+    assert got["runs"]["Q8_0"]["pp_tok_s"] == 50.0 and got["runs"]["Q4_0"]["tg_tok_s"] == 5.0
+    assert sorted(p.name for p in work.iterdir()) == ["tiny-2layers-Q4_0.gguf", "tiny-2layers-Q8_0.gguf"]
+    tensors = {t.name: t for t in gguf.GGUFReader(work / "tiny-2layers-Q8_0.gguf").tensors}
+    assert sorted(tensors["token_embd.weight"].shape) == sorted(tensors["output.weight"].shape) == [64, 300]
+    monkeypatch.setattr(llama_cpp, "write_gguf", lambda *a: pytest.fail("the quantized files are there"))
+    assert llama_cpp.run_peer(work, text, 1, 4, str(tools), lambda _: None, prompt=10, name="tiny")["runs"]
+
+
 def test_the_prune_ratio_help_says_what_each_method_keeps_and_it_is_so(tiny_pipe, capsys):
     from minifastv.cli import main
     from minifastv.pruning import make
