@@ -47,6 +47,7 @@ from .. import anyres
 from ..checkpoint import CONFIG, TOKENIZER, config_from_dict, empty_model, load
 from ..config import LlavaConfig, QuantConfig
 from ..files import ShardWriter, staged
+from ..image import tokens_per_image
 from ..machine import auto_dtype, peak_rss_bytes, physical_cores, set_threads
 from ..models.generate import stream
 from ..models.llava_next import LlavaNextConfig
@@ -256,10 +257,8 @@ def visual_tokens(config: LlavaConfig) -> int:
     their class tokens), 2,928 (LLaVA-NeXT's 672 x 672 image), 256 (Qwen-VL's resampled image)."""
     if isinstance(config, LlavaNextConfig):
         return config.n_image_tokens(*NEXT_IMAGE)
-    if getattr(config, "n_queries", None):
-        return config.n_queries
     video = getattr(config, "n_frames", None)
-    return video * (config.vision.n_patches + 1) if video else config.vision.n_patches
+    return video * (config.vision.n_patches + 1) if video else tokens_per_image(config)
 
 
 def prompt_tokens(family: str, size: str = "7b") -> int:
