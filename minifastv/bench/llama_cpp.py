@@ -104,13 +104,13 @@ def run_peer(workdir: Path, text, threads: int, decode_tokens: int, bin_dir: str
     (the F16 file only until the quantized ones are made: at 7B it is 13-15 GB of disk)."""
     bench, quantize = find_tool("llama-bench", bin_dir), find_tool("llama-quantize", bin_dir)
     workdir.mkdir(parents=True, exist_ok=True)
-    layers = text.n_layers
-    f16 = workdir / f"{name}-{layers}layers-F16.gguf"
-    if not f16.is_file() and not all((workdir / f"{name}-{layers}layers-{q}.gguf").is_file() for q in PEER_TYPES):
+    files = {q: workdir / f"{name}-{text.n_layers}layers-{q}.gguf" for q in ("F16", *PEER_TYPES)}
+    f16 = files["F16"]
+    if not f16.is_file() and not all(files[q].is_file() for q in PEER_TYPES):
         write_gguf(f16, text, log)
     runs, build = {}, "?"
     for qtype in PEER_TYPES:
-        model = workdir / f"{name}-{layers}layers-{qtype}.gguf"
+        model = files[qtype]
         if not model.is_file():
             start = time.perf_counter()
             subprocess.run([str(quantize), str(f16), str(model), qtype, str(threads)], check=True, capture_output=True)
