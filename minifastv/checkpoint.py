@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config import ConfigError, LlavaConfig, QuantConfig, TextConfig, VisionConfig
+from .config import ClipTextConfig, ConfigError, LlavaConfig, QuantConfig, TextConfig, VisionConfig
 from .files import (ALIGNMENT, STORED_DTYPES, CheckpointError, ShardWriter, check_stored, read_header, read_into_memory,
                     read_json, read_tensors, source_dir, staged, weight_files)
 from .machine import release_free_memory, resolve_device, resolve_dtype
@@ -34,6 +34,7 @@ from .quant import (Int4Linear, Int8Linear, pack_for_device, quantized_modules, 
 from .tokenizer import Tokenizer
 
 CONFIG, TOKENIZER = "config.json", "tokenizer.json"
+CLIP_TOKENIZER = "clip_tokenizer.json"   # CLIP's tokenizer, beside a CLIP text tower (config.clip_text)
 
 
 
@@ -57,7 +58,9 @@ def config_from_dict(d: dict) -> LlavaConfig:
     text = _build(TextConfig, d.pop("text", {}), "text")
     quant = d.pop("quant", None)
     quant = None if quant is None else _build(QuantConfig, quant, "quant")
-    return _build(FAMILIES[family][0], d, "", vision=vision, text=text, quant=quant)
+    clip_text = d.pop("clip_text", None)
+    clip_text = None if clip_text is None else _build(ClipTextConfig, clip_text, "clip_text")
+    return _build(FAMILIES[family][0], d, "", vision=vision, text=text, quant=quant, clip_text=clip_text)
 
 
 def _build(cls, d, where: str, **extra):
@@ -185,6 +188,8 @@ def load(path: str | Path, *, dtype="auto", device="cpu", check: bool = False) -
     model.load_state_dict(read_checkpoint(path, model, dtype, device, check, repack=packed is None), assign=True)
     if packed is not None:
         use_cpu_layout(model, packed)
+    if model.clip_text is not None:   # it reads the instruction back from the prompt's ids, then tokenizes it as CLIP
+        model.clip_text.tokenizers = (load_tokenizer(path), read_clip_tokenizer(path))
     pack_for_device(model)
     release_free_memory()
     return model.eval()
@@ -204,6 +209,14 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
                                   if hasattr(config, name)})
 
 
+def read_clip_tokenizer(path: Path):
+    """CLIP's tokenizer (a `tokenizers` Tokenizer) beside a checkpoint's CLIP text tower."""
+    file = path / CLIP_TOKENIZER
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: file not found (config.json has a CLIP text tower, which needs it)")
+    return Tokenizer.from_file(file, bos_token_id=0, eos_token_id=0, image_token_id=-1).tok
+
+
 def save(model: LlavaModel, tokenizer: Tokenizer, path: str | Path, *, max_shard_bytes: int = 2 << 30,
          overwrite: bool = False) -> Path:
     """Write `model` and its tokenizer as a checkpoint directory, atomically."""
@@ -214,6 +227,8 @@ def save(model: LlavaModel, tokenizer: Tokenizer, path: str | Path, *, max_shard
     with staged(path, overwrite) as tmp:
         (tmp / CONFIG).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
         tokenizer.tok.save(str(tmp / TOKENIZER))
+        if model.clip_text is not None:
+            model.clip_text.tokenizers[1].save(str(tmp / CLIP_TOKENIZER))
         writer = ShardWriter(tmp, max_shard_bytes)
         for name, tensor in model.state_dict().items():
             writer.add(name, tensor)
@@ -257,5 +272,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, quant: QuantConfig, *,
         writer.close()
         (tmp / CONFIG).write_text(json.dumps(quantized.to_dict(), indent=2) + "\n")
         shutil.copyfile(src / TOKENIZER, tmp / TOKENIZER)
+        if config.clip_text is not None:
+            shutil.copyfile(src / CLIP_TOKENIZER, tmp / CLIP_TOKENIZER)
     log(f"wrote {out} ({quant.method}{'' if quant.group_size is None else f', groups of {quant.group_size}'})")
     return out

@@ -264,7 +264,7 @@ def cmd_convert(args):
     convert(args.src, args.out, vision_tower=args.vision_tower, image_tower=args.image_tower,
             video_tower=args.video_tower, dtype=args.dtype, tokenizer=args.tokenizer,
             force=args.force, quant=quant_from_args(args.quantize, args.group_size),
-            max_shard_bytes=shard_bytes(args))
+            max_shard_bytes=shard_bytes(args), clip_text=args.clip_text)
 
 
 def cmd_quantize(args):

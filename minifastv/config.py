@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from .config_checks import ConfigError, check_llava, check_quant, check_text, check_vision
+from .config_clip import ClipTextConfig
 
 # CLIP's normalisation constants; LLaVA-1.5 pads images with the mean colour.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -72,10 +73,8 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Weight-only quantization of the decoder's linears (minifastv/quant/).
-
-    int8: one scale per output channel. int4: a scale and a zero point per group of `group_size` inputs.
-    """
+    """Weight-only quantization of the decoder's linears (minifastv/quant/). int8: one scale per output channel.
+    int4: a scale and a zero point per group of `group_size` inputs."""
 
     method: str
     group_size: int | None = None  # int4 only
@@ -95,6 +94,7 @@ class LlavaConfig:
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
     quant: QuantConfig | None = None  # None: every weight is floating point
+    clip_text: ClipTextConfig | None = None  # CLIP's text tower, for the methods that rank by relevance (CDPruner)
     family: ClassVar[str] = "llava"   # the model family (models/__init__.py, FAMILIES); config.json says it
 
     def __post_init__(self):

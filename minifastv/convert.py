@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CONFIG, TOKENIZER, empty_model
+from .checkpoint import CLIP_TOKENIZER, CONFIG, TOKENIZER, empty_model
 from .config import ConfigError, LlavaConfig, QuantConfig, TextConfig, VisionConfig
+from .convert_clip import CLIP_LAYER, ClipTextError, clip_text_config, clip_text_target, clip_tokenizer_file
 from .convert_qwen import TIKTOKEN, is_qwen, qwen_config, qwen_tensors, qwen_tokenizer
 from .files import (PICKLED, SAFETENSORS, CheckpointError, ShardWriter, read_json, read_tensors, source_dir, staged,
                     weight_files)
@@ -88,10 +89,7 @@ VISION = {
     "pre_layrnorm.bias": "vision.pre_norm.bias",
     "post_layernorm.weight": None,  # LLaVA reads an inner layer; the pooled output is never used
     "post_layernorm.bias": None,
-    **{f"encoder.layers.{{}}.{src}.{p}": f"vision.blocks.{{}}.{dst}.{p}"
-       for src, dst in [("self_attn.q_proj", "attn.q_proj"), ("self_attn.k_proj", "attn.k_proj"),
-                        ("self_attn.v_proj", "attn.v_proj"), ("self_attn.out_proj", "attn.o_proj"),
-                        ("layer_norm1", "norm1"), ("layer_norm2", "norm2"), ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2")]
+    **{f"encoder.layers.{{}}.{src}.{p}": f"vision.blocks.{{}}.{dst}.{p}" for src, dst in CLIP_LAYER
        for p in ("weight", "bias")},
 }
 HF_PROJECTOR = {f"linear_{i}.{p}": f"projector.{j}.{p}" for i, j in ((1, 0), (2, 2)) for p in ("weight", "bias")}
@@ -317,14 +315,15 @@ def source_dtype(c: dict) -> torch.dtype:
 
 
 def convert(src, out, *, vision_tower=None, image_tower=None, video_tower=None, dtype=None, tokenizer=None,
-            force=False, quant: QuantConfig | None = None, max_shard_bytes: int = 2 << 30,
+            force=False, quant: QuantConfig | None = None, max_shard_bytes: int = 2 << 30, clip_text=None,
             log=lambda msg: print(msg, file=sys.stderr)) -> Path:
     """Convert a LLaVA, Video-LLaVA, LLaVA-NeXT (original, -hf, or transformers 5.x names) or Qwen-VL (hub layout,
     convert_qwen.py; its qwen.tiktoken becomes the tokenizer.json) checkpoint directory into a minifastv checkpoint
     at `out`, streaming tensor by tensor, optionally with the decoder's linears quantized
     (`quant`; `dtype` is then the float parts' dtype). An original Video-LLaVA takes its towers from
-    `image_tower` and `video_tower` (LanguageBind_Image, LanguageBind_Video_merge). Every tensor is checked for
-    NaN and infinity on the way. Nothing appears at `out` unless conversion succeeds."""
+    `image_tower` and `video_tower` (LanguageBind_Image, LanguageBind_Video_merge). `clip_text`: a full CLIP
+    checkpoint whose text tower and projections join the model (convert_clip.py; CDPruner reads them). Every
+    tensor is checked for NaN and infinity on the way. Nothing appears at `out` unless conversion succeeds."""
     src, out = source_dir(Path(src), "source checkpoint"), Path(out)
     source = read_json(src / CONFIG)
     if "text" in source and "vision" in source:
@@ -359,9 +358,16 @@ def convert(src, out, *, vision_tower=None, image_tower=None, video_tower=None, 
             if vision is None and CLIP_L_336 in str(source.get("mm_vision_tower", "")):
                 vision = VisionConfig()  # CLIP ViT-L/14-336, embedded in the checkpoint or reported missing below
             config = config_from_original(source, vision)
-        output_config = config if quant is None else dataclasses.replace(config, quant=quant)
     except (ConfigError, ValueError, KeyError) as e:
         raise ConversionError(f"{src / CONFIG}: {e if not isinstance(e, KeyError) else f'no field {e}'}") from None
+    clip_dir = None if clip_text is None else source_dir(Path(clip_text), "--clip-text directory")
+    if clip_dir is not None:
+        if qwen:
+            raise ConversionError(f"{src / CONFIG}: a Qwen-VL checkpoint: its vision tower is not CLIP ViT-L, so "
+                                  "--clip-text does not apply")
+        config = dataclasses.replace(config, clip_text=clip_text_config(clip_dir, config))
+        clip_tokenizer = clip_tokenizer_file(clip_dir)
+    output_config = config if quant is None else dataclasses.replace(config, quant=quant)
     dtype = parse_dtype(dtype) or source_dtype(source)
     tokenizer_file = Path(tokenizer) if tokenizer is not None else src / (TIKTOKEN if qwen else TOKENIZER)
     if not tokenizer_file.is_file():
@@ -377,6 +383,8 @@ def convert(src, out, *, vision_tower=None, image_tower=None, video_tower=None, 
     for part, directory in towers.items():  # LanguageBind's towers: a whole LanguageBind model each
         parts.update({file: part for file in weight_files(directory, (SAFETENSORS, PICKLED))})
     files += [file for file in parts if file not in files]
+    clip_files = [] if clip_dir is None else weight_files(clip_dir, (SAFETENSORS, PICKLED))
+    files += [file for file in clip_files if file not in files]
     with staged(out, force) as tmp:
         writer, seen = ShardWriter(tmp, max_shard_bytes), {}
 
@@ -403,12 +411,18 @@ def convert(src, out, *, vision_tower=None, image_tower=None, video_tower=None, 
                 try:
                     name = f"video_tower.{key}" if parts.get(file) == "video" and key.startswith("vision_model.") \
                         else key  # the video tower's vision_model is minifastv's video tower
-                    pairs = qwen_tensors(key, tensor, config) if qwen else [(map_key(name, config, parts.get(file)),
-                                                                               tensor)]
+                    if file in clip_files and file not in parts:   # a CLIPModel save: its text half only
+                        pairs = []
+                    elif qwen:
+                        pairs = qwen_tensors(key, tensor, config)
+                    else:
+                        pairs = [(map_key(name, config, parts.get(file)), tensor)]
                     if pairs is None:
                         raise ConversionError(f"unknown tensor {key!r}: not part of any known qwen-vl checkpoint "
                                               "layout")
-                except ConversionError as e:
+                    if file in clip_files:   # the same CLIP may be the vision tower too (--vision-tower)
+                        pairs.append((clip_text_target(key), tensor))
+                except (ConversionError, ClipTextError) as e:
                     raise ConversionError(f"{file}: {e}") from None
                 for target, value in pairs:
                     if target is not None:
@@ -426,6 +440,8 @@ def convert(src, out, *, vision_tower=None, image_tower=None, video_tower=None, 
             qwen_tokenizer(tokenizer_file).save(str(tmp / TOKENIZER))
         else:
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER)
+        if clip_dir is not None:
+            shutil.copyfile(clip_tokenizer, tmp / CLIP_TOKENIZER)
     quantized = "" if quant is None else f", decoder linears {quant.method}"
     log(f"wrote {out} ({len(seen)} tensors, {str(dtype).removeprefix('torch.')}{quantized})")
     return out

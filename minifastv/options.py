@@ -172,6 +172,8 @@ def add_convert_arguments(p):
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="output dtype (default: the source config's dtype, else float32)")
     p.add_argument("--tokenizer", help="tokenizer.json to ship (default: SRC/tokenizer.json)")
+    p.add_argument("--clip-text", metavar="DIR", help="a full CLIP checkpoint (transformers layout, e.g. "
+                   "openai/clip-vit-large-patch14-336) whose text tower joins the model, for cdpruner")
     p.add_argument("--quantize", choices=QUANT_METHODS, help="weight-only quantization of the decoder's linears "
                    "(int8: a scale per output channel; int4: a scale and zero point per group of inputs)")
     add_output_arguments(p)

@@ -8,7 +8,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 # Twelve colours that stay apart (every method of the comparison gets its own), then markers repeat with them.
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (0, 0, 0), (188, 189, 34), (23, 190, 207), (0, 0, 128), (128, 0, 64)]
+           (227, 119, 194), (0, 0, 0), (188, 189, 34), (23, 190, 207), (0, 0, 128), (128, 0, 64), (160, 160, 0)]
 MARKERS = ("circle", "square", "triangle", "diamond")
 
 

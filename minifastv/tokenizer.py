@@ -136,6 +136,19 @@ class Tokenizer:
         ids = [int(i) for i in ids if int(i) not in self.markers.values()]
         return self.tok.decode(ids, skip_special_tokens=True)
 
+    def instruction(self, ids) -> str:
+        """The question of a prompt's last turn, read back from its ids: the text after its last image or video
+        placeholder (the whole prompt without one) and after the last turn's opening (vicuna_v1's "USER:"), without
+        the template's closing ("ASSISTANT:")."""
+        ids = [int(i) for i in ids]
+        marks = [i for i, t in enumerate(ids) if t in self.markers.values()]
+        text = self.decode(ids[marks[-1] + 1:] if marks else ids)
+        opening, closing = (self.decode(self.encode_known(part)[0].ids).strip()
+                            for part in TEMPLATES[self.template][1]("\0", "").split("\0"))
+        text = text.strip()
+        text = text[:len(text) - len(closing)] if closing and text.endswith(closing) else text
+        return (text[text.rfind(opening) + len(opening):] if opening and opening in text else text).strip()
+
     def text_stream(self) -> TextStream:
         """An incremental decoder for one generated sequence: see TextStream."""
         return TextStream(self)

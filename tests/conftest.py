@@ -7,7 +7,7 @@ import sys
 import types
 
 import pytest
-from helpers import build_tokenizer, hf_llava, to_minifastv
+from helpers import build_tokenizer, hf_clip, hf_llava, to_minifastv
 from torch import nn
 
 
@@ -19,14 +19,15 @@ def tokenizer_json(tmp_path_factory):
 @pytest.fixture(scope="session")
 def twin():
     """twin(**spec) -> (a random transformers LLaVA built by helpers.hf_llava(**spec), its minifastv twin converted
-    by the production converter), made once per session for each spec."""
+    by the production converter, with CLIP's text tower of helpers.hf_clip if clip=True), made once per session for
+    each spec."""
     made = {}
 
-    def make(**spec):
-        key = tuple(sorted(spec.items()))
+    def make(clip=False, **spec):
+        key = (clip, *sorted(spec.items()))
         if key not in made:
             hf = hf_llava(**spec)
-            made[key] = hf, to_minifastv(hf)
+            made[key] = hf, to_minifastv(hf, hf_clip(hf, seed=spec.get("seed", 0)) if clip else None)
         return made[key]
 
     return make

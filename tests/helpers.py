@@ -46,12 +46,73 @@ def hf_llava(*, n_kv_heads=4, rms_eps=1e-5, rope_theta=10000.0, seed=0, feature_
     return randomize(model, seed).eval()
 
 
-def to_minifastv(hf_model):
+def to_minifastv(hf_model, clip=None):
     """The minifastv twin of a transformers model, through the production path: the model is written to disk
-    with its transformers names and config.json, converted by minifastv.convert, and opened by minifastv.load."""
+    with its transformers names and config.json, converted by minifastv.convert, and opened by minifastv.load.
+    `clip`: a transformers CLIPModel (hf_clip) whose text tower joins it (convert's --clip-text)."""
     with tempfile.TemporaryDirectory() as tmp:
-        convert(write_hf_checkpoint(hf_model, Path(tmp) / "src"), Path(tmp) / "out", log=lambda _: None)
+        text = None if clip is None else write_clip_checkpoint(clip, Path(tmp) / "clip")
+        convert(write_hf_checkpoint(hf_model, Path(tmp) / "src"), Path(tmp) / "out", clip_text=text,
+                log=lambda _: None)
         return load(Path(tmp) / "out", dtype=None)
+
+
+CLIP_WORDS = ["What colour is the square?", "Is there a circle at the top left?", "how many triangles are there",
+              "Describe the image in detail.", "which shape is in row two, column three"]
+
+
+def build_clip_tokenizer(path: Path) -> Path:
+    """A small byte-level BPE tokenizer in CLIP's layout (lower case, words ending in </w>, start and end of text
+    added, the end-of-text id the largest), trained here with the `tokenizers` library, saved as tokenizer.json."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>", continuing_subword_prefix=""))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Lowercase()])
+    words = Regex(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(words, behavior="removed", invert=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, end_of_word_suffix="</w>",
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CLIP_WORDS * 20, trainer)
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+              for m in json.loads(tok.to_str())["model"]["merges"]]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())     # as CLIP's: every byte, alone and ending a word
+    vocab = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
+    tok.model = models.BPE({t: i for i, t in enumerate(dict.fromkeys(vocab))}, merges, unk_token="<|endoftext|>",
+                           end_of_word_suffix="</w>", continuing_subword_prefix="")
+    tok.add_special_tokens(["<|startoftext|>", "<|endoftext|>"])
+    bos, eos = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
+    tok.post_processor = processors.RobertaProcessing(("<|endoftext|>", eos), ("<|startoftext|>", bos),
+                                                      add_prefix_space=False, trim_offsets=False)
+    tok.save(str(path))
+    return path
+
+
+def hf_clip(llava, *, seed=0, eos_token_id=2, n_positions=16):
+    """A small random transformers CLIPModel whose vision half is `llava`'s tower (a LLaVA is built on its CLIP),
+    with a text tower over build_clip_tokenizer's ids; chunks of n_positions tokens. eos_token_id 2 pools at
+    the largest id (the openai configs), else at that id's first place."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
+
+    text = CLIPTextConfig(vocab_size=543, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=n_positions, eos_token_id=eos_token_id,
+                          bos_token_id=541, projection_dim=24)
+    cfg = CLIPConfig(text_config=text.to_dict(), vision_config=llava.config.vision_config.to_dict(), projection_dim=24)
+    torch.manual_seed(seed)
+    model = randomize(CLIPModel._from_config(cfg, attn_implementation="eager"), seed)
+    model.vision_model.load_state_dict(llava.model.vision_tower.state_dict())
+    return model.eval()
+
+
+def write_clip_checkpoint(clip, directory: Path) -> Path:
+    """A transformers CLIPModel as a checkpoint directory: config.json, safetensors, CLIP's tokenizer.json."""
+    directory.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(clip.config.to_dict()))
+    build_clip_tokenizer(directory / "tokenizer.json")
+    return directory
 
 
 def write_hf_checkpoint(hf_model, directory: Path) -> Path:

@@ -12,12 +12,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "minifastv"
 # Lowest first. A module belongs to the layer of the longest name that it is or lies under (the package itself,
 # its __init__, only by its own name); it may import its own layer (without a loop) and the layers below.
 LAYERS = [
-    ["minifastv.config", "minifastv.config_checks", "minifastv.machine", "minifastv.files", "minifastv.data"],
+    ["minifastv.config", "minifastv.config_checks", "minifastv.config_clip", "minifastv.machine", "minifastv.files",
+     "minifastv.data"],
     ["minifastv.image", "minifastv.anyres", "minifastv.video", "minifastv.tokenizer", "minifastv.tiktoken_bpe",
      "minifastv.inputs"],
     ["minifastv.pruning", "minifastv.quant"],
     ["minifastv.models"],
-    ["minifastv.checkpoint", "minifastv.convert", "minifastv.convert_qwen"],
+    ["minifastv.checkpoint", "minifastv.convert", "minifastv.convert_qwen", "minifastv.convert_clip"],
     ["minifastv.pipeline", "minifastv.batch"],
     ["minifastv.options", "minifastv.plot", "minifastv.analyze", "minifastv.serve", "minifastv.eval",
      "minifastv.bench", "minifastv.cli"],

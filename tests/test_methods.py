@@ -11,15 +11,16 @@ import torch.nn.functional as F
 from helpers import assert_batch_equals_alone, random_pixels, random_prompt
 
 from minifastv import generate, theoretical_flops
-from minifastv.pruning import METHODS, Pruner, make
+from minifastv.pruning import METHODS, CDPruner, Pruner, make
 
 N_PATCHES, GRID = 16, 4
-ALL = sorted(METHODS)
+# CDPruner is a class (minifastv.CDPruner) until the shipped tiny models carry CLIP's text tower; then METHODS.
+ALL = sorted(METHODS) + ["cdpruner"]
 
 
 @pytest.fixture(scope="module")
 def pair(twin):
-    return twin(n_kv_heads=2, seed=13, text_layers=4)
+    return twin(n_kv_heads=2, seed=13, text_layers=4, clip=True)   # with CLIP's text tower: cdpruner
 
 
 def inputs(seed=0, image_at=(2, 7)):
@@ -28,6 +29,8 @@ def inputs(seed=0, image_at=(2, 7)):
 
 
 def method(name, ratio):
+    if name == "cdpruner":
+        return CDPruner(ratio=ratio)
     return make(name, ratio, k=1 if name in ("fastv", "random", "dart", "dart-official") else None)
 
 
@@ -63,8 +66,8 @@ class Replay(Pruner):
         return self.inner.needs_attention
 
     @property
-    def needs_vision_attention(self):
-        return self.inner.needs_vision_attention
+    def vision_score(self):
+        return self.inner.vision_score
 
     @property
     def renumber(self):

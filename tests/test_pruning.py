@@ -154,13 +154,13 @@ class ClassTokenTopK(Pruner):
     feature layer (FasterVLM's criterion, written plainly)."""
 
     ratio: float = 0.5
-    needs_vision_attention = True
+    vision_score = "cls_attention"
 
     def stages(self, n_layers):
         return [Stage(0, 1 - self.ratio)]
 
     def select(self, ctx):
-        return ctx.vision_attention
+        return ctx.vision_scores
 
 
 @torch.no_grad()
@@ -173,7 +173,7 @@ def test_vision_tower_exposes_class_token_attention_to_methods(feature_layer):
     ids, px = sample_inputs(6)
     attentions = hf.model.vision_tower(px, output_attentions=True).attentions
     ref = attentions[feature_layer][:, :, 0, 1:].mean(1)                     # images, patches
-    torch.testing.assert_close(ours.vision(px, cls_attention=True)[1], ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours.vision(px, True)[1], ref, atol=1e-6, rtol=0)
     pre = ours.prefill(ids, px, prune=ClassTokenTopK(0.75))
     image_slots = pre.image_mask[0].nonzero()[:, 0]                          # both images', in order
     assert pre.kept_image_slots()[0] == sorted(image_slots[ref.flatten().topk(8).indices].tolist())  # sample's budget

@@ -17,6 +17,8 @@ def quick_gelu(x):
 
 
 class VisionAttention(nn.Module):
+    causal = False  # CLIP's text tower (clip_text.py) sets it: a token attends to those before it
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
@@ -30,7 +32,7 @@ class VisionAttention(nn.Module):
         row, computed next to SDPA), else None."""
         q, k, v = (rearrange(proj(x), "b t (h d) -> b h t d", h=self.n_heads)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v)  # bidirectional: every patch sees every patch
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # images: every patch sees every patch
         row = None
         if need_cls_row:
             scores = torch.einsum("bhd,bhsd->bhs", q[:, :, 0].float(), k.float()) / math.sqrt(q.shape[-1])
@@ -54,10 +56,8 @@ class VisionBlock(nn.Module):
 
 
 class VisionTower(nn.Module):
-    """pixels [N, 3, H, W] -> patch features [N, n_patches, dim] at cfg.feature_layer.
-
-    Only the blocks up to the feature layer exist: LLaVA never uses the rest (nor CLIP's post-LayerNorm).
-    """
+    """pixels [N, 3, H, W] -> patch features [N, n_patches, dim] at cfg.feature_layer. Only the blocks up to the
+    feature layer exist: LLaVA never uses the rest (nor CLIP's post-LayerNorm, but CDPruner: clip_text.py)."""
 
     def __init__(self, cfg: VisionConfig, keep_class_token: bool = False):
         super().__init__()
@@ -74,8 +74,7 @@ class VisionTower(nn.Module):
         x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype))        # N, C, H/p, W/p
         x = rearrange(x, "n c h w -> n (h w) c")                              # row-major patch order
         cls = self.class_embedding.expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.position_embedding               # N, 1 + n_patches, C
-        x = self.pre_norm(x)
+        x = self.pre_norm(torch.cat([cls, x], dim=1) + self.position_embedding)   # N, 1 + n_patches, C
         for i, block in enumerate(self.blocks):
             x, row = block(x, cls_attention and i == len(self.blocks) - 1)
         return (x if self.keep_class_token else x[:, 1:]), row                 # LLaVA drops the class token

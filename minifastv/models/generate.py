@@ -40,7 +40,6 @@ class Stream:
     """Iterating yields (tokens [B], logits [B, vocab]) for each generated position, stopping early once every
     sample has produced eos_token_id (a finished sample keeps emitting it). Once the first token is out,
     `prefill` holds the prompt pass's report: kept image slots, token counts and FLOPs (models/llava.py, Prefill).
-
     `cache` continues a conversation: the prompt is appended to what the cache holds (positions go on from
     `position`, the `position` of the previous Stream), and the cache is kept. After iterating, `cache` holds
     the prompt and every generated token but the last, and `position` is the last token's position.

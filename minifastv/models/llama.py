@@ -114,7 +114,7 @@ class Sequence:
     sin: torch.Tensor
     valid: torch.Tensor                  # [B, T] False at padding
     image: torch.Tensor | None = None    # [B, T] slots that hold image tokens (prefill)
-    vision_attention: torch.Tensor | None = None  # [B, T] the vision tower's class-token attention at image slots
+    vision_scores: torch.Tensor | None = None  # [B, T] at image slots, the vision side's score a method asked for
     n_patches: int | None = 0            # tokens per visual group (consecutive); None: groups of two sizes
     slots: torch.Tensor | None = None    # [B, T] the input slot of each slot; None while nothing is pruned
     segment: int = 0                     # stages applied: the layers of one segment attend over the same slots
@@ -152,10 +152,10 @@ class Sequence:
 
     def gather(self, keep: torch.Tensor, kept_valid: torch.Tensor, x: torch.Tensor) -> Sequence:
         """The slots `keep` [B, L] (validity kept_valid [B, L]) of this sequence, hidden states taken from x."""
-        vision_attention = None if self.vision_attention is None else take(self.vision_attention, keep)
+        vision_scores = None if self.vision_scores is None else take(self.vision_scores, keep)
         return Sequence(take(x, keep), take(self.positions, keep), take(self.cos, keep), take(self.sin, keep),
                         kept_valid, take(self.image, keep) & kept_valid,  # padding may point at a dropped image slot
-                        vision_attention, self.n_patches, keep if self.slots is None else self.slots.gather(1, keep),
+                        vision_scores, self.n_patches, keep if self.slots is None else self.slots.gather(1, keep),
                         self.segment + 1, self.shift, self.theta)
 
 
@@ -256,7 +256,7 @@ class Llama(nn.Module):
 
     def sequence(self, x, positions, valid, **slots) -> Sequence:
         """Embeddings x [B, T, C] at `positions` [B, T], `valid` [B, T] False at padding, as the first layer's
-        Sequence; `slots` are its other fields (image, vision_attention, n_patches)."""
+        Sequence; `slots` are its other fields (image, vision_scores, n_patches)."""
         return Sequence(x, positions, *self.rotary(positions, x.dtype, slots.get("theta")), valid, **slots)
 
     def forward(self, seq: Sequence, cache: KVCache | None = None, prune: Pruner | None = None,

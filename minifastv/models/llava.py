@@ -15,6 +15,7 @@ from ..inputs import IGNORE, check_inputs, check_pixels
 from ..pruning import Pruner, decoder_flops
 from .cache import KVCache
 from .clip import VisionTower
+from .clip_text import ClipText, relevance
 from .llama import Llama
 from .projector import build_projector
 
@@ -58,6 +59,7 @@ class LlavaModel(nn.Module):
         self.vision = VisionTower(config.vision)
         self.projector = build_projector(config)
         self.llm = Llama(config.text)
+        self.clip_text = None if config.clip_text is None else ClipText(config)   # CLIP's text tower (CDPruner)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -71,12 +73,13 @@ class LlavaModel(nn.Module):
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.llm.embed_tokens(ids).to(self.dtype)
 
-    def encode_images(self, pixel_values: torch.Tensor, cls_attention: bool = False):
-        """[N, 3, H, W] preprocessed images -> [N, n_patches, text dim] decoder inputs; with cls_attention,
-        (features, the class token's head-mean attention over the patches at the feature layer [N, n_patches])."""
+    def encode_images(self, pixel_values: torch.Tensor, score: str | None = None, input_ids=None):
+        """[N, 3, H, W] preprocessed images -> [N, n_patches, text dim] decoder inputs; with a score, (features, per
+        patch [N, n_patches] the class token's attention or its relevance to its prompt's instruction in input_ids)."""
         check_pixels(self.config, pixel_values)
-        features, row = self.vision(pixel_values, cls_attention)
-        return (self.projector(features), row) if cls_attention else self.projector(features)
+        features, row = self.vision(pixel_values, score == "cls_attention")
+        row = relevance(self, features, input_ids, self.config.image_token_id) if score == "relevance" else row
+        return (self.projector(features), row) if score else self.projector(features)
 
     def spans(self) -> dict[int, int]:
         """Placeholder id -> the slots it widens into: here an image's patches (a family adds its own kinds)."""
@@ -86,21 +89,21 @@ class LlavaModel(nn.Module):
         """Placeholder id -> tokens per group of its span that pruning's per-image methods divide (the image)."""
         return self.spans()
 
-    def visual_features(self, input_ids, pixel_values, cls_attention: bool, **visual) -> list[tuple]:
-        """Per kind of placeholder: (its id, features [n, span, C] in placeholder order, the class token's
-        attention [n, span] with cls_attention, else None)."""
+    def visual_features(self, input_ids, pixel_values, score: str | None, **visual) -> list[tuple]:
+        """Per kind of placeholder: (its id, features [n, span, C] in placeholder order, the score [n, span] a
+        method asked for (Pruner.vision_score), else None)."""
         if any(value is not None for value in visual.values()):
             raise ValueError(f"this model ({self.config.family}) takes no {', '.join(visual)}")
         if pixel_values is None:
             return []
-        features = self.encode_images(pixel_values, cls_attention)
-        return [(self.config.image_token_id, *(features if cls_attention else (features, None)))]
+        features = self.encode_images(pixel_values, score, input_ids)
+        return [(self.config.image_token_id, *(features if score else (features, None)))]
 
-    def embed(self, input_ids, pixel_values=None, attention_mask=None, cls_attention: bool = False, **visual):
+    def embed(self, input_ids, pixel_values=None, attention_mask=None, score: str | None = None, **visual):
         """Token embeddings with each placeholder widened into its features (`visual`: a family's other inputs):
-        x [B, T, C], valid [B, T], image_mask [B, T] (every visual slot) and, with cls_attention, the vision
-        tower's class-token attention at each image slot [B, T] (0 elsewhere; else None). T is the longest merged
-        sample; shorter ones are left-padded so every sample's last slot is its last token."""
+        x [B, T, C], valid [B, T], image_mask [B, T] (every visual slot) and, with a score (encode_images), the
+        vision side's score at each image slot [B, T] (0 elsewhere; else None). T is the longest merged sample;
+        shorter ones are left-padded so every sample's last slot is its last token."""
         mask = check_inputs(self.config, input_ids, pixel_values, attention_mask)
         B, T = input_ids.shape
         is_visual = torch.isin(input_ids, torch.tensor(list(self.spans()), device=input_ids.device))
@@ -113,8 +116,8 @@ class LlavaModel(nn.Module):
         text = ~is_visual
         x[rows[text], start[text]] = tokens[text]
         valid[rows[text], start[text]] = mask[text]
-        vision_scores = x.new_zeros(B, T_out, dtype=torch.float32) if cls_attention else None
-        for token_id, features, scores in self.visual_features(input_ids, pixel_values, cls_attention, **visual):
+        vision_scores = x.new_zeros(B, T_out, dtype=torch.float32) if score else None
+        for token_id, features, scores in self.visual_features(input_ids, pixel_values, score, **visual):
             # Boolean indexing walks the batch row-major: sample 0's placeholders first, as the inputs are ordered.
             here = input_ids == token_id
             slot_rows = rows[here][:, None]                                                        # n, 1
@@ -154,29 +157,27 @@ class LlavaModel(nn.Module):
                 cache: KVCache | None = None, last_only: bool = False, attention_rows: int = 0,
                 start_position: torch.Tensor | None = None, **visual) -> Prefill:
         """One pass over the whole prompt (filling `cache` if given), optionally pruned by a pruning method
-        (minifastv.pruning). Inputs are moved to the model's device. attention_rows=Q also keeps, per decoder
-        layer, the head-mean attention probabilities of the last Q slots over the slots that layer saw.
-        A cache that already holds a conversation is continued: its tokens are attended to, and the new ones
-        take positions from start_position [B] (the previous pass's next_position) on. `visual`: a family's other
-        visual inputs (Video-LLaVA's video_values)."""
+        (minifastv.pruning), on the model's device. attention_rows=Q also keeps, per decoder layer, the head-mean
+        attention of the last Q slots over the slots that layer saw. A cache that holds a conversation is continued:
+        the new tokens take positions from start_position [B] (the last pass's next_position) on. `visual`: a
+        family's other visual inputs (Video-LLaVA's video_values)."""
         input_ids, pixel_values, attention_mask = (None if t is None else t.to(self.device)
                                                    for t in (input_ids, pixel_values, attention_mask))
         visual = {name: None if t is None else t.to(self.device) for name, t in visual.items()}
         x, valid, image_mask, vision_scores = self.embed(input_ids, pixel_values, attention_mask,
-                                                         prune is not None and prune.needs_vision_attention, **visual)
+                                                         None if prune is None else prune.vision_score, **visual)
         if prune is not None and not image_mask.any():
             raise ValueError(f"{type(prune).__name__} prunes image tokens, but the batch has no image")
-        positions = (valid.cumsum(1) - 1).clamp(min=0)         # padding does not advance the position
-        if start_position is not None:
-            positions = positions + start_position.to(positions.device)[:, None]
+        start = 0 if start_position is None else start_position.to(valid.device)[:, None]        # B, 1
+        positions = (valid.cumsum(1) - 1).clamp(min=0) + start     # padding does not advance the position
         sizes = {n for token_id, n in self.groups().items() if (input_ids == token_id).any()}
-        seq = self.llm.sequence(x, positions, valid, image=image_mask, vision_attention=vision_scores,
+        seq = self.llm.sequence(x, positions, valid, image=image_mask, vision_scores=vision_scores,
                                 n_patches=sizes.pop() if len(sizes) == 1 else None)  # None: groups of two sizes
         out = self.llm(seq, cache, prune, attention_rows)
         h = out.hidden[:, -1] if last_only else out.hidden   # [B, C]: for a [B, 1, C] slice torch copies lm_head
         keep, kept_valid, layer_tokens = out.seq.slots, out.seq.valid, out.layer_tokens.T.cpu()
         text = self.config.text
-        next_position = valid.sum(1) + (0 if start_position is None else start_position.to(valid.device))
+        next_position = (valid.sum(1, keepdim=True) + start)[:, 0]
         return Prefill(self.llm.lm_head(h).view(len(h), -1, text.vocab_size), valid, image_mask, keep, kept_valid,
                        next_position=next_position, layer_tokens=layer_tokens, attention=out.attention,
                        select_s=out.select_s, flops=[decoder_flops(text, n) for n in layer_tokens.tolist()],

@@ -24,6 +24,7 @@ from ..config import ConfigError, LlavaConfig
 from ..image import ImageError
 from ..pruning.anyres_parts import AnyresParts
 from ..tokenizer import TEMPLATES
+from .clip_text import SCORES
 from .llava import LlavaModel, Prefill
 
 PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))   # llava-v1.6's canvases
@@ -144,17 +145,17 @@ class LlavaNextModel(LlavaModel):
         pre = super().prefill(input_ids, pixel_values, prune=prune, image_sizes=image_sizes, **kwargs)
         return NextPrefill(**vars(pre), parts=parts)
 
-    def visual_features(self, input_ids, pixel_values, cls_attention: bool, image_sizes=None, **visual):
-        super().visual_features(input_ids, None, False, **visual)   # refuses the inputs this model does not take
+    def visual_features(self, input_ids, pixel_values, score: str | None, image_sizes=None, **visual):
+        super().visual_features(input_ids, None, None, **visual)   # refuses the inputs this model does not take
         if pixel_values is None or image_sizes is None:
             if pixel_values is not None or image_sizes is not None or (input_ids == self.config.image_token_id).any():
                 raise ValueError("LLaVA-NeXT takes an image as its tiles in pixel_values with its size in image_sizes "
                                  "and one prompt placeholder per image token (minifastv.inputs.questions prepares "
                                  "them, as Pipeline.inputs does)")
             return []
-        if cls_attention:
-            raise ValueError("the methods that rank by the vision tower's class-token attention (fastervlm, "
-                             "visionzip) do not take LLaVA-NeXT's tiles yet")
+        if score:
+            raise ValueError(f"the methods that rank by the vision tower's {SCORES[score]} do not take LLaVA-NeXT's "
+                             "tiles yet")
         packed = self.encode_anyres(pixel_values, image_sizes)
         here = input_ids == self.config.image_token_id
         flat = torch.cat([here, here.new_zeros(len(here), 1)], 1).flatten().int()   # a gap after each row

@@ -47,6 +47,8 @@ class QwenVLConfig(LlavaConfig):
                     name != "context" and math.isqrt(value) ** 2 != value:
                 raise ConfigError(f"{name} must be a positive integer{'' if name == 'context' else ' and a square'}, "
                                   f"got {value!r}")
+        if self.clip_text is not None:
+            raise ConfigError("clip_text: Qwen-VL's vision tower is not CLIP ViT-L: CLIP's text tower does not fit")
         if self.text.dim % 128:
             raise ConfigError(f"text dim {self.text.dim} must be a multiple of 128 (the resampler's heads are 128 wide)")
         ids = {"image_token_id": self.image_token_id, "image_start_id": self.image_start_id,
@@ -94,6 +96,7 @@ class QwenVLModel(LlavaModel):
         self.vision = QwenVisionTower(config.vision, config.n_positions)
         self.projector = Resampler(config.vision.dim, config.text.dim, config.n_queries, config.vision.norm_eps)
         self.llm = QwenDecoder(config.text, config.context, config.logn, config.dynamic_ntk)
+        self.clip_text = None   # its tower is OpenCLIP's ViT-bigG, whose text half Qwen-VL does not ship
 
     def spans(self) -> dict[int, int]:
         return {self.config.image_token_id: self.config.n_queries}

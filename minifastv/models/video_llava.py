@@ -23,6 +23,7 @@ from torch import nn
 
 from ..config import ConfigError, LlavaConfig, TextConfig, VisionConfig
 from .clip import VisionAttention, VisionBlock, VisionTower
+from .clip_text import SCORES
 from .llava import LlavaModel
 
 
@@ -141,9 +142,9 @@ class VideoLlavaModel(LlavaModel):
         features, _ = self.video(video_values.flatten(0, 1))                 # V * F, n_patches + 1, C
         return self.projector(features).reshape(len(video_values), -1, cfg.text.dim)
 
-    def visual_features(self, input_ids, pixel_values, cls_attention: bool, video_values=None,
+    def visual_features(self, input_ids, pixel_values, score: str | None, video_values=None,
                         **visual) -> list[tuple]:
-        out = super().visual_features(input_ids, pixel_values, cls_attention, **visual)
+        out = super().visual_features(input_ids, pixel_values, score, **visual)
         cfg, token = self.config, self.video_placeholder
         per_video = 1 if cfg.frame_token_id is None else cfg.n_frames
         n_placeholders = int((input_ids == token).sum())
@@ -151,9 +152,8 @@ class VideoLlavaModel(LlavaModel):
         if n_placeholders != n_given * per_video:
             what = "video placeholder(s)" if per_video == 1 else f"frame placeholder(s), {per_video} a video,"
             raise ValueError(f"the prompt has {n_placeholders} {what} (id {token}) but {n_given} video(s) were given")
-        if n_placeholders and cls_attention:
-            raise ValueError("the methods that rank by the vision tower's class-token attention (fastervlm, "
-                             "visionzip) do not take videos yet")
+        if n_placeholders and score:
+            raise ValueError(f"the methods that rank by the vision tower's {SCORES[score]} do not take videos yet")
         if not n_placeholders:
             return out
         features = self.encode_videos(video_values)                              # V, F * (n_patches + 1), C

@@ -8,6 +8,7 @@ import dataclasses
 from .anyres_parts import AnyresParts
 from .base import AfterLayer, PruneContext, Pruner, Stage, active_stages, keep_slots
 from .before_decoder import BeforeDecoder
+from .cdpruner import CDPruner
 from .dart import DART, DARTOfficial
 from .divprune import DivPrune
 from .fastervlm import FasterVLM
@@ -59,7 +60,7 @@ def make(name: str, ratio: float, k: int | None = None, seed: int | None = None)
     return METHODS[name](ratio=ratio, **extra)
 
 
-__all__ = ["AnyresParts", "DART", "DARTOfficial", "METHODS", "active_stages", "AfterLayer", "at_budget", "BeforeDecoder",
-           "decoder_flops", "DivPrune", "FasterVLM", "FastV", "keep_slots", "layer_flops", "make", "name_of", "Pool",
-           "PruneContext", "Pruner", "PyramidDrop", "PyramidDropOfficial", "RandomDrop", "Schedule", "Stage",
-           "theoretical_flops", "Uniform", "VisionZip"]
+__all__ = ["AnyresParts", "CDPruner", "DART", "DARTOfficial", "METHODS", "active_stages", "AfterLayer", "at_budget",
+           "BeforeDecoder", "decoder_flops", "DivPrune", "FasterVLM", "FastV", "keep_slots", "layer_flops", "make",
+           "name_of", "Pool", "PruneContext", "Pruner", "PyramidDrop", "PyramidDropOfficial", "RandomDrop", "Schedule",
+           "Stage", "theoretical_flops", "Uniform", "VisionZip"]

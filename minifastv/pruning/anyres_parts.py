@@ -41,7 +41,7 @@ class AnyresParts(Pruner):
     parts: torch.Tensor | None = field(default=None, compare=False, repr=False)  # [B, T] per merged slot, bound
 
     needs_attention = property(lambda self: self.method.needs_attention)
-    needs_vision_attention = property(lambda self: self.method.needs_vision_attention)
+    vision_score = property(lambda self: self.method.vision_score)
     renumber = property(lambda self: self.method.renumber)
 
     def __post_init__(self):

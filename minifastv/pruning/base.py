@@ -45,8 +45,8 @@ class PruneContext:
     valid = property(lambda self: self.seq.valid)               # [B, S] False at padding
     positions = property(lambda self: self.seq.positions)       # [B, S] rotary positions (original, unless renumbered)
     n_patches = property(lambda self: self.seq.n_patches)       # tokens per image (consecutive before the decoder)
-    vision_attention = property(lambda self: self.seq.vision_attention)  # [B, S] class-token attention at image
-    #   slots, at the vision tower's feature layer (needs_vision_attention)
+    vision_scores = property(lambda self: self.seq.vision_scores)  # [B, S] at image slots, the vision side's
+    #   score the method asked for (Pruner.vision_score)
     def attention(self) -> torch.Tensor:
         """[B, S]: FastV's criterion, the head-mean attention of the last prompt slot over every slot at layer - 1.
         One query row against the keys that layer cached in this pass (recomputed without a cache), never an
@@ -78,11 +78,11 @@ class PruneContext:
 
 class Pruner:
     """Base class of pruning methods. Subclasses give `stages` and `select`; set `needs_attention` when select
-    reads `PruneContext.attention()` (layer - 1's attention: no stage at layer 0) and `needs_vision_attention`
-    to get `PruneContext.vision_attention` (the vision tower computes one row per image for it)."""
+    reads `PruneContext.attention()` (layer - 1's: no stage at layer 0), and `vision_score` to get a score per
+    patch in `PruneContext.vision_scores` ("cls_attention" at the feature layer; "relevance": clip_text.py)."""
 
     needs_attention = False
-    needs_vision_attention = False
+    vision_score: str | None = None
     renumber = False  # True: after each stage the kept slots take consecutive positions again (0, 1, ...)
 
     def stages(self, n_layers: int) -> list[Stage]:

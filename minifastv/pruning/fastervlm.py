@@ -16,7 +16,7 @@ class FasterVLM(BeforeDecoder):
     most (head mean) in the vision block whose output is the feature layer. One ranking per sample, over all
     its images."""
 
-    needs_vision_attention = True
+    vision_score = "cls_attention"
 
     def select(self, ctx):
-        return ctx.vision_attention
+        return ctx.vision_scores

@@ -50,14 +50,14 @@ class VisionZip(MergeBeforeDecoder):
     and contextual tokens merged from the rest (a sample's budget shared equally among its images, the first
     ones taking the remainder)."""
 
-    needs_vision_attention = True
+    vision_score = "cls_attention"
 
     def plan(self, ctx):
         out = []
         for b in range(len(ctx.image_mask)):
             mine = []
             for slots, k in image_budgets(ctx, b):
-                zipped = zip_image(ctx.hidden[b, slots], ctx.vision_attention[b, slots], k)
+                zipped = zip_image(ctx.hidden[b, slots], ctx.vision_scores[b, slots], k)
                 slots = slots.tolist()
                 mine += [(slots[i], [slots[g] for g in group]) for i, group in zipped]
             out.append(mine)
