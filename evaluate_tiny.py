@@ -71,10 +71,15 @@ def compare_methods(pipe, n: int, task=shapes) -> list[dict]:
     return rows
 
 
+NO_TEXT_TOWER = ("cdpruner",)                 # it ranks by CLIP's text tower, which only the tiny LLaVA carries
+
+
 def methods_for(task, pipe) -> list[str]:
     skip = {shapes: (), video_shapes: NO_VIDEO, anyres_shapes: NO_ANYRES}[task]
     if pipe.model.config.family == "qwen-vl":
         skip = (*skip, *NO_CLASS_TOKEN)
+    if pipe.model.clip_text is None:
+        skip = (*skip, *NO_TEXT_TOWER)
     return [name for name in METHODS if name not in skip]
 
 
@@ -190,6 +195,8 @@ def main(argv=None) -> int:
     if args.qwen:
         print(f"({', '.join(NO_CLASS_TOKEN)} do not apply: they rank by the vision tower's class-token attention, "
               "and Qwen-VL's tower has no class token)")
+    if pipe.model.clip_text is None:
+        print(f"({', '.join(NO_TEXT_TOWER)}: this model has no CLIP text tower, which it ranks by)")
     series = {name: [(r["flops"], r["acc"]) for r in methods if r["method"] == name] + [(1.0, base["all"])]
               for name in methods_for(task, pipe)}
     line_plot(series, args.methods_plot, xlabel="relative prefill FLOPs", ylabel="held-out accuracy",

@@ -8,12 +8,13 @@ image." ("describe the video.") turn at a random place, which ties words to imag
 detailed-description data does; with one question per image the model stays on the answer prior for the whole
 default run.
 
-    python train_tiny.py [--video | --anyres | --qwen] [--steps 1250] [--batch-size 32] [--out results/tiny] [--seed 0]
-                         [--force]
+    python train_tiny.py [--video | --anyres | --qwen | --clip-text MODEL] [--steps 1250] [--batch-size 32]
+                         [--out results/tiny] [--seed 0] [--force]
 
 The shipped models are what this wrote: minifastv/data/tiny and tiny_video with --threads 1, tiny_next with
---anyres --steps 3000 at 2 threads, tiny_qwen with --qwen --steps 3000 at 2 threads. The default output is a new
-directory, so that a run never replaces a model inside an installed package by accident.
+--anyres --steps 3000 at 2 threads, tiny_qwen with --qwen --steps 3000 at 2 threads; the tiny model's CLIP text
+tower (CDPruner's relevance) with --clip-text minifastv/data/tiny --steps 2000 --batch-size 64 at 2 threads. The
+default output is a new directory, so that a run never replaces a model inside an installed package by accident.
 
 Uses the same model code as inference and writes a minifastv checkpoint with minifastv.save.
 """
@@ -22,13 +23,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, models, pre_tokenizers, trainers
+import torch.nn.functional as F
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 import anyres_shapes
@@ -36,8 +39,10 @@ import minifastv
 import shapes
 import video_shapes
 from minifastv import LlavaConfig, LlavaModel, Tokenizer, chat_prompt
+from minifastv.config_clip import ClipTextConfig
 from minifastv.inputs import Batch, conversations
 from minifastv.models import FAMILIES, LlavaNextConfig, QwenVLConfig, VideoLlavaConfig
+from minifastv.models.clip_text import ClipText
 from minifastv.pipeline import Pipeline
 from minifastv.tiktoken_bpe import QWEN_PATTERN, byte_chars, qwen_special, tokenizer_from_ranks
 
@@ -179,6 +184,109 @@ def train(steps: int, seed: int, batch_size: int = 32, lr: float = 2e-3, log_eve
     return pipe
 
 
+# The tiny model's CLIP text tower (--clip-text): CLIP's shape, scaled to the task; relevance_sign +1, since it is
+# trained on the very patch features CDPruner reads (config_clip.py).
+TINY_CLIP_TEXT = ClipTextConfig(vocab_size=640, dim=64, n_layers=2, n_heads=4, intermediate_size=256,
+                                n_positions=32, projection_dim=64, relevance_sign=1)
+CLIP_VOCAB = 638   # merges up to this many ids; the start- and end-of-text ids come last, as CLIP's
+
+
+def build_clip_tokenizer(corpus, vocab_size: int = CLIP_VOCAB) -> HFTokenizer:
+    """A byte-level BPE in CLIP's layout, trained on `corpus`: text lower-cased and split into words, each word's
+    last piece ending in </w>, every byte a token alone and ending a word, start and end of text added around
+    every text with the end-of-text id the largest (where CLIP's text tower pools)."""
+    tok = HFTokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>", continuing_subword_prefix=""))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Lowercase()])
+    words = Regex(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(words, behavior="removed", invert=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(alphabet), end_of_word_suffix="</w>",
+                                  initial_alphabet=alphabet)
+    tok.train_from_iterator(corpus, trainer)
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+              for m in json.loads(tok.to_str())["model"]["merges"]]
+    vocab = list(dict.fromkeys(alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]))
+    tok.model = models.BPE({t: i for i, t in enumerate(vocab)}, merges, unk_token="<|endoftext|>",
+                           end_of_word_suffix="</w>", continuing_subword_prefix="")
+    tok.add_special_tokens(["<|startoftext|>", "<|endoftext|>"])
+    start, end = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
+    tok.post_processor = processors.RobertaProcessing(("<|endoftext|>", end), ("<|startoftext|>", start),
+                                                      add_prefix_space=False, trim_offsets=False)
+    return tok
+
+
+def clip_pairs(indices, size: int) -> tuple[list, list[str]]:
+    """(images, texts) for the text tower's contrastive training: per index a training image of the shapes task
+    and a question of the task about one of its shapes (so the shape is there to be found), or that shape
+    described ("red square row one column two")."""
+    images, texts = [], []
+    for i in indices:
+        rng = shapes._rng("train", i)
+        items = shapes.sample_items(rng)
+        it = rng.choice(items)
+        cell = shapes.cell_name(it)
+        row = shapes.NUMBERS[it.row + 1]
+        texts.append(rng.choice([f"what colour is the {it.shape} in {cell}?", f"which shape is in {cell}?",
+                                 f"is there a shape in {cell}?", f"how many shapes are in row {row}?",
+                                 f"{it.colour} {it.shape} {cell}"]))
+        images.append(shapes.draw(items, size))
+    return images, texts
+
+
+def train_clip_text(pipe: Pipeline, steps: int, seed: int, batch_size: int = 64, lr: float = 2e-3,
+                    log=lambda msg: print(msg, flush=True)) -> Pipeline:
+    """Give the model of `pipe` a CLIP text tower (TINY_CLIP_TEXT) trained contrastively against its own, frozen
+    vision tower, as CLIP is, at the patch level: an image matches a text by its best patches (a soft maximum
+    over the patches of their cosine to the text), and each text must pick its image out of the batch and each
+    image its text (InfoNCE both ways). The tower, its projection and the vision side's post-LayerNorm and
+    projection learn; the rest of the model does not change."""
+    from minifastv.inputs import image_pixels
+
+    model = pipe.model
+    torch.manual_seed(seed)
+    clip_tok = build_clip_tokenizer(shapes.corpus() * 4)
+    config = dataclasses.replace(model.config, clip_text=dataclasses.replace(
+        TINY_CLIP_TEXT, vocab_size=clip_tok.get_vocab_size()))
+    model.config, model.clip_text = config, ClipText(config)
+    model.clip_text.tokenizers = (pipe.tokenizer, clip_tok)
+    text = model.clip_text     # torch's default init: unit-normal token embeddings let texts differ from the start
+    with torch.no_grad():
+        text.position_embedding.normal_(0.0, 0.01)
+    opt = torch.optim.AdamW(text.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(1, min(100, steps // 10))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    start, recent = time.perf_counter(), []
+    for step in range(steps):
+        first = seed * 10_000_000 + step * batch_size
+        images, texts = clip_pairs(range(first, first + batch_size), config.vision.image_size)
+        with torch.no_grad():
+            features = model.vision(image_pixels(config, images))[0]                      # B, n, C
+        patches = F.normalize(text.visual_projection(text.post_norm(features)), dim=-1)
+        ids = [clip_tok.encode(t).ids for t in texts]
+        width = max(map(len, ids))
+        ids = torch.tensor([row + [0] * (width - len(row)) for row in ids])
+        words = F.normalize(text.encode_text(ids), dim=-1)                                  # B, P
+        cosine = torch.einsum("inp,tp->tin", patches, words)                                # texts, images, patches
+        match = 0.1 * torch.logsumexp(cosine / 0.1, dim=-1)                                 # a soft best patch
+        logits, target = match / 0.05, torch.arange(batch_size)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+        recent.append(loss.item())
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            elapsed = time.perf_counter() - start
+            log(f"step {step + 1}/{steps}  contrastive loss {sum(recent) / len(recent):.4f}  elapsed {elapsed:.0f}s")
+            recent = []
+    model.eval()
+    return pipe
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = p.add_mutually_exclusive_group()
@@ -186,6 +294,8 @@ def main(argv=None) -> int:
     which.add_argument("--anyres", action="store_true", help="the tiny LLaVA-NeXT on small shapes on wide and tall "
                        "canvases (anyres_shapes.py)")
     which.add_argument("--qwen", action="store_true", help="the tiny Qwen-VL on the shapes task, with a BPE vocabulary")
+    which.add_argument("--clip-text", metavar="MODEL", help="give the tiny model at MODEL (minifastv/data/tiny) a CLIP "
+                       "text tower trained contrastively against its vision tower (CDPruner's relevance)")
     p.add_argument("--steps", type=int, default=1250)
     p.add_argument("--out", default="results/tiny", help="output directory (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
@@ -203,7 +313,11 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     task = "video" if args.video else "anyres" if args.anyres else "qwen" if args.qwen else "image"
-    pipe = train(args.steps, args.seed, args.batch_size, args.lr, eval_every=args.eval_every, task=task)
+    if args.clip_text:
+        pipe = train_clip_text(Pipeline.load(args.clip_text, dtype="float32"), args.steps, args.seed,
+                               args.batch_size, args.lr)
+    else:
+        pipe = train(args.steps, args.seed, args.batch_size, args.lr, eval_every=args.eval_every, task=task)
     minifastv.save(pipe.model, pipe.tokenizer, args.out, overwrite=args.force)
     print(f"wrote {args.out}")
     return 0

@@ -41,7 +41,8 @@ CLIP_TOKENIZER = "clip_tokenizer.json"   # CLIP's tokenizer, beside a CLIP text 
 # Far beyond any real model (LLaMA-3-405B: 126 layers, width 16384, FFN 53248, 128K vocabulary): a config.json
 # past these is damaged, and is refused before a model is built from it (a billion layers would take minutes).
 LIMITS = {"n_layers": 1024, "n_heads": 1024, "n_kv_heads": 1024, "dim": 1 << 17, "intermediate_size": 1 << 19,
-          "vocab_size": 1 << 22, "image_size": 8192, "patch_size": 8192, "max_seq_len": 1 << 24}
+          "vocab_size": 1 << 22, "image_size": 8192, "patch_size": 8192, "max_seq_len": 1 << 24, "n_positions": 1 << 16,
+          "projection_dim": 1 << 17}
 MAX_PATCHES = 1 << 16
 
 

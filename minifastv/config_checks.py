@@ -19,6 +19,8 @@ def check_vision(cfg):
         raise ConfigError(f"vision: image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
     if cfg.dim % cfg.n_heads:
         raise ConfigError(f"vision: dim {cfg.dim} is not divisible by n_heads {cfg.n_heads}")
+    if isinstance(cfg.feature_layer, bool) or not isinstance(cfg.feature_layer, int):
+        raise ConfigError(f"vision: feature_layer must be an integer, got {cfg.feature_layer!r}")
     if not -(cfg.n_layers + 1) <= cfg.feature_layer <= cfg.n_layers:
         raise ConfigError(f"vision: feature_layer {cfg.feature_layer} is outside [-{cfg.n_layers + 1}, {cfg.n_layers}]")
 

@@ -57,36 +57,17 @@ def to_minifastv(hf_model, clip=None):
         return load(Path(tmp) / "out", dtype=None)
 
 
+CLIP_VOCAB, CLIP_START, CLIP_END = 584, 582, 583   # build_clip_tokenizer's: the start and end of text come last
 CLIP_WORDS = ["What colour is the square?", "Is there a circle at the top left?", "how many triangles are there",
               "Describe the image in detail.", "which shape is in row two, column three"]
 
 
 def build_clip_tokenizer(path: Path) -> Path:
-    """A small byte-level BPE tokenizer in CLIP's layout (lower case, words ending in </w>, start and end of text
-    added, the end-of-text id the largest), trained here with the `tokenizers` library, saved as tokenizer.json."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A small byte-level BPE tokenizer in CLIP's layout (train_tiny.build_clip_tokenizer, the tiny model's maker)
+    trained on a few questions, saved as tokenizer.json."""
+    import train_tiny
 
-    tok = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
-                                           normalizers.Lowercase()])
-    words = Regex(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+")
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(words, behavior="removed", invert=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, end_of_word_suffix="</w>",
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CLIP_WORDS * 20, trainer)
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
-              for m in json.loads(tok.to_str())["model"]["merges"]]
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())     # as CLIP's: every byte, alone and ending a word
-    vocab = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
-    tok.model = models.BPE({t: i for i, t in enumerate(dict.fromkeys(vocab))}, merges, unk_token="<|endoftext|>",
-                           end_of_word_suffix="</w>", continuing_subword_prefix="")
-    tok.add_special_tokens(["<|startoftext|>", "<|endoftext|>"])
-    bos, eos = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
-    tok.post_processor = processors.RobertaProcessing(("<|endoftext|>", eos), ("<|startoftext|>", bos),
-                                                      add_prefix_space=False, trim_offsets=False)
-    tok.save(str(path))
+    train_tiny.build_clip_tokenizer(CLIP_WORDS * 20).save(str(path))
     return path
 
 
@@ -96,9 +77,9 @@ def hf_clip(llava, *, seed=0, eos_token_id=2, n_positions=16):
     the largest id (the openai configs), else at that id's first place."""
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
 
-    text = CLIPTextConfig(vocab_size=543, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+    text = CLIPTextConfig(vocab_size=CLIP_VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                           num_attention_heads=4, max_position_embeddings=n_positions, eos_token_id=eos_token_id,
-                          bos_token_id=541, projection_dim=24)
+                          bos_token_id=CLIP_START, projection_dim=24)
     cfg = CLIPConfig(text_config=text.to_dict(), vision_config=llava.config.vision_config.to_dict(), projection_dim=24)
     torch.manual_seed(seed)
     model = randomize(CLIPModel._from_config(cfg, attn_implementation="eager"), seed)

@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
+    CLIP_END,
+    CLIP_START,
     IMAGE_TOKEN,
     build_tokenizer,
     hf_clip,
@@ -35,7 +37,7 @@ from minifastv.tokenizer import Tokenizer
 QUESTION = "Which shape is in row two, column three? Is there a circle at the top left of the image, or a square?"
 
 
-@pytest.fixture(scope="module", params=[2, 542], ids=["pooled-at-largest-id", "pooled-at-eos"])
+@pytest.fixture(scope="module", params=[2, CLIP_END], ids=["pooled-at-largest-id", "pooled-at-eos"])
 def clip_pair(request):
     """(transformers LLaVA, its CLIPModel, the minifastv twin with the text tower) for both pooling rules."""
     hf = hf_llava(n_kv_heads=2, seed=21)
@@ -67,14 +69,15 @@ def official_chunks(tokenizer_file, text, n):
 def test_text_tower_matches_transformers(clip_pair):
     _, clip, ours = clip_pair
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 541, (4, 16), generator=g)
-    ids[:, 0] = 541
+    ids = torch.randint(0, CLIP_START, (4, 16), generator=g)
+    ids[:, 0] = CLIP_START
     mask = torch.ones_like(ids)
     for row, end in enumerate((16, 9, 5)):              # the end of text, then zero padding
-        ids[row, end - 1] = 542
+        ids[row, end - 1] = CLIP_END
         ids[row, end:] = 0
         mask[row, end:] = 0
-    # The last row has no end of text, as the first chunks of a long instruction: the pooling rules differ there.
+    ids[3, 0] = 7   # the last row has no start or end of text, as a middle chunk of a long instruction: the
+    # pooling rules differ there (the largest id's place, or the first place)
     torch.testing.assert_close(ours.clip_text.encode_text(ids), hf_text_embeds(clip, ids, mask), atol=1e-5, rtol=0)
 
 
@@ -101,7 +104,7 @@ class RelevanceProbe(BeforeDecoder):
 
 @torch.no_grad()
 def test_relevance_is_the_mean_cosine_to_the_instructions_chunks(clip_pair, tmp_path):
-    """A long question (four chunks of 16) read back from the prompt: each patch's relevance is minus its mean
+    """A long question (two chunks of 16) read back from the prompt: each patch's relevance is minus its mean
     cosine similarity to the chunks' text embeddings (the official sign), computed here with transformers."""
     hf, clip, ours = clip_pair
     tok = Tokenizer.from_file(build_tokenizer(tmp_path / "tok.json"), bos_token_id=1, eos_token_id=2,
@@ -114,7 +117,7 @@ def test_relevance_is_the_mean_cosine_to_the_instructions_chunks(clip_pair, tmp_
     (scores,) = RelevanceProbe.seen
     chunk_ids, chunk_mask = official_chunks(write_clip_checkpoint(clip, tmp_path / "clip") / "tokenizer.json",
                                             ours.clip_text.instruction(ids[0].tolist()), 16)
-    assert len(chunk_ids) == 4
+    assert len(chunk_ids) == 2
     text = F.normalize(hf_text_embeds(clip, chunk_ids, chunk_mask), dim=-1)
     features = hf.model.vision_tower(px, output_hidden_states=True).hidden_states[-2][:, 1:]
     image = F.normalize(clip.visual_projection(clip.vision_model.post_layernorm(features)), dim=-1)

@@ -8,14 +8,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_batch_equals_alone, random_pixels, random_prompt
+from helpers import IMAGE_TOKEN, assert_batch_equals_alone, random_pixels, random_prompt
 
 from minifastv import generate, theoretical_flops
-from minifastv.pruning import METHODS, CDPruner, Pruner, make
+from minifastv.pruning import METHODS, Pruner, make
 
 N_PATCHES, GRID = 16, 4
-# CDPruner is a class (minifastv.CDPruner) until the shipped tiny models carry CLIP's text tower; then METHODS.
-ALL = sorted(METHODS) + ["cdpruner"]
+ALL = sorted(METHODS)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +28,6 @@ def inputs(seed=0, image_at=(2, 7)):
 
 
 def method(name, ratio):
-    if name == "cdpruner":
-        return CDPruner(ratio=ratio)
     return make(name, ratio, k=1 if name in ("fastv", "random", "dart", "dart-official") else None)
 
 
@@ -104,6 +101,8 @@ def test_cached_generation_equals_recompute_with_the_keep_set_fixed(pair, name):
     seq = ids[0].tolist()
     for token in got:
         assert int(ours(torch.tensor([seq]), px, prune=replay)[0, -1].argmax()) == token
+        if token == IMAGE_TOKEN:   # the random model may generate the image id: fed back, it would be a placeholder
+            break
         seq.append(token)
 
 

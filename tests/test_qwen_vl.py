@@ -97,6 +97,8 @@ def test_class_token_methods_refuse_and_others_run(model):
             model.prefill(ids, px, prune=make(name, 0.5))
     for name in ("random", "uniform", "pool", "divprune", "dart", "pyramiddrop"):
         assert model.prefill(ids, px, prune=make(name, 0.5)).n_image_tokens() == [16]
+    with pytest.raises(ValueError, match="CLIP's text tower, which does not fit Qwen-VL"):
+        model.prefill(ids, px, prune=make("cdpruner", 0.5))
 
 
 def test_the_config_round_trips_and_is_checked():

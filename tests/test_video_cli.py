@@ -112,7 +112,7 @@ def test_analyze_prints_each_frames_kept_patches_as_the_answer_reports_them(rand
         patches, _, cls = line.removeprefix(f"frame {f} kept patches: ").partition("; ")
         assert patches == (", ".join(map(str, alone.kept_patches[f])) or "none")
         assert (cls == "class token kept") == (f in alone.kept_class_tokens[0])
-    assert "fastervlm, visionzip take no video" in out
+    assert "fastervlm, visionzip, cdpruner take no video" in out
     with Image.open(tmp_path / "kept_patches.png") as one, Image.open(tmp_path / "kept_patches_methods.png") as every:
         assert one.width >= 8 * 32 * 6 and every.height > one.height  # eight frames side by side; a row per method
 

@@ -18,7 +18,7 @@ from minifastv.pruning import METHODS, make
 
 IMAGE, VIDEO, FRAMES, GRID = 64, 65, 4, 4        # placeholders outside the vocabulary: never generated
 FRAME = GRID * GRID + 1                                  # a frame's tokens: its class token, then 16 patches
-REFUSED = ("fastervlm", "visionzip")                      # they rank by the vision tower's class-token attention
+REFUSED = ("fastervlm", "visionzip", "cdpruner")   # they rank by the tower's class-token attention, by CLIP's text
 VIDEO_METHODS = sorted(set(METHODS) - set(REFUSED))
 PER_FRAME = ("uniform", "pool")
 

@@ -40,7 +40,7 @@ def test_task_data_is_the_held_out_split(tmp_path):
 
 
 # (method, image tokens kept of 64): the README's budgets, 50%, 25% and 12.5%
-CASES = [("none", None), ("fastv", 32), ("dart", 16), ("pyramiddrop", 8)]
+CASES = [("none", None), ("fastv", 32), ("dart", 16), ("pyramiddrop", 8), ("cdpruner", 16)]
 
 
 @pytest.mark.parametrize("method,kept", CASES, ids=[f"{m}-{k}" for m, k in CASES])

@@ -97,6 +97,6 @@ def relevance(model, features: torch.Tensor, input_ids: torch.Tensor, token_id: 
     """[N, n] each image's patches' relevance to the instruction of the prompt that holds it (its placeholder's
     row of input_ids; images in placeholder order), from their feature-layer outputs [N, n, vision dim]."""
     if model.clip_text is None:
-        raise ValueError(NO_TOWER)
+        raise ValueError(getattr(model, "no_clip_text", NO_TOWER))   # a family's own reason, else how to add it
     rows = (input_ids == token_id).nonzero()[:, 0]
     return model.clip_text.relevance(features, model.clip_text.directions(input_ids)[rows])

@@ -90,13 +90,15 @@ QWEN_PRESETS = {
 
 
 class QwenVLModel(LlavaModel):
+    no_clip_text = ("cdpruner ranks by CLIP's text tower, which does not fit Qwen-VL: its vision tower is OpenCLIP's "
+                    "ViT-bigG, whose text half Qwen-VL does not ship")
     def __init__(self, config: QwenVLConfig):
         nn.Module.__init__(self)    # Qwen-VL's own parts, not LLaVA's CLIP tower, projector and LLaMA
         self.config = config
         self.vision = QwenVisionTower(config.vision, config.n_positions)
         self.projector = Resampler(config.vision.dim, config.text.dim, config.n_queries, config.vision.norm_eps)
         self.llm = QwenDecoder(config.text, config.context, config.logn, config.dynamic_ntk)
-        self.clip_text = None   # its tower is OpenCLIP's ViT-bigG, whose text half Qwen-VL does not ship
+        self.clip_text = None   # see no_clip_text
 
     def spans(self) -> dict[int, int]:
         return {self.config.image_token_id: self.config.n_queries}

@@ -24,7 +24,7 @@ from .visionzip import VisionZip
 METHODS: dict[str, type[Pruner]] = {"fastv": FastV, "random": RandomDrop, "uniform": Uniform, "fastervlm": FasterVLM,
                                     "divprune": DivPrune, "dart": DART, "pyramiddrop": PyramidDrop, "pool": Pool,
                                     "visionzip": VisionZip, "dart-official": DARTOfficial,
-                                    "pyramiddrop-official": PyramidDropOfficial}
+                                    "pyramiddrop-official": PyramidDropOfficial, "cdpruner": CDPruner}
 
 
 def name_of(method: Pruner) -> str:
