@@ -747,6 +747,7 @@ def test_bench_quant_qwen_vl_shape(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(cpu7b, "report", lambda *args: None)
     monkeypatch.setattr("minifastv.bench.llama_cpp.run_peer", lambda workdir, text, *a, **kw: peers.append((
         text.vocab_size, a[-1], kw["name"])) or {})
+    monkeypatch.setattr("minifastv.bench.llama_cpp.find_tool", lambda name, bin_dir: tmp_path / name)
     assert cpu7b.main(["--quant", "int8", "--family", "qwen-vl", "--layers", "2", "--ref-layers", "1",
                        "--workdir", str(tmp_path), "--peer", "llama.cpp"]) == 0
     assert [name for name, _ in built] == ["qwen-vl-int8-2layers", "qwen-vl-float-1layers"]
@@ -808,6 +809,41 @@ def test_the_peer_decoder_has_the_models_vocabulary_and_only_its_quantized_files
     assert sorted(tensors["token_embd.weight"].shape) == sorted(tensors["output.weight"].shape) == [64, 300]
     monkeypatch.setattr(llama_cpp, "write_gguf", lambda *a: pytest.fail("the quantized files are there"))
     assert llama_cpp.run_peer(work, text, 1, 4, str(tools), lambda _: None, prompt=10, name="tiny")["runs"]
+
+
+@pytest.mark.parametrize("bench_body, said", [
+    ("import sys\nsys.stderr.write('loading model\\nerror: failed to load model x.gguf\\n')\nsys.exit(1)",
+     "llama-bench failed (exit status 1): loading model | error: failed to load model x.gguf"),
+    ("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)", "llama-bench failed (killed by SIGSEGV)"),
+    ("print('no json here')", "llama-bench printed no JSON results: 'no json here'")])
+def test_a_failing_peer_is_one_line_and_the_figures_are_still_printed(tmp_path, monkeypatch, capsys, bench_body,
+                                                                      said):
+    """llama-bench's own stderr and exit status (a signal by name: the AMX build's SIGSEGV) in one line, after
+    minifastv's report; a missing tool is said before anything is measured."""
+    from minifastv.bench import cpu7b
+
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    tools.joinpath("llama-quantize").write_text(f"#!{sys.executable}\nimport shutil, sys\n"
+                                                "shutil.copyfile(sys.argv[1], sys.argv[2])\n")
+    tools.joinpath("llama-bench").write_text(f"#!{sys.executable}\n{bench_body}\n")
+    for tool in tools.iterdir():
+        tool.chmod(0o755)
+    reported, measured = [], []
+    monkeypatch.setattr(cpu7b, "build_checkpoint", lambda path, config, log: path)
+    monkeypatch.setattr(cpu7b, "measure_in_child", lambda *a: measured.append(a) or {})
+    monkeypatch.setattr(cpu7b, "report", lambda args, results, reference, peer: reported.append(peer))
+    monkeypatch.setattr(cpu7b, "bench_config", lambda *a: cpu7b.LlavaConfig.from_name("tiny"))
+    argv = ["--quant", "int8", "--layers", "2", "--ref-layers", "1", "--workdir", str(tmp_path / "w"), "--peer",
+            "llama.cpp", "--peer-bin", str(tools)]
+    assert cpu7b.main(argv) == 1 and reported == [None]
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: --peer llama.cpp: {said}"]
+    tools.joinpath("llama-quantize").unlink()
+    measured.clear()
+    with pytest.raises(FileNotFoundError, match=f"llama-quantize: not found in {tools}"):
+        cpu7b.main(argv)
+    assert measured == []
 
 
 def test_the_prune_ratio_help_says_what_each_method_keeps_and_it_is_so(tiny_pipe, capsys):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -88,14 +89,35 @@ def write_gguf(path: Path, text, log):
     log(f"wrote {path}")
 
 
+class PeerError(RuntimeError):
+    """A llama.cpp tool failed: its own words and exit status, in one line."""
+
+
+def failure(tool: str, returncode: int, stderr: str) -> PeerError:
+    """The one-line error of a tool that ended with `returncode`: its status (a signal by name) and its stderr's
+    last lines."""
+    status = f"killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exit status {returncode}"
+    said = " | ".join(line.strip() for line in stderr.strip().splitlines()[-3:] if line.strip())
+    return PeerError(f"{tool} failed ({status}){': ' + said[-400:] if said else ''}")
+
+
+def run_tool(cmd: list[str]) -> str:
+    """Run a llama.cpp tool; its stdout, or a PeerError."""
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if r.returncode:
+        raise failure(Path(cmd[0]).name, r.returncode, r.stderr)
+    return r.stdout
+
+
 def peak_rss_of(cmd: list[str]) -> tuple[str, int]:
-    """Run cmd in a wrapper process; its stdout and the peak RSS (bytes) of the command."""
-    wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-               "sys.stderr.write(r.stderr); print(r.stdout); "
-               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(r.returncode)")
-    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], check=True, capture_output=True, text=True).stdout
-    lines = out.rstrip().splitlines()
-    return "\n".join(lines[:-1]), int(lines[-1])
+    """Run cmd in a wrapper process; its stdout and the peak RSS (bytes) of the command, or a PeerError."""
+    wrapper = ("import json, resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, "
+               "text=True); print(json.dumps([r.returncode, r.stdout, r.stderr, "
+               "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024]))")
+    returncode, out, err, rss = json.loads(run_tool([sys.executable, "-c", wrapper, *cmd]))
+    if returncode:
+        raise failure(Path(cmd[0]).name, returncode, err)
+    return out, rss
 
 
 def run_peer(workdir: Path, text, threads: int, decode_tokens: int, bin_dir: str | None, log,
@@ -113,11 +135,14 @@ def run_peer(workdir: Path, text, threads: int, decode_tokens: int, bin_dir: str
         model = files[qtype]
         if not model.is_file():
             start = time.perf_counter()
-            subprocess.run([str(quantize), str(f16), str(model), qtype, str(threads)], check=True, capture_output=True)
+            run_tool([str(quantize), str(f16), str(model), qtype, str(threads)])
             log(f"llama-quantize {qtype}: {time.perf_counter() - start:.0f} s")
         out, rss = peak_rss_of([str(bench), "-m", str(model), "-p", str(prompt), "-n", str(decode_tokens), "-t",
                                 str(threads), "-r", "2", "-o", "json"])
-        tests = json.loads(out)
+        try:
+            tests = json.loads(out)
+        except json.JSONDecodeError:
+            raise PeerError(f"llama-bench printed no JSON results: {out.strip()[-200:]!r}") from None
         pp = next(t for t in tests if t["n_prompt"] > 0 and t["n_gen"] == 0)
         tg = next(t for t in tests if t["n_gen"] > 0 and t["n_prompt"] == 0)
         build = f"{pp.get('build_commit', '?')} (build {pp.get('build_number', '?')}), {pp.get('cpu_info', '')}"
