@@ -29,8 +29,8 @@ from .files import (ALIGNMENT, STORED_DTYPES, CheckpointError, ShardWriter, chec
                     read_json, read_tensors, source_dir, staged, weight_files)
 from .machine import release_free_memory, resolve_device, resolve_dtype
 from .models import FAMILIES, LlavaModel
-from .quant import (Int4Linear, Int8Linear, pack_for_device, quantized_modules, quantized_tensors, read_cpu_layout,
-                    replace_linears, use_cpu_layout)
+from .quant import (Int4Linear, Int8Linear, choose_kernels, pack_for_device, quantized_modules, quantized_tensors,
+                    read_cpu_layout, replace_linears, use_cpu_layout)
 from .tokenizer import Tokenizer
 
 CONFIG, TOKENIZER = "config.json", "tokenizer.json"
@@ -192,6 +192,7 @@ def load(path: str | Path, *, dtype="auto", device="cpu", check: bool = False) -
     if model.clip_text is not None:   # it reads the instruction back from the prompt's ids, then tokenizes it as CLIP
         model.clip_text.tokenizers = (load_tokenizer(path), read_clip_tokenizer(path))
     pack_for_device(model)
+    choose_kernels(model)   # a quantized model: the matmul each regime runs on this machine (cached, else probed)
     release_free_memory()
     return model.eval()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import sys
 from pathlib import Path
 
@@ -33,6 +34,17 @@ def resolve_device(name: str | torch.device) -> torch.device:
     if device.type not in DEVICES:
         raise ValueError(f"device {str(name)!r} is not supported; choose one of {', '.join(DEVICES)}")
     return device
+
+
+def cpu_name() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it (elsewhere what platform knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def cpu_has_native_bf16() -> bool:

@@ -234,4 +234,6 @@ def load_pipeline(args):
           + (f", {threads} threads" if device.type == "cpu" else "")
           + f"; loaded in {seconds:.2f} s" + ("" if rss is None else f", peak RSS {rss / 2**30:.2f} GiB"),
           file=sys.stderr)
+    if model.kernel_choice is not None:
+        print(model.kernel_choice.describe(), file=sys.stderr)
     return pipe

@@ -11,6 +11,14 @@ from helpers import build_tokenizer, hf_clip, hf_llava, to_minifastv
 from torch import nn
 
 
+@pytest.fixture(scope="session", autouse=True)
+def kernel_cache(tmp_path_factory):
+    """The tests never write the user's kernel cache (quant/kernels.py); child processes inherit this too."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("MINIFASTV_CACHE", str(tmp_path_factory.mktemp("kernel-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tokenizer_json(tmp_path_factory):
     return build_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json")

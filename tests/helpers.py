@@ -1,8 +1,10 @@
 """Test helpers (a plain module; conftest.py holds the fixtures): tiny random transformers LLaVA models, their
-minifastv twins through the production converter, prompts and pixels, a tokenizer built here."""
+minifastv twins through the production converter, prompts and pixels, a tokenizer built here, the noise twins
+that bound a quantized model's error."""
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 from pathlib import Path
@@ -12,6 +14,7 @@ from safetensors.torch import save_file
 
 from minifastv import load
 from minifastv.convert import convert
+from minifastv.quant import quantized_modules
 
 IMAGE_TOKEN = 127  # llava-hf style: the image id is a vocabulary entry, so transformers can embed it
 VOCAB = 128
@@ -170,3 +173,52 @@ def assert_batch_equals_alone(model, prompts, pixels, prune=None, new_tokens=8, 
         assert batch_gen[i].tolist() == generate(model, torch.tensor([prompt]), px, max_new_tokens=new_tokens,
                                                  prune=prune, **visual(video))[0].tolist()
     return batch
+
+
+def noise_twin(model, quantized, seed: int):
+    """`model` with Gaussian noise of variance step^2 / 12 on every weight that `quantized` quantizes."""
+    twin, g = copy.deepcopy(model), torch.Generator().manual_seed(seed)
+    stored = quantized.state_dict()  # the stored form, also of packed int4 weights
+    steps = {name: stored[f"{name}.scale"].float() for name, _ in quantized_modules(quantized)}
+    with torch.no_grad():
+        for name, linear in quantized_modules(twin):
+            step = steps[name]
+            step = step[:, None] if step.ndim == 1 else step.repeat_interleave(quantized.config.quant.group_size, 1)
+            linear.weight += torch.randn(linear.weight.shape, generator=g) * step.expand_as(linear.weight) / 12**0.5
+    return twin
+
+
+def activation_noise(model, seed: int):
+    """Gaussian noise of variance step^2 / 12 on the inputs of every quantized linear, step = the row's
+    absmax / 127: what rounding the activations to int8 adds."""
+    g = torch.Generator().manual_seed(seed)
+
+    def add(module, args):
+        x = args[0]
+        step = x.abs().amax(-1, keepdim=True) / 127
+        return (x + torch.randn(x.shape, generator=g) * step / 12**0.5,)
+
+    for _, linear in quantized_modules(model):
+        linear.register_forward_pre_hook(add)
+    return model
+
+
+@torch.no_grad()
+def assert_decode_within_noise_twin(fp32, q, ids, px, steps: int, activations: bool = False) -> torch.Tensor:
+    """The logits of q's prefill and steps - 1 decode steps, against fp32 recomputing each prefix from scratch: the
+    error's mean within 1.3x the noise twin's (three draws; with activation noise for int8 activations) and its
+    max within 2x. Returns q's logits."""
+    from minifastv import generate
+
+    out, logits = generate(q, ids, px, max_new_tokens=steps, return_logits=True)
+    prefixes = [torch.cat([ids, out[:, :step]], 1) for step in range(steps)]
+    ref = torch.cat([fp32(p, px)[:, -1] for p in prefixes])
+    err = (logits[0] - ref).abs()
+    twins = []
+    for seed in range(3):
+        twin = noise_twin(fp32, q, seed)
+        twin = activation_noise(twin, seed) if activations else twin
+        twins.append((torch.cat([twin(p, px)[:, -1] for p in prefixes]) - ref).abs())
+    twin_mean, twin_max = (sum(getattr(t, f)() for t in twins) / 3 for f in ("mean", "max"))
+    assert err.mean() <= 1.3 * twin_mean and err.max() <= 2 * twin_max, (err.mean(), twin_mean, err.max(), twin_max)
+    return logits

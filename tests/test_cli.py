@@ -4,6 +4,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -597,6 +598,17 @@ def test_bench_quant_activations_reach_the_int8_checkpoints_prefill(monkeypatch,
     cpu7b.measure(tmp_path / "q8", ["off"], 1, 2, 1, "float32", "float")
     cpu7b.measure(TINY_MODEL, ["off"], 1, 2, 1, "float32", "int8")          # a float checkpoint: weight-only
     assert seen == ["int8"]
+    real_load = cpu7b.load
+
+    def probing_load(path, dtype):   # a first load on a machine: half a second probing the kernels
+        model = real_load(path, dtype=dtype)
+        time.sleep(0.5)
+        model.kernel_choice.probe_s = 0.5
+        return model
+
+    monkeypatch.setattr(cpu7b, "load", probing_load)
+    got = cpu7b.measure(tmp_path / "q8", ["off"], 1, 2, 1, "float32", "float")
+    assert got["load_s"] < 0.4 and got["kernels"].startswith("kernels (int8): decode weight_int8pack_mm, ")
 
 
 def test_bench_quant_packs_int4_once_and_reports_ratios_to_llama_cpp(capsys, tmp_path):
@@ -620,7 +632,7 @@ def test_bench_quant_packs_int4_once_and_reports_ratios_to_llama_cpp(capsys, tmp
         assert packed[0].stat().st_mtime_ns == mtime                       # fresh: not written again
     capsys.readouterr()
     setting = {"kept": 288, "first_ttft_s": 9.0, "ttft_s": 6.32, "ttft_spread_s": 0.1, "decode_tok_s": 3.0}
-    run = {"dtype": "bfloat16", "load_s": 2.0, "peak_rss": 8 << 30, "settings": {"off": dict(setting, ttft_s=12.64), "K=2 R=0.5": setting}}
+    run = {"dtype": "bfloat16", "load_s": 2.0, "peak_rss": 8 << 30, "kernels": "kernels (int8): decode K1, prefill K2; probed", "settings": {"off": dict(setting, ttft_s=12.64), "K=2 R=0.5": setting}}
     peer = {"build": "test", "runs": {"Q8_0": {"pp_tok_s": 50.0, "tg_tok_s": 6.0, "peak_rss": 7 << 30}}}
     args = argparse.Namespace(layers=32, ref_layers=4, decode_tokens=16, repeats=2)
     cpu7b.report(args, {"int8": run, "int8 + int8 activations": run}, {"x": {"vision_s": 2.0, "dtype": "float32",
@@ -630,6 +642,7 @@ def test_bench_quant_packs_int4_once_and_reports_ratios_to_llama_cpp(capsys, tmp
     assert "minifastv int8 / llama.cpp Q8_0: TTFT / prompt time off 1.00x, K=2 R=0.5 0.50x; decode speed 0.50x, 0.50x" in out
     assert "minifastv int8 + int8 activations / llama.cpp Q8_0: TTFT" in out
     assert "| int8 + int8 activations | bfloat16 | K=2 R=0.5 | 288 |" in out
+    assert "\nint8: kernels (int8): decode K1, prefill K2; probed\n" in out          # which matmuls ran
 
 
 def test_bench_quant_video_llava_shape(monkeypatch, capsys, tmp_path):
@@ -665,7 +678,7 @@ def test_bench_quant_video_llava_shape(monkeypatch, capsys, tmp_path):
     got = cpu7b.measure(tmp_path / "v", ["off", "K=2 R=0.5"], 1, 2, 1, "float32")
     assert got["prompt_tokens"] == 56 + 136 and got["settings"]["K=2 R=0.5"]["kept"] == 68
     setting = {"kept": 1028, "first_ttft_s": 90.0, "ttft_s": 60.0, "ttft_spread_s": 1.0, "decode_tok_s": 3.0}
-    run = {"dtype": "float32", "load_s": 2.0, "peak_rss": 8 << 30,
+    run = {"dtype": "float32", "load_s": 2.0, "peak_rss": 8 << 30, "kernels": "kernels (int8): decode K1, prefill K2; probed",
            "settings": {"off": dict(setting, ttft_s=120.0), "K=2 R=0.5": setting}}
     peer = {"build": "test", "runs": {"Q8_0": {"pp_tok_s": 21.12, "tg_tok_s": 6.0, "peak_rss": 7 << 30}}}
     args = argparse.Namespace(layers=32, ref_layers=4, decode_tokens=16, repeats=2, family="video-llava")
@@ -713,7 +726,7 @@ def test_bench_quant_13b_and_llava_next_shapes(monkeypatch, capsys, tmp_path):
     assert list(visual["pixel_values"].shape) == [5, 3, 336, 336] and visual["image_sizes"].tolist() == [[672, 672]]
     monkeypatch.undo()
     setting = {"kept": 320, "first_ttft_s": 9.0, "ttft_s": 6.0, "ttft_spread_s": 0.1, "decode_tok_s": 3.0}
-    run = {"dtype": "bfloat16", "load_s": 2.0, "peak_rss": 8 << 30, "settings": {"off": dict(setting, kept=2928),
+    run = {"dtype": "bfloat16", "load_s": 2.0, "peak_rss": 8 << 30, "kernels": "kernels (int8): decode K1, prefill K2; probed", "settings": {"off": dict(setting, kept=2928),
                                                                                 "K=2 320 kept": setting}}
     reference = {"x": {"vision_s": 2.0, "dtype": "float32", "settings": {}}}
     args = argparse.Namespace(layers=32, ref_layers=4, decode_tokens=16, repeats=2, family="llava-next", size="7b")
@@ -763,7 +776,7 @@ def test_bench_quant_qwen_vl_shape(monkeypatch, capsys, tmp_path):
     assert cpu7b.prompt_tokens("qwen-vl") == 314 == len(ids) - 1 + 256
     monkeypatch.undo()
     setting = {"kept": 128, "first_ttft_s": 9.0, "ttft_s": 6.0, "ttft_spread_s": 0.1, "decode_tok_s": 3.0}
-    run = {"dtype": "bfloat16", "load_s": 2.0, "peak_rss": 8 << 30, "settings": {"off": dict(setting, kept=256),
+    run = {"dtype": "bfloat16", "load_s": 2.0, "peak_rss": 8 << 30, "kernels": "kernels (int8): decode K1, prefill K2; probed", "settings": {"off": dict(setting, kept=256),
                                                                                 "K=2 R=0.5": setting}}
     args = argparse.Namespace(layers=32, ref_layers=4, decode_tokens=16, repeats=2, family="qwen-vl", size="7b")
     cpu7b.report(args, {"int8": run}, {"x": {"vision_s": 2.0, "dtype": "float32", "settings": {}}}, None)

@@ -158,6 +158,7 @@ def test_cli_quantize_then_generate(half_ckpt, capsys, tmp_path):
 
 
 def test_cli_activations_int8_reaches_prefill_and_decode(half_ckpt, capsys, tmp_path, monkeypatch):
+    import minifastv.quant.kernels
     import minifastv.quant.linear
 
     assert run(capsys, "quantize", half_ckpt, tmp_path / "q8", "--method", "int8")[0] == 0
@@ -165,12 +166,14 @@ def test_cli_activations_int8_reaches_prefill_and_decode(half_ckpt, capsys, tmp_
     monkeypatch.setattr(minifastv.quant.linear, "int8_activation_matmul", lambda *a: calls.append(a[0].shape) or real(*a))
     code, out, err = generate(capsys, tmp_path / "q8")
     assert code == 0 and not calls and "int8 activations" not in err                 # weight-only by default
+    assert "kernels (int8): decode weight_int8pack_mm, prefill blockwise; the defaults: a small model" in err
     code, out, err = generate(capsys, tmp_path / "q8", "--activations", "int8")
     assert code == 0 and "int8 decoder linears, int8 activations," in err and "image tokens kept" in out
+    assert "kernels (int8 + int8 activations): decode int_mm, prefill int_mm; the defaults: a small model" in err
     rows = {shape[0] for shape in calls}
     assert max(rows) > minifastv.quant.linear.INT8_KERNEL_MAX_ROWS and 1 in rows           # the prefill and decode steps
     code, _, err = generate(capsys, half_ckpt, "--activations", "int8")
     assert code == 2 and "int8 activations need an int8-quantized checkpoint" in err
-    monkeypatch.setattr(minifastv.quant.linear, "int8_gemm_exact", lambda: False)
+    monkeypatch.setattr(minifastv.quant.kernels, "int8_gemm_exact", lambda: False)
     code, _, err = generate(capsys, tmp_path / "q8", "--activations", "int8")
     assert code == 2 and "not available on this CPU" in err

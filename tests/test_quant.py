@@ -16,7 +16,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import build_tokenizer, hf_llava, random_pixels, random_prompt, to_minifastv
+from helpers import (activation_noise, assert_decode_within_noise_twin, build_tokenizer, hf_llava, noise_twin, random_pixels, random_prompt,
+                     to_minifastv)
 from safetensors.torch import load_file, save_file
 
 import minifastv
@@ -40,19 +41,6 @@ def fp32(request):
     return to_minifastv(hf_llava(**FIXTURES[request.param]))
 
 
-def noise_twin(model, quantized, seed: int):
-    """`model` with Gaussian noise of variance step^2 / 12 on every weight that `quantized` quantizes."""
-    twin, g = copy.deepcopy(model), torch.Generator().manual_seed(seed)
-    stored = quantized.state_dict()  # the stored form, also of packed int4 weights
-    steps = {name: stored[f"{name}.scale"].float() for name, _ in quantized_modules(quantized)}
-    with torch.no_grad():
-        for name, linear in quantized_modules(twin):
-            step = steps[name]
-            step = step[:, None] if step.ndim == 1 else step.repeat_interleave(quantized.config.quant.group_size, 1)
-            linear.weight += torch.randn(linear.weight.shape, generator=g) * step.expand_as(linear.weight) / 12**0.5
-    return twin
-
-
 @torch.no_grad()
 @pytest.mark.parametrize("method", [INT8, INT4], ids=["int8", "int4"])
 @pytest.mark.parametrize("pack", [True, False], ids=["as-loaded", "stored-form"])
@@ -68,21 +56,6 @@ def test_logits_close_to_fp32_as_the_noise_model_predicts(fp32, method, pack):
     s = ref.std()  # and the absolute figures the README states
     assert err.max() <= (0.4 if method.method == "int8" else 5.0) * s
     assert err.mean() <= (0.05 if method.method == "int8" else 0.5) * s
-
-
-def activation_noise(model, seed: int):
-    """Gaussian noise of variance step^2 / 12 on the inputs of every quantized linear, step = the row's
-    absmax / 127: what rounding the activations to int8 adds."""
-    g = torch.Generator().manual_seed(seed)
-
-    def add(module, args):
-        x = args[0]
-        step = x.abs().amax(-1, keepdim=True) / 127
-        return (x + torch.randn(x.shape, generator=g) * step / 12**0.5,)
-
-    for _, linear in quantized_modules(model):
-        linear.register_forward_pre_hook(add)
-    return model
 
 
 @torch.no_grad()
@@ -117,16 +90,7 @@ def test_int8_activations_at_decode_stay_within_their_noise_twin(fp32):
     q = quantize_model(copy.deepcopy(fp32), INT8)
     _, weight_only = generate(q, ids, px, max_new_tokens=6, return_logits=True)
     set_activations(q, "int8")
-    out, logits = generate(q, ids, px, max_new_tokens=6, return_logits=True)
-    prefixes = [torch.cat([ids, out[:, :step]], 1) for step in range(6)]
-    ref = torch.cat([fp32(p, px)[:, -1] for p in prefixes])
-    err = (logits[0] - ref).abs()
-    twins = []
-    for seed in range(3):
-        twin = activation_noise(noise_twin(fp32, q, seed), seed)
-        twins.append((torch.cat([twin(p, px)[:, -1] for p in prefixes]) - ref).abs())
-    twin_mean, twin_max = (sum(getattr(t, f)() for t in twins) / 3 for f in ("mean", "max"))
-    assert err.mean() <= 1.3 * twin_mean and err.max() <= 2 * twin_max, (err.mean(), twin_mean, err.max(), twin_max)
+    logits = assert_decode_within_noise_twin(fp32, q, ids, px, 6, activations=True)
     assert not torch.equal(logits, weight_only)                # the decode steps did not run the weight-only kernel
 
 
@@ -146,18 +110,20 @@ def test_int8_activation_matmul_is_the_rounded_product():
 
 
 def test_int8_activations_are_refused_where_they_cannot_run(float_ckpt, monkeypatch):
+    from minifastv.quant import kernels
+
     with pytest.raises(ValueError, match="need an int8-quantized checkpoint .* this one is float"):
-        quant.set_activations(minifastv.load(float_ckpt), "int8")
+        kernels.set_activations(minifastv.load(float_ckpt), "int8")
     with pytest.raises(ValueError, match="activations must be one of float, int8"):
-        quant.set_activations(minifastv.load(float_ckpt), "int4")
+        kernels.set_activations(minifastv.load(float_ckpt), "int4")
     int8_model = quantize_model(minifastv.load(float_ckpt, dtype="float32"), INT8)
-    monkeypatch.setattr(quant, "int8_gemm_exact", lambda: False)
+    monkeypatch.setattr(kernels, "int8_gemm_exact", lambda: False)
     with pytest.raises(ValueError, match="not available on this CPU: its integer GEMM"):
-        quant.set_activations(int8_model, "int8")
-    monkeypatch.setattr(quant, "int8_gemm_exact", lambda: True)
-    quant.set_activations(int8_model, "int8")
+        kernels.set_activations(int8_model, "int8")
+    monkeypatch.setattr(kernels, "int8_gemm_exact", lambda: True)
+    kernels.set_activations(int8_model, "int8")
     assert {m.activations for m in int8_model.modules() if isinstance(m, Int8Linear)} == {"int8"}
-    quant.set_activations(int8_model, "float")
+    kernels.set_activations(int8_model, "float")
     assert {m.activations for m in int8_model.modules() if isinstance(m, Int8Linear)} == {"float"}
 
 
@@ -317,7 +283,7 @@ def test_quantize_save_load_round_trip_is_exact(float_ckpt, quantized, tmp_path)
 
 
 def test_quantized_checkpoint_is_smaller(float_ckpt, quantized):
-    size = lambda path: (path / "model.safetensors").stat().st_size  # noqa: E731
+    size = lambda path: (path / "model.safetensors").stat().st_size
     assert size(quantized) < 0.7 * size(float_ckpt)
 
 

@@ -176,10 +176,15 @@ def measure(path: Path, settings: list[str], repeats: int, decode_tokens: int, t
     set_threads(threads)
     start = time.perf_counter()
     model = load(path, dtype=dtype)
-    if activations == "int8" and model.config.quant is not None and model.config.quant.method == "int8":
-        set_activations(model, "int8")
-    result = {"load_s": time.perf_counter() - start, "rss_after_load": peak_rss_bytes(),
-              "dtype": str(model.dtype).removeprefix("torch."), "settings": {}}
+    probe_s = 0.0   # a first load on this machine probes the kernels (quant/kernels.py): not part of the load time
+    if model.kernel_choice is not None:
+        probe_s += model.kernel_choice.probe_s
+        if activations == "int8" and model.config.quant.method == "int8":
+            set_activations(model, "int8")
+            probe_s += model.kernel_choice.probe_s
+    result = {"load_s": time.perf_counter() - start - probe_s, "rss_after_load": peak_rss_bytes(),
+              "dtype": str(model.dtype).removeprefix("torch."), "settings": {},
+              "kernels": model.kernel_choice and model.kernel_choice.describe()}
     ids, visual = random_prompt(model.config)
     start = time.perf_counter()
     encode_visual(model, visual)
@@ -317,6 +322,8 @@ def report(args, results: dict, reference: dict, peer: dict | None):
             decode = s["decode_tok_s"] * ref_layers / layers  # decode time grows with the layers
             print(f"| float, {ref_layers} layers scaled to {layers} | {ref['dtype']} | {name} | {s['kept']} | - | - | "
                   f"{scale(s['ttft_s']):.1f} | - | {decode:.2f} | - |")
+    for label, r in results.items():
+        print(f"{label}: {r['kernels']}")   # which matmuls ran, and whether probed
     first = next(iter(reference.values()))
     print(f"vision tower ({TOWERS[family]}) alone: {first['vision_s']:.2f} s in {first['dtype']}")
     print(pruning_share(layers, size))

@@ -3,22 +3,10 @@
 from __future__ import annotations
 
 import os
-import platform
-from pathlib import Path
 
 import torch
 
-from ..machine import cpu_has_native_bf16, physical_cores
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from ..machine import cpu_has_native_bf16, cpu_name, physical_cores
 
 
 def memory_gib() -> float | None:

@@ -4,8 +4,10 @@ set_activations(model, "int8") or --activations int8, for prefill and decode ste
 
 Measured with 2 threads (docs/cpu.md, "int8 activations"): with AVX-512 VNNI one 4096 x 4096 linear at 632 rows
 takes 44 ms in integers where bf16 takes 75 and fp32 202; at one row (a decode step) the integer GEMM reads
-the weights ~1.2x faster than torch's weight-only kernel, which converts every weight to a float. With AVX2
-alone it is faster than fp32 too, but not exact (int8_gemm_exact), so it is refused there.
+the weights ~1.2x faster than torch's weight-only kernel, which converts every weight to a float (on an Intel
+Xeon with AMX it was 1.8x slower there: kernels.py measures which is faster per machine, and decode steps take the
+weight-only kernel where the integer GEMM loses). With AVX2 alone it is faster than fp32 too, but not exact
+(int8_gemm_exact), so it is refused there.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ The matmul each linear runs was chosen by measurement (benchmarks/kernels.py; th
   stored nibbles once (`pack_for_cpu`), in place of the stored form; the blockwise path reads that layout,
   and state_dict gives the stored form back, so a packed model can be saved.
 - Off the CPU (CUDA, MPS), and where the CPU layout is unknown, every row count takes the blockwise path.
+Those are the defaults (CANDIDATES); at load, kernels.py times the candidates on the machine itself and a
+kernel that is faster there replaces the default.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 from torch import nn
 
 from ..config import QuantConfig
-from .int8act import ACTIVATIONS, int8_activation_matmul, int8_gemm_exact
+from .int8act import int8_activation_matmul
 
 # Decoder linears that are quantized, by module name; everything else stays float.
 QUANTIZED = re.compile(r"llm\.(layers\.\d+\.(attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)|lm_head)")
@@ -42,6 +44,21 @@ QUANTIZED = re.compile(r"llm\.(layers\.\d+\.(attn\.[qkvo]_proj|mlp\.(gate|up|dow
 # with fp32 on AVX2 kernels; prompts with an image have 600+ rows, decode steps one per sample.
 INT8_KERNEL_MAX_ROWS = 32
 INT4_KERNEL_MAX_ROWS = 128
+# The matmuls a path may run in each regime (decode: up to the row count above; prefill: more rows), the default
+# first: the fastest on the development box. A kernel chosen on one box need not suit another (int8 activations
+# at one row: 1.2x faster than the weight-only kernel on an AMD EPYC, 1.8x slower on an Intel Xeon with AMX), so
+# kernels.py measures them at load and picks per machine.
+CANDIDATES = {
+    "int8": {"decode": ("weight_int8pack_mm", "blockwise"), "prefill": ("blockwise", "weight_int8pack_mm")},
+    "int8 + int8 activations": {"decode": ("int_mm", "weight_int8pack_mm"), "prefill": ("int_mm", "blockwise")},
+    "int4": {"decode": ("weight_int4pack_mm", "blockwise"), "prefill": ("blockwise", "weight_int4pack_mm")},
+}
+REGIMES = ("decode", "prefill")
+
+
+def default_kernels(path: str) -> dict[str, str]:
+    """regime -> the default kernel of a path ("int8", "int8 + int8 activations" or "int4")."""
+    return {regime: CANDIDATES[path][regime][0] for regime in REGIMES}
 BLOCK_BYTES = 4 << 20      # a dequantized block of the weight this large stays in the caches of common CPUs...
 MIN_BLOCK_ROWS = 256       # ...but a GEMM with fewer output columns runs below peak (down_proj, 11008 wide)
 SCALE_FLOOR = 1e-30        # a scale for all-zero rows and groups (any positive value reproduces zeros)
@@ -92,6 +109,7 @@ class QuantLinear(nn.Module):
         for name, (shape, dtype) in stored_shapes(out_features, in_features, quant).items():
             self.register_buffer(name, torch.empty(shape, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+        self.chosen = {}  # path -> regime -> kernel, where kernels.py chose them (else the defaults run)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, quant={self.quant}"
@@ -104,6 +122,10 @@ class QuantLinear(nn.Module):
 
     def dequantize_rows(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
         """Output channels start..end-1 of the weight, as floats [end - start, in_features]."""
+        raise NotImplementedError
+
+    def run(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
+        """x [M, in] @ weight.T by the named kernel (one of CANDIDATES)."""
         raise NotImplementedError
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -119,6 +141,17 @@ class QuantLinear(nn.Module):
         step = max(MIN_BLOCK_ROWS, BLOCK_BYTES // (self.in_features * dtype.itemsize))
         return max(unit, step // unit * unit)
 
+    def path(self) -> str:
+        """Which kernels apply: "int8", "int8 + int8 activations" or "int4"."""
+        raise NotImplementedError
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, in] @ weight.T by the kernel chosen for the path and for M rows; off the CPU, blockwise."""
+        if x.device.type != "cpu":
+            return self.blockwise_matmul(x)
+        kernels = self.chosen.get(self.path()) or default_kernels(self.path())
+        return self.run(kernels["decode" if x.shape[0] <= self.DECODE_ROWS else "prefill"], x)
+
     def blockwise_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, in] @ weight.T, dequantizing a block of output channels at a time while it is in cache."""
         step = self.block_rows(x.dtype)
@@ -131,14 +164,18 @@ class QuantLinear(nn.Module):
 
 class Int8Linear(QuantLinear):
     activations = "float"  # "int8": the activations are quantized too and multiplied in integers (set_activations)
+    DECODE_ROWS = INT8_KERNEL_MAX_ROWS
+
+    def path(self) -> str:
+        return "int8" if self.activations == "float" else "int8 + int8 activations"
 
     def dequantize_rows(self, start, end, dtype):
         return self.weight[start:end].to(dtype).mul_(self.scale[start:end, None])
 
-    def matmul(self, x):
-        if self.activations == "int8":
+    def run(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
+        if kernel == "int_mm":
             return int8_activation_matmul(x, self.weight, self.scale)
-        if x.device.type == "cpu" and x.shape[0] <= INT8_KERNEL_MAX_ROWS:
+        if kernel == "weight_int8pack_mm":
             return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scale).to(x.dtype)
         return self.blockwise_matmul(x)
 
@@ -177,6 +214,10 @@ def unpack_cpu_int4(packed: torch.Tensor, block: int, start: int, end: int, in_f
 
 class Int4Linear(QuantLinear):
     packed_for_cpu = None  # (packed weight, table of scale and offset) in the layout of torch's CPU kernel
+    DECODE_ROWS = INT4_KERNEL_MAX_ROWS
+
+    def path(self) -> str:
+        return "int4"
 
     def pack_for_cpu(self):
         """Replace the stored tensors by the CPU kernel's layout, where that layout is known and fits the shape
@@ -220,8 +261,8 @@ class Int4Linear(QuantLinear):
         destination[prefix + "scale"] = scale.to(torch.bfloat16)
         destination[prefix + "zero"] = (8 - offset / scale).round().to(torch.uint8)  # exact: |rounding| < 0.02
 
-    def matmul(self, x):
-        if self.packed_for_cpu is None or x.shape[0] > INT4_KERNEL_MAX_ROWS:
+    def run(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
+        if kernel != "weight_int4pack_mm" or self.packed_for_cpu is None:  # not in the kernel's layout: blockwise
             return self.blockwise_matmul(x)
         packed, table = self.packed_for_cpu
         y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, self.quant.group_size, table)
@@ -287,23 +328,3 @@ def quantized_tensors(name: str, tensor: torch.Tensor, quant: QuantConfig | None
         return [(name, tensor if float_dtype is None else tensor.to(float_dtype))]
     prefix = name.removesuffix("weight")
     return [(prefix + suffix, t) for suffix, t in quantize_weight(tensor, quant).items()]
-
-
-def set_activations(model, activations: str):
-    """"int8": an int8 model quantizes its linears' activations as well and multiplies in integers, prefill and
-    decode steps alike; "float" (the default): weight-only."""
-    if activations not in ACTIVATIONS:
-        raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
-    if activations == "int8":
-        quant = model.config.quant
-        if quant is None or quant.method != "int8":
-            raise ValueError("int8 activations need an int8-quantized checkpoint (quantize --method int8); this one "
-                             f"is {'float' if quant is None else quant.method}")
-        if model.device.type != "cpu":
-            raise ValueError(f"int8 activations run on a CPU; the model is on {model.device}")
-        if not int8_gemm_exact():
-            raise ValueError("int8 activations are not available on this CPU: its integer GEMM (torch._int_mm) "
-                             "saturates on full-range int8 weights (AVX2 without AVX-512 VNNI)")
-    for module in model.modules():
-        if isinstance(module, Int8Linear):
-            module.activations = activations
