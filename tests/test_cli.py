@@ -631,15 +631,21 @@ def test_bench_quant_packs_int4_once_and_reports_ratios_to_llama_cpp(capsys, tmp
         cpu7b.pack_for_this_cpu(path, print)
         assert packed[0].stat().st_mtime_ns == mtime                       # fresh: not written again
     capsys.readouterr()
-    setting = {"kept": 288, "first_ttft_s": 9.0, "ttft_s": 6.32, "ttft_spread_s": 0.1, "decode_tok_s": 3.0}
-    run = {"dtype": "bfloat16", "load_s": 2.0, "peak_rss": 8 << 30, "kernels": "kernels (int8): decode K1, prefill K2; probed", "settings": {"off": dict(setting, ttft_s=12.64), "K=2 R=0.5": setting}}
+    setting = {"kept": 288, "first_ttft_s": 9.0, "ttft_s": 6.32, "ttft_spread_s": 0.1, "decode_tok_s": 3.0,
+               "attention_s": 1.08}
+    run = {"dtype": "bfloat16", "load_s": 2.0, "peak_rss": 8 << 30, "vision_s": 2.0,
+           "kernels": "kernels (int8): decode K1, prefill K2; probed", "settings": {"off": dict(setting, ttft_s=12.64), "K=2 R=0.5": setting}}
     peer = {"build": "test", "runs": {"Q8_0": {"pp_tok_s": 50.0, "tg_tok_s": 6.0, "peak_rss": 7 << 30}}}
     args = argparse.Namespace(layers=32, ref_layers=4, decode_tokens=16, repeats=2)
     cpu7b.report(args, {"int8": run, "int8 + int8 activations": run}, {"x": {"vision_s": 2.0, "dtype": "float32",
                                                                               "settings": {}}}, peer)
     out = capsys.readouterr().out
-    assert "| int8 | bfloat16 | K=2 R=0.5 | 288 | 2.0 | 9.0 | 6.3 (0.1) | 2.00x | 3.00 | 8.00 |" in out  # vs off
-    assert "minifastv int8 / llama.cpp Q8_0: TTFT / prompt time off 1.00x, K=2 R=0.5 0.50x; decode speed 0.50x, 0.50x" in out
+    # vs off; the answer: 6.32 s + 32 tokens at 3 a second; attention: 1.08 s of the prefill's 6.32 - 2.0 s
+    assert "| int8 | bfloat16 | K=2 R=0.5 | 288 | 2.0 | 9.0 | 6.3 (0.1) | 2.00x | 3.00 | 17.0 | 25% | 8.00 |" in out
+    assert "| int8 | bfloat16 | off | 288 | 2.0 | 9.0 | 12.6 (0.1) | 1.00x | 3.00 | 23.3 | 10% | 8.00 |" in out
+    assert "| Q8_0 | 12.6 | 6.00 | 18.0 | 7.00 |" in out                       # 632 / 50 s + 32 tokens at 6 a second
+    assert ("minifastv int8 / llama.cpp Q8_0: TTFT / prompt time off 1.00x, K=2 R=0.5 0.50x; decode speed 0.50x, "
+            "0.50x; answer time (first token + 32 tokens; llama.cpp without a vision tower) 1.30x, 0.95x") in out
     assert "minifastv int8 + int8 activations / llama.cpp Q8_0: TTFT" in out
     assert "| int8 + int8 activations | bfloat16 | K=2 R=0.5 | 288 |" in out
     assert "\nint8: kernels (int8): decode K1, prefill K2; probed\n" in out          # which matmuls ran
@@ -677,8 +683,15 @@ def test_bench_quant_video_llava_shape(monkeypatch, capsys, tmp_path):
     minifastv.save(train_tiny.build_model(tok, seed=0, task="video"), tok, tmp_path / "v")
     got = cpu7b.measure(tmp_path / "v", ["off", "K=2 R=0.5"], 1, 2, 1, "float32")
     assert got["prompt_tokens"] == 56 + 136 and got["settings"]["K=2 R=0.5"]["kept"] == 68
-    setting = {"kept": 1028, "first_ttft_s": 90.0, "ttft_s": 60.0, "ttft_spread_s": 1.0, "decode_tok_s": 3.0}
-    run = {"dtype": "float32", "load_s": 2.0, "peak_rss": 8 << 30, "kernels": "kernels (int8): decode K1, prefill K2; probed",
+    for setting in got["settings"].values():   # the decoder's attention, timed in the first run's prefill
+        assert 0 < setting["attention_s"] < setting["first_ttft_s"] - got["vision_s"]
+    import torch.nn.functional
+
+    assert cpu7b.llama.F is torch.nn.functional                       # and the decoder's own F is back
+    setting = {"kept": 1028, "first_ttft_s": 90.0, "ttft_s": 60.0, "ttft_spread_s": 1.0, "decode_tok_s": 3.0,
+               "attention_s": 1.08}
+    run = {"dtype": "float32", "load_s": 2.0, "peak_rss": 8 << 30, "vision_s": 2.0,
+           "kernels": "kernels (int8): decode K1, prefill K2; probed",
            "settings": {"off": dict(setting, ttft_s=120.0), "K=2 R=0.5": setting}}
     peer = {"build": "test", "runs": {"Q8_0": {"pp_tok_s": 21.12, "tg_tok_s": 6.0, "peak_rss": 7 << 30}}}
     args = argparse.Namespace(layers=32, ref_layers=4, decode_tokens=16, repeats=2, family="video-llava")
@@ -686,7 +699,7 @@ def test_bench_quant_video_llava_shape(monkeypatch, capsys, tmp_path):
     cpu7b.report(args, {"int8": run}, {"x": {"vision_s": 2.0, "dtype": "float32", "settings": {}}}, peer)
     out = capsys.readouterr().out
     assert "Video-LLaVA-7B shape, 32 decoder layers, random weights; prompt 2112 tokens (2056 video)" in out
-    assert "| Q8_0 | 100.0 | 6.00 | 7.00 |" in out and "prompt 2112 tokens s" in out
+    assert "| Q8_0 | 100.0 | 6.00 | 105.3 | 7.00 |" in out and "prompt 2112 tokens s" in out
     assert "632 tokens (576 visual): K=2 R=0.5 56.5%" in out and "2112 tokens (2056 visual): K=2 R=0.5 52.0%" in out
     assert "measured TTFT saved at 2112 tokens, int8: K=2 R=0.5 50%" in out
     assert "minifastv int8 / llama.cpp Q8_0: TTFT / prompt time off 1.20x, K=2 R=0.5 0.60x" in out
@@ -725,8 +738,10 @@ def test_bench_quant_13b_and_llava_next_shapes(monkeypatch, capsys, tmp_path):
     assert ids.shape[1] == 2984 and (ids == config.image_token_id).sum() == 2928 and cpu7b.prompt_tokens("llava-next", "13b") == 2984
     assert list(visual["pixel_values"].shape) == [5, 3, 336, 336] and visual["image_sizes"].tolist() == [[672, 672]]
     monkeypatch.undo()
-    setting = {"kept": 320, "first_ttft_s": 9.0, "ttft_s": 6.0, "ttft_spread_s": 0.1, "decode_tok_s": 3.0}
-    run = {"dtype": "bfloat16", "load_s": 2.0, "peak_rss": 8 << 30, "kernels": "kernels (int8): decode K1, prefill K2; probed", "settings": {"off": dict(setting, kept=2928),
+    setting = {"kept": 320, "first_ttft_s": 9.0, "ttft_s": 6.0, "ttft_spread_s": 0.1, "decode_tok_s": 3.0,
+               "attention_s": 1.08}
+    run = {"dtype": "bfloat16", "load_s": 2.0, "peak_rss": 8 << 30, "vision_s": 2.0,
+           "kernels": "kernels (int8): decode K1, prefill K2; probed", "settings": {"off": dict(setting, kept=2928),
                                                                                 "K=2 320 kept": setting}}
     reference = {"x": {"vision_s": 2.0, "dtype": "float32", "settings": {}}}
     args = argparse.Namespace(layers=32, ref_layers=4, decode_tokens=16, repeats=2, family="llava-next", size="7b")
@@ -775,8 +790,10 @@ def test_bench_quant_qwen_vl_shape(monkeypatch, capsys, tmp_path):
     assert ids[at - 1:at + 2] == [config.image_start_id, config.image_token_id, config.image_end_id]
     assert cpu7b.prompt_tokens("qwen-vl") == 314 == len(ids) - 1 + 256
     monkeypatch.undo()
-    setting = {"kept": 128, "first_ttft_s": 9.0, "ttft_s": 6.0, "ttft_spread_s": 0.1, "decode_tok_s": 3.0}
-    run = {"dtype": "bfloat16", "load_s": 2.0, "peak_rss": 8 << 30, "kernels": "kernels (int8): decode K1, prefill K2; probed", "settings": {"off": dict(setting, kept=256),
+    setting = {"kept": 128, "first_ttft_s": 9.0, "ttft_s": 6.0, "ttft_spread_s": 0.1, "decode_tok_s": 3.0,
+               "attention_s": 1.08}
+    run = {"dtype": "bfloat16", "load_s": 2.0, "peak_rss": 8 << 30, "vision_s": 2.0,
+           "kernels": "kernels (int8): decode K1, prefill K2; probed", "settings": {"off": dict(setting, kept=256),
                                                                                 "K=2 R=0.5": setting}}
     args = argparse.Namespace(layers=32, ref_layers=4, decode_tokens=16, repeats=2, family="qwen-vl", size="7b")
     cpu7b.report(args, {"int8": run}, {"x": {"vision_s": 2.0, "dtype": "float32", "settings": {}}}, None)

@@ -10,7 +10,9 @@ int8 / int4, FastV off and on, and llama.cpp beside it.
 2. Measures each in a fresh process, so that peak RSS is that run's own: load time from a warm page cache,
    time to first token (vision tower + prefill of LLaVA's 632-token prompt with one 576-token image) for
    FastV off, K=2 R=0.5 and K=2 R=0.75, the first run (weights paged in from the mapped files) apart from the
-   median of the rest, decode tokens/s, and peak RSS. Float weights take the dtype `auto` picks (printed).
+   median of the rest, decode tokens/s, the time to a short answer (TTFT, then 32 tokens at that speed), the
+   share of the prefill (TTFT less the vision tower) spent in the decoder's attention (SDPA, timed in the first
+   run), and peak RSS. Float weights take the dtype `auto` picks (printed).
    --size 13b: LLaVA-1.5-13B's decoder (40 layers, 5120 wide), the same prompt.
    --family video-llava: Video-LLaVA-7B's shape (CLIP ViT-L/14 at 224 px, an image tower and a video tower,
    vocabulary 32064) with one 8-frame video: 2,056 video tokens in a prompt of 2,112; the video tower's 8
@@ -33,6 +35,7 @@ int8 / int4, FastV off and on, and llama.cpp beside it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -42,6 +45,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .. import anyres
 from ..checkpoint import CONFIG, TOKENIZER, config_from_dict, empty_model, load
@@ -49,6 +53,7 @@ from ..config import LlavaConfig, QuantConfig
 from ..files import ShardWriter, staged
 from ..image import tokens_per_image
 from ..machine import auto_dtype, peak_rss_bytes, physical_cores, set_threads
+from ..models import llama
 from ..models.generate import stream
 from ..models.llava_next import LlavaNextConfig
 from ..models.qwen_vl import QWEN_VL_CHAT
@@ -63,6 +68,7 @@ NEXT_IMAGE = (672, 672)   # a LLaVA-NeXT image (height, width): base image + 2 x
 SETTINGS = {"off": None, "K=2 R=0.5": FastV(2, 0.5), "K=2 R=0.75": FastV(2, 0.75),
             "K=2 320 kept": FastV(2, 1 - 320 / 2928)}   # LLaVA-NeXT only: 320 of its 2,928 image tokens
 GiB = 2**30
+ANSWER_TOKENS = 32   # the user-facing figure: how long a short answer takes, its first token and 32 more
 PAPER_FLOPS_CUT_13B = 0.45   # FastV's abstract: K=2 R=50% cuts LLaVA-1.5-13B's FLOPs by 45%
 
 FAMILIES = {"llava": ("LLaVA-1.5", ""), "video-llava": ("Video-LLaVA", "video-llava-"),   # name, files' prefix
@@ -191,20 +197,54 @@ def measure(path: Path, settings: list[str], repeats: int, decode_tokens: int, t
     result["vision_s"] = time.perf_counter() - start
     result["prompt_tokens"] = model.merged_slots(ids)[1]
     for name in settings:
-        runs = []
-        for _ in range(repeats + 1):
+        runs, attention = [], TimedAttention()
+        for i in range(repeats + 1):
             stamps = [time.perf_counter()]
             run = stream(model, ids, max_new_tokens=decode_tokens, prune=SETTINGS[name], **visual)
-            for _ in run:
+            tokens = iter(run)
+            with attention.timing(i == 0):   # the first run's prefill: how long the decoder's attention takes
+                next(tokens)
+            stamps.append(time.perf_counter())
+            for _ in tokens:
                 stamps.append(time.perf_counter())
             runs.append((stamps[1] - stamps[0], (len(stamps) - 2) / (stamps[-1] - stamps[1])))
+        ttft = statistics.median(r[0] for r in runs[1:])
         result["settings"][name] = {
-            "first_ttft_s": runs[0][0], "ttft_s": statistics.median(r[0] for r in runs[1:]),
+            "first_ttft_s": runs[0][0], "ttft_s": ttft,
             "ttft_spread_s": max(r[0] for r in runs[1:]) - min(r[0] for r in runs[1:]),
             "decode_tok_s": statistics.median(r[1] for r in runs[1:]),
-            "kept": len(run.prefill.kept_image_slots()[0])}
+            "attention_s": attention.seconds, "kept": len(run.prefill.kept_image_slots()[0])}
     result["peak_rss"] = peak_rss_bytes()
     return result
+
+
+class TimedAttention:
+    """Times the decoder's attention (torch's scaled_dot_product_attention as models/llama.py calls it: scores,
+    softmax and the weighted sum, the part of a prefill that grows with the square of its length) while timing();
+    its projections count as linears, not as attention."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def __getattr__(self, name):   # the rest of torch.nn.functional, as it is
+        return getattr(F, name)
+
+    def scaled_dot_product_attention(self, *args, **kwargs):
+        start = time.perf_counter()
+        y = F.scaled_dot_product_attention(*args, **kwargs)
+        self.seconds += time.perf_counter() - start
+        return y
+
+    @contextlib.contextmanager
+    def timing(self, on: bool = True):
+        if not on:
+            yield
+            return
+        llama.F = self
+        try:
+            yield
+        finally:
+            llama.F = F
 
 
 def warm_page_cache(path: Path):
@@ -300,6 +340,11 @@ def pruning_share(layers: int, size: str = "7b") -> str:
     return line
 
 
+def answer_s(first_token_s: float, tokens_per_s: float) -> float:
+    """The time to a short answer: the first token, then ANSWER_TOKENS more at the measured decode speed."""
+    return first_token_s + ANSWER_TOKENS / tokens_per_s
+
+
 def report(args, results: dict, reference: dict, peer: dict | None):
     layers, ref_layers = args.layers, args.ref_layers
     family, size = getattr(args, "family", "llava"), getattr(args, "size", "7b")
@@ -308,20 +353,24 @@ def report(args, results: dict, reference: dict, peer: dict | None):
     print(f"\n{shape_name(family, size)} shape, {layers} decoder layers, random weights; prompt {n} tokens ({visual}), "
           f"{args.decode_tokens} new tokens; medians of {args.repeats} runs after a first one")
     print("| linears | float dtype | FastV | image tokens kept | load s | first TTFT s | TTFT s (spread) | "
-          "TTFT vs off | decode tok/s | peak RSS GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"TTFT vs off | decode tok/s | answer s (TTFT + {ANSWER_TOKENS} tokens) | attention share of the prefill | "
+          "peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for label, r in results.items():
         off = r["settings"]["off"]["ttft_s"]
         for name, s in r["settings"].items():
+            prefill = s["ttft_s"] - r["vision_s"]
             print(f"| {label} | {r['dtype']} | {name} | {s['kept']} | {r['load_s']:.1f} | {s['first_ttft_s']:.1f} | "
                   f"{s['ttft_s']:.1f} ({s['ttft_spread_s']:.1f}) | {off / s['ttft_s']:.2f}x | "
-                  f"{s['decode_tok_s']:.2f} | {r['peak_rss'] / GiB:.2f} |")
+                  f"{s['decode_tok_s']:.2f} | {answer_s(s['ttft_s'], s['decode_tok_s']):.1f} | "
+                  f"{s['attention_s'] / prefill:.0%} | {r['peak_rss'] / GiB:.2f} |")
     for ref in reference.values():
         scale = lambda t: ref["vision_s"] + (t - ref["vision_s"]) * layers / ref_layers  # noqa: E731,B023
         for name, s in ref["settings"].items():
             decode = s["decode_tok_s"] * ref_layers / layers  # decode time grows with the layers
             print(f"| float, {ref_layers} layers scaled to {layers} | {ref['dtype']} | {name} | {s['kept']} | - | - | "
-                  f"{scale(s['ttft_s']):.1f} | - | {decode:.2f} | - |")
+                  f"{scale(s['ttft_s']):.1f} | - | {decode:.2f} | {answer_s(scale(s['ttft_s']), decode):.1f} | "
+                  f"{s['attention_s'] / (s['ttft_s'] - ref['vision_s']):.0%} | - |")
     for label, r in results.items():
         print(f"{label}: {r['kernels']}")   # which matmuls ran, and whether probed
     first = next(iter(reference.values()))
@@ -333,16 +382,22 @@ def report(args, results: dict, reference: dict, peer: dict | None):
         print(f"measured TTFT saved at {n} tokens, {label}: {saved}")
     if peer:
         print(f"\nllama.cpp {peer['build']} (llama-bench, same machine and threads, decoder only, no vision tower)")
-        print(f"| llama.cpp | prompt {n} tokens s | decode tok/s | peak RSS GiB |\n|---|---|---|---|")
+        print(f"| llama.cpp | prompt {n} tokens s | decode tok/s | answer s (prompt + {ANSWER_TOKENS} tokens) | "
+              "peak RSS GiB |\n|---|---|---|---|---|")
         for name, p in peer["runs"].items():
-            print(f"| {name} | {n / p['pp_tok_s']:.1f} | {p['tg_tok_s']:.2f} | {p['peak_rss'] / GiB:.2f} |")
+            print(f"| {name} | {n / p['pp_tok_s']:.1f} | {p['tg_tok_s']:.2f} | "
+                  f"{answer_s(n / p['pp_tok_s'], p['tg_tok_s']):.1f} | {p['peak_rss'] / GiB:.2f} |")
         for label, r in results.items():
             peer_name = {"int8": "Q8_0", "int4": "Q4_0"}[label.split()[0]]
             if peer_name in peer["runs"]:
                 p = peer["runs"][peer_name]
                 cells = ", ".join(f"{name} {s['ttft_s'] * p['pp_tok_s'] / n:.2f}x" for name, s in r["settings"].items())
                 decode = ", ".join(f"{s['decode_tok_s'] / p['tg_tok_s']:.2f}x" for s in r["settings"].values())
-                print(f"minifastv {label} / llama.cpp {peer_name}: TTFT / prompt time {cells}; decode speed {decode}")
+                theirs = answer_s(n / p["pp_tok_s"], p["tg_tok_s"])
+                answer = ", ".join(f"{answer_s(s['ttft_s'], s['decode_tok_s']) / theirs:.2f}x"
+                                   for s in r["settings"].values())
+                print(f"minifastv {label} / llama.cpp {peer_name}: TTFT / prompt time {cells}; decode speed {decode}; "
+                      f"answer time (first token + {ANSWER_TOKENS} tokens; llama.cpp without a vision tower) {answer}")
 
 
 def main(argv=None) -> int:
