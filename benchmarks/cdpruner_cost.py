@@ -15,9 +15,7 @@ Medians of --repeats after a warm-up, with their spread; the machine is printed 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from minifastv.bench.machine import describe
+from minifastv.bench.timing import repeat
 from minifastv.config import LlavaConfig, TextConfig
 from minifastv.config_clip import ClipTextConfig
 from minifastv.models.clip_text import ClipText
@@ -34,16 +33,6 @@ from minifastv.models.llama import Llama
 from minifastv.pruning import CDPruner
 
 SHAPES = {"LLaVA-1.5-7B": (632, 576, 576, (64, 128, 192)), "LLaVA-NeXT-7B": (2936, 2880, None, (320,))}
-
-
-def timed(fn, repeats: int) -> tuple[float, float, float]:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), min(times), max(times)
 
 
 def fmt(t) -> str:
@@ -64,14 +53,14 @@ def main(argv=None) -> int:
     clip = ClipText(LlavaConfig(clip_text=ClipTextConfig())).to(dtype)
     decoder = Llama(TextConfig(n_layers=1)).to(dtype)
     chunk = torch.randint(0, 49406, (1, 77))
-    text = timed(lambda: clip.encode_text(chunk), args.repeats)
+    text = repeat(lambda: clip.encode_text(chunk), args.repeats)
     print(f"instruction through CLIP's text tower (one 77-token chunk): {fmt(text)}")
     print("| model | image tokens | kept | relevance (text + patches) ms | selection ms | 32 layers unpruned - "
           "pruned ms (the saving) | selection + relevance / saving |\n|---|---|---|---|---|---|---|")
     for name, (n_prompt, n_image, per_image, budgets) in SHAPES.items():
         features = torch.randn(1, n_image, 1024, dtype=dtype)
         direction = torch.nn.functional.normalize(torch.randn(1, 768), dim=-1)
-        patches = timed(lambda f=features, d=direction: clip.relevance(f, d), args.repeats)
+        patches = repeat(lambda f=features, d=direction: clip.relevance(f, d), args.repeats)
         relevance = clip.relevance(features, direction).float()
         hidden = torch.randn(1, n_prompt, 4096, dtype=dtype)
         image = torch.zeros(1, n_prompt, dtype=torch.bool)
@@ -84,13 +73,13 @@ def main(argv=None) -> int:
             positions = torch.arange(n)[None]
             return lambda: decoder(decoder.sequence(x, positions, torch.ones(1, n, dtype=torch.bool)))
 
-        full = timed(layer(n_prompt), args.repeats)
+        full = repeat(layer(n_prompt), args.repeats)
         for k in budgets:
             ctx = SimpleNamespace(image_mask=image, hidden=hidden, vision_scores=scores, n_keep=torch.tensor([k]),
                                   n_patches=per_image)
             method = CDPruner(ratio=1 - k / n_image)
-            select = timed(lambda m=method, c=ctx: m.select(c), args.repeats)
-            pruned = timed(layer(n_prompt - n_image + k), args.repeats)
+            select = repeat(lambda m=method, c=ctx: m.select(c), args.repeats)
+            pruned = repeat(layer(n_prompt - n_image + k), args.repeats)
             saving = 32 * (full[0] - pruned[0])
             overhead = text[0] + patches[0] + select[0]
             print(f"| {name} | {n_image} | {k} | {(text[0] + patches[0]) * 1e3:.1f} | {fmt(select)} | "

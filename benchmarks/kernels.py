@@ -18,9 +18,7 @@ prompt after FastV drops half of the image tokens), prints the median time of ea
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,6 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from minifastv.bench.machine import describe  # noqa: E402
+from minifastv.bench.timing import repeat
 from minifastv.config import QuantConfig  # noqa: E402
 from minifastv.machine import resolve_dtype, set_threads  # noqa: E402
 from minifastv.quant.int8act import int8_activation_matmul  # noqa: E402
@@ -36,17 +35,6 @@ from minifastv.quant.linear import LINEARS, quantize_weight  # noqa: E402
 
 LAYER = [("q", 4096, 4096), ("k", 4096, 4096), ("v", 4096, 4096), ("o", 4096, 4096),
          ("gate", 11008, 4096), ("up", 11008, 4096), ("down", 4096, 11008)]  # (name, out, in)
-
-
-def median_ms(fn, repeats: int) -> tuple[float, float]:
-    """Median and (max - min) spread in ms over `repeats` runs after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3, (max(times) - min(times)) * 1e3
 
 
 def quantized(weight: torch.Tensor, quant: QuantConfig, pack: bool):
@@ -96,10 +84,10 @@ def main(argv=None) -> int:
     for rows in args.rows:
         total = {}
         for name in names:
-            ms = [median_ms(lambda: fns[name](x), args.repeats)
-                  for (_, fns), x in ((lf, torch.randn(rows, k, generator=g).to(dtype))
-                                      for lf, (_, _, k) in zip(layer, LAYER))]
-            total[name] = (sum(m for m, _ in ms), sum(s for _, s in ms))
+            runs = [repeat(lambda: fns[name](x), args.repeats)
+                    for (_, fns), x in ((lf, torch.randn(rows, k, generator=g).to(dtype))
+                                        for lf, (_, _, k) in zip(layer, LAYER))]
+            total[name] = (1e3 * sum(r.median for r in runs), 1e3 * sum(r.spread for r in runs))
         cells = [f"{total[n][0]:.1f} ±{total[n][1]:.1f}" for n in names]
         ratios = [f"{total[n][0] / total['float'][0]:.2f}" for n in names[1:]]
         print(f"| {rows} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |", flush=True)

@@ -226,6 +226,9 @@ def save(model: LlavaModel, tokenizer: Tokenizer, path: str | Path, *, max_shard
     if not isinstance(tokenizer, Tokenizer):
         raise TypeError(f"save(model, tokenizer, path): tokenizer must be a minifastv Tokenizer, got "
                         f"{type(tokenizer).__name__}")
+    if model.clip_text is not None and model.clip_text.tokenizers is None:
+        raise ValueError("save: the model's CLIP text tower has no CLIP tokenizer to write beside it; set "
+                         "model.clip_text.tokenizers = (the decoder's Tokenizer, CLIP's tokenizers.Tokenizer)")
     with staged(path, overwrite) as tmp:
         (tmp / CONFIG).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
         tokenizer.tok.save(str(tmp / TOKENIZER))

@@ -144,7 +144,9 @@ class Pipeline:
 
     @classmethod
     def load(cls, path: str | Path, **kwargs) -> Pipeline:
-        return cls(load(path, **kwargs), load_tokenizer(path))
+        model = load(path, **kwargs)
+        # a CLIP text tower holds the decoder's tokenizer already (checkpoint.load): not read a second time
+        return cls(model, model.clip_text.tokenizers[0] if model.clip_text is not None else load_tokenizer(path))
 
     def inputs(self, images: Sequence[str | Path | Image.Image], question: str, videos: Sequence = ()) -> Batch:
         """The single-turn prompt and the preprocessed images and videos of one question (files are read here)."""

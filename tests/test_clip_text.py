@@ -27,7 +27,7 @@ from helpers import (
 from safetensors.torch import load_file, save_file
 
 from minifastv import load
-from minifastv.checkpoint import CLIP_TOKENIZER, quantize_checkpoint
+from minifastv.checkpoint import CLIP_TOKENIZER, load_tokenizer, quantize_checkpoint, save
 from minifastv.config import QuantConfig
 from minifastv.convert import convert
 from minifastv.files import CheckpointError
@@ -163,6 +163,10 @@ def test_save_quantize_and_load_keep_the_text_tower(clip_pair, tmp_path):
     (tmp_path / "int8" / CLIP_TOKENIZER).unlink()
     with pytest.raises(FileNotFoundError, match="clip_tokenizer.json: file not found"):
         load(tmp_path / "int8")
+    model.clip_text.tokenizers = None   # a tower built in memory, its tokenizers never set: one line, no directory
+    with pytest.raises(ValueError, match="save: the model's CLIP text tower has no CLIP tokenizer to write"):
+        save(model, load_tokenizer(path), tmp_path / "again")
+    assert not (tmp_path / "again").exists()
 
 
 def test_conversion_refuses_a_clip_that_does_not_fit(clip_pair, tmp_path):

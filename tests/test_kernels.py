@@ -190,6 +190,11 @@ def test_a_damaged_or_unwritable_cache_is_probed_again(medium, cache, monkeypatc
         cache.write_text(damage)
         assert kernels.choose_kernels(q).how.startswith("probed")
         assert kernels.cached_kernels(json.loads(cache.read_text())[kernels.cache_key(q, "int8")], "int8")
+    entries = json.loads(cache.read_text())
+    entries[kernels.cache_key(q, "int8")]["timings"] = {"decode": "fast"}   # kernels fine, timings damaged
+    cache.write_text(json.dumps(entries))
+    choice = kernels.choose_kernels(q)
+    assert choice.how.startswith("cached") and choice.timings is None and "ms per probe pass" not in choice.describe()
     monkeypatch.setenv("MINIFASTV_CACHE", str(cache))          # a file where the directory should be
     choice = kernels.choose_kernels(q)
     assert "not cached" in choice.how and choice.kernels["decode"] in CANDIDATES["int8"]["decode"]

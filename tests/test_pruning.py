@@ -136,6 +136,17 @@ def test_a_method_that_breaks_the_contract_is_named(ours):
         ours.prefill(ids, px, prune=Broken())
 
 
+class AsksTheUnknown(FastV):
+    vision_score = "saliency"   # not a score the vision side gives: it would read as zeros
+
+
+def test_a_method_asking_for_an_unknown_vision_score_is_refused(ours):
+    ids, px = sample_inputs()
+    with pytest.raises(ValueError, match="AsksTheUnknown.vision_score must be None or one of cls_attention, "
+                                         "relevance, got 'saliency'"):
+        ours.prefill(ids, px, prune=AsksTheUnknown(1, 0.5))
+
+
 def test_make_builds_each_method_and_refuses_foreign_settings():
     assert make("fastv", 0.75, k=3) == FastV(3, 0.75)
     assert make("random", 0.5, k=1, seed=9) == RandomDrop(1, 0.5, seed=9)

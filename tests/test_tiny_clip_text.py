@@ -45,6 +45,7 @@ def test_relevance_finds_the_cell_the_question_names(tiny_pipe):
 
 def test_training_the_tower_changes_nothing_else(tmp_path):
     pipe = Pipeline.load(TINY_MODEL, dtype="float32")
+    assert pipe.tokenizer is pipe.model.clip_text.tokenizers[0]   # tokenizer.json read once, shared with the tower
     before = {k: v.clone() for k, v in pipe.model.state_dict().items() if not k.startswith("clip_text.")}
     tower = train_tiny.train_clip_text(pipe, steps=3, seed=0, batch_size=8, log=lambda _: None).model.clip_text
     after = pipe.model.state_dict()

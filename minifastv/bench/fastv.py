@@ -34,23 +34,12 @@ from ..machine import auto_dtype
 from ..models import KVCache, LlavaModel
 from ..pruning import METHODS, at_budget, make
 from .machine import describe, spread_warning
-from .timing import minifastv_generate, rate, spread_ms, timed
-
-
-def median_seconds(fn, repeats: int) -> float:
-    """Median wall time of fn() over `repeats` runs after one warm-up run."""
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from .timing import minifastv_generate, rate, repeat, spread_ms, timed
 
 
 def matmul_peak(dtype, repeats: int, n: int = 2048) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n**3 / median_seconds(lambda: a @ b, repeats) / 1e12
+    return 2 * n**3 / repeat(lambda: a @ b, repeats).median / 1e12
 
 
 def random_model(config: LlavaConfig, dtype) -> LlavaModel:

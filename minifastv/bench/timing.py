@@ -19,6 +19,28 @@ class Timing(NamedTuple):
     prefills: tuple[float, ...] = ()  # each run's seconds until the first token
 
 
+class Runs(NamedTuple):
+    """Repeated timings of one thing, in seconds."""
+    median: float
+    low: float
+    high: float
+
+    @property
+    def spread(self) -> float:
+        return self.high - self.low
+
+
+def repeat(fn, repeats: int) -> Runs:
+    """fn() timed `repeats` times after one untimed warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return Runs(statistics.median(times), min(times), max(times))
+
+
 def timed(generate_fn, repeats: int) -> Timing:
     """Prefill and decode speed over `repeats` runs after a warm-up. generate_fn(on_token) must call
     on_token() as each token appears."""

@@ -12,8 +12,14 @@ def check_ratio(method, ratio):
                          f"dropped), got {ratio!r}")
 
 
+VISION_SCORES = ("cls_attention", "relevance")   # what a method may ask of the vision side (Pruner.vision_score)
+
+
 def check_stage(method, stage, stages: dict):
     """A stage of `method`, given the stages accepted before it (by layer)."""
+    if method.vision_score not in (None, *VISION_SCORES):   # else its scores would silently read as zeros
+        raise ValueError(f"{type(method).__name__}.vision_score must be None or one of {', '.join(VISION_SCORES)}, "
+                         f"got {method.vision_score!r}")
     if not (stage.layer >= 0 and 0 < stage.keep <= 1):
         raise ValueError(f"{type(method).__name__}: a stage must have layer >= 0 and keep in (0, 1], got {stage}")
     if stage.layer in stages:

@@ -186,6 +186,15 @@ def cached_kernels(entry, path: str) -> dict[str, str] | None:
     return {r: entry[r] for r in REGIMES}
 
 
+def cached_timings(entry: dict) -> dict[str, dict[str, float]] | None:
+    """The probe's timings a cache entry keeps, if they are well formed (they are only printed)."""
+    timings = entry.get("timings")
+    ok = isinstance(timings, dict) and all(
+        isinstance(timings.get(r), dict) and all(isinstance(ms, (int, float)) for ms in timings[r].values())
+        for r in REGIMES)
+    return timings if ok else None
+
+
 def choose_kernels(model) -> KernelChoice | None:
     """Pick and set the kernels of a quantized model's linears for this machine (cached, else probed);
     recorded as model.kernel_choice. None for a float model."""
@@ -207,7 +216,7 @@ def choose_kernels(model) -> KernelChoice | None:
         file, key = cache_dir() / CACHE_FILE, cache_key(model, path)
         entry = read_cache(file).get(key)
         if (kernels := cached_kernels(entry, path)) is not None:
-            choice = KernelChoice(path, kernels, f"cached for this machine in {file}", entry.get("timings"))
+            choice = KernelChoice(path, kernels, f"cached for this machine in {file}", cached_timings(entry))
         else:
             start = time.perf_counter()
             timings = probe(model, path)
