@@ -44,7 +44,10 @@ QUANTIZED = re.compile(r"llm\.(layers\.\d+\.(attn\.[qkvo]_proj|mlp\.(gate|up|dow
 # with fp32 on AVX2 kernels; prompts with an image have 600+ rows, decode steps one per sample.
 INT8_KERNEL_MAX_ROWS = 32
 INT4_KERNEL_MAX_ROWS = 128
-# The matmuls a path may run in each regime (decode: up to the row count above; prefill: more rows), the default
+BLOCK_BYTES = 4 << 20      # a dequantized block of the weight this large stays in the caches of common CPUs...
+MIN_BLOCK_ROWS = 256       # ...but a GEMM with fewer output columns runs below peak (down_proj, 11008 wide)
+SCALE_FLOOR = 1e-30        # a scale for all-zero rows and groups (any positive value reproduces zeros)
+# The matmuls a path may run in each regime (decode: up to the row counts above; prefill: more), the default
 # first: the fastest on the development box. A kernel chosen on one box need not suit another (int8 activations
 # at one row: 1.2x faster than the weight-only kernel on an AMD EPYC, 1.8x slower on an Intel Xeon with AMX), so
 # kernels.py measures them at load and picks per machine.
@@ -59,9 +62,6 @@ REGIMES = ("decode", "prefill")
 def default_kernels(path: str) -> dict[str, str]:
     """regime -> the default kernel of a path ("int8", "int8 + int8 activations" or "int4")."""
     return {regime: CANDIDATES[path][regime][0] for regime in REGIMES}
-BLOCK_BYTES = 4 << 20      # a dequantized block of the weight this large stays in the caches of common CPUs...
-MIN_BLOCK_ROWS = 256       # ...but a GEMM with fewer output columns runs below peak (down_proj, 11008 wide)
-SCALE_FLOOR = 1e-30        # a scale for all-zero rows and groups (any positive value reproduces zeros)
 
 
 def quantize_weight(w: torch.Tensor, quant: QuantConfig) -> dict[str, torch.Tensor]:
