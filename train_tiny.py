@@ -143,6 +143,13 @@ def batch_loss(pipe: Pipeline, batch: Batch) -> torch.Tensor:
                            **batch.visual_inputs())
 
 
+def warmup_cosine(opt, steps: int, max_warmup: int):
+    """The learning rate rises linearly over a tenth of the steps (at most max_warmup), then falls on a cosine."""
+    warmup = max(1, min(max_warmup, steps // 10))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+
+
 def train(steps: int, seed: int, batch_size: int = 32, lr: float = 2e-3, log_every: int = 50, eval_every: int = 0,
           log=lambda msg: print(msg, flush=True), task: str = "image") -> Pipeline:
     """Train from scratch on `task` (TASKS); every eval_every steps (0: never) also log held-out accuracy on 100
@@ -153,9 +160,7 @@ def train(steps: int, seed: int, batch_size: int = 32, lr: float = 2e-3, log_eve
     pipe = Pipeline(model, tok)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = max(1, min(200, steps // 10))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    schedule = warmup_cosine(opt, steps, max_warmup=200)
     start, recent = time.perf_counter(), []
     for step in range(steps):
         # Each step sees fresh examples: index streams are disjoint per seed.
@@ -256,9 +261,7 @@ def train_clip_text(pipe: Pipeline, steps: int, seed: int, batch_size: int = 64,
     with torch.no_grad():
         text.position_embedding.normal_(0.0, 0.01)
     opt = torch.optim.AdamW(text.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(1, min(100, steps // 10))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    schedule = warmup_cosine(opt, steps, max_warmup=100)
     start, recent = time.perf_counter(), []
     for step in range(steps):
         first = seed * 10_000_000 + step * batch_size
