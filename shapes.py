@@ -46,14 +46,14 @@ def cell_name(it: Item) -> str:
     return f"row {NUMBERS[it.row + 1]} column {NUMBERS[it.col + 1]}"
 
 
-def draw(items, size: int = 64, *, height: int | None = None, grid: tuple[int, int] = (GRID, GRID),
-         margin: float = 0.12) -> Image.Image:
+def draw(items, size: int = 64, *, height: int | None = None, grid: tuple[int, int] = (GRID, GRID)) -> Image.Image:
     """The items on a size x size canvas in a GRID x GRID grid; or on a size wide, `height` high one in a grid of
-    (rows, columns), each shape `margin` of its cell in from the cell's sides (anyres_shapes.py's small shapes)."""
+    (rows, columns) (anyres_shapes.py's pictures); each shape 12% of its cell in from the cell's sides."""
     height = size if height is None else height
     img = Image.new("RGB", (size, height), BACKGROUND)
     pen = ImageDraw.Draw(img)
     cell_h, cell_w = height / grid[0], size / grid[1]
+    margin = 0.12
     for it in items:
         x0, y0 = it.col * cell_w + cell_w * margin, it.row * cell_h + cell_h * margin
         x1, y1 = (it.col + 1) * cell_w - cell_w * margin, (it.row + 1) * cell_h - cell_h * margin
@@ -76,8 +76,8 @@ def sample_items(rng: random.Random) -> tuple[Item, ...]:
     return tuple(Item(rng.choice(SHAPES), rng.choice(list(COLOURS)), c // GRID, c % GRID) for c in cells)
 
 
-def ask(items, kind: str, rng: random.Random, grid: tuple[int, int] = (GRID, GRID)) -> tuple[str, str]:
-    """A question of `kind` about the items in a grid of (rows, columns), and its one-word answer."""
+def ask(items, kind: str, rng: random.Random) -> tuple[str, str]:
+    """A question of `kind` about the items, and its one-word answer."""
     if kind == "colour":
         it = rng.choice(items)
         return f"what colour is the {it.shape} in {cell_name(it)}?", it.colour
@@ -85,14 +85,14 @@ def ask(items, kind: str, rng: random.Random, grid: tuple[int, int] = (GRID, GRI
         it = rng.choice(items)
         return f"which shape is in {cell_name(it)}?", it.shape
     if kind == "count":  # half the time about a row that holds a shape, so "zero" does not dominate
-        row = rng.choice(items).row if rng.random() < 0.5 else rng.randrange(grid[0])
+        row = rng.choice(items).row if rng.random() < 0.5 else rng.randrange(GRID)
         return f"how many shapes are in row {NUMBERS[row + 1]}?", NUMBERS[sum(it.row == row for it in items)]
     # "exists": half the time about a cell that holds a shape
     if rng.random() < 0.5:
         it = rng.choice(items)
         row, col = it.row, it.col
     else:
-        row, col = rng.randrange(grid[0]), rng.randrange(grid[1])
+        row, col = rng.randrange(GRID), rng.randrange(GRID)
     present = any((it.row, it.col) == (row, col) for it in items)
     return f"is there a shape in row {NUMBERS[row + 1]} column {NUMBERS[col + 1]}?", "yes" if present else "no"
 

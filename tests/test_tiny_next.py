@@ -14,7 +14,7 @@ from minifastv.models.llava_next import LlavaNextConfig
 from minifastv.pipeline import Pipeline
 from shapes import COLOURS
 
-SHIPPED_MIN_ACCURACY = 0.52  # docs/llava-next.md's table: held-out exact match with FastV off (56% on 200)
+SHIPPED_MIN_ACCURACY = 0.93  # docs/llava-next.md's table: held-out exact match with FastV off (97% on 200)
 
 
 def seen(image):
@@ -31,21 +31,32 @@ def seen(image):
 def test_the_pictures_are_wide_or_tall_canvases_and_the_answers_are_in_their_pixels():
     cfg = LlavaNextConfig.from_name("tiny-next")
     assert example("heldout", 5) == example("heldout", 5) and example("train", 5) != example("heldout", 5)
-    sizes = set()
-    for i in range(80):
+    sizes, negatives, hard = set(), 0, 0
+    for i in range(120):
         ex = example("heldout", i)
-        image, (h, w) = ex.image(), (ex.picture.height, ex.picture.width)
+        image, (h, w), items = ex.image(), (ex.picture.height, ex.picture.width), ex.picture.items
         sizes.add((h, w))
         assert image.size == (w, h) and h != w
         assert anyres.best_resolution(h, w, cfg.pinpoints) == (h, w)        # a canvas of its own: no padding
-        assert seen(image) == {(it.row, it.col): it.colour for it in ex.picture.items}
-        if ex.kind in ("colour", "shape_at"):   # the cell asked about holds the answer
-            words = ex.question.rstrip("?").split()
-            row, col = (anyres_shapes.NUMBERS.index(words[i + 1]) - 1 for i in (-4, -2))
-            it = next(it for it in ex.picture.items if (it.row, it.col) == (row, col))
-            assert ex.answer == (it.colour if ex.kind == "colour" else it.shape)
+        assert seen(image) == {(it.row, it.col): it.colour for it in items}
+        assert 2 <= len(items) <= 3
+        assert len({it.shape for it in items}) == len({it.colour for it in items}) == len(items)   # each its own
+        colour_of = {it.shape: it.colour for it in items}
+        words = ex.question.rstrip("?").split()
+        if ex.kind == "colour":      # "what colour is the SHAPE?"
+            assert ex.answer == colour_of[words[-1]]
+        elif ex.kind == "shape":     # "which shape is COLOUR?"
+            assert ex.answer == next(s for s, c in colour_of.items() if c == words[-1])
+        else:                        # "is there a COLOUR SHAPE?"
+            colour, shape = words[-2:]
+            assert ex.answer == ("yes" if colour_of.get(shape) == colour else "no")
+            negatives += ex.answer == "no"
+            hard += ex.answer == "no" and colour in colour_of.values() and shape in colour_of
     assert sizes == set(CANVASES)
-    assert sorted({example("train", i).kind for i in range(8)}) == sorted(QUESTION_TYPES)
+    assert negatives >= 10 and hard >= 0.6 * negatives, (negatives, hard)   # the colour is there, on another shape
+    assert sorted({example("train", i).kind for i in range(6)}) == sorted(QUESTION_TYPES)
+    picture, turns = anyres_shapes.conversation("train", 0)
+    assert ("describe the image.", anyres_shapes.describe(picture)) in turns and len(turns) == len(QUESTION_TYPES) + 1
 
 
 def test_blank_tiles_keep_each_base_image_and_blank_every_tile():
@@ -104,15 +115,15 @@ def shipped():
 
 
 def test_the_shipped_model_reaches_its_stated_accuracy_and_needs_the_tiles(shipped):
-    """The colour of a small shape needs the tiles: the base image alone answers it at the blank picture's rate.
-    (shape_at stays at its prior after 3,000 steps: docs/llava-next.md.)"""
+    """Which smear is the triangle is lost in the base image: with the tiles blank every kind of question falls
+    towards its prior (docs/llava-next.md: 97% -> 48%)."""
     acc = evaluate(shipped, 200)
-    assert acc["all"] >= SHIPPED_MIN_ACCURACY and acc["colour"] >= 0.65, acc
-    assert acc["all"] > majority_baseline(200)["all"] + 0.05
+    assert acc["all"] >= SHIPPED_MIN_ACCURACY and min(acc[k] for k in QUESTION_TYPES) >= 0.85, acc
+    assert acc["all"] > majority_baseline(200)["all"] + 0.4
     blind = evaluate(shipped, 200, blank_images=True)
-    assert blind["all"] < acc["all"] - 0.1 and blind["colour"] < acc["colour"] - 0.3, "the model must need the picture"
+    assert blind["all"] < acc["all"] - 0.4, "the model must need the picture"
     base_only = evaluate(shipped, 200, blank_tiles=True)
-    assert base_only["colour"] < acc["colour"] - 0.3, "the base image alone must not answer: the colour needs the tiles"
+    assert all(base_only[k] < acc[k] - 0.25 for k in QUESTION_TYPES), ("the base image alone answers", base_only)
     cfg = shipped.model.config
     assert (cfg.family, cfg.vision.image_size, cfg.pinpoints) == ("llava-next", 32, LlavaNextConfig.from_name(
         "tiny-next").pinpoints)

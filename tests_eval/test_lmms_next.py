@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from anyres_shapes import evaluate, example, write_task_data
+from anyres_shapes import QUESTION_TYPES, evaluate, example, write_task_data
 from minifastv.eval import TASKS
 from minifastv.pruning import at_budget
 
@@ -54,7 +54,7 @@ def test_anyres_task_reproduces_evaluate_tiny(runs, next_pipe, name, args, metho
         prune = AnyresParts(prune, **TREATMENTS[args.split("anyres=")[1]])
     reference = evaluate(next_pipe, N, prune=prune)
     assert run.score(TASK) == reference["all"]
-    for kind in ("colour", "shape_at", "count", "exists"):
+    for kind in QUESTION_TYPES:
         assert run.score(TASK, kind) == reference[kind]
     stats = run.stats["tasks"][TASK]
     assert stats["requests"] == N and stats["failed"] == 0

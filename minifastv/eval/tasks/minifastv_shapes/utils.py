@@ -8,6 +8,7 @@ from PIL import Image
 from minifastv.eval.stats import exact_match_by_kind, mean_of_kind  # noqa: F401 (the YAML names mean_of_kind)
 
 KINDS = ("colour", "shape_at", "count", "exists")
+ANYRES_KINDS = ("colour", "shape", "exists")   # anyres_shapes.py's (minifastv_shapes_anyres)
 CHOICES = {"colour": ["red", "green", "blue", "yellow"], "shape_at": ["square", "circle", "triangle"],
            "count": ["zero", "one", "two", "three", "four", "five"], "exists": ["yes", "no"]}  # shapes.py's answers
 
@@ -31,3 +32,7 @@ def doc_to_choice(doc):
 def process_results(doc, results):
     """exact_match over every document, and the accuracy per kind of question (minifastv.eval.stats)."""
     return exact_match_by_kind(doc, results, KINDS)
+
+
+def process_anyres_results(doc, results):
+    return exact_match_by_kind(doc, results, ANYRES_KINDS)
