@@ -9,10 +9,9 @@ colour to a shape: the colour of the square, which shape is red, whether there i
 colour and a shape that are both there, on different shapes). Answers are one word.
 
 The questions name shapes by what they look like, not by where they are: a tile's patches carry their place in the
-tile (the tower's position embeddings), but which tile they belong to only the order of the packed sequence says,
-and a 4-layer decoder trained for minutes did not learn to read cells off it (with shapes.py's cell questions it
-stayed near the answer prior; with shapes 8 pixels across, a quarter of a shape in each patch, it did not learn
-to look at all: docs/llava-next.md).
+tile (the tower's position embeddings), but which tile they belong to only the order of the packed sequence says.
+On shapes.py's questions about cells the tiny decoder stayed near the answer prior, and on these with shapes 8
+pixels across (a quarter of a shape in each patch) at the prior: docs/llava-next.md says what was tried.
 
 Generated from a seed like shapes.py: example i of a split is the same on every machine, and the training and
 held-out splits use disjoint seed streams. evaluate(..., blank_tiles=True) shows the model the base image with
