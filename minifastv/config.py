@@ -108,9 +108,9 @@ class LlavaConfig:
 
     @classmethod
     def from_name(cls, name: str) -> LlavaConfig:
-        if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-        return PRESETS[name]
+        if name not in cls.presets:   # PRESETS below; each family's config class has its own
+            raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(cls.presets)}")
+        return cls.presets[name]
 
     def to_dict(self) -> dict:
         return {"family": self.family, **dataclasses.asdict(self)}
@@ -131,3 +131,4 @@ PRESETS: dict[str, LlavaConfig] = {
         text=TextConfig(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, intermediate_size=13824),
     ),
 }
+LlavaConfig.presets = PRESETS

@@ -12,6 +12,19 @@ def test_presets_round_trip_through_json(name):
     assert config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
+def test_each_family_names_its_own_presets():
+    from minifastv.models import FAMILIES
+
+    for family, (config_class, _) in FAMILIES.items():
+        for name in config_class.presets:
+            cfg = config_class.from_name(name)
+            assert type(cfg) is config_class and cfg.family == family
+            assert config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+        with pytest.raises(ConfigError, match=f"unknown preset 'x'; presets: {', '.join(config_class.presets)}$"):
+            config_class.from_name("x")
+    assert len({id(c.presets) for c, _ in FAMILIES.values()}) == len(FAMILIES)
+
+
 def test_llava_presets_have_the_published_shapes():
     v = LlavaConfig.from_name("llava-1.5-7b").vision
     assert (v.dim, v.n_layers, v.n_heads, v.intermediate_size, v.patch_size, v.image_size) == (1024, 24, 16, 4096, 14, 336)

@@ -59,12 +59,6 @@ class LlavaNextConfig(LlavaConfig):
         if self.system is not None and not isinstance(self.system, str):
             raise ConfigError(f"system must be text, got {self.system!r:.40}")
 
-    @classmethod
-    def from_name(cls, name: str) -> LlavaNextConfig:
-        if name not in NEXT_PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(NEXT_PRESETS)}")
-        return NEXT_PRESETS[name]
-
     def tiles(self, image):
         """What the vision tower sees of an RGB PIL image: its base image, then its tiles."""
         if min(image.size) < 1:
@@ -84,6 +78,7 @@ NEXT_PRESETS = {
                                  image_token_id=3, pinpoints=tuple((h * 32 // 336, w * 32 // 336)
                                                                    for h, w in PINPOINTS)),
 }
+LlavaNextConfig.presets = NEXT_PRESETS
 
 
 def checked_sizes(image_sizes) -> list[tuple[int, int]]:

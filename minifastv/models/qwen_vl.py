@@ -62,12 +62,6 @@ class QwenVLConfig(LlavaConfig):
         """The queries' grid, on which the entry points draw the kept tokens (image.token_grid)."""
         return math.isqrt(self.n_queries)
 
-    @classmethod
-    def from_name(cls, name: str) -> QwenVLConfig:
-        if name not in QWEN_PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(QWEN_PRESETS)}")
-        return QWEN_PRESETS[name]
-
 
 # Qwen/Qwen-VL-Chat: ViT-bigG-style at 448 px (1,024 patches), Qwen-7B (vocabulary 151,936; <|endoftext|> 151643
 # pads, <|im_end|> 151645 ends an answer); the special ids follow its 151,643 BPE ranks (tiktoken_bpe.qwen_special).
@@ -87,6 +81,7 @@ QWEN_PRESETS = {
                               image_mode="squash"),
     "qwen-vl-chat": QWEN_VL_CHAT,
 }
+QwenVLConfig.presets = QWEN_PRESETS
 
 
 class QwenVLModel(LlavaModel):

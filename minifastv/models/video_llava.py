@@ -55,12 +55,6 @@ class VideoLlavaConfig(LlavaConfig):
         if self.system is not None and not isinstance(self.system, str):
             raise ConfigError(f"system must be text, got {self.system!r}")
 
-    @classmethod
-    def from_name(cls, name: str) -> VideoLlavaConfig:
-        if name not in VIDEO_PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(VIDEO_PRESETS)}")
-        return VIDEO_PRESETS[name]
-
 
 # LanguageBind/Video-LLaVA-7B-hf: CLIP ViT-L/14 at 224 px (256 patches), Vicuna-7B with a 32064-row vocabulary;
 # the prompt transformers documents for it: "USER: <video>\n{question} ASSISTANT:", no system line.
@@ -76,6 +70,7 @@ VIDEO_PRESETS = {
                                    image_token_id=3, video_token_id=4, image_mode="crop", temporal=True),
     "video-llava-7b": VIDEO_LLAVA_7B,
 }
+VideoLlavaConfig.presets = VIDEO_PRESETS
 
 
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
