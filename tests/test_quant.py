@@ -488,3 +488,22 @@ def test_a_biased_linear_keeps_its_bias_in_float_through_quantize_save_and_load(
         replace_linears(empty, method)
     empty.load_state_dict(state, assign=True, strict=True)
     torch.testing.assert_close(empty.llm.layers[0].attn.q_proj(x), linear(x))
+
+
+def test_the_int8_kernel_takes_activations_at_any_address_and_any_width(monkeypatch):
+    """torch's weight-only int8 kernel gave garbage (1e33) or crashed (SIGSEGV) for inputs 40 wide, and crashed on
+    bf16 activations not 32-byte aligned. The linear runs such widths blockwise and copies such activations first:
+    every width, and rows at every offset into a buffer, equal the reference."""
+    calls = []
+    kernel = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(a[0].shape) or kernel(*a))
+    g = torch.Generator().manual_seed(0)
+    for width in (40, 48, 56, 64):
+        linear = quantized_linear(torch.randn(64, width, generator=g) * 0.05, INT8, pack=False)
+        flat = torch.randn(16 + 2 * width, generator=g).to(torch.bfloat16)
+        for offset in range(16):                                    # 2 bytes apart: 14 of 16 misaligned
+            for rows in (1, 2):
+                x = flat[offset:offset + rows * width].view(rows, width)
+                torch.testing.assert_close(linear(x).float(), F.linear(x.float(), linear.dequantize()),
+                                           atol=0.02, rtol=0.02)
+    assert {shape[1] for shape in calls} == {48, 64}, "the kernel ran for a width it gets wrong, or never ran"
