@@ -82,9 +82,10 @@ def streaming_read_gbs(n_bytes: int, repeats: int = 3) -> float:
     return n_bytes / min(times) / 1e9
 
 
-def fill_cache(model, context: int) -> KVCache:
+def fill_cache(model, context: int, kind=KVCache) -> KVCache:
+    """A cache of `kind` holding seeded random keys and values for a `context`-token prompt (the same every call)."""
     text = model.config.text
-    cache = KVCache(text.n_layers, extra=64)
+    cache = kind(text.n_layers, extra=64)
     g = torch.Generator().manual_seed(1)
     for layer in cache.layers:
         k, v = (torch.randn(1, text.n_kv_heads, context, text.head_dim, generator=g) for _ in range(2))

@@ -46,6 +46,10 @@ def model_arguments(p, default_method="none", anyres: bool = False):
     p.add_argument("--activations", choices=["float", "int8"], default="float",
                    help="int8: an int8 checkpoint rounds the activations to int8 too and multiplies in integers, "
                         "prefill and decode (needs AVX-512 VNNI; default: %(default)s, weight-only)")
+    p.add_argument("--kv-cache", choices=["float", "int8"], default="float",
+                   help="int8: keys and values cached in int8 (one scale per token and head), and decode steps' "
+                        "attention read from the int8 bytes: a quarter of the fp32 cache's reads, faster decode "
+                        "after long prompts; CPU only, not for serve (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
                    help=f"CPU threads (default: the physical cores, {physical_cores()} here)")
@@ -224,12 +228,17 @@ def load_pipeline(args):
         from .quant import set_activations
 
         set_activations(model, args.activations)
+    if args.kv_cache != "float":
+        from .models import set_kv_cache
+
+        set_kv_cache(model, args.kv_cache)
     if getattr(args, "frames", None) is not None:
         pipe.use_frames(args.frames)
     seconds, rss = time.perf_counter() - start, peak_rss_bytes()
     quant = model.config.quant
     print(f"{args.model}: {'float' if quant is None else quant.method} decoder linears"
-          f"{', int8 activations' if args.activations == 'int8' else ''}, "
+          f"{', int8 activations' if args.activations == 'int8' else ''}"
+          f"{', int8 KV cache' if args.kv_cache == 'int8' else ''}, "
           f"{str(model.dtype).removeprefix('torch.')} float weights ({why}), {device}"
           + (f", {threads} threads" if device.type == "cpu" else "")
           + f"; loaded in {seconds:.2f} s" + ("" if rss is None else f", peak RSS {rss / 2**30:.2f} GiB"),

@@ -611,6 +611,43 @@ def test_bench_quant_activations_reach_the_int8_checkpoints_prefill(monkeypatch,
     assert got["load_s"] < 0.4 and got["kernels"].startswith("kernels (int8): decode weight_int8pack_mm, ")
 
 
+def test_bench_quant_kv_cache_reaches_every_checkpoints_child(monkeypatch, capsys, tmp_path):
+    """--kv-cache float int8 measures each checkpoint with each cache (beside --activations), and the child sets it:
+    its decode steps run the int8 cache's attention."""
+    import types
+
+    from minifastv.bench import cpu7b
+    from minifastv.data import TINY_MODEL
+    from minifastv.models.cache_int8 import Int8LayerCache
+
+    children = []
+    monkeypatch.setattr(cpu7b, "build_checkpoint", lambda path, config, log: path)
+    monkeypatch.setattr(cpu7b, "warm_page_cache", lambda path: None)
+    monkeypatch.setattr(cpu7b, "pack_for_this_cpu", lambda path, log: None)
+    monkeypatch.setattr(cpu7b.subprocess, "run", lambda cmd, **kw: children.append(cmd) or types.SimpleNamespace(
+        stdout="{}"))
+    monkeypatch.setattr(cpu7b, "float_reference", lambda args, log: {})
+    monkeypatch.setattr(cpu7b, "report", lambda args, results, *rest: children.append(sorted(results)))
+    cpu7b.main(["--quant", "int8", "int4", "--layers", "2", "--workdir", str(tmp_path), "--activations", "float",
+                "int8", "--kv-cache", "float", "int8"])
+    assert [(cmd[cmd.index("--activations") + 1], cmd[cmd.index("--kv-cache") + 1]) for cmd in children[:-1]] == [
+        ("float", "float"), ("float", "int8"), ("int8", "float"), ("int8", "int8"), ("float", "float"),
+        ("float", "int8")]
+    assert children[-1] == ["int4", "int4 + int8 KV cache", "int8", "int8 + int8 KV cache",
+                            "int8 + int8 activations", "int8 + int8 activations + int8 KV cache"]
+    attended = []
+    monkeypatch.setattr(Int8LayerCache, "attend_one", lambda self, *a, real=Int8LayerCache.attend_one: attended.append(
+        1) or real(self, *a))
+    made = []
+    real_set = cpu7b.set_kv_cache
+    monkeypatch.setattr(cpu7b, "set_kv_cache", lambda model, kind: made.append(kind) or real_set(model, kind))
+    cpu7b.measure(TINY_MODEL, ["off"], 1, 3, 1, "float32", "float", "int8")
+    assert made == ["int8"] and attended                          # decode steps: the int8 cache's own attention
+    attended.clear()
+    cpu7b.measure(TINY_MODEL, ["off"], 1, 3, 1, "float32", "float", "float")
+    assert made == ["int8", "float"] and not attended
+
+
 def test_bench_quant_packs_int4_once_and_reports_ratios_to_llama_cpp(capsys, tmp_path):
     """The int4 checkpoint gets its packed file before it is measured (and keeps a fresh one); the report divides
     each configuration's TTFT by llama.cpp's prompt time and its decode speed by llama.cpp's."""
@@ -825,15 +862,24 @@ def test_the_peer_decoder_has_the_models_vocabulary_and_only_its_quantized_files
     tools.mkdir()
     tools.joinpath("llama-quantize").write_text(f"#!{sys.executable}\nimport shutil, sys\n"
                                                 "shutil.copyfile(sys.argv[1], sys.argv[2])\n")
-    runs = [{"n_prompt": 10, "n_gen": 0, "avg_ts": 50.0, "stddev_ts": 1.0}, {"n_prompt": 0, "n_gen": 4, "avg_ts": 5.0,
-                                                                            "stddev_ts": 0.1}]
-    tools.joinpath("llama-bench").write_text(f"#!{sys.executable}\nprint({json.dumps(json.dumps(runs))})\n")
+    # the stand-in answers as llama-bench does: one record for the prompt (-p 10 -n 0), one for decoding after it
+    # (-p 0 -n 4 -d 10: at the prompt's depth), and says how it was called
+    calls_file = str(tmp_path / "calls")
+    tools.joinpath("llama-bench").write_text(
+        f"#!{sys.executable}\nimport json, sys\na = sys.argv[1:]\n"
+        f"open({calls_file!r}, 'a').write(' '.join(a) + '\\n')\n"
+        "p, n = int(a[a.index('-p') + 1]), int(a[a.index('-n') + 1])\n"
+        "print(json.dumps([{'n_prompt': p, 'n_gen': n, 'n_depth': int(a[a.index('-d') + 1]) if '-d' in a else 0, "
+        "'avg_ts': 50.0 if p else 5.0, 'stddev_ts': 1.0}]))\n")
     for tool in tools.iterdir():
         tool.chmod(0o755)
     text = TextConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96)
     work = tmp_path / "work"
     got = llama_cpp.run_peer(work, text, 1, 4, str(tools), lambda _: None, prompt=10, name="tiny")
     assert got["runs"]["Q8_0"]["pp_tok_s"] == 50.0 and got["runs"]["Q4_0"]["tg_tok_s"] == 5.0
+    calls = [line.split() for line in (tmp_path / "calls").read_text().splitlines()]
+    assert [(c[c.index("-p") + 1], c[c.index("-n") + 1], c[c.index("-d") + 1] if "-d" in c else None)
+            for c in calls] == [("10", "0", None), ("0", "4", "10")] * 2      # decode after the prompt; Q8_0, Q4_0
     assert sorted(p.name for p in work.iterdir()) == ["tiny-2layers-Q4_0.gguf", "tiny-2layers-Q8_0.gguf"]
     tensors = {t.name: t for t in gguf.GGUFReader(work / "tiny-2layers-Q8_0.gguf").tensors}
     assert sorted(tensors["token_embd.weight"].shape) == sorted(tensors["output.weight"].shape) == [64, 300]

@@ -22,11 +22,13 @@ int8 / int4, FastV off and on, and llama.cpp beside it.
    keeping 320 of them (the budget recent papers report at this length).
    --family qwen-vl: Qwen-VL-Chat's shape (the ViT-bigG-style tower at 448 px, 48 blocks, and the resampler; the
    Qwen-7B decoder, vocabulary 151,936) with one image: 256 image tokens between <img> and </img>, 314 in all.
+   --activations float int8 measures the int8 checkpoint with weight-only and with int8 activations; --kv-cache
+   float int8 each checkpoint with the float (fp32 on a CPU) and with the int8 KV cache (models/cache_int8.py).
 3. The float reference: the same model with float linears and --ref-layers decoder layers (fp32 7B does not
    fit in 24 GiB), timed the same way and scaled to the full depth per layer.
 4. --peer llama.cpp (needs the gguf package, `pip install -e ".[peer]"`, and llama.cpp's llama-bench and
    llama-quantize, on PATH or in --peer-bin): the same decoder as a GGUF with random weights, quantized by
-   llama-quantize to Q8_0 and Q4_0 and timed by llama-bench (a prompt as long as minifastv's, 16 generated)
+   llama-quantize to Q8_0 and Q4_0 and timed by llama-bench (a prompt as long as minifastv's; 16 generated after one)
    with the same threads, in the same run. llama.cpp's figure is the decoder alone, without a vision tower
    (llama.cpp has no Video-LLaVA: for the video shape it is the decoder-only anchor at the same length; for
    Qwen-VL a LLaMA decoder of Qwen-7B's shape and vocabulary, without its q, k, v bias).
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import statistics
 import subprocess
@@ -53,7 +56,7 @@ from ..config import LlavaConfig, QuantConfig
 from ..files import ShardWriter, staged
 from ..image import tokens_per_image
 from ..machine import auto_dtype, peak_rss_bytes, physical_cores, set_threads
-from ..models import llama
+from ..models import llama, set_kv_cache
 from ..models.generate import stream
 from ..models.llava_next import LlavaNextConfig
 from ..models.qwen_vl import QWEN_VL_CHAT
@@ -176,9 +179,9 @@ def encode_visual(model, visual: dict):
 
 @torch.inference_mode()
 def measure(path: Path, settings: list[str], repeats: int, decode_tokens: int, threads: int, dtype: str,
-            activations: str = "float") -> dict:
+            activations: str = "float", kv_cache: str = "float") -> dict:
     """Run in a fresh process: load the checkpoint, then time each FastV setting (int8 activations for an int8
-    checkpoint if asked)."""
+    checkpoint, and an int8 KV cache, if asked)."""
     set_threads(threads)
     start = time.perf_counter()
     model = load(path, dtype=dtype)
@@ -188,6 +191,7 @@ def measure(path: Path, settings: list[str], repeats: int, decode_tokens: int, t
         if activations == "int8" and model.config.quant.method == "int8":
             set_activations(model, "int8")
             probe_s += model.kernel_choice.probe_s
+    set_kv_cache(model, kv_cache)
     result = {"load_s": time.perf_counter() - start - probe_s, "rss_after_load": peak_rss_bytes(),
               "dtype": str(model.dtype).removeprefix("torch."), "settings": {},
               "kernels": model.kernel_choice and model.kernel_choice.describe()}
@@ -256,12 +260,13 @@ def warm_page_cache(path: Path):
                 pass
 
 
-def measure_in_child(path: Path, settings, args, dtype: str = "auto", activations: str = "float") -> dict:
+def measure_in_child(path: Path, settings, args, dtype: str = "auto", activations: str = "float",
+                     kv_cache: str = "float") -> dict:
     warm_page_cache(path)
     cmd = [sys.executable, "-m", "minifastv.bench.cpu7b", "--child", str(path), "--settings", *settings,
            "--repeats", str(args.repeats),
            "--decode-tokens", str(args.decode_tokens), "--threads", str(args.threads), "--dtype", dtype,
-           "--activations", activations]
+           "--activations", activations, "--kv-cache", kv_cache]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -382,8 +387,8 @@ def report(args, results: dict, reference: dict, peer: dict | None):
         print(f"measured TTFT saved at {n} tokens, {label}: {saved}")
     if peer:
         print(f"\nllama.cpp {peer['build']} (llama-bench, same machine and threads, decoder only, no vision tower)")
-        print(f"| llama.cpp | prompt {n} tokens s | decode tok/s | answer s (prompt + {ANSWER_TOKENS} tokens) | "
-              "peak RSS GiB |\n|---|---|---|---|---|")
+        print(f"| llama.cpp | prompt {n} tokens s | decode tok/s after it | answer s (prompt + {ANSWER_TOKENS} "
+              "tokens) | peak RSS GiB |\n|---|---|---|---|---|")
         for name, p in peer["runs"].items():
             print(f"| {name} | {n / p['pp_tok_s']:.1f} | {p['tg_tok_s']:.2f} | "
                   f"{answer_s(n / p['pp_tok_s'], p['tg_tok_s']):.1f} | {p['peak_rss'] / GiB:.2f} |")
@@ -424,6 +429,8 @@ def main(argv=None) -> int:
     p.add_argument("--activations", nargs="+", choices=["float", "int8"], default=["float"],
                    help="the int8 checkpoint measured with each: float (weight-only) and/or int8 activations "
                         "(int4 stays weight-only)")
+    p.add_argument("--kv-cache", nargs="+", choices=["float", "int8"], default=["float"],
+                   help="each checkpoint measured with each: a float (fp32 on a CPU) and/or an int8 KV cache")
     args = p.parse_args(argv)
     for flag, value, least in (("--repeats", args.repeats, 1), ("--decode-tokens", args.decode_tokens, 2),
                                ("--threads", args.threads, 1), ("--layers", 1 if args.layers is None else args.layers, 1),
@@ -437,7 +444,7 @@ def main(argv=None) -> int:
     args.layers = args.layers or bench_config(None, None, args.family, args.size).text.n_layers
     if args.child:
         print(json.dumps(measure(Path(args.child), args.settings, args.repeats, args.decode_tokens, args.threads,
-                                 args.dtype, args.activations[0])))
+                                 args.dtype, args.activations[0], args.kv_cache[0])))
         return 0
     if args.peer:   # before minutes of measuring: a missing llama-bench or llama-quantize is said now
         from .llama_cpp import find_tool
@@ -453,12 +460,14 @@ def main(argv=None) -> int:
         path = build_checkpoint(Path(args.workdir) / checkpoint_name(args.family, args.size, method, args.layers),
                                 bench_config(args.layers, METHODS[method], args.family, args.size), log)
         log(f"{method}: measuring {', '.join(settings)} ({args.repeats} runs after a first one, {args.decode_tokens} "
-            f"new tokens) in a child process per activation type")
+            f"new tokens) in a child process per activation type and KV cache")
         if method == "int4":
             pack_for_this_cpu(path, log)
-        for activations in args.activations if method == "int8" else ["float"]:
-            label = method + (" + int8 activations" if activations == "int8" else "")
-            results[label] = measure_in_child(path, settings, args, args.dtype, activations)
+        for activations, kv_cache in itertools.product(args.activations if method == "int8" else ["float"],
+                                                       args.kv_cache):
+            label = (method + (" + int8 activations" if activations == "int8" else "")
+                     + (" + int8 KV cache" if kv_cache == "int8" else ""))
+            results[label] = measure_in_child(path, settings, args, args.dtype, activations, kv_cache)
             log(f"{label}: {json.dumps(results[label])}")
     log(f"float reference: {args.ref_layers} decoder layers")
     reference = float_reference(args, log)

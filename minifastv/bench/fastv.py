@@ -31,7 +31,7 @@ from ..checkpoint import load
 from ..config import LlavaConfig
 from ..data import TINY_MODEL
 from ..machine import auto_dtype
-from ..models import KVCache, LlavaModel
+from ..models import LlavaModel
 from ..pruning import METHODS, at_budget, make
 from .machine import describe, spread_warning
 from .timing import minifastv_generate, rate, repeat, spread_ms, timed
@@ -92,7 +92,7 @@ def bench_fastv(model, ids, pixels, repeats: int, decode_tokens: int, method=mak
         timing = timed(minifastv_generate(model, ids, pixels, decode_tokens, prune), repeats)
         t_prefill, decode = timing.prefill_s, timing.decode_tok_s
         with torch.inference_mode():
-            cache = KVCache(cfg.text.n_layers, extra=decode_tokens)
+            cache = model.cache_type(cfg.text.n_layers, decode_tokens)
             pre = model.prefill(ids, pixels, prune=prune, cache=cache, last_only=True)
         rows.append(dict(ratio=ratio, kept=len(pre.kept_image_slots()[0]), theory=pre.flops[0] / pre.flops_unpruned[0],
                          prefill=t_prefill, prefills=timing.prefills, decode=decode, cache=cache.nbytes(),

@@ -5,8 +5,10 @@ benchmarked decoder's shape (LLaMA-7B or -13B) with random F16 weights (the `ggu
 downloaded), quantizes it with llama-quantize and times it with llama-bench: prompt processing at minifastv's
 prompt length (632 tokens: LLaVA-1.5's prompt with one image; 2,112: Video-LLaVA's with one 8-frame video, for
 which llama.cpp has no model, so the decoder alone is the anchor; 2,984: LLaVA-NeXT's with one 672 x 672 image)
-and generation of a few tokens, same thread count. Peak RSS is read from a wrapper process's
-children.
+and generation of a few tokens after a prompt of that length (llama-bench's --n-depth: minifastv's decode steps
+attend over the prompt, so llama.cpp's do too; from an empty context, as before 2026-12-06, its decode after LLaVA-
+NeXT's prompt came out faster than it is), same thread count. Peak RSS is read from a wrapper process's children,
+the larger of the two llama-bench runs'.
 """
 
 from __future__ import annotations
@@ -120,6 +122,15 @@ def peak_rss_of(cmd: list[str]) -> tuple[str, int]:
     return out, rss
 
 
+def bench_test(cmd: list[str]) -> tuple[dict, int]:
+    """The one test a llama-bench command runs (its JSON record) and the command's peak RSS, or a PeerError."""
+    out, rss = peak_rss_of(cmd)
+    try:
+        return json.loads(out)[0], rss
+    except (json.JSONDecodeError, IndexError, KeyError, TypeError):
+        raise PeerError(f"llama-bench printed no JSON results: {out.strip()[-200:]!r}") from None
+
+
 def run_peer(workdir: Path, text, threads: int, decode_tokens: int, bin_dir: str | None, log,
              prompt: int = 632, name: str = "llama7b") -> dict:
     """llama-bench on a random GGUF of the decoder `text` (a TextConfig), kept in workdir as NAME-NNlayers-*.gguf
@@ -137,17 +148,12 @@ def run_peer(workdir: Path, text, threads: int, decode_tokens: int, bin_dir: str
             start = time.perf_counter()
             run_tool([str(quantize), str(f16), str(model), qtype, str(threads)])
             log(f"llama-quantize {qtype}: {time.perf_counter() - start:.0f} s")
-        out, rss = peak_rss_of([str(bench), "-m", str(model), "-p", str(prompt), "-n", str(decode_tokens), "-t",
-                                str(threads), "-r", "2", "-o", "json"])
-        try:
-            tests = json.loads(out)
-        except json.JSONDecodeError:
-            raise PeerError(f"llama-bench printed no JSON results: {out.strip()[-200:]!r}") from None
-        pp = next(t for t in tests if t["n_prompt"] > 0 and t["n_gen"] == 0)
-        tg = next(t for t in tests if t["n_gen"] > 0 and t["n_prompt"] == 0)
+        common = [str(bench), "-m", str(model), "-t", str(threads), "-r", "2", "-o", "json"]
+        (pp, pp_rss), (tg, tg_rss) = (bench_test(common + test) for test in (   # the prompt; decode after it
+            ["-p", str(prompt), "-n", "0"], ["-p", "0", "-n", str(decode_tokens), "-d", str(prompt)]))
         build = f"{pp.get('build_commit', '?')} (build {pp.get('build_number', '?')}), {pp.get('cpu_info', '')}"
         runs[qtype] = {"pp_tok_s": pp["avg_ts"], "pp_stddev": pp["stddev_ts"], "tg_tok_s": tg["avg_ts"],
-                       "tg_stddev": tg["stddev_ts"], "peak_rss": rss}
+                       "tg_stddev": tg["stddev_ts"], "peak_rss": max(pp_rss, tg_rss)}
         log(f"llama.cpp {qtype}: {json.dumps(runs[qtype])}")
     f16.unlink(missing_ok=True)
     return {"build": build, "runs": runs}

@@ -4,7 +4,8 @@
     projector.py  vision features -> the decoder's width
     llava.py      the LVLM glue: image placeholders widened into features, prefill and decode steps
     llama.py      the LLaMA decoder; a Sequence is what each layer runs on, and what pruning shortens
-    cache.py      the KV cache (each layer its own length: pruned layers cache fewer slots)
+    cache.py      the KV cache (each layer its own length: pruned layers cache fewer slots); cache_int8.py an
+                  int8 one, whose decode steps read a quarter of the bytes
     generate.py   sampling, and generation as one prefill then one-token decode steps
     video_llava.py  Video-LLaVA: a video tower beside the image tower, video placeholders
     llava_next.py   LLaVA-NeXT: an image as tiles (../anyres.py), packed with newline tokens
@@ -17,6 +18,7 @@ the decoder, the cache and generation serve every family.
 
 from ..config import LlavaConfig
 from .cache import KVCache, LayerCache
+from .cache_int8 import Int8KVCache, set_kv_cache
 from .generate import Stream, generate, sample, stream
 from .llama import Llama, Sequence
 from .llava import LlavaModel, Prefill
@@ -28,6 +30,6 @@ from .video_llava import VideoLlavaConfig, VideoLlavaModel
 FAMILIES = {"llava": (LlavaConfig, LlavaModel), "video-llava": (VideoLlavaConfig, VideoLlavaModel),
             "llava-next": (LlavaNextConfig, LlavaNextModel), "qwen-vl": (QwenVLConfig, QwenVLModel)}
 
-__all__ = ["FAMILIES", "KVCache", "LayerCache", "Llama", "LlavaModel", "LlavaNextConfig", "LlavaNextModel", "Prefill",
-           "QwenVLConfig", "QwenVLModel", "Sequence", "Stream", "VideoLlavaConfig", "VideoLlavaModel", "generate",
-           "sample", "stream"]
+__all__ = ["FAMILIES", "Int8KVCache", "KVCache", "LayerCache", "Llama", "LlavaModel", "LlavaNextConfig",
+           "LlavaNextModel", "Prefill", "QwenVLConfig", "QwenVLModel", "Sequence", "Stream", "VideoLlavaConfig",
+           "VideoLlavaModel", "generate", "sample", "set_kv_cache", "stream"]

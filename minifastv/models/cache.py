@@ -1,5 +1,4 @@
-"""KV cache. Each layer owns its buffers, so layers may hold sequences of different lengths:
-with FastV, layers >= K cache only the tokens that survived pruning."""
+"""KV cache, each layer its own buffers and length: with FastV, layers >= K cache only the tokens that survived."""
 
 from __future__ import annotations
 
@@ -7,11 +6,8 @@ import torch
 
 
 class LayerCache:
-    """Keys, values and a key-validity mask (False at left padding) for one attention layer.
-
-    Buffers are allocated at the first update (the prefill), sized to that sequence plus `extra` slots
-    for the tokens still to be generated.
-    """
+    """Keys, values and a key-validity mask (False at left padding) for one attention layer. Buffers are allocated
+    at the first update (the prefill), sized to that sequence plus `extra` slots for the tokens still to come."""
 
     def __init__(self, extra: int):
         self.extra = extra

@@ -70,7 +70,7 @@ class Stream:
     @torch.inference_mode()
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         model, max_new = self.model, self.max_new_tokens
-        cache = self.cache = KVCache(model.config.text.n_layers, extra=max_new) if self.cache is None else self.cache
+        cache = self.cache = model.cache_type(model.config.text.n_layers, max_new) if self.cache is None else self.cache
         pre = model.prefill(self.input_ids, self.pixel_values, attention_mask=self.attention_mask, prune=self.prune,
                             cache=cache, last_only=True, start_position=self.position, **self.visual)
         self.prefill, self.position = pre, pre.next_position

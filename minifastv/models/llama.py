@@ -199,10 +199,11 @@ class Attention(nn.Module):
         """x [B, T, C] (normed input) at the slots of `seq`; the cache, if any, gets the new keys and values."""
         T = x.shape[1]
         q, k, v = self.queries(x, seq), self.keys(x, seq.cos, seq.sin), self.heads(self.v_proj(x))
+        if cache is not None and T == 1 and hasattr(cache, "attend_one"):   # an int8 cache: models/cache_int8.py
+            return self.o_proj(cache.attend_one(q, k, v, seq.valid).to(x.dtype))
         if x.device.type == "cpu":
-            # torch's CPU attention kernel takes as long for a whole prefill in fp32 as in bf16, but one bf16
-            # query (a decode step) runs ~9x slower than one fp32 query: on a CPU attention and the KV cache
-            # are fp32 (measured at 632 keys, docs/cpu.md).
+            # torch's CPU attention takes as long for a prefill in fp32 as in bf16, but one bf16 query (a decode
+            # step) ~9x longer than one fp32 query: on a CPU attention and the KV cache are fp32 (docs/cpu.md)
             q, k, v = q.float(), k.float(), v.float()
         mask = seq.mask(cache)                                     # over the cached slots and these
         if cache is not None:

@@ -22,8 +22,7 @@ from .projector import build_projector
 
 @dataclass
 class Prefill:
-    """What a full-sequence pass produced and what it did. Slot tensors index the merged (image-expanded)
-    sequence."""
+    """What a full-sequence pass produced and what it did; slot tensors index the merged (image-expanded) sequence."""
 
     logits: torch.Tensor            # [B, T_out, vocab] ([B, 1, vocab] with last_only)
     valid: torch.Tensor             # [B, T] merged sequence, False at padding
@@ -53,6 +52,8 @@ class Prefill:
 
 
 class LlavaModel(nn.Module):
+    cache_type = KVCache  # the cache a generation keeps keys and values in (models/cache_int8.py: set_kv_cache)
+
     def __init__(self, config: LlavaConfig):
         super().__init__()
         self.config = config

@@ -71,6 +71,8 @@ def cmd_serve(args):
     from .protocol import Limits
 
     check_arguments(args)
+    if args.kv_cache != "float":
+        raise ValueError("serve keeps float KV caches (its batching merges and splits them); drop --kv-cache")
     method = pruner_from_args(args)
     pipe = load_pipeline(args)
     check_pruning(method, pipe.model.config, pruning_asked(args))
