@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -222,3 +224,12 @@ def assert_decode_within_noise_twin(fp32, q, ids, px, steps: int, activations: b
     twin_mean, twin_max = (sum(getattr(t, f)() for t in twins) / 3 for f in ("mean", "max"))
     assert err.mean() <= 1.3 * twin_mean and err.max() <= 2 * twin_max, (err.mean(), twin_mean, err.max(), twin_max)
     return logits
+
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args):
+    """`python -m minifastv ARGS` in a subprocess from the repository root: its CompletedProcess (text)."""
+    return subprocess.run([sys.executable, "-m", "minifastv", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPOSITORY, timeout=120, check=False)

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 from PIL import Image
 
 from minifastv.data import SAMPLES
@@ -29,9 +30,7 @@ def model_dir(tmp_path_factory):
     return path
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "minifastv", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+run = run_cli
 
 
 @pytest.mark.parametrize("command", ["generate", "demo", "analyze", "convert", "bench"])

@@ -3,21 +3,16 @@
 batch vs alone, pruning, GQA, a later turn's growth and its refusals."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_batch_equals_alone
+from helpers import assert_batch_equals_alone, run_cli
 
 import minifastv
 from minifastv import FastV, generate
 from minifastv.data import SAMPLES, TINY_MODEL
 from minifastv.models import Int8KVCache, KVCache, LayerCache, set_kv_cache
 from minifastv.models.cache_int8 import Int8LayerCache
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def round_trip(x):
@@ -125,9 +120,7 @@ def test_refusals(tiny, monkeypatch):
     assert tiny.cache_type is KVCache                  # refused: nothing changed
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "minifastv", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120, check=False)
+run = run_cli
 
 
 def test_the_command_line_takes_it_and_serve_refuses_it():

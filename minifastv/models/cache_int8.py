@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ..quant.linear import int8_kernel_fits
 from .cache import KVCache, LayerCache
 
 SLOTS = 64  # capacity is rounded up to a multiple of this: the kernel wants 16-wide rows on 32-byte boundaries
@@ -125,7 +126,7 @@ def set_kv_cache(model, kind: str):
     head_dim = model.config.text.head_dim
     if kind == "int8" and model.device.type != "cpu":
         raise ValueError(f"the int8 KV cache runs on the CPU only (the model is on {model.device})")
-    if kind == "int8" and head_dim % 16:
+    if kind == "int8" and not int8_kernel_fits(head_dim):
         raise ValueError(f"the int8 KV cache needs a head size that is a multiple of 16 (torch's int8 kernel is "
                          f"wrong at other widths); this model's is {head_dim}")
     model.cache_type = KV_CACHES[kind]

@@ -175,13 +175,18 @@ class Int8Linear(QuantLinear):
     def run(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
         if kernel == "int_mm":
             return int8_activation_matmul(x, self.weight, self.scale)
-        if kernel == "weight_int8pack_mm" and self.in_features % 16 == 0:
-            # torch's kernel (2.13, AVX-512) returns garbage or crashes for inputs not a multiple of 16 wide (those
-            # run blockwise), and crashes on activations whose address is not a multiple of 32 bytes (copied)
+        if kernel == "weight_int8pack_mm" and int8_kernel_fits(self.in_features):
+            # other widths run blockwise; activations whose address is not a multiple of 32 bytes crash it (copied)
             a = x.to(torch.bfloat16)
             a = a if a.data_ptr() % 32 == 0 else a.clone()
             return torch._weight_int8pack_mm(a, self.weight, self.scale).to(x.dtype)
         return self.blockwise_matmul(x)
+
+
+def int8_kernel_fits(width: int) -> bool:
+    """Whether torch's weight-only int8 kernel computes right for inputs `width` wide: it (2.13, AVX-512) returned
+    garbage (1e33) at one row and crashed from two for widths that are not a multiple of 16 (docs/cpu.md)."""
+    return width % 16 == 0
 
 
 @functools.cache
