@@ -795,6 +795,37 @@ def test_bench_quant_13b_and_llava_next_shapes(monkeypatch, capsys, tmp_path):
     assert "2112 tokens" not in out                                    # no Video-LLaVA line at 13B
 
 
+def test_bench_quant_measures_the_settings_asked_for_and_no_reference_at_ref_layers_0(monkeypatch, capsys, tmp_path):
+    """--settings picks the FastV settings (off always among them, first; the family's own order), a setting the
+    family does not have is refused before anything is built; --ref-layers 0 builds and measures no float model,
+    and the report then takes the vision tower's time from the quantized runs."""
+    from minifastv.bench import cpu7b
+
+    built, children = [], []
+    monkeypatch.setattr(cpu7b, "build_checkpoint", lambda path, config, log: built.append(path.name) or path)
+    monkeypatch.setattr(cpu7b, "pack_for_this_cpu", lambda path, log: None)
+    setting = {"kept": 1464, "first_ttft_s": 9.0, "ttft_s": 6.0, "ttft_spread_s": 0.1, "decode_tok_s": 3.0,
+               "attention_s": 1.0}
+    monkeypatch.setattr(cpu7b, "measure_in_child", lambda path, settings, *a: children.append(settings) or {
+        "dtype": "bfloat16", "load_s": 1.0, "peak_rss": 1 << 30, "vision_s": 1.25, "kernels": "k",
+        "settings": {name: setting for name in settings}})
+    argv = ["--quant", "int8", "--family", "llava-next", "--layers", "2", "--workdir", str(tmp_path)]
+    assert cpu7b.main([*argv, "--settings", "K=2 320 kept", "K=2 R=0.5", "--ref-layers", "0"]) == 0
+    assert built == ["llava-next-int8-2layers"] and children == [["off", "K=2 R=0.5", "K=2 320 kept"]]
+    out = capsys.readouterr().out
+    assert "float," not in out and "alone: 1.25 s in bfloat16" in out
+    assert "| int8 | bfloat16 | K=2 320 kept | 1464 |" in out and "K=2 R=0.75 |" not in out
+    built.clear(), children.clear()
+    assert cpu7b.main([*argv, "--settings", "off", "--ref-layers", "1"]) == 0
+    assert built == ["llava-next-int8-2layers", "llava-next-float-1layers"]
+    assert children[0] == ["off"] and len(children) > 1     # the reference: fp32, and bf16 where auto picks it
+    assert all(settings == ["off", "K=2 R=0.5"] for settings in children[1:])
+    built.clear()
+    with pytest.raises(ValueError, match="--settings K=2 320 kept: not a setting of --family llava "):
+        cpu7b.main(["--quant", "int8", "--workdir", str(tmp_path), "--settings", "K=2 320 kept"])
+    assert not built
+
+
 def test_bench_quant_qwen_vl_shape(monkeypatch, capsys, tmp_path):
     """--family qwen-vl: Qwen-VL-Chat-7B's shape (the 48-block tower at 448 px, the resampler, Qwen-7B with its
     151,936-word vocabulary), one image's 256 tokens between <img> and </img> in 314; llama.cpp's anchor is a GGUF
@@ -948,7 +979,7 @@ def test_repeats_that_disagree_by_more_than_2x_are_warned_about():
                                             (["--decode-tokens", "1"], "--decode-tokens must be at least 2, got 1"),
                                             (["--threads", "0"], "--threads must be at least 1"),
                                             (["--layers", "0"], "--layers must be at least 1"),
-                                            (["--ref-layers", "0"], "--ref-layers must be at least 1")])
+                                            (["--ref-layers", "-1"], "--ref-layers must be at least 0")])
 def test_bench_quant_refuses_settings_it_cannot_measure(flags, message, tmp_path):
     from minifastv.bench import cpu7b
 

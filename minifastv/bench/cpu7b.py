@@ -24,8 +24,9 @@ int8 / int4, FastV off and on, and llama.cpp beside it.
    Qwen-7B decoder, vocabulary 151,936) with one image: 256 image tokens between <img> and </img>, 314 in all.
    --activations float int8 measures the int8 checkpoint with weight-only and with int8 activations; --kv-cache
    float int8 each checkpoint with the float (fp32 on a CPU) and with the int8 KV cache (models/cache_int8.py).
+   --settings off 'K=2 R=0.5' measures only those (at 2,984 tokens each setting of each checkpoint takes minutes).
 3. The float reference: the same model with float linears and --ref-layers decoder layers (fp32 7B does not
-   fit in 24 GiB), timed the same way and scaled to the full depth per layer.
+   fit in 24 GiB), timed the same way and scaled to the full depth per layer; --ref-layers 0 leaves it out.
 4. --peer llama.cpp (needs the gguf package, `pip install -e ".[peer]"`, and llama.cpp's llama-bench and
    llama-quantize, on PATH or in --peer-bin): the same decoder as a GGUF with random weights, quantized by
    llama-quantize to Q8_0 and Q4_0 and timed by llama-bench (a prompt as long as minifastv's; 16 generated after one)
@@ -378,7 +379,7 @@ def report(args, results: dict, reference: dict, peer: dict | None):
                   f"{s['attention_s'] / (s['ttft_s'] - ref['vision_s']):.0%} | - |")
     for label, r in results.items():
         print(f"{label}: {r['kernels']}")   # which matmuls ran, and whether probed
-    first = next(iter(reference.values()))
+    first = next(iter(reference.values()), None) or next(iter(results.values()))
     print(f"vision tower ({TOWERS[family]}) alone: {first['vision_s']:.2f} s in {first['dtype']}")
     print(pruning_share(layers, size))
     for label, r in results.items():
@@ -416,7 +417,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", choices=list(SIZES), default="7b",
                    help="the decoder: 7b (32 layers, 4096 wide) or 13b (40 layers, 5120 wide)")
     p.add_argument("--layers", type=int, help="decoder layers (default: the model's, 32 for 7B, 40 for 13B)")
-    p.add_argument("--ref-layers", type=int, default=4, help="decoder layers of the float reference")
+    p.add_argument("--ref-layers", type=int, default=4,
+                   help="decoder layers of the float reference (0: no float reference)")
     p.add_argument("--workdir", default="/tmp/minifastv-bench", help="where the generated checkpoints are kept")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--decode-tokens", type=int, default=16)
@@ -424,7 +426,9 @@ def main(argv=None) -> int:
     p.add_argument("--peer", choices=["llama.cpp"], help="time llama.cpp on the same shapes in the same run")
     p.add_argument("--peer-bin", help="directory holding llama-bench and llama-quantize (default: PATH)")
     p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--settings", nargs="+", default=list(SETTINGS), help=argparse.SUPPRESS)
+    p.add_argument("--settings", nargs="+", choices=list(SETTINGS), metavar="SETTING",
+                   help="the FastV settings measured, off always among them (default: the family's: off, 'K=2 "
+                        "R=0.5', 'K=2 R=0.75', and for llava-next 'K=2 320 kept')")
     p.add_argument("--dtype", default="auto", help="float weights' dtype (default: auto, as minifastv.load picks)")
     p.add_argument("--activations", nargs="+", choices=["float", "int8"], default=["float"],
                    help="the int8 checkpoint measured with each: float (weight-only) and/or int8 activations "
@@ -434,7 +438,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     for flag, value, least in (("--repeats", args.repeats, 1), ("--decode-tokens", args.decode_tokens, 2),
                                ("--threads", args.threads, 1), ("--layers", 1 if args.layers is None else args.layers, 1),
-                               ("--ref-layers", args.ref_layers, 1)):
+                               ("--ref-layers", args.ref_layers, 0)):
         if value < least:  # decode speed is timed between the first and the last new token: two at least
             raise ValueError(f"{flag} must be at least {least}, got {value}")
     if "int8" in args.activations and "int8" in args.quant and not int8_gemm_exact():
@@ -442,6 +446,13 @@ def main(argv=None) -> int:
                          "int8 weights; see minifastv/int8act.py); measure with --activations float")
     # the model's depth; bench_config also refuses a size the family does not have, before anything is built
     args.layers = args.layers or bench_config(None, None, args.family, args.size).text.n_layers
+    family_settings = settings_of(args.family)
+    if args.child is None:   # off first (the other settings are reported relative to it), then the family's order
+        wanted = set(args.settings or family_settings) | {"off"}
+        if wanted - set(family_settings):
+            raise ValueError(f"--settings {', '.join(sorted(wanted - set(family_settings)))}: not a setting of "
+                             f"--family {args.family} (its settings: {', '.join(family_settings)})")
+        args.settings = [name for name in family_settings if name in wanted]
     if args.child:
         print(json.dumps(measure(Path(args.child), args.settings, args.repeats, args.decode_tokens, args.threads,
                                  args.dtype, args.activations[0], args.kv_cache[0])))
@@ -455,7 +466,7 @@ def main(argv=None) -> int:
     print(describe(args.threads))
     print(f"command: python -m minifastv bench {' '.join(sys.argv[1:] if argv is None else argv)}")
     results = {}
-    settings = settings_of(args.family)
+    settings = args.settings
     for method in args.quant:
         path = build_checkpoint(Path(args.workdir) / checkpoint_name(args.family, args.size, method, args.layers),
                                 bench_config(args.layers, METHODS[method], args.family, args.size), log)
@@ -469,9 +480,11 @@ def main(argv=None) -> int:
                      + (" + int8 KV cache" if kv_cache == "int8" else ""))
             results[label] = measure_in_child(path, settings, args, args.dtype, activations, kv_cache)
             log(f"{label}: {json.dumps(results[label])}")
-    log(f"float reference: {args.ref_layers} decoder layers")
-    reference = float_reference(args, log)
-    log(f"float reference: {json.dumps(reference)}")
+    reference = {}
+    if args.ref_layers:
+        log(f"float reference: {args.ref_layers} decoder layers")
+        reference = float_reference(args, log)
+        log(f"float reference: {json.dumps(reference)}")
     from .llama_cpp import PeerError
     try:
         peer = peer_llama_cpp(args, log) if args.peer else None
