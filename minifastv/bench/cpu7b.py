@@ -29,7 +29,8 @@ int8 / int4, FastV off and on, and llama.cpp beside it.
    fit in 24 GiB), timed the same way and scaled to the full depth per layer; --ref-layers 0 leaves it out.
 4. --peer llama.cpp (needs the gguf package, `pip install -e ".[peer]"`, and llama.cpp's llama-bench and
    llama-quantize, on PATH or in --peer-bin): the same decoder as a GGUF with random weights, quantized by
-   llama-quantize to Q8_0 and Q4_0 and timed by llama-bench (a prompt as long as minifastv's; 16 generated after one)
+   llama-quantize to Q8_0 (beside int8) and Q4_0 (beside int4), as --quant asks, and timed by llama-bench (a prompt
+   as long as minifastv's; then --decode-tokens generated after one)
    with the same threads, in the same run. llama.cpp's figure is the decoder alone, without a vision tower
    (llama.cpp has no Video-LLaVA: for the video shape it is the decoder-only anchor at the same length; for
    Qwen-VL a LLaMA decoder of Qwen-7B's shape and vocabulary, without its q, k, v bias).
@@ -42,6 +43,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -65,6 +67,7 @@ from ..models.video_llava import VIDEO_LLAVA_7B
 from ..pruning import FastV, theoretical_flops
 from ..quant import int8_gemm_exact, set_activations
 from ..quant.linear import cpu_int4_block, quantized_tensors
+from .llama_cpp import PEER_OF, PeerError, find_tool, run_peer
 from .machine import describe
 
 METHODS = {"int8": QuantConfig("int8"), "int4": QuantConfig("int4", 128)}
@@ -296,11 +299,11 @@ def float_reference(args, log) -> dict:
 
 
 def peer_llama_cpp(args, log) -> dict:
-    from .llama_cpp import run_peer
-
+    """llama.cpp's figures for the types --quant compares with (Q8_0 for int8, Q4_0 for int4)."""
     text = bench_config(args.layers, None, args.family, args.size).text
     return run_peer(Path(args.workdir), text, args.threads, args.decode_tokens, args.peer_bin, log,
-                    prompt_tokens(args.family, args.size), name=f"llama{args.size}-vocab{text.vocab_size}")
+                    prompt_tokens(args.family, args.size), name=f"llama{args.size}-vocab{text.vocab_size}",
+                    types=tuple(PEER_OF[method] for method in args.quant))
 
 
 def visual_tokens(config: LlavaConfig) -> int:
@@ -394,7 +397,7 @@ def report(args, results: dict, reference: dict, peer: dict | None):
             print(f"| {name} | {n / p['pp_tok_s']:.1f} | {p['tg_tok_s']:.2f} | "
                   f"{answer_s(n / p['pp_tok_s'], p['tg_tok_s']):.1f} | {p['peak_rss'] / GiB:.2f} |")
         for label, r in results.items():
-            peer_name = {"int8": "Q8_0", "int4": "Q4_0"}[label.split()[0]]
+            peer_name = PEER_OF[label.split()[0]]
             if peer_name in peer["runs"]:
                 p = peer["runs"][peer_name]
                 cells = ", ".join(f"{name} {s['ttft_s'] * p['pp_tok_s'] / n:.2f}x" for name, s in r["settings"].items())
@@ -458,13 +461,12 @@ def main(argv=None) -> int:
                                  args.dtype, args.activations[0], args.kv_cache[0])))
         return 0
     if args.peer:   # before minutes of measuring: a missing llama-bench or llama-quantize is said now
-        from .llama_cpp import find_tool
         for tool in ("llama-bench", "llama-quantize"):
             find_tool(tool, args.peer_bin)
     start = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - start:7.1f} s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     print(describe(args.threads))
-    print(f"command: python -m minifastv bench {' '.join(sys.argv[1:] if argv is None else argv)}")
+    print(f"command: python -m minifastv bench {shlex.join(sys.argv[1:] if argv is None else argv)}")
     results = {}
     settings = args.settings
     for method in args.quant:
@@ -485,7 +487,6 @@ def main(argv=None) -> int:
         log(f"float reference: {args.ref_layers} decoder layers")
         reference = float_reference(args, log)
         log(f"float reference: {json.dumps(reference)}")
-    from .llama_cpp import PeerError
     try:
         peer = peer_llama_cpp(args, log) if args.peer else None
     except PeerError as e:   # minifastv's figures are printed all the same

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-PEER_TYPES = ("Q8_0", "Q4_0")
+PEER_OF = {"int8": "Q8_0", "int4": "Q4_0"}   # minifastv's quantization -> the llama.cpp type it is compared with
 
 
 def find_tool(name: str, bin_dir: str | None) -> Path:
@@ -132,17 +132,17 @@ def bench_test(cmd: list[str]) -> tuple[dict, int]:
 
 
 def run_peer(workdir: Path, text, threads: int, decode_tokens: int, bin_dir: str | None, log,
-             prompt: int = 632, name: str = "llama7b") -> dict:
-    """llama-bench on a random GGUF of the decoder `text` (a TextConfig), kept in workdir as NAME-NNlayers-*.gguf
-    (the F16 file only until the quantized ones are made: at 7B it is 13-15 GB of disk)."""
+             prompt: int = 632, name: str = "llama7b", types=tuple(PEER_OF.values())) -> dict:
+    """llama-bench on random GGUFs of the decoder `text` (a TextConfig) quantized to each of `types`, kept in workdir
+    as NAME-NNlayers-*.gguf (the F16 file only until the quantized ones are made: at 7B it is 13-15 GB of disk)."""
     bench, quantize = find_tool("llama-bench", bin_dir), find_tool("llama-quantize", bin_dir)
     workdir.mkdir(parents=True, exist_ok=True)
-    files = {q: workdir / f"{name}-{text.n_layers}layers-{q}.gguf" for q in ("F16", *PEER_TYPES)}
+    files = {q: workdir / f"{name}-{text.n_layers}layers-{q}.gguf" for q in ("F16", *types)}
     f16 = files["F16"]
-    if not f16.is_file() and not all(files[q].is_file() for q in PEER_TYPES):
+    if not f16.is_file() and not all(files[q].is_file() for q in types):
         write_gguf(f16, text, log)
     runs, build = {}, "?"
-    for qtype in PEER_TYPES:
+    for qtype in types:
         model = files[qtype]
         if not model.is_file():
             start = time.perf_counter()
