@@ -30,12 +30,9 @@ def model_dir(tmp_path_factory):
     return path
 
 
-run = run_cli
-
-
 @pytest.mark.parametrize("command", ["generate", "demo", "analyze", "convert", "bench"])
 def test_help(command):
-    result = run(command, "--help")
+    result = run_cli(command, "--help")
     usage = "usage: python -m minifastv " + command
     assert result.returncode == 0 and usage in result.stdout, result.stderr
 
@@ -51,8 +48,8 @@ def test_help_describes_the_command(command, said, capsys):
 
 
 def test_generate_with_fastv(model_dir):
-    result = run("generate", "--model", model_dir, "--image", SAMPLES / SAMPLE["image"],
-                 "--prompt", SAMPLE["question"], "--fastv-k", 2, "--fastv-ratio", 0.5, "--max-new-tokens", 4)
+    result = run_cli("generate", "--model", model_dir, "--image", SAMPLES / SAMPLE["image"],
+                     "--prompt", SAMPLE["question"], "--fastv-k", 2, "--fastv-ratio", 0.5, "--max-new-tokens", 4)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 2 and len(lines[0].split()) == 4  # four streamed tokens, then the summary
@@ -60,7 +57,7 @@ def test_generate_with_fastv(model_dir):
 
 
 def test_demo(model_dir):
-    result = run("demo", "--model", model_dir)
+    result = run_cli("demo", "--model", model_dir)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("unpruned") == len(json.loads((SAMPLES / "questions.json").read_text()))
     assert "image tokens kept 32/64" in result.stdout
@@ -70,7 +67,7 @@ def test_demo(model_dir):
 def test_demo_marks_the_answers_that_miss_and_says_why_fastv_misses():
     from minifastv.data import TINY_MODEL
 
-    result = run("demo", "--model", TINY_MODEL)
+    result = run_cli("demo", "--model", TINY_MODEL)
     assert result.returncode == 0, result.stderr
     expected, missed = None, False
     for line in result.stdout.splitlines():
@@ -84,8 +81,8 @@ def test_demo_marks_the_answers_that_miss_and_says_why_fastv_misses():
 
 
 def test_analyze_writes_valid_pngs(model_dir, tmp_path):
-    result = run("analyze", "--model", model_dir, "--image", SAMPLES / SAMPLE["image"],
-                 "--prompt", SAMPLE["question"], "--out-dir", tmp_path, "--fastv-k", 2, "--fastv-ratio", 0.75)
+    result = run_cli("analyze", "--model", model_dir, "--image", SAMPLES / SAMPLE["image"],
+                     "--prompt", SAMPLE["question"], "--out-dir", tmp_path, "--fastv-k", 2, "--fastv-ratio", 0.75)
     assert result.returncode == 0, result.stderr
     assert "| layer |" in result.stdout and "keeps 16 of 64 patches" in result.stdout
     for name in ("attention_shares.png", "kept_patches.png"):
@@ -96,7 +93,7 @@ def test_analyze_writes_valid_pngs(model_dir, tmp_path):
 
 
 def test_bad_input_is_a_message_not_a_traceback(model_dir, tmp_path):
-    result = run("generate", "--model", model_dir, "--image", tmp_path / "missing.png", "--prompt", "hi")
+    result = run_cli("generate", "--model", model_dir, "--image", tmp_path / "missing.png", "--prompt", "hi")
     assert result.returncode == 2
     assert "missing.png" in result.stderr and "Traceback" not in result.stderr
 
@@ -212,8 +209,9 @@ def test_analyze_prints_the_kept_patches_and_draws_every_method(model_dir, tmp_p
     from minifastv.pipeline import Pipeline
     from minifastv.pruning import METHODS, DivPrune
 
-    result = run("analyze", "--model", model_dir, "--image", SAMPLES / SAMPLE["image"], "--prompt", SAMPLE["question"],
-                 "--out-dir", tmp_path, "--prune", "divprune", "--prune-ratio", 0.75, "--dtype", "float32")
+    result = run_cli("analyze", "--model", model_dir, "--image", SAMPLES / SAMPLE["image"], "--prompt",
+                     SAMPLE["question"], "--out-dir", tmp_path, "--prune", "divprune", "--prune-ratio", 0.75,
+                     "--dtype", "float32")
     assert result.returncode == 0, result.stderr
     line = next(x for x in result.stdout.splitlines() if x.startswith("kept patches: "))
     printed = [int(i) for i in line.removeprefix("kept patches: ").split(", ")]
@@ -285,7 +283,7 @@ def test_bench_on_a_missing_or_small_checkpoint(model_dir, capsys, tmp_path):
 
 
 def test_help_shows_the_defaults():
-    result = run("generate", "--help")
+    result = run_cli("generate", "--help")
     text = " ".join(result.stdout.split())
     for default in ("(default: 64)", "(default: 0.0)", "(default: 1.0)", "(default: auto)", "(default: cpu)"):
         assert default in text, default
