@@ -1,10 +1,11 @@
 """How a decode step's one-row matmuls use the threads and the memory (docs/cpu.md, "Where a decode step goes").
 
-1. Per-thread scaling: the seven linears of --layers LLaMA-7B layers (int8, enough bytes that each weight comes back
-   cold from memory), one row, through torch's weight-only kernel and through the integer GEMM of int8 activations,
-   on 1 thread and on --threads; then each weight split in two halves of its output features, one half computed
-   in a second Python thread (torch releases the GIL) and one in the caller, each op on 1 thread: whether
-   splitting the output features by hand beats torch's own use of the threads.
+1. Per-thread scaling: the seven linears of --layers LLaMA-7B layers (enough bytes that each weight comes back cold
+   from memory), one row, through torch's weight-only int8 kernel, the integer GEMM of int8 activations and
+   torch's weight-only int4 kernel (groups of 128, the CPU layout `load` repacks to), on 1 thread and on
+   --threads; then each weight split in two halves of its output features, one half computed in a second Python
+   thread (torch releases the GIL) and one in the caller, each op on 1 thread: whether splitting the output
+   features by hand beats torch's own use of the threads.
 2. With --checkpoint (an int8 minifastv checkpoint): all its decoder layers' linears at one row with the weights
    as `load` maps them from the file, against the same tensors cloned into anonymous memory.
 
@@ -26,9 +27,10 @@ from minifastv.bench.machine import describe
 from minifastv.bench.timing import repeat
 from minifastv.config import QuantConfig
 from minifastv.machine import physical_cores
-from minifastv.quant.linear import quantize_weight
+from minifastv.quant.linear import Int4Linear, quantize_weight
 
 SHAPES = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]   # q, k, v, o, gate, up, down: (out, in)
+INT4 = QuantConfig("int4", 128)
 
 
 def weight_only(x, weight, scale):
@@ -37,6 +39,31 @@ def weight_only(x, weight, scale):
 
 def integer(x, weight, scale):
     return torch._int_mm(x, weight.t())
+
+
+def int4_weight_only(x, packed, table):
+    return torch._weight_int4pack_mm_for_cpu(x, packed, INT4.group_size, table)
+
+
+def int4_packed(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w in int4, in the layout of torch's CPU kernel: (packed [out, in/2], scale-and-offset table [in/G, out, 2])."""
+    linear = Int4Linear(w.shape[1], w.shape[0], INT4)
+    for name, tensor in quantize_weight(w, INT4).items():
+        getattr(linear, name).copy_(tensor)
+    linear.pack_for_cpu()
+    if linear.packed_for_cpu is None:
+        raise SystemExit("torch's CPU int4 layout is not the one minifastv knows here: no int4 kernel to time")
+    return linear.packed_for_cpu
+
+
+def halves(weights, int4: bool):
+    """Each (weight, scale) split in two by output features: rows of the weight, and of the scale (int8) or the
+    second dimension of the scale-and-offset table (int4; both halves whole blocks of the CPU layout)."""
+    def cut(w, s, part):
+        n = len(w) // 2
+        rows = slice(0, n) if part == 0 else slice(n, None)
+        return w[rows].contiguous(), (s[:, rows] if int4 else s[rows]).contiguous()
+    return [(cut(w, s, 0), cut(w, s, 1)) for w, s in weights]
 
 
 def run_all(kernel, weights, inputs):
@@ -58,27 +85,32 @@ def line(what: str, runs, nbytes: int) -> str:
 
 def scaling(args):
     g = torch.Generator().manual_seed(0)
-    weights = []
+    int8, int4 = [], []
     for _ in range(args.layers):
         for n, k in SHAPES:
-            q = quantize_weight(torch.randn(n, k, generator=g), QuantConfig("int8"))
-            weights.append((q["weight"], q["scale"]))
-    halves = [((w[:len(w) // 2].contiguous(), s[:len(w) // 2].contiguous()),
-               (w[len(w) // 2:].contiguous(), s[len(w) // 2:].contiguous())) for w, s in weights]
-    nbytes = sum(w.nbytes for w, _ in weights)
-    inputs = {"weight-only kernel": (weight_only, {k: torch.randn(1, k).bfloat16() for k in (4096, 11008)}),
-              "integer GEMM": (integer, {k: torch.randint(-127, 128, (1, k), dtype=torch.int8) for k in (4096, 11008)})}
+            w = torch.randn(n, k, generator=g)
+            int8.append(tuple(quantize_weight(w, QuantConfig("int8")).values()))
+            int4.append(int4_packed(w))
+    bf16 = {k: torch.randn(1, k).bfloat16() for k in (4096, 11008)}
+    kernels = {"int8 weight-only kernel": (weight_only, int8, bf16),
+               "int8 integer GEMM": (integer, int8, {k: torch.randint(-127, 128, (1, k), dtype=torch.int8)
+                                                     for k in (4096, 11008)}),
+               # inputs are looked up by the weight's second dimension: half the width in the packed int4 layout
+               "int4 weight-only kernel": (int4_weight_only, int4, {k // 2: x for k, x in bf16.items()})}
     pool = concurrent.futures.ThreadPoolExecutor(1)
-    print(f"{args.layers} layers' linears, {nbytes / 2**30:.2f} GiB of int8 weights, one row")
+    print(f"{args.layers} layers' linears, one row: {sum(w.nbytes for w, _ in int8) / 2**30:.2f} GiB of int8 "
+          f"weights, {sum(w.nbytes + s.nbytes for w, s in int4) / 2**30:.2f} GiB of int4 weights with their tables")
     for _ in range(args.rounds):
-        for name, (kernel, x) in inputs.items():
+        for name, (kernel, weights, x) in kernels.items():
+            nbytes = sum(w.nbytes + (s.nbytes if kernel is int4_weight_only else 0) for w, s in weights)
+            split = halves(weights, int4=kernel is int4_weight_only)
             for threads in (1, args.threads):
                 torch.set_num_threads(threads)
-                print(line(f"{name}, {threads} thread(s)", repeat(lambda k=kernel, x=x: run_all(k, weights, x),
+                print(line(f"{name}, {threads} thread(s)", repeat(lambda k=kernel, w=weights, x=x: run_all(k, w, x),
                                                                  args.repeats), nbytes), flush=True)
             torch.set_num_threads(1)
             print(line(f"{name}, split in halves over 2 Python threads of 1", repeat(
-                lambda k=kernel, x=x: run_split(k, halves, x, pool), args.repeats), nbytes), flush=True)
+                lambda k=kernel, h=split, x=x: run_split(k, h, x, pool), args.repeats), nbytes), flush=True)
     torch.set_num_threads(args.threads)
 
 
