@@ -31,26 +31,17 @@ from minifastv.bench.timing import repeat
 from minifastv.config import QuantConfig  # noqa: E402
 from minifastv.machine import resolve_dtype, set_threads  # noqa: E402
 from minifastv.quant.int8act import int8_activation_matmul  # noqa: E402
-from minifastv.quant.linear import LINEARS, quantize_weight  # noqa: E402
+from minifastv.quant.linear import quantized_linear  # noqa: E402
 
 LAYER = [("q", 4096, 4096), ("k", 4096, 4096), ("v", 4096, 4096), ("o", 4096, 4096),
          ("gate", 11008, 4096), ("up", 11008, 4096), ("down", 4096, 11008)]  # (name, out, in)
 
 
-def quantized(weight: torch.Tensor, quant: QuantConfig, pack: bool):
-    linear = LINEARS[quant.method](weight.shape[1], weight.shape[0], quant)
-    for suffix, t in quantize_weight(weight, quant).items():
-        getattr(linear, suffix).copy_(t)
-    if pack:
-        linear.pack_for_cpu()
-    return linear
-
-
 def paths(weight: torch.Tensor, dtype: torch.dtype) -> dict:
     """name -> function of x computing x @ weight.T by that path."""
     w = weight.to(dtype)
-    int8 = quantized(weight, QuantConfig("int8"), pack=False)
-    int4 = quantized(weight, QuantConfig("int4", 128), pack=True)
+    int8 = quantized_linear(weight, QuantConfig("int8"))
+    int4 = quantized_linear(weight, QuantConfig("int4", 128))
     packed, table = int4.packed_for_cpu
     return {
         "float": lambda x: F.linear(x, w),

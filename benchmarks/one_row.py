@@ -27,7 +27,7 @@ from minifastv.bench.machine import describe
 from minifastv.bench.timing import repeat
 from minifastv.config import QuantConfig
 from minifastv.machine import physical_cores
-from minifastv.quant.linear import Int4Linear, quantize_weight
+from minifastv.quant.linear import quantize_weight, quantized_linear
 
 SHAPES = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]   # q, k, v, o, gate, up, down: (out, in)
 INT4 = QuantConfig("int4", 128)
@@ -47,10 +47,7 @@ def int4_weight_only(x, packed, table):
 
 def int4_packed(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w in int4, in the layout of torch's CPU kernel: (packed [out, in/2], scale-and-offset table [in/G, out, 2])."""
-    linear = Int4Linear(w.shape[1], w.shape[0], INT4)
-    for name, tensor in quantize_weight(w, INT4).items():
-        getattr(linear, name).copy_(tensor)
-    linear.pack_for_cpu()
+    linear = quantized_linear(w, INT4)
     if linear.packed_for_cpu is None:
         raise SystemExit("torch's CPU int4 layout is not the one minifastv knows here: no int4 kernel to time")
     return linear.packed_for_cpu
@@ -102,8 +99,9 @@ def scaling(args):
           f"weights, {sum(w.nbytes + s.nbytes for w, s in int4) / 2**30:.2f} GiB of int4 weights with their tables")
     for _ in range(args.rounds):
         for name, (kernel, weights, x) in kernels.items():
-            nbytes = sum(w.nbytes + (s.nbytes if kernel is int4_weight_only else 0) for w, s in weights)
-            split = halves(weights, int4=kernel is int4_weight_only)
+            with_tables = kernel is int4_weight_only   # int4's scale-and-offset tables count among its bytes
+            nbytes = sum(w.nbytes + (s.nbytes if with_tables else 0) for w, s in weights)
+            split = halves(weights, int4=with_tables)
             for threads in (1, args.threads):
                 torch.set_num_threads(threads)
                 print(line(f"{name}, {threads} thread(s)", repeat(lambda k=kernel, w=weights, x=x: run_all(k, w, x),

@@ -26,7 +26,7 @@ from minifastv import CheckpointError, generate
 from minifastv.checkpoint import quantize_checkpoint
 from minifastv.config import QuantConfig
 from minifastv.quant.linear import (Int4Linear, Int8Linear, cpu_int4_block, pack_int4, quantize_model, quantize_weight,
-                                    quantized_modules, repack_for_cpu, unpack_cpu_int4, unpack_int4)
+                                    quantized_linear, quantized_modules, repack_for_cpu, unpack_cpu_int4, unpack_int4)
 
 INT8, INT4 = QuantConfig("int8"), QuantConfig("int4", 32)
 FIXTURES = {
@@ -173,15 +173,6 @@ def test_every_kernel_path_equals_the_dequantized_weight(method, rows, out_featu
 
 def stored_linear(w, method):
     return quantized_linear(w, method, pack=False)
-
-
-def quantized_linear(w, method, pack):
-    linear = quant.LINEARS[method.method](w.shape[1], w.shape[0], method)
-    for suffix, t in quantize_weight(w, method).items():
-        getattr(linear, suffix).copy_(t)
-    if pack and isinstance(linear, Int4Linear):
-        linear.pack_for_cpu()
-    return linear
 
 
 def test_dequantized_weight_is_the_rounding_of_the_weight():

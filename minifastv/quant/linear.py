@@ -295,6 +295,17 @@ def replace_linears(model: nn.Module, quant: QuantConfig, device=None):
             linear.in_features, linear.out_features, quant, device, bias=linear.bias is not None))
 
 
+def quantized_linear(weight: torch.Tensor, quant: QuantConfig, pack: bool = True) -> QuantLinear:
+    """One linear holding the float `weight` [out, in] quantized as `quant` says (benchmarks and tests build them
+    one at a time); pack=True puts int4 in the CPU kernel's layout where it is known, as `load` does."""
+    linear = LINEARS[quant.method](weight.shape[1], weight.shape[0], quant)
+    for suffix, tensor in quantize_weight(weight, quant).items():
+        getattr(linear, suffix).copy_(tensor)
+    if pack and isinstance(linear, Int4Linear):
+        linear.pack_for_cpu()
+    return linear
+
+
 def pack_for_device(model: nn.Module):
     """Put int4 weights in the layout of the kernel that the model's device runs (a no-op off the CPU)."""
     for _, m in model.named_modules():
