@@ -65,7 +65,7 @@ def reference(dec: QwenDecoder, n_tokens: int, logn: bool) -> Qwen2ForCausalLM:
 def ours(dec, ids, valid=None, cache=None, positions=None):
     valid = torch.ones_like(ids, dtype=torch.bool) if valid is None else valid
     positions = (valid.cumsum(1) - 1).clamp(min=0) if positions is None else positions
-    out = dec(dec.sequence(dec.embed_tokens(ids), positions, valid), cache)
+    out = dec(dec.sequence(dec.embed_tokens(ids), positions, valid, cache), cache)
     return dec.lm_head(out.hidden)
 
 

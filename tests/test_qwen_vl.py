@@ -3,6 +3,7 @@
 FastV keeping all = unpruned, FastV = an explicit gather-and-rerun over the 16 resampled tokens); the config
 round-trips and is checked; the methods that read a class token refuse."""
 
+import dataclasses
 import json
 
 import pytest
@@ -13,6 +14,8 @@ from minifastv import FastV, generate
 from minifastv.checkpoint import config_from_dict
 from minifastv.config import ConfigError
 from minifastv.models import QwenVLConfig, QwenVLModel
+from minifastv.models.cache import KVCache
+from minifastv.models.qwen import ntk_alpha
 from minifastv.models.qwen_vl import QWEN_VL_CHAT
 from minifastv.pruning import make
 
@@ -59,6 +62,33 @@ def test_cached_generation_equals_recomputation(model):
     full = torch.cat([ids, new], 1)
     logits = model(full, px)
     assert logits[0, -7:-1].argmax(-1).tolist() == new[0].tolist()
+
+
+@torch.no_grad()
+def test_past_the_context_a_decode_step_keeps_the_prefills_rotary_base():
+    """With a 16-token context a 30-token prompt rotates with NTK alpha 3, as 31 tokens would: the decode step
+    after it, from the cache, equals the last row of a prefill over the prompt and that token, and so does a next
+    turn's prefill continuing the cache (a pass that chose its base from its own single token, alpha 1, would not),
+    and so does a step from the cache of a method that renumbers positions (its layers' own rotary tables) but here
+    drops nothing."""
+    cfg = dataclasses.replace(CFG, context=16)
+    m = QwenVLModel(cfg).eval()
+    randomize(m, seed=2)
+    ids, px = torch.tensor([prompt(6, 12, 1)]), pixels(1, 6)
+    cache = KVCache(cfg.text.n_layers, extra=1)
+    pre = m.prefill(ids, px, cache=cache)
+    assert ntk_alpha(torch.tensor([30, 31]), 16).tolist() == [3, 3] and pre.logits.shape[1] == 30
+    token = pre.logits[:, -1].argmax(-1)
+    step = m.decode_step(token, pre.next_position, cache)
+    torch.testing.assert_close(step, m.prefill(torch.cat([ids, token[:, None]], 1), px).logits[:, -1])
+    cache = KVCache(cfg.text.n_layers, extra=1)
+    m.prefill(ids, px, cache=cache)
+    torch.testing.assert_close(m.prefill(token[:, None], cache=cache, start_position=pre.next_position).logits[:, -1],
+                               step)
+    cache = KVCache(cfg.text.n_layers, extra=1)
+    m.prefill(ids, px, cache=cache, prune=make("pyramiddrop-official", 0.0))
+    assert cache[3].shift is not None and cache[3].length == 30
+    torch.testing.assert_close(m.decode_step(token, pre.next_position, cache), step)
 
 
 @pytest.mark.parametrize("prune", [None, FastV(k=2, ratio=0.5)], ids=["unpruned", "fastv"])

@@ -134,14 +134,14 @@ class Sequence:
 
     def entering(self, cache: LayerCache | None, rotary: Rotary) -> Sequence:
         """The sequence as the layer owning `cache` runs on it. A prefill marks the cache with its segment, shift
-        and rotary base; a later pass takes the rotary tables back to those the cache was filled with."""
+        and rotary base; a later pass takes the rotary tables back to the positions the cache was filled at."""
         if cache is not None and cache.length == 0:
             cache.segment, cache.shift, cache.theta = self.segment, self.shift, self.theta
-        if cache is None or cache.shift is self.shift and cache.theta is self.theta:
+        if cache is None or cache.shift is self.shift:
             return self
         positions = self.positions if cache.shift is None else self.positions - cache.shift[:, None]
-        cos, sin = rotary(positions, self.x.dtype, cache.theta)
-        return dataclasses.replace(self, cos=cos, sin=sin, shift=cache.shift, theta=cache.theta)
+        cos, sin = rotary(positions, self.x.dtype, self.theta)
+        return dataclasses.replace(self, cos=cos, sin=sin, shift=cache.shift)
 
     def renumbered(self, dropped: torch.Tensor, rotary: Rotary) -> Sequence:
         """Each slot moved back by the `dropped` [B, T] slots before it, as if they had never been there."""
@@ -255,9 +255,11 @@ class Llama(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
-    def sequence(self, x, positions, valid, **slots) -> Sequence:
+    def sequence(self, x, positions, valid, cache: KVCache | None = None, **slots) -> Sequence:
         """Embeddings x [B, T, C] at `positions` [B, T], `valid` [B, T] False at padding, as the first layer's
-        Sequence; `slots` are its other fields (image, vision_scores, n_patches)."""
+        Sequence; `slots`: its other fields. A pass continuing `cache` keeps the rotary base its prefill chose."""
+        if cache is not None and cache[0].length:
+            slots["theta"] = cache[0].theta
         return Sequence(x, positions, *self.rotary(positions, x.dtype, slots.get("theta")), valid, **slots)
 
     def forward(self, seq: Sequence, cache: KVCache | None = None, prune: Pruner | None = None,

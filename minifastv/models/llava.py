@@ -172,7 +172,7 @@ class LlavaModel(nn.Module):
         start = 0 if start_position is None else start_position.to(valid.device)[:, None]        # B, 1
         positions = (valid.cumsum(1) - 1).clamp(min=0) + start     # padding does not advance the position
         sizes = {n for token_id, n in self.groups().items() if (input_ids == token_id).any()}
-        seq = self.llm.sequence(x, positions, valid, image=image_mask, vision_scores=vision_scores,
+        seq = self.llm.sequence(x, positions, valid, cache, image=image_mask, vision_scores=vision_scores,
                                 n_patches=sizes.pop() if len(sizes) == 1 else None)  # None: groups of two sizes
         out = self.llm(seq, cache, prune, attention_rows)
         h = out.hidden[:, -1] if last_only else out.hidden   # [B, C]: for a [B, 1, C] slice torch copies lm_head
@@ -192,5 +192,5 @@ class LlavaModel(nn.Module):
         """One token per sample ([B] ids at rotary positions [B]) through the cached decoder -> logits [B, vocab]."""
         x = self.embed_tokens(tokens[:, None])
         valid = torch.ones_like(tokens, dtype=torch.bool)[:, None]
-        h = self.llm(self.llm.sequence(x, positions[:, None], valid), cache).hidden
+        h = self.llm(self.llm.sequence(x, positions[:, None], valid, cache), cache).hidden
         return self.llm.lm_head(h[:, -1])

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..config import TextConfig
+from .cache import KVCache
 from .llama import Attention, Llama, Sequence
 
 
@@ -53,8 +54,8 @@ class QwenAttention(Attention):
 
 
 class QwenDecoder(Llama):
-    """The Llama decoder with Qwen's attention; `sequence` gives every prompt its rotary base (a decode step's,
-    computed here from one token, is replaced by the one its cache was filled with: Sequence.entering)."""
+    """The Llama decoder with Qwen's attention; `sequence` gives each prompt its rotary base (a pass that continues
+    a cache keeps the cache's: Llama.sequence)."""
 
     def __init__(self, cfg: TextConfig, context: int = 2048, logn: bool = True, dynamic_ntk: bool = True):
         super().__init__(cfg)
@@ -62,8 +63,8 @@ class QwenDecoder(Llama):
         for layer in self.layers:
             layer.attn = QwenAttention(cfg, context, logn)
 
-    def sequence(self, x, positions, valid, **slots) -> Sequence:
+    def sequence(self, x, positions, valid, cache: KVCache | None = None, **slots) -> Sequence:
         if self.dynamic_ntk:
             d = self.cfg.head_dim
             slots["theta"] = self.cfg.rope_theta * ntk_alpha(valid.sum(1), self.context) ** (d / (d - 2))
-        return super().sequence(x, positions, valid, **slots)
+        return super().sequence(x, positions, valid, cache, **slots)
