@@ -12,6 +12,7 @@ import minifastv
 from minifastv import FastV, generate
 from minifastv.data import SAMPLES, TINY_MODEL
 from minifastv.models import Int8KVCache, KVCache, LayerCache, set_kv_cache
+from minifastv.models import cache_int8
 from minifastv.models.cache_int8 import Int8LayerCache
 
 
@@ -90,7 +91,11 @@ def test_batch_equals_alone(tiny):
         set_kv_cache(tiny, "float")
 
 
-def test_a_later_turn_grows_the_cache_and_keeps_what_it_held():
+@pytest.mark.parametrize("slice_values", [None, 3 * 2 * 2 * 32 + 5], ids=["whole", "3-token-slices"])
+def test_a_later_turn_grows_the_cache_and_keeps_what_it_held(slice_values, monkeypatch):
+    """Also with the rounding done 3 tokens at a time (a prefill's is sliced, ROUND_VALUES): the same cache."""
+    if slice_values:
+        monkeypatch.setattr(cache_int8, "ROUND_VALUES", slice_values)
     g = torch.Generator().manual_seed(0)
     reference, cache = [], Int8LayerCache(extra=2)
     for T in (5, 1, 70, 1):                         # 64 slots, then a turn that needs more
