@@ -11,8 +11,7 @@ from helpers import assert_batch_equals_alone, run_cli
 import minifastv
 from minifastv import FastV, generate
 from minifastv.data import SAMPLES, TINY_MODEL
-from minifastv.models import Int8KVCache, KVCache, LayerCache, set_kv_cache
-from minifastv.models import cache_int8
+from minifastv.models import Int8KVCache, KVCache, LayerCache, cache_int8, set_kv_cache
 from minifastv.models.cache_int8 import Int8LayerCache
 
 
