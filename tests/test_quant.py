@@ -94,10 +94,15 @@ def test_int8_activations_at_decode_stay_within_their_noise_twin(fp32):
     assert not torch.equal(logits, weight_only)                # the decode steps did not run the weight-only kernel
 
 
-def test_int8_activation_matmul_is_the_rounded_product():
-    """Each row rounded to int8 on its own absmax / 127, the exact integer product, both scales: written out."""
+@pytest.mark.parametrize("max_rows", [None, 7], ids=["one-pass", "passes-of-7"])
+def test_int8_activation_matmul_is_the_rounded_product(max_rows, monkeypatch):
+    """Each row rounded to int8 on its own absmax / 127, the exact integer product, both scales: written out; the
+    same when the 40 rows run in passes (int8act.MAX_ROWS; 6 passes of at most 7 here)."""
+    from minifastv.quant import int8act
     from minifastv.quant.int8act import int8_activation_matmul
 
+    if max_rows:
+        monkeypatch.setattr(int8act, "MAX_ROWS", max_rows)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(40, 96, generator=g) * torch.linspace(0.1, 10, 40)[:, None]
     q = quantize_weight(torch.randn(24, 96, generator=g), INT8)
