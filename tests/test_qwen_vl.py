@@ -134,6 +134,10 @@ def test_class_token_methods_refuse_and_others_run(model):
 def test_the_config_round_trips_and_is_checked():
     for config in (CFG, QWEN_VL_CHAT):
         assert config_from_dict(json.loads(json.dumps(config.to_dict()))) == config
+        assert "projector_type" not in config.to_dict()           # LLaVA's field: the resampler is the projector
+    assert config_from_dict({**CFG.to_dict(), "projector_type": "mlp2x_gelu"}) == CFG   # written before, still read
+    with pytest.raises(ConfigError, match="projector_type 'linear' does not apply to Qwen-VL"):
+        config_from_dict({**CFG.to_dict(), "projector_type": "linear"})
     assert QWEN_VL_CHAT.vision.n_patches == 1024 and QWEN_VL_CHAT.n_queries == 256
     assert QWEN_VL_CHAT.vision.n_used_layers == 48
     with pytest.raises(ConfigError, match="n_queries must be a positive integer and a square, got 15"):

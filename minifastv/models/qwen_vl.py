@@ -49,6 +49,9 @@ class QwenVLConfig(LlavaConfig):
                                   f"got {value!r}")
         if self.clip_text is not None:
             raise ConfigError("clip_text: Qwen-VL's vision tower is not CLIP ViT-L: CLIP's text tower does not fit")
+        if self.projector_type != LlavaConfig.projector_type:
+            raise ConfigError(f"projector_type {self.projector_type!r} does not apply to Qwen-VL: its projector is "
+                              f"the resampler")
         if self.text.dim % 128:
             raise ConfigError(f"text dim {self.text.dim} must be a multiple of 128 (the resampler's heads are 128 wide)")
         ids = {"image_token_id": self.image_token_id, "image_start_id": self.image_start_id,
@@ -61,6 +64,10 @@ class QwenVLConfig(LlavaConfig):
     def token_grid(self) -> int:
         """The queries' grid, on which the entry points draw the kept tokens (image.token_grid)."""
         return math.isqrt(self.n_queries)
+
+    def to_dict(self) -> dict:
+        """As LlavaConfig's, without LLaVA's projector_type (a config.json that has it still loads)."""
+        return {name: value for name, value in super().to_dict().items() if name != "projector_type"}
 
 
 # Qwen/Qwen-VL-Chat: ViT-bigG-style at 448 px (1,024 patches), Qwen-7B (vocabulary 151,936; <|endoftext|> 151643
