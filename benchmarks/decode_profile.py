@@ -117,7 +117,7 @@ def install_marks(model):
             hooks(module, "norms")
         elif isinstance(module, torch.nn.Embedding):
             hooks(module, "embedding")
-    llama.apply_rope, llama.rope_cos_sin = mark("rotary")(llama.apply_rope), mark("rotary")(llama.rope_cos_sin)
+    llama.apply_rope, llama.Rotary.__call__ = mark("rotary")(llama.apply_rope), mark("rotary")(llama.Rotary.__call__)
     llama.attention_mask = mark("mask")(llama.attention_mask)
     LayerCache.update = mark("cache write")(LayerCache.update)
     generate_module.sample = mark("sampling")(generate_module.sample)
@@ -156,10 +156,11 @@ def profile_one(name, quant, args, dtype):
         start = time.perf_counter()
         steps(model, cache, position, args.steps)
         profiled = (time.perf_counter() - start) / args.steps
-    parts = {part: 0.0 for part in PARTS}
-    for event in prof.key_averages():
-        if event.key in parts:
-            parts[event.key] = event.cpu_time_total / 1e6 / args.steps
+    parts = {event.key: event.cpu_time_total / 1e6 / args.steps for event in prof.key_averages() if event.key in PARTS}
+    if missing := [part for part in PARTS if part not in parts]:   # a mark on code that moved or is no longer called
+        raise SystemExit(f"decode_profile: no {', '.join(missing)} in the profile: install_marks wraps code a decode "
+                         "step does not run")
+    parts = {part: parts[part] for part in PARTS}
     gbs = streaming_read_gbs(min(n_bytes, 4 << 30))
     limit = n_bytes / (gbs * 1e9)
     print(f"\n{name}: {n_bytes / 2**30:.2f} GiB of decoder weights read per step; streaming read {gbs:.1f} GB/s "
