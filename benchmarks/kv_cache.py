@@ -6,6 +6,7 @@ the same random keys and values; then, in one process, --rounds rounds alternati
 --steps greedy decode steps: step time (median of rounds, with the spread), and the cache's bytes.
 
     python benchmarks/kv_cache.py [--quant int8] [--contexts 632 2112 2984] [--steps 6] [--rounds 3] [--threads 2]
+                                  [--layers 32]
 """
 
 from __future__ import annotations
@@ -37,15 +38,16 @@ def main():
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--layers", type=int, default=32, help="decoder layers (the tables are of all 32)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = auto_dtype(torch.device("cpu"))[0]
     print(describe())
     quant = QuantConfig("int8") if args.quant == "int8" else QuantConfig("int4", 128)
-    model = random_decoder(quant, 32, dtype)
-    print(f"LLaVA-1.5-7B decoder, {args.quant} linears, float parts {str(dtype).removeprefix('torch.')}; "
-          f"{args.rounds} rounds alternating the caches, {args.steps} decode steps each\n")
+    model = random_decoder(quant, args.layers, dtype)
+    print(f"LLaVA-1.5-7B decoder, {args.layers} layers, {args.quant} linears, float parts "
+          f"{str(dtype).removeprefix('torch.')}; {args.rounds} rounds alternating the caches, {args.steps} decode steps each\n")
     print("| tokens in the cache | float cache ms/step (spread) | int8 cache ms/step (spread) | int8 / float | "
           "float cache GiB | int8 cache GiB |\n|---|---|---|---|---|---|")
     for context in args.contexts:

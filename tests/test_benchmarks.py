@@ -10,6 +10,7 @@ from helpers import REPOSITORY
 SMALLEST = {   # script: (arguments, a row its table must print)
     "decode_profile.py": (["--quant", "int8", "--layers", "1", "--context", "8", "--steps", "1", "--repeats",
                            "1", "--threads", "1"], "| rotary |"),
+    "kv_cache.py": (["--layers", "1", "--contexts", "8", "--steps", "1", "--rounds", "1", "--threads", "1"], "| 8 |"),
     "kernels.py": (["--rows", "1", "--repeats", "1", "--threads", "1", "--skip", "int8 whole", "int4 block"], "| 1 |"),
     "one_row.py": (["--layers", "1", "--repeats", "1", "--rounds", "1", "--threads", "1"], "int4 weight-only kernel"),
 }
