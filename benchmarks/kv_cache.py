@@ -47,7 +47,8 @@ def main():
     quant = QuantConfig("int8") if args.quant == "int8" else QuantConfig("int4", 128)
     model = random_decoder(quant, args.layers, dtype)
     print(f"LLaVA-1.5-7B decoder, {args.layers} layers, {args.quant} linears, float parts "
-          f"{str(dtype).removeprefix('torch.')}; {args.rounds} rounds alternating the caches, {args.steps} decode steps each\n")
+          f"{str(dtype).removeprefix('torch.')}; {args.rounds} rounds alternating the caches, "
+          f"{args.steps} decode steps each\n")
     print("| tokens in the cache | float cache ms/step (spread) | int8 cache ms/step (spread) | int8 / float | "
           "float cache GiB | int8 cache GiB |\n|---|---|---|---|---|---|")
     for context in args.contexts:
